@@ -1,0 +1,332 @@
+"""A server connection: logs into PostgreSQL, then forwards the server's bytes to the
+client it is linked to, watching only ReadyForQuery to know when the transaction is over.
+
+Life: connecting (slow path: ``login()`` coroutine reads whole messages) → idle in its pool →
+linked to a client (hot path: ``data_received`` scans 5-byte headers and forwards the chunk
+whole) → back to idle, or closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from router.protocol import messages as m
+from router.protocol.auth import (
+    SCRAM_SHA_256_PLUS,
+    ScramClientExchange,
+    md5_hash,
+    md5_response,
+    tls_server_end_point,
+)
+from router.protocol.errors import ProtocolError, RouterError, SQLState
+from router.protocol.framing import MessageReader
+from router.protocol.startup import build_ssl_request, build_startup_message
+
+if TYPE_CHECKING:
+    from router.frontend.client import ClientConnection
+    from router.pools.pool import Pool
+
+log = logging.getLogger("pgrouter.server")
+
+_unpack_len = struct.Struct("!I").unpack_from
+_Z = ord("Z")
+_IDLE = ord("I")
+_E = ord("E")
+
+# Asyncio write-buffer limits on server sockets: past HIGH, the server's transport asks us to
+# pause the client's reads; a slow server then holds back a fast client.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        # Query/Sync/FunctionCall messages sent whose ReadyForQuery has not come back yet.
+        self.pending = 0
+        self.tx_status = _IDLE
+        self.closed = False
+        self.closing_reason = ""
+        self._reader = MessageReader()
+        self._wakeup: asyncio.Future | None = None
+        self._lost = asyncio.get_running_loop().create_future()
+        # Hot-path framing state: bytes of the current message still to come, and a split header.
+        self._skip = 0
+        self._head = b""
+        self._reading_paused_by_client = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            self._slow_data(data)
+            return
+        # Hot path: find message boundaries only to spot ReadyForQuery; forward the chunk.
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        n = len(data)
+        pos = self._skip
+        ready = False
+        while pos < n:
+            if pos + 5 > n:
+                # A header split across reads: keep it back, forward what precedes it.
+                self._head = data[pos:]
+                data = data[:pos]
+                pos = n
+                break
+            length = _unpack_len(data, pos + 1)[0]
+            if data[pos] == _Z and length == 5 and pos + 6 <= n:
+                self.pending -= 1
+                self.tx_status = data[pos + 5]
+                ready = True
+            elif data[pos] == _Z and pos + 6 > n:
+                # ReadyForQuery whose status byte has not arrived: hold it back entirely.
+                self._head = data[pos:]
+                data = data[:pos]
+                pos = n
+                break
+            pos += 1 + length
+        self._skip = pos - n
+        if data:
+            client.transport.write(data)
+        if ready and self.pending <= 0:
+            self.pending = 0
+            client.server_ready(self)
+
+    def _slow_data(self, data: bytes) -> None:
+        self._reader.feed(data)
+        waiter = self._wakeup
+        if waiter is not None:
+            self._wakeup = None
+            if not waiter.done():
+                waiter.set_result(None)
+            return
+        if self.pool is not None and not self.closed:
+            # Unsolicited traffic on an idle connection: a notice, a parameter change, or a
+            # FATAL error before the server closes it (e.g. pg_terminate_backend).
+            try:
+                for msg_type, body in self._reader:
+                    if msg_type == b"E":
+                        fields = m.parse_error_fields(body)
+                        self.close(f"server error while idle: {fields.get('M', '')}")
+                    elif msg_type == b"S":
+                        name, value = m.parse_parameter_status(body)
+                        self.params[name] = value
+            except ProtocolError as exc:
+                self.close(f"protocol error from idle server: {exc.message}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed = self.closed
+        self.closed = True
+        if not self._lost.done():
+            self._lost.set_result(None)
+        waiter = self._wakeup
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                RouterError(SQLState.CONNECTION_FAILURE, "server closed the connection unexpectedly")
+            )
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.server_lost(self)
+        if not was_closed:
+            log.info("server connection to %s closed: %s", self.pool.name, exc or "by server")
+        self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.pause_reading_for_server()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.resume_reading_for_server()
+
+    # --- used by the client connection -----------------------------------------------
+
+    def link(self, client: ClientConnection) -> None:
+        self.client = client
+        self._skip = 0
+        self._head = b""
+        # Anything the server sent while idle has been consumed by the slow path.
+
+    def unlink(self) -> None:
+        self.client = None
+        if self._reading_paused_by_client:
+            self._reading_paused_by_client = False
+            if not self.closed:
+                self.transport.resume_reading()
+
+    def pause_reading_for_client(self) -> None:
+        if not self._reading_paused_by_client and not self.closed:
+            self._reading_paused_by_client = True
+            self.transport.pause_reading()
+
+    def resume_reading_for_client(self) -> None:
+        if self._reading_paused_by_client:
+            self._reading_paused_by_client = False
+            if not self.closed:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.closing_reason = reason
+        if reason:
+            log.info("closing server connection to %s: %s", self.pool.name, reason)
+        if self.transport is not None:
+            try:
+                self.transport.write(m.terminate())
+            except Exception:  # the socket may already be half-dead; closing is what matters
+                pass
+            self.transport.close()
+
+    # --- slow path: whole messages, used at login and while resetting ----------------
+
+    async def read_message(self) -> tuple[bytes, bytes]:
+        while True:
+            msg = self._reader.next()
+            if msg is not None:
+                return msg
+            if self.closed:
+                raise RouterError(SQLState.CONNECTION_FAILURE, "server closed the connection")
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+
+    async def read_raw(self, n: int) -> bytes:
+        """Exactly ``n`` bytes outside message framing (the SSLRequest answer)."""
+        while len(self._reader) < n:
+            if self.closed:
+                raise RouterError(SQLState.CONNECTION_FAILURE, "server closed the connection")
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        rest = self._reader.take_rest()
+        self._reader.feed(rest[n:])
+        return rest[:n]
+
+    async def run_until_ready(self, sql: str) -> None:
+        """Run a statement on an unlinked connection and read through its ReadyForQuery.
+        Raises RouterError on an ErrorResponse (the connection is then still usable)."""
+        self.write(m.query(sql))
+        error: RouterError | None = None
+        while True:
+            msg_type, body = await self.read_message()
+            if msg_type == b"E":
+                fields = m.parse_error_fields(body)
+                error = RouterError(fields.get("C", SQLState.INTERNAL_ERROR), fields.get("M", ""))
+            elif msg_type == b"S":
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+            elif msg_type == b"Z":
+                self.tx_status = m.parse_ready_for_query(body)
+                if error is not None:
+                    raise error
+                return
+
+    async def login(
+        self,
+        host: str,
+        dbname: str,
+        user: str,
+        password: str | None,
+        tls: ssl.SSLContext | None,
+        tls_required: bool,
+        startup_params: dict[str, str] | None = None,
+    ) -> None:
+        """Negotiate TLS, authenticate, and read the server's parameters and key."""
+        loop = asyncio.get_running_loop()
+        if tls is not None:
+            self.write(build_ssl_request())
+            answer = await self.read_raw(1)
+            if answer == b"S":
+                self.transport = await loop.start_tls(
+                    self.transport, self, tls, server_hostname=host
+                )
+            elif tls_required:
+                raise RouterError(
+                    SQLState.SQLCLIENT_UNABLE_TO_ESTABLISH,
+                    f"server {self.pool.name} does not support TLS but server_tls requires it",
+                )
+        params = {"user": user, "database": dbname}
+        if startup_params:
+            params.update(startup_params)
+        self.write(build_startup_message(params))
+        scram: ScramClientExchange | None = None
+        while True:
+            msg_type, body = await self.read_message()
+            if msg_type == b"R":
+                code, payload = m.parse_authentication(body)
+                if code == m.AUTH_OK:
+                    continue
+                if password is None:
+                    raise RouterError(
+                        SQLState.INVALID_PASSWORD,
+                        f"server {self.pool.name} asks for a password and none is configured",
+                    )
+                if code == m.AUTH_CLEARTEXT:
+                    self.write(m.password_message(password.encode()))
+                elif code == m.AUTH_MD5:
+                    self.write(m.password_message(md5_response(md5_hash(user, password), payload)))
+                elif code == m.AUTH_SASL:
+                    mechanisms = m.parse_sasl_mechanisms(payload)
+                    binding = None
+                    ssl_object = self.transport.get_extra_info("ssl_object")
+                    if ssl_object is not None and SCRAM_SHA_256_PLUS in mechanisms:
+                        cert = ssl_object.getpeercert(binary_form=True)
+                        if cert:
+                            binding = ("tls-server-end-point", tls_server_end_point(cert))
+                    scram = ScramClientExchange(mechanisms, user, password, binding)
+                    self.write(m.sasl_initial_response(scram.mechanism, scram.first()))
+                elif code == m.AUTH_SASL_CONTINUE and scram is not None:
+                    self.write(m.sasl_response(scram.final(payload)))
+                elif code == m.AUTH_SASL_FINAL and scram is not None:
+                    scram.verify(payload)
+                else:
+                    raise RouterError(
+                        SQLState.FEATURE_NOT_SUPPORTED,
+                        f"server {self.pool.name} asks for unsupported authentication ({code})",
+                    )
+            elif msg_type == b"S":
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+            elif msg_type == b"K":
+                self.backend_pid, self.backend_key = m.parse_backend_key_data(body)
+            elif msg_type == b"Z":
+                self.tx_status = m.parse_ready_for_query(body)
+                return
+            elif msg_type == b"E":
+                fields = m.parse_error_fields(body)
+                raise RouterError(
+                    fields.get("C", SQLState.CONNECTION_FAILURE),
+                    f"server {self.pool.name} refused the connection: {fields.get('M', '')}",
+                )
+            elif msg_type == b"v":
+                continue  # NegotiateProtocolVersion: we asked for 3.0 only, nothing to do
+            elif msg_type != b"N":
+                raise ProtocolError(f"unexpected message {msg_type!r} during server login")
+
+    async def wait_closed(self) -> None:
+        await self._lost

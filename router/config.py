@@ -1,0 +1,160 @@
+"""Settings: a TOML file plus PGROUTER_* environment variables (environment wins).
+
+This is the only module that reads the environment; everything else receives these typed
+objects as arguments.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from router.protocol.auth import is_scram_verifier
+from router.protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
+
+
+class PoolMode(StrEnum):
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
+class ClientTLS(StrEnum):
+    DISABLE = "disable"
+    ALLOW = "allow"
+    REQUIRE = "require"
+
+
+class ServerTLS(StrEnum):
+    DISABLE = "disable"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_FULL = "verify-full"
+
+
+class AuthMethod(StrEnum):
+    SCRAM = "scram-sha-256"
+    MD5 = "md5"
+    TRUST = "trust"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeAddress(_Strict):
+    host: str
+    port: int = Field(5432, ge=1, le=65535)
+
+
+class ClusterConfig(_Strict):
+    primary: NodeAddress
+    replicas: list[NodeAddress] = []
+
+
+class DatabaseConfig(_Strict):
+    """A database name clients ask for, and where its server connections go."""
+
+    cluster: str
+    dbname: str | None = None  # the real database name; defaults to the name clients use
+    server_user: str | None = None  # defaults to the client's user name
+    server_password: str | None = None
+    pool_size: int | None = Field(None, ge=1)
+    pool_mode: PoolMode | None = None
+
+
+class UserConfig(_Strict):
+    """A client login. `password` holds a SCRAM verifier for scram-sha-256 (make one with
+    `pgrouter hash-password`), the md5 hash ('md5' + md5(password + user)) for md5."""
+
+    auth: AuthMethod = AuthMethod.SCRAM
+    password: str | None = None
+
+    @model_validator(mode="after")
+    def _check_secret(self) -> UserConfig:
+        if self.auth is AuthMethod.SCRAM and not (self.password and is_scram_verifier(self.password)):
+            raise ValueError("scram-sha-256 users need `password` holding a SCRAM-SHA-256 verifier")
+        if self.auth is AuthMethod.MD5 and not (
+            self.password and self.password.startswith("md5") and len(self.password) == 35
+        ):
+            raise ValueError("md5 users need `password` holding 'md5' + md5(password + user)")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PGROUTER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(6432, ge=0, le=65535)
+
+    pool_mode: PoolMode = PoolMode.TRANSACTION
+    pool_size: int = Field(20, ge=1)
+    min_pool_size: int = Field(0, ge=0)
+    max_client_conn: int = Field(1000, ge=1)
+    query_wait_timeout: float = Field(120.0, gt=0)
+    server_idle_timeout: float = Field(600.0, ge=0)  # 0 = never close idle servers
+    server_lifetime: float = Field(3600.0, ge=0)  # 0 = no limit
+    server_connect_timeout: float = Field(5.0, gt=0)
+    server_reset_query: str = "DISCARD ALL"
+    client_login_timeout: float = Field(15.0, gt=0)
+    max_message_size: int = Field(DEFAULT_MAX_MESSAGE_SIZE, ge=1024)
+
+    client_tls: ClientTLS = ClientTLS.DISABLE
+    client_tls_cert: Path | None = None
+    client_tls_key: Path | None = None
+    server_tls: ServerTLS = ServerTLS.DISABLE
+    server_tls_ca: Path | None = None
+
+    log_level: str = "INFO"
+
+    clusters: dict[str, ClusterConfig] = {}
+    databases: dict[str, DatabaseConfig] = {}
+    users: dict[str, UserConfig] = {}
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for name, db in self.databases.items():
+            if db.cluster not in self.clusters:
+                raise ValueError(f"database {name!r} names unknown cluster {db.cluster!r}")
+        if self.client_tls is not ClientTLS.DISABLE and not (
+            self.client_tls_cert and self.client_tls_key
+        ):
+            raise ValueError("client_tls needs client_tls_cert and client_tls_key")
+        if self.server_tls is ServerTLS.VERIFY_FULL and not self.server_tls_ca:
+            raise ValueError("server_tls = verify-full needs server_tls_ca")
+        if self.min_pool_size > self.pool_size:
+            raise ValueError("min_pool_size must not exceed pool_size")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: it wins over the file's values passed as init arguments.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Settings from a TOML file (optional), then PGROUTER_* variables, then ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    data.update(overrides)
+    return Settings(**data)

@@ -1,0 +1,530 @@
+"""A client connection: startup, TLS and authentication (slow path, a coroutine reading
+whole packets), then the forwarding loop (hot path, ``data_received`` scanning 5-byte
+headers and handing whole chunks to the linked server connection).
+
+In transaction mode a server connection is linked from the first message of a transaction
+until the server's ReadyForQuery says 'I' with nothing else outstanding; in session mode
+until the client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import struct
+from typing import TYPE_CHECKING
+
+from router.config import AuthMethod, ClientTLS, PoolMode
+from router.protocol import messages as m
+from router.protocol.auth import (
+    SCRAM_SHA_256,
+    AuthFailed,
+    ScramServerExchange,
+    ScramVerifier,
+    md5_check,
+)
+from router.protocol.errors import ProtocolError, RouterError, SQLState
+from router.protocol.startup import (
+    MAX_STARTUP_PACKET,
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    parse_startup_packet,
+    startup_packet_length,
+)
+
+if TYPE_CHECKING:
+    from router.app import Router
+    from router.backend.server import ServerConnection
+    from router.pools.pool import Pool
+
+log = logging.getLogger("pgrouter.client")
+
+_unpack_len = struct.Struct("!I").unpack_from
+
+# Frontend message types (PostgreSQL docs, 55.7).
+_Q, _S, _F, _X = ord("Q"), ord("S"), ord("F"), ord("X")
+# Extended-protocol messages: until a Sync follows them the server may still owe replies.
+_EXTENDED = frozenset(b"PBEDCH")
+# Valid after login besides the above: CopyData, CopyDone, CopyFail.
+_COPY = frozenset(b"dcf")
+
+_STARTUP, _READY, _CLOSED = 0, 1, 2
+
+# While a client waits for a server connection its messages are held; past this many bytes we
+# stop reading from it so a waiting client cannot grow the router's memory without bound.
+MAX_HELD_BYTES = 1 << 20
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.settings = router.settings
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.state = _STARTUP
+        self.user = ""
+        self.database = ""
+        self.startup_params: dict[str, str] = {}
+        self.tls = False
+        self.admitted = False
+        self.pool: Pool | None = None
+        self.pool_mode = PoolMode.TRANSACTION
+        self.server: ServerConnection | None = None
+        # Router-issued BackendKeyData; a CancelRequest carrying it reaches this client.
+        self.cancel_pid = 0
+        self.cancel_key = 0
+        # Slow path input.
+        self._buf = bytearray()
+        self._wakeup: asyncio.Future | None = None
+        self._login_task: asyncio.Task | None = None
+        # Hot path framing state.
+        self._skip = 0
+        self._head = b""
+        self._max_message = self.settings.max_message_size
+        self.unsynced = False
+        # Messages received while no server connection is linked.
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._held_syncs = 0
+        self._acquire_task: asyncio.Task | None = None
+        self._write_paused = False
+        self._read_paused_by_server = False
+        self._read_paused_while_waiting = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self._login_task = asyncio.get_running_loop().create_task(self._login())
+        self._login_task.add_done_callback(self._login_done)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != _READY:
+            if self.state == _STARTUP:
+                self._buf += data
+                waiter = self._wakeup
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            return
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        n = len(data)
+        pos = self._skip
+        syncs = 0
+        while pos < n:
+            if pos + 5 > n:
+                self._head = data[pos:]
+                data = data[:pos]
+                n = pos
+                break
+            t = data[pos]
+            length = _unpack_len(data, pos + 1)[0]
+            if length < 4 or length > self._max_message:
+                self._message_too_large(t, length)
+                return
+            if t == _S:
+                syncs += 1
+                self.unsynced = False
+            elif t == _Q:
+                syncs += 1
+            elif t in _EXTENDED:
+                self.unsynced = True
+            elif t == _X:
+                self._forward(data[:pos], syncs)
+                self._terminate()
+                return
+            elif t == _F:
+                syncs += 1
+            elif t not in _COPY:
+                self._protocol_violation(f"invalid frontend message type {t!r} ({chr(t)!r})")
+                return
+            pos += 1 + length
+        self._skip = pos - n
+        if data:
+            self._forward(data, syncs)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = _CLOSED
+        waiter = self._wakeup
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client went away"))
+        if self._login_task is not None and not self._login_task.done():
+            self._login_task.cancel()
+        if self._acquire_task is not None and not self._acquire_task.done():
+            self._acquire_task.cancel()
+        self.router.forget_client(self)
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.unlink()
+            self._return_server_after_client_left(server)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading from the server.
+        self._write_paused = True
+        if self.server is not None:
+            self.server.pause_reading_for_client()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.server is not None:
+            self.server.resume_reading_for_client()
+
+    # --- hot path helpers ------------------------------------------------------------
+
+    def _forward(self, data: bytes, syncs: int) -> None:
+        server = self.server
+        if server is not None:
+            server.pending += syncs
+            server.write(data)
+            return
+        if not data:
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        self._held_syncs += syncs
+        if self._held_bytes > MAX_HELD_BYTES and not self._read_paused_while_waiting:
+            self._read_paused_while_waiting = True
+            self.transport.pause_reading()
+        if self._acquire_task is None:
+            pool = self.router.pool_for_transaction(self)
+            server = pool.acquire_nowait()
+            if server is not None:
+                self._attach(server)
+            else:
+                self._acquire_task = asyncio.get_running_loop().create_task(self._acquire(pool))
+
+    async def _acquire(self, pool: Pool) -> None:
+        try:
+            server = await pool.acquire()
+        except RouterError as exc:
+            self._acquire_task = None
+            self._acquire_failed(exc)
+            return
+        self._acquire_task = None
+        if self.state == _CLOSED:
+            pool.release(server)
+            return
+        self._attach(server)
+
+    def _attach(self, server: ServerConnection) -> None:
+        self.server = server
+        server.link(self)
+        if self._write_paused:
+            server.pause_reading_for_client()
+        held = self._held
+        server.pending += self._held_syncs
+        self._held_syncs = 0
+        self._held_bytes = 0
+        self._held = []
+        server.write(held[0] if len(held) == 1 else b"".join(held))
+        if self._read_paused_while_waiting:
+            self._read_paused_while_waiting = False
+            self.transport.resume_reading()
+
+    def _acquire_failed(self, exc: RouterError) -> None:
+        if self.state == _CLOSED:
+            return
+        syncs = self._held_syncs
+        self._held = []
+        self._held_bytes = 0
+        self._held_syncs = 0
+        log.warning("client %s@%s/%s: %s", self.user, self.peer, self.database, exc.message)
+        if syncs == 0 or exc.severity == "FATAL":
+            self.fail(exc)
+            return
+        # The held messages were never sent: answer each Sync point as the server would after
+        # an error (one ErrorResponse, then ReadyForQuery for every Sync/Query).
+        out = m.error_response(exc.sqlstate, exc.message, severity="ERROR")
+        out += m.ready_for_query(m.IDLE) * syncs
+        self.transport.write(out)
+        if self._read_paused_while_waiting:
+            self._read_paused_while_waiting = False
+            self.transport.resume_reading()
+
+    def server_ready(self, server: ServerConnection) -> None:
+        """Called by the linked server after a ReadyForQuery with nothing else outstanding."""
+        if (
+            server.tx_status == m.IDLE
+            and self.pool_mode is PoolMode.TRANSACTION
+            and not self.unsynced
+        ):
+            self._detach(server)
+            server.pool.release(server)
+
+    def _detach(self, server: ServerConnection) -> None:
+        self.server = None
+        server.unlink()
+        if self._read_paused_by_server:
+            self._read_paused_by_server = False
+            self.transport.resume_reading()
+
+    def pause_reading_for_server(self) -> None:
+        if not self._read_paused_by_server and self.state != _CLOSED:
+            self._read_paused_by_server = True
+            self.transport.pause_reading()
+
+    def resume_reading_for_server(self) -> None:
+        if self._read_paused_by_server:
+            self._read_paused_by_server = False
+            if self.state != _CLOSED:
+                self.transport.resume_reading()
+
+    def server_lost(self, server: ServerConnection) -> None:
+        """The linked server connection broke: the transaction's fate is unknown."""
+        self.server = None
+        reason = server.closing_reason or "server closed the connection unexpectedly"
+        log.warning("client %s@%s/%s: server connection lost: %s", self.user, self.peer, self.database, reason)
+        self.fail(
+            RouterError(
+                SQLState.CONNECTION_FAILURE,
+                f"server connection lost mid-transaction ({reason})",
+            )
+        )
+
+    def _return_server_after_client_left(self, server: ServerConnection) -> None:
+        if server.closed:
+            return
+        if server.pending or self.unsynced:
+            # A query is still running or replies are owed: the connection's state is unknown.
+            server.close("client disconnected mid-query")
+            return
+        if server.tx_status == m.IDLE and self.pool_mode is PoolMode.TRANSACTION:
+            server.pool.release(server)
+            return
+        self.router.spawn(self._reset_and_release(server))
+
+    async def _reset_and_release(self, server: ServerConnection) -> None:
+        try:
+            async with asyncio.timeout(self.settings.server_connect_timeout):
+                if server.tx_status != m.IDLE:
+                    await server.run_until_ready("ROLLBACK")
+                if self.pool_mode is PoolMode.SESSION and server.pool.settings.reset_query:
+                    await server.run_until_ready(server.pool.settings.reset_query)
+        except (RouterError, TimeoutError) as exc:
+            server.close(f"reset after client left failed: {exc}")
+            return
+        server.pool.release(server)
+
+    def _terminate(self) -> None:
+        self.state = _CLOSED
+        self.transport.close()
+
+    def _message_too_large(self, msg_type: int, length: int) -> None:
+        if length < 4:
+            self._protocol_violation(f"invalid message length {length}")
+            return
+        log.warning(
+            "client %s@%s/%s: message %r of %d bytes exceeds max_message_size (%d); closing",
+            self.user, self.peer, self.database, chr(msg_type), length, self._max_message,
+        )
+        self.fail(
+            RouterError(
+                SQLState.PROGRAM_LIMIT_EXCEEDED,
+                f"message of {length} bytes exceeds max_message_size ({self._max_message})",
+            ),
+            logged=True,
+        )
+
+    def _protocol_violation(self, message: str) -> None:
+        log.warning("client %s@%s/%s: %s; closing", self.user, self.peer, self.database, message)
+        self.fail(ProtocolError(message), logged=True)
+
+    def fail(self, exc: RouterError, logged: bool = False) -> None:
+        """Send a FATAL ErrorResponse and close. The one place client errors become bytes."""
+        if self.state == _CLOSED:
+            return
+        if not logged and exc.severity == "FATAL":
+            log.info("client %s@%s/%s: %s", self.user or "-", self.peer, self.database or "-", exc.message)
+        self.state = _CLOSED
+        try:
+            self.transport.write(
+                m.error_response(
+                    exc.sqlstate, exc.message, severity="FATAL", detail=exc.detail, hint=exc.hint
+                )
+            )
+        finally:
+            self.transport.close()
+
+    # --- slow path: startup and authentication ---------------------------------------
+
+    async def _read_exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def _read_startup_packet(self):
+        head = await self._read_exact(4)
+        length = startup_packet_length(head)
+        assert length is not None and length <= MAX_STARTUP_PACKET
+        return parse_startup_packet(head + await self._read_exact(length - 4))
+
+    async def _read_message(self, expected: bytes) -> bytes:
+        head = await self._read_exact(5)
+        length = _unpack_len(head, 1)[0]
+        if head[:1] != expected:
+            raise ProtocolError(f"expected message {expected!r}, received {head[:1]!r}")
+        if length < 4 or length > MAX_STARTUP_PACKET:
+            raise ProtocolError(f"invalid message length {length} during authentication")
+        return await self._read_exact(length - 4)
+
+    def _login_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, RouterError):
+            self.fail(exc)
+        elif isinstance(exc, TimeoutError):
+            log.warning("client %s: client_login_timeout expired during login; closing", self.peer)
+            self.fail(
+                RouterError(
+                    SQLState.PROTOCOL_VIOLATION,
+                    f"client_login_timeout ({self.settings.client_login_timeout:g}s) expired during login",
+                ),
+                logged=True,
+            )
+        elif isinstance(exc, ConnectionError):
+            pass
+        else:
+            log.error("client %s: login failed", self.peer, exc_info=exc)
+            self.fail(RouterError(SQLState.INTERNAL_ERROR, "internal error during login"))
+
+    async def _login(self) -> None:
+        async with asyncio.timeout(self.settings.client_login_timeout):
+            startup = await self._negotiate()
+            if startup is None:
+                return
+            await self._authenticate(startup)
+        await self._finish_login()
+
+    async def _negotiate(self) -> StartupMessage | None:
+        """Read startup-phase packets until a StartupMessage (SSL/GSS requests first)."""
+        tls_mode = self.settings.client_tls
+        asked_ssl = False
+        while True:
+            packet = await self._read_startup_packet()
+            if isinstance(packet, CancelRequest):
+                self.router.cancel(packet.process_id, packet.secret_key)
+                self.state = _CLOSED
+                self.transport.close()
+                return None
+            if isinstance(packet, GSSENCRequest):
+                self.transport.write(b"N")
+                continue
+            if isinstance(packet, SSLRequest):
+                if asked_ssl or self.tls:
+                    raise ProtocolError("SSLRequest sent twice")
+                asked_ssl = True
+                ctx = self.router.client_tls_context
+                if tls_mode is ClientTLS.DISABLE or ctx is None:
+                    self.transport.write(b"N")
+                    continue
+                if self._buf:
+                    # CVE-2021-23214: bytes sent before the TLS handshake must not be trusted.
+                    raise ProtocolError("received unencrypted data after SSL request")
+                self.transport.write(b"S")
+                loop = asyncio.get_running_loop()
+                self.transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
+                self.tls = True
+                continue
+            assert isinstance(packet, StartupMessage)
+            if tls_mode is ClientTLS.REQUIRE and not self.tls:
+                raise RouterError(
+                    SQLState.INVALID_AUTHORIZATION,
+                    "TLS is required: connect with sslmode=require (client_tls = require)",
+                )
+            if packet.minor > 0 or packet.protocol_options:
+                # 55.2.1: answer with the newest minor version we speak and the options we
+                # did not recognise, then carry on in 3.0.
+                self.transport.write(m.negotiate_protocol_version(0, packet.protocol_options))
+            return packet
+
+    async def _authenticate(self, startup: StartupMessage) -> None:
+        self.user = startup.user
+        self.database = startup.database
+        self.startup_params = {
+            k: v for k, v in startup.params.items() if k not in ("user", "database") and not k.startswith("_pq_.")
+        }
+        if not self.user:
+            raise RouterError(SQLState.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+        if not self.router.admit_client(self):
+            raise RouterError(
+                SQLState.TOO_MANY_CONNECTIONS,
+                f"sorry, too many clients already (max_client_conn {self.settings.max_client_conn})",
+            )
+        user = self.settings.users.get(self.user)
+        method = user.auth if user is not None else AuthMethod.SCRAM
+        failed = RouterError(
+            SQLState.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
+        )
+        if method is AuthMethod.TRUST:
+            pass
+        elif method is AuthMethod.MD5:
+            salt = os.urandom(4)
+            self.transport.write(m.auth_md5(salt))
+            response = m.parse_password_message(await self._read_message(b"p"))
+            if not md5_check(user.password, salt, response):
+                raise failed
+        else:
+            # Unknown users go through the same exchange against a dummy verifier, so the
+            # answer takes as long and says the same as a wrong password.
+            verifier = ScramVerifier.parse(user.password) if user is not None else None
+            exchange = ScramServerExchange(verifier)
+            self.transport.write(m.auth_sasl([SCRAM_SHA_256]))
+            mechanism, client_first = m.parse_sasl_initial_response(await self._read_message(b"p"))
+            if mechanism != SCRAM_SHA_256:
+                raise ProtocolError(f"client selected an invalid SASL mechanism {mechanism!r}")
+            self.transport.write(m.auth_sasl_continue(exchange.first(client_first)))
+            try:
+                server_final = exchange.final(await self._read_message(b"p"))
+            except AuthFailed as exc:
+                raise failed from exc
+            self.transport.write(m.auth_sasl_final(server_final))
+        self.transport.write(m.auth_ok())
+
+    async def _finish_login(self) -> None:
+        target = self.router.resolve_database(self)  # raises 3D000 for an unknown database
+        self.pool_mode = target.pool_mode
+        self.pool = target.pool
+        params = dict(await self.pool.learn_server_params())
+        # A dedicated server would echo the client's own application_name.
+        if "application_name" in self.startup_params:
+            params["application_name"] = self.startup_params["application_name"]
+        self.cancel_pid, self.cancel_key = self.router.register_client(self)
+        out = bytearray()
+        for name, value in params.items():
+            out += m.parameter_status(name, value)
+        out += m.backend_key_data(self.cancel_pid, self.cancel_key)
+        out += m.ready_for_query(m.IDLE)
+        if self.state == _CLOSED:
+            return
+        self.transport.write(bytes(out))
+        self.state = _READY
+        log.debug("client %s@%s/%s logged in", self.user, self.peer, self.database)
+        rest = bytes(self._buf)
+        self._buf.clear()
+        if rest:
+            self.data_received(rest)
+
+    def matches_cancel_key(self, key: int) -> bool:
+        return hmac.compare_digest(self.cancel_key.to_bytes(4, "big"), key.to_bytes(4, "big"))
+
+
+def new_cancel_key() -> int:
+    return secrets.randbits(32)

@@ -1,0 +1,94 @@
+"""All pools of the router, found by key, and the janitor that keeps them trim."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+from router.config import DatabaseConfig, ServerTLS, Settings
+from router.pools.pool import Pool, PoolKey, PoolSettings
+
+log = logging.getLogger("pgrouter.pool")
+
+# How often idle connections are checked against server_idle_timeout / server_lifetime and
+# pools are topped up to min_pool_size. Timeouts are minutes by default; 1 s is plenty.
+JANITOR_INTERVAL = 1.0
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    mode = settings.server_tls
+    if mode is ServerTLS.DISABLE:
+        return None
+    if mode is ServerTLS.VERIFY_FULL:
+        ctx = ssl.create_default_context(cafile=str(settings.server_tls_ca))
+    else:
+        # prefer / require: encrypt, but do not verify the certificate (libpq's meaning).
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class PoolManager:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pools: dict[PoolKey, Pool] = {}
+        self._tls = server_tls_context(settings)
+        self._janitor: asyncio.Task | None = None
+
+    def pool_for(self, db: DatabaseConfig, client_dbname: str, client_user: str, node) -> Pool:
+        dbname = db.dbname or client_dbname
+        user = db.server_user or client_user
+        key = PoolKey(node.host, node.port, dbname, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            s = self.settings
+            pool = Pool(
+                key,
+                db.server_password,
+                PoolSettings(
+                    size=db.pool_size or s.pool_size,
+                    min_size=min(s.min_pool_size, db.pool_size or s.pool_size),
+                    mode=db.pool_mode or s.pool_mode,
+                    query_wait_timeout=s.query_wait_timeout,
+                    idle_timeout=s.server_idle_timeout,
+                    lifetime=s.server_lifetime,
+                    connect_timeout=s.server_connect_timeout,
+                    reset_query=s.server_reset_query,
+                    tls=self._tls,
+                    tls_required=s.server_tls is not ServerTLS.PREFER,
+                ),
+            )
+            self.pools[key] = pool
+        return pool
+
+    def start(self) -> None:
+        # Pools whose server user is fixed by configuration exist from the start, so that
+        # min_pool_size connections are open before the first client arrives.
+        for name, db in self.settings.databases.items():
+            if db.server_user and name != "*":
+                cluster = self.settings.clusters[db.cluster]
+                self.pool_for(db, name, db.server_user, cluster.primary)
+        self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
+
+    async def _run_janitor(self) -> None:
+        while True:
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                try:
+                    pool.maintain(now)
+                except Exception:
+                    log.exception("janitor failed on pool %s", pool.name)
+            await asyncio.sleep(JANITOR_INTERVAL)
+
+    async def stop(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+            try:
+                await self._janitor
+            except asyncio.CancelledError:
+                pass
+        for pool in self.pools.values():
+            await pool.close()

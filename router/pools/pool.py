@@ -1,0 +1,254 @@
+"""Server-connection pools, one per (node, database, server user).
+
+A client takes a server connection for one transaction (transaction mode) or for its whole
+session (session mode) and gives it back with ``release``. Waiters are served in arrival
+order; one waiting past ``query_wait_timeout`` gets SQLSTATE 53300 naming the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from router.backend.server import ServerConnection
+from router.config import PoolMode
+from router.protocol.errors import RouterError, SQLState
+
+log = logging.getLogger("pgrouter.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    host: str
+    port: int
+    dbname: str
+    user: str
+
+
+@dataclass(slots=True)
+class PoolSettings:
+    size: int
+    min_size: int
+    mode: PoolMode
+    query_wait_timeout: float
+    idle_timeout: float
+    lifetime: float
+    connect_timeout: float
+    reset_query: str
+    tls: ssl.SSLContext | None
+    tls_required: bool
+
+
+class Pool:
+    def __init__(self, key: PoolKey, password: str | None, settings: PoolSettings) -> None:
+        self.key = key
+        self.name = f"{key.dbname}/{key.user}@{key.host}:{key.port}"
+        self.password = password
+        self.settings = settings
+        self.idle: deque[ServerConnection] = deque()
+        self.waiters: deque[asyncio.Future] = deque()
+        self.servers: set[ServerConnection] = set()  # every open or opening connection
+        self.connecting = 0
+        # ParameterStatus values of a real server connection, sent to clients at login.
+        self.server_params: dict[str, str] | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- the data path ---------------------------------------------------------------
+
+    def acquire_nowait(self) -> ServerConnection | None:
+        idle = self.idle
+        while idle:
+            server = idle.pop()  # most recently used first: its caches are warm
+            if not server.closed:
+                return server
+        return None
+
+    async def acquire(self) -> ServerConnection:
+        server = self.acquire_nowait()
+        if server is not None:
+            return server
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self.waiters.append(waiter)
+        timer = loop.call_later(self.settings.query_wait_timeout, self._expire, waiter)
+        if len(self.servers) + self.connecting < self.settings.size:
+            self._spawn(self._open_for_waiters())
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def release(self, server: ServerConnection) -> None:
+        """Take back a connection that is idle (ReadyForQuery 'I', nothing pending)."""
+        if server.closed:
+            return
+        lifetime = self.settings.lifetime
+        if lifetime and time.monotonic() - server.created_at > lifetime:
+            server.close("server_lifetime reached")
+            return
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(server)
+                return
+        server.idle_since = time.monotonic()
+        self.idle.append(server)
+
+    def forget(self, server: ServerConnection) -> None:
+        """A connection closed: drop it and, if clients wait, open a replacement."""
+        self.servers.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        if self._has_waiters() and len(self.servers) + self.connecting < self.settings.size:
+            self._spawn(self._open_for_waiters())
+
+    # --- opening connections -----------------------------------------------------------
+
+    async def open_connection(self) -> ServerConnection:
+        loop = asyncio.get_running_loop()
+        key = self.key
+        self.connecting += 1
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                try:
+                    _, server = await loop.create_connection(
+                        lambda: ServerConnection(self), key.host, key.port
+                    )
+                except OSError as exc:
+                    raise RouterError(
+                        SQLState.CONNECTION_FAILURE,
+                        f"could not connect to server {key.host}:{key.port}: {exc.strerror or exc}",
+                        severity="FATAL",
+                    ) from exc
+                try:
+                    await server.login(
+                        key.host,
+                        key.dbname,
+                        key.user,
+                        self.password,
+                        self.settings.tls,
+                        self.settings.tls_required,
+                    )
+                except BaseException:
+                    server.close()
+                    raise
+        except TimeoutError as exc:
+            raise RouterError(
+                SQLState.CONNECTION_FAILURE,
+                f"timeout connecting to server {self.name} (server_connect_timeout)",
+            ) from exc
+        finally:
+            self.connecting -= 1
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        self.servers.add(server)
+        return server
+
+    async def _open_for_waiters(self) -> None:
+        try:
+            server = await self.open_connection()
+        except RouterError as exc:
+            log.warning("pool %s: %s", self.name, exc.message)
+            # Fail the oldest waiter with the reason rather than letting it time out blindly.
+            while self.waiters:
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    break
+            return
+        self.release(server)
+
+    async def learn_server_params(self) -> dict[str, str]:
+        """The server's ParameterStatus set; opens a connection if none has been seen yet."""
+        if self.server_params is None:
+            server = self.acquire_nowait()
+            if server is None:
+                server = await self.acquire()
+            self.release(server)
+        assert self.server_params is not None
+        return self.server_params
+
+    def _expire(self, waiter: asyncio.Future) -> None:
+        if not waiter.done():
+            waiter.set_exception(
+                RouterError(
+                    SQLState.TOO_MANY_CONNECTIONS,
+                    f"no server connection available in pool {self.name} within "
+                    f"query_wait_timeout ({self.settings.query_wait_timeout:g}s)",
+                    severity="ERROR",
+                )
+            )
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _has_waiters(self) -> bool:
+        return any(not w.done() for w in self.waiters)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pool %s: background task failed", self.name, exc_info=task.exception())
+
+    # --- upkeep (called by the janitor) -------------------------------------------------
+
+    def maintain(self, now: float) -> None:
+        """Close idle connections past idle timeout or lifetime; top up to min_size."""
+        s = self.settings
+        keep = []
+        for server in self.idle:
+            too_old = s.lifetime and now - server.created_at > s.lifetime
+            too_idle = s.idle_timeout and now - server.idle_since > s.idle_timeout
+            if server.closed:
+                continue
+            if too_old or (too_idle and len(self.servers) > s.min_size):
+                server.close("server_lifetime reached" if too_old else "server_idle_timeout reached")
+                self.servers.discard(server)
+            else:
+                keep.append(server)
+        self.idle = deque(keep)
+        missing = s.min_size - len(self.servers) - self.connecting
+        for _ in range(max(0, missing)):
+            self._spawn(self._open_idle())
+
+    async def _open_idle(self) -> None:
+        try:
+            server = await self.open_connection()
+        except RouterError as exc:
+            log.warning("pool %s: cannot open min_pool_size connection: %s", self.name, exc.message)
+            return
+        self.release(server)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "servers": len(self.servers),
+            "idle": len(self.idle),
+            "active": len(self.servers) - len(self.idle),
+            "connecting": self.connecting,
+            "waiting": sum(1 for w in self.waiters if not w.done()),
+        }
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for server in list(self.servers):
+            server.close("router shutting down")
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(
+                    RouterError(SQLState.ADMIN_SHUTDOWN, "router is shutting down")
+                )
+        self.waiters.clear()

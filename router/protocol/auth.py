@@ -1,0 +1,197 @@
+"""Password verification glue: SCRAM-SHA-256 through scramp, and md5.
+
+No I/O. The frontend drives a ``ScramServerExchange`` with the bytes of the client's
+SASLInitialResponse and SASLResponse; the backend drives a ``ScramClientExchange`` with
+the server's AuthenticationSASL* payloads (PostgreSQL docs, 55.3.1 "SCRAM-SHA-256").
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from scramp import ScramClient, ScramException, ScramMechanism
+
+from router.protocol.errors import ProtocolError
+
+SCRAM_SHA_256 = "SCRAM-SHA-256"
+SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
+# PostgreSQL's default scram_iterations.
+SCRAM_ITERATIONS = 4096
+
+_mechanism = ScramMechanism(SCRAM_SHA_256)
+
+
+@dataclass(frozen=True, slots=True)
+class ScramVerifier:
+    """What PostgreSQL stores in pg_authid.rolpassword for a SCRAM password:
+    ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` (base64 fields)."""
+
+    iterations: int
+    salt: bytes
+    stored_key: bytes
+    server_key: bytes
+
+    @classmethod
+    def parse(cls, text: str) -> ScramVerifier:
+        try:
+            scheme, iter_salt, keys = text.split("$")
+            iterations, salt = iter_salt.split(":")
+            stored_key, server_key = keys.split(":")
+            if scheme != SCRAM_SHA_256:
+                raise ValueError(scheme)
+            return cls(
+                int(iterations),
+                base64.b64decode(salt, validate=True),
+                base64.b64decode(stored_key, validate=True),
+                base64.b64decode(server_key, validate=True),
+            )
+        except ValueError as exc:
+            raise ValueError("not a SCRAM-SHA-256 verifier") from exc
+
+    def __str__(self) -> str:
+        b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        return (
+            f"{SCRAM_SHA_256}${self.iterations}:{b64(self.salt)}"
+            f"${b64(self.stored_key)}:{b64(self.server_key)}"
+        )
+
+
+def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The SCRAM verifier of ``password``, in PostgreSQL's text format."""
+    salt, stored_key, server_key, iterations = _mechanism.make_auth_info(
+        password, iteration_count=iterations
+    )
+    return str(ScramVerifier(iterations, salt, stored_key, server_key))
+
+
+def is_scram_verifier(text: str) -> bool:
+    try:
+        ScramVerifier.parse(text)
+    except ValueError:
+        return False
+    return True
+
+
+def md5_hash(user: str, password: str) -> str:
+    """PostgreSQL's stored md5 form: 'md5' + md5(password + user)."""
+    return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+
+
+def md5_response(stored_md5: str, salt: bytes) -> bytes:
+    """What a client sends for AuthenticationMD5Password: 'md5' + md5(md5hex(pw+user) + salt)."""
+    return b"md5" + hashlib.md5(stored_md5[3:].encode() + salt).hexdigest().encode()
+
+
+def md5_check(stored_md5: str, salt: bytes, response: bytes) -> bool:
+    return hmac.compare_digest(md5_response(stored_md5, salt), response)
+
+
+class AuthFailed(Exception):
+    """The client's proof or password did not match (reported as 28P01 by the caller)."""
+
+
+class ScramServerExchange:
+    """Server side of one SCRAM-SHA-256 exchange against a stored verifier.
+
+    PostgreSQL ignores the user name inside the SCRAM messages (the startup packet's user
+    counts), so the verifier is looked up by the caller and bound here.
+    """
+
+    def __init__(self, verifier: ScramVerifier | None) -> None:
+        # With no verifier (unknown user) we still run the whole exchange against a dummy
+        # so that timing does not reveal which users exist; it then always fails.
+        self._known = verifier is not None
+        if verifier is None:
+            salt, stored_key, server_key, iters = _dummy_auth_info()
+        else:
+            salt, stored_key, server_key, iters = (
+                verifier.salt,
+                verifier.stored_key,
+                verifier.server_key,
+                verifier.iterations,
+            )
+        self._server = _mechanism.make_server(lambda _user: (salt, stored_key, server_key, iters))
+
+    def first(self, client_first: bytes) -> bytes:
+        try:
+            self._server.set_client_first(client_first.decode("utf-8"))
+            return self._server.get_server_first().encode()
+        except (ScramException, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"malformed SCRAM client-first-message: {exc}") from exc
+
+    def final(self, client_final: bytes) -> bytes:
+        try:
+            self._server.set_client_final(client_final.decode("utf-8"))
+            server_final = self._server.get_server_final().encode()
+        except ScramException as exc:
+            raise AuthFailed(str(exc)) from exc
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("malformed SCRAM client-final-message") from exc
+        if not self._known:
+            raise AuthFailed("unknown user")
+        return server_final
+
+
+_DUMMY: tuple | None = None
+
+
+def _dummy_auth_info() -> tuple:
+    global _DUMMY  # computed once; derived from a random password nobody knows
+    if _DUMMY is None:
+        import secrets
+
+        _DUMMY = _mechanism.make_auth_info(secrets.token_hex(16), iteration_count=SCRAM_ITERATIONS)
+    return _DUMMY
+
+
+class ScramClientExchange:
+    """Client side of SCRAM-SHA-256[-PLUS], for the router logging into PostgreSQL."""
+
+    def __init__(
+        self,
+        mechanisms: list[str],
+        user: str,
+        password: str,
+        channel_binding: tuple[str, bytes] | None = None,
+    ) -> None:
+        offered = [m for m in mechanisms if m in (SCRAM_SHA_256, SCRAM_SHA_256_PLUS)]
+        if channel_binding is None:
+            offered = [m for m in offered if m == SCRAM_SHA_256]
+        if not offered:
+            raise ProtocolError(f"server offers no supported SASL mechanism: {mechanisms}")
+        self._client = ScramClient(offered, user or "*", password, channel_binding=channel_binding)
+        self.mechanism = self._client.mechanism_name
+
+    def first(self) -> bytes:
+        return self._client.get_client_first().encode()
+
+    def final(self, server_first: bytes) -> bytes:
+        try:
+            self._client.set_server_first(server_first.decode())
+            return self._client.get_client_final().encode()
+        except ScramException as exc:
+            raise ProtocolError(f"SCRAM exchange with server failed: {exc}") from exc
+
+    def verify(self, server_final: bytes) -> None:
+        try:
+            self._client.set_server_final(server_final.decode())
+        except ScramException as exc:
+            raise ProtocolError(f"server's SCRAM signature is wrong: {exc}") from exc
+
+
+def tls_server_end_point(peer_cert_der: bytes) -> bytes:
+    """Channel-binding data of type tls-server-end-point (RFC 5929): the hash of the server
+    certificate, with SHA-256 standing in for MD5/SHA-1 signature hashes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_der_x509_certificate(peer_cert_der)
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(peer_cert_der)
+    return digest.finalize()
