@@ -36,6 +36,12 @@ class ServerTLS(StrEnum):
     VERIFY_FULL = "verify-full"
 
 
+class ChannelBinding(StrEnum):
+    DISABLE = "disable"
+    PREFER = "prefer"
+    REQUIRE = "require"
+
+
 class AuthMethod(StrEnum):
     SCRAM = "scram-sha-256"
     MD5 = "md5"
@@ -110,6 +116,10 @@ class Settings(BaseSettings):
     client_tls_key: Path | None = None
     server_tls: ServerTLS = ServerTLS.DISABLE
     server_tls_ca: Path | None = None
+    # SCRAM-SHA-256-PLUS (tls-server-end-point) when the server offers it over TLS.
+    server_channel_binding: ChannelBinding = ChannelBinding.PREFER
+    # application_name of the router's own server connections, as seen in pg_stat_activity.
+    server_application_name: str = "pgrouter"
 
     log_level: str = "INFO"
 

@@ -15,6 +15,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from router.config import ChannelBinding
 from router.protocol import messages as m
 from router.protocol.auth import (
     SCRAM_SHA_256_PLUS,
@@ -59,6 +60,7 @@ class ServerConnection(asyncio.Protocol):
         self.tx_status = _IDLE
         self.closed = False
         self.closing_reason = ""
+        self.channel_bound = False
         self._reader = MessageReader()
         self._wakeup: asyncio.Future | None = None
         self._lost = asyncio.get_running_loop().create_future()
@@ -254,6 +256,7 @@ class ServerConnection(asyncio.Protocol):
         password: str | None,
         tls: ssl.SSLContext | None,
         tls_required: bool,
+        channel_binding: ChannelBinding = ChannelBinding.PREFER,
         startup_params: dict[str, str] | None = None,
     ) -> None:
         """Negotiate TLS, authenticate, and read the server's parameters and key."""
@@ -294,10 +297,21 @@ class ServerConnection(asyncio.Protocol):
                     mechanisms = m.parse_sasl_mechanisms(payload)
                     binding = None
                     ssl_object = self.transport.get_extra_info("ssl_object")
-                    if ssl_object is not None and SCRAM_SHA_256_PLUS in mechanisms:
+                    if (
+                        ssl_object is not None
+                        and SCRAM_SHA_256_PLUS in mechanisms
+                        and channel_binding is not ChannelBinding.DISABLE
+                    ):
                         cert = ssl_object.getpeercert(binary_form=True)
                         if cert:
                             binding = ("tls-server-end-point", tls_server_end_point(cert))
+                    if binding is None and channel_binding is ChannelBinding.REQUIRE:
+                        raise RouterError(
+                            SQLState.INVALID_AUTHORIZATION,
+                            f"server {self.pool.name} cannot do SCRAM channel binding "
+                            "but server_channel_binding = require",
+                        )
+                    self.channel_bound = binding is not None
                     scram = ScramClientExchange(mechanisms, user, password, binding)
                     self.write(m.sasl_initial_response(scram.mechanism, scram.first()))
                 elif code == m.AUTH_SASL_CONTINUE and scram is not None:

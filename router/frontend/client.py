@@ -93,7 +93,7 @@ class ClientConnection(asyncio.Protocol):
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._held_syncs = 0
-        self._acquire_task: asyncio.Task | None = None
+        self._waiting_on: Pool | None = None
         self._write_paused = False
         self._read_paused_by_server = False
         self._read_paused_while_waiting = False
@@ -161,8 +161,9 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_exception(ConnectionResetError("client went away"))
         if self._login_task is not None and not self._login_task.done():
             self._login_task.cancel()
-        if self._acquire_task is not None and not self._acquire_task.done():
-            self._acquire_task.cancel()
+        if self._waiting_on is not None:
+            self._waiting_on.cancel_wait(self)
+            self._waiting_on = None
         self.router.forget_client(self)
         server = self.server
         if server is not None:
@@ -197,26 +198,26 @@ class ClientConnection(asyncio.Protocol):
         if self._held_bytes > MAX_HELD_BYTES and not self._read_paused_while_waiting:
             self._read_paused_while_waiting = True
             self.transport.pause_reading()
-        if self._acquire_task is None:
+        if self._waiting_on is None:
             pool = self.router.pool_for_transaction(self)
             server = pool.acquire_nowait()
             if server is not None:
                 self._attach(server)
             else:
-                self._acquire_task = asyncio.get_running_loop().create_task(self._acquire(pool))
+                self._waiting_on = pool
+                pool.wait_for_server(self)
 
-    async def _acquire(self, pool: Pool) -> None:
-        try:
-            server = await pool.acquire()
-        except RouterError as exc:
-            self._acquire_task = None
-            self._acquire_failed(exc)
-            return
-        self._acquire_task = None
-        if self.state == _CLOSED:
-            pool.release(server)
+    # Pool waiter interface.
+    def server_assigned(self, server: ServerConnection) -> None:
+        pool, self._waiting_on = self._waiting_on, None
+        if self.state == _CLOSED or pool is None:
+            server.pool.release(server)
             return
         self._attach(server)
+
+    def server_failed(self, error: RouterError) -> None:
+        self._waiting_on = None
+        self._acquire_failed(error)
 
     def _attach(self, server: ServerConnection) -> None:
         self.server = server

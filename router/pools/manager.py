@@ -59,6 +59,8 @@ class PoolManager:
                     reset_query=s.server_reset_query,
                     tls=self._tls,
                     tls_required=s.server_tls is not ServerTLS.PREFER,
+                    channel_binding=s.server_channel_binding,
+                    application_name=s.server_application_name,
                 ),
             )
             self.pools[key] = pool

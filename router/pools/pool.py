@@ -13,9 +13,10 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from router.backend.server import ServerConnection
-from router.config import PoolMode
+from router.config import ChannelBinding, PoolMode
 from router.protocol.errors import RouterError, SQLState
 
 log = logging.getLogger("pgrouter.pool")
@@ -41,6 +42,33 @@ class PoolSettings:
     reset_query: str
     tls: ssl.SSLContext | None
     tls_required: bool
+    channel_binding: ChannelBinding
+    application_name: str
+
+
+class Waiter(Protocol):
+    """Whoever waits for a server connection: a client connection, or an awaiting task."""
+
+    def server_assigned(self, server: ServerConnection) -> None: ...
+    def server_failed(self, error: RouterError) -> None: ...
+
+
+class _FutureWaiter:
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future) -> None:
+        self.future = future
+
+    def server_assigned(self, server: ServerConnection) -> None:
+        if self.future.done():
+            # The awaiting task is gone (cancelled): hand the connection straight back.
+            server.pool.release(server)
+        else:
+            self.future.set_result(server)
+
+    def server_failed(self, error: RouterError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 class Pool:
@@ -50,7 +78,8 @@ class Pool:
         self.password = password
         self.settings = settings
         self.idle: deque[ServerConnection] = deque()
-        self.waiters: deque[asyncio.Future] = deque()
+        self.waiters: deque[tuple[Waiter, float]] = deque()  # (waiter, deadline)
+        self._expiry: asyncio.TimerHandle | None = None
         self.servers: set[ServerConnection] = set()  # every open or opening connection
         self.connecting = 0
         # ParameterStatus values of a real server connection, sent to clients at login.
@@ -67,20 +96,41 @@ class Pool:
                 return server
         return None
 
+    def wait_for_server(self, waiter: Waiter) -> None:
+        """Queue ``waiter``; it gets ``server_assigned(server)`` or ``server_failed(error)``.
+
+        Callbacks rather than a future and a task per wait: under load most transactions
+        wait, and this is on the hot path.
+        """
+        deadline = time.monotonic() + self.settings.query_wait_timeout
+        self.waiters.append((waiter, deadline))
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_at(
+                self._loop_time_for(deadline), self._expire_waiters
+            )
+        if len(self.servers) + self.connecting < self.settings.size:
+            self._spawn(self._open_for_waiters())
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        for i, (queued, _) in enumerate(self.waiters):
+            if queued is waiter:
+                del self.waiters[i]
+                return
+
     async def acquire(self) -> ServerConnection:
+        """Awaitable acquire, for the slow paths (login, resets)."""
         server = self.acquire_nowait()
         if server is not None:
             return server
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self.waiters.append(waiter)
-        timer = loop.call_later(self.settings.query_wait_timeout, self._expire, waiter)
-        if len(self.servers) + self.connecting < self.settings.size:
-            self._spawn(self._open_for_waiters())
+        waiter = _FutureWaiter(asyncio.get_running_loop().create_future())
+        self.wait_for_server(waiter)
         try:
-            return await waiter
-        finally:
-            timer.cancel()
+            return await waiter.future
+        except asyncio.CancelledError:
+            self.cancel_wait(waiter)
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self.release(waiter.future.result())
+            raise
 
     def release(self, server: ServerConnection) -> None:
         """Take back a connection that is idle (ReadyForQuery 'I', nothing pending)."""
@@ -90,12 +140,10 @@ class Pool:
         if lifetime and time.monotonic() - server.created_at > lifetime:
             server.close("server_lifetime reached")
             return
-        waiters = self.waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(server)
-                return
+        if self.waiters:
+            waiter, _ = self.waiters.popleft()
+            waiter.server_assigned(server)
+            return
         server.idle_since = time.monotonic()
         self.idle.append(server)
 
@@ -106,8 +154,33 @@ class Pool:
             self.idle.remove(server)
         except ValueError:
             pass
-        if self._has_waiters() and len(self.servers) + self.connecting < self.settings.size:
+        if self.waiters and len(self.servers) + self.connecting < self.settings.size:
             self._spawn(self._open_for_waiters())
+
+    def _loop_time_for(self, deadline: float) -> float:
+        # Deadlines are kept on time.monotonic(); the loop's clock may differ in origin.
+        loop = asyncio.get_running_loop()
+        return loop.time() + (deadline - time.monotonic())
+
+    def _expire_waiters(self) -> None:
+        self._expiry = None
+        now = time.monotonic()
+        waiters = self.waiters
+        # Every waiter has the same timeout, so the queue is ordered by deadline.
+        while waiters and waiters[0][1] <= now:
+            waiter, _ = waiters.popleft()
+            waiter.server_failed(
+                RouterError(
+                    SQLState.TOO_MANY_CONNECTIONS,
+                    f"no server connection available in pool {self.name} within "
+                    f"query_wait_timeout ({self.settings.query_wait_timeout:g}s)",
+                    severity="ERROR",
+                )
+            )
+        if waiters:
+            self._expiry = asyncio.get_running_loop().call_at(
+                self._loop_time_for(waiters[0][1]), self._expire_waiters
+            )
 
     # --- opening connections -----------------------------------------------------------
 
@@ -135,6 +208,8 @@ class Pool:
                         self.password,
                         self.settings.tls,
                         self.settings.tls_required,
+                        self.settings.channel_binding,
+                        {"application_name": self.settings.application_name},
                     )
                 except BaseException:
                     server.close()
@@ -157,11 +232,9 @@ class Pool:
         except RouterError as exc:
             log.warning("pool %s: %s", self.name, exc.message)
             # Fail the oldest waiter with the reason rather than letting it time out blindly.
-            while self.waiters:
-                waiter = self.waiters.popleft()
-                if not waiter.done():
-                    waiter.set_exception(exc)
-                    break
+            if self.waiters:
+                waiter, _ = self.waiters.popleft()
+                waiter.server_failed(exc)
             return
         self.release(server)
 
@@ -174,24 +247,6 @@ class Pool:
             self.release(server)
         assert self.server_params is not None
         return self.server_params
-
-    def _expire(self, waiter: asyncio.Future) -> None:
-        if not waiter.done():
-            waiter.set_exception(
-                RouterError(
-                    SQLState.TOO_MANY_CONNECTIONS,
-                    f"no server connection available in pool {self.name} within "
-                    f"query_wait_timeout ({self.settings.query_wait_timeout:g}s)",
-                    severity="ERROR",
-                )
-            )
-        try:
-            self.waiters.remove(waiter)
-        except ValueError:
-            pass
-
-    def _has_waiters(self) -> bool:
-        return any(not w.done() for w in self.waiters)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -238,7 +293,7 @@ class Pool:
             "idle": len(self.idle),
             "active": len(self.servers) - len(self.idle),
             "connecting": self.connecting,
-            "waiting": sum(1 for w in self.waiters if not w.done()),
+            "waiting": len(self.waiters),
         }
 
     async def close(self) -> None:
@@ -246,9 +301,8 @@ class Pool:
             task.cancel()
         for server in list(self.servers):
             server.close("router shutting down")
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_exception(
-                    RouterError(SQLState.ADMIN_SHUTDOWN, "router is shutting down")
-                )
-        self.waiters.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        waiters, self.waiters = self.waiters, deque()
+        for waiter, _ in waiters:
+            waiter.server_failed(RouterError(SQLState.ADMIN_SHUTDOWN, "router is shutting down"))

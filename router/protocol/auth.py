@@ -42,12 +42,16 @@ class ScramVerifier:
             stored_key, server_key = keys.split(":")
             if scheme != SCRAM_SHA_256:
                 raise ValueError(scheme)
-            return cls(
+            verifier = cls(
                 int(iterations),
                 base64.b64decode(salt, validate=True),
                 base64.b64decode(stored_key, validate=True),
                 base64.b64decode(server_key, validate=True),
             )
+            # As PostgreSQL's parse_scram_secret(): keys are SHA-256 sized.
+            if len(verifier.stored_key) != 32 or len(verifier.server_key) != 32 or verifier.iterations < 1:
+                raise ValueError("bad key length")
+            return verifier
         except ValueError as exc:
             raise ValueError("not a SCRAM-SHA-256 verifier") from exc
 
@@ -93,6 +97,16 @@ class AuthFailed(Exception):
     """The client's proof or password did not match (reported as 28P01 by the caller)."""
 
 
+def _gs2_header_end(client_first: str) -> int:
+    """Offset just past the GS2 header ("n,," or "p=tls-server-end-point,,") of a
+    client-first-message (RFC 5802, section 7)."""
+    first = client_first.find(",")
+    second = client_first.find(",", first + 1) if first >= 0 else -1
+    if second < 0:
+        raise ProtocolError("malformed SCRAM client-first-message")
+    return second + 1
+
+
 class ScramServerExchange:
     """Server side of one SCRAM-SHA-256 exchange against a stored verifier.
 
@@ -117,7 +131,17 @@ class ScramServerExchange:
 
     def first(self, client_first: bytes) -> bytes:
         try:
-            self._server.set_client_first(client_first.decode("utf-8"))
+            text = client_first.decode("utf-8")
+            # libpq sends an empty user name ("n,,n=,r=...": PostgreSQL takes the user from
+            # the startup packet), which scramp refuses. Let scramp parse a stand-in name,
+            # then restore the exact text the client signed: its proof covers those bytes.
+            gs2_end = _gs2_header_end(text)
+            bare = text[gs2_end:]
+            if bare.startswith("n=,"):
+                self._server.set_client_first(text[:gs2_end] + "n=*," + bare[3:])
+                self._server.client_first_bare = bare
+            else:
+                self._server.set_client_first(text)
             return self._server.get_server_first().encode()
         except (ScramException, UnicodeDecodeError) as exc:
             raise ProtocolError(f"malformed SCRAM client-first-message: {exc}") from exc
@@ -172,13 +196,13 @@ class ScramClientExchange:
         try:
             self._client.set_server_first(server_first.decode())
             return self._client.get_client_final().encode()
-        except ScramException as exc:
+        except (ScramException, UnicodeDecodeError) as exc:
             raise ProtocolError(f"SCRAM exchange with server failed: {exc}") from exc
 
     def verify(self, server_final: bytes) -> None:
         try:
             self._client.set_server_final(server_final.decode())
-        except ScramException as exc:
+        except (ScramException, UnicodeDecodeError) as exc:
             raise ProtocolError(f"server's SCRAM signature is wrong: {exc}") from exc
 
 

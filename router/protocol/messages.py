@@ -173,7 +173,8 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     length = struct.unpack_from("!i", body, offset)[0]
     data = body[offset + 4 :]
     if length == -1:
-        data = b""
+        if data:
+            raise ProtocolError("SASLInitialResponse has data after a -1 length")
     elif length != len(data):
         raise ProtocolError("SASLInitialResponse length mismatch")
     return mechanism, data
