@@ -90,10 +90,15 @@ class Pool:
 
     def acquire_nowait(self) -> ServerConnection | None:
         idle = self.idle
+        lifetime = self.settings.lifetime
         while idle:
             server = idle.pop()  # most recently used first: its caches are warm
-            if not server.closed:
-                return server
+            if server.closed:
+                continue
+            if lifetime and time.monotonic() - server.created_at > lifetime:
+                server.close("server_lifetime reached")
+                continue
+            return server
         return None
 
     def wait_for_server(self, waiter: Waiter) -> None:

@@ -1,0 +1,139 @@
+"""Client authentication (scram-sha-256, md5, trust), server authentication (SCRAM with and
+without channel binding, md5, cleartext, trust), TLS on both sides."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import trustme
+
+from tests.cluster import SERVER_USERS
+from tests.conftest import CLIENT_USERS
+
+
+@pytest.mark.parametrize("user", sorted(CLIENT_USERS))
+def test_client_auth_right_password(router, user):
+    _, password = CLIENT_USERS[user]
+    with psycopg.connect(router.dsn(user, password)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("user", ["alice", "bob"])
+def test_client_auth_wrong_password(router, user):
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn(user, "wrong"))
+    assert f'password authentication failed for user "{user}"' in str(exc.value)
+
+
+def test_unknown_user_looks_like_a_wrong_password(router):
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("mallory", "whatever"))
+    assert 'password authentication failed for user "mallory"' in str(exc.value)
+
+
+def test_unknown_database_is_3d000(router):
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("carol", dbname="nope"))
+    assert 'database "nope" does not exist' in str(exc.value)
+
+
+@pytest.mark.parametrize("server_user", ["pgr_scram", "pgr_md5", "pgr_password", "pgr_trust"])
+def test_server_auth_methods(start_router, server_user):
+    router = start_router(
+        databases={"app": {"cluster": "main", "server_user": server_user, "server_password": SERVER_USERS[server_user]}}
+    )
+    with psycopg.connect(router.dsn("carol")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (server_user,)
+
+
+@pytest.mark.parametrize("server_user", ["pgr_scram", "pgr_md5", "pgr_password"])
+def test_server_auth_wrong_password_reaches_the_client(start_router, server_user):
+    router = start_router(
+        databases={"app": {"cluster": "main", "server_user": server_user, "server_password": "wrong"}}
+    )
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("carol"))
+    assert "password authentication failed" in str(exc.value)
+
+
+def _tls_server_user_router(start_router, cluster, **tls):
+    return start_router(
+        databases={"app": {"cluster": "main", "server_user": "pgr_scram_tls", "server_password": SERVER_USERS["pgr_scram_tls"]}},
+        **tls,
+    )
+
+
+@pytest.mark.parametrize("binding", ["prefer", "disable", "require"])
+def test_server_scram_over_tls_with_and_without_channel_binding(start_router, cluster, binding):
+    router = _tls_server_user_router(start_router, cluster, server_tls="require", server_channel_binding=binding)
+    with psycopg.connect(router.dsn("carol")) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+    bound = router.call(lambda r: [s.channel_bound for p in r.pools.pools.values() for s in p.servers])
+    assert bound == [binding != "disable"]
+
+
+def test_server_tls_verify_full(start_router, cluster):
+    router = _tls_server_user_router(start_router, cluster, server_tls="verify-full", server_tls_ca=str(cluster.ca_cert_path))
+    with psycopg.connect(router.dsn("carol")) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+
+
+def test_server_tls_verify_full_rejects_unknown_ca(start_router, cluster, tmp_path):
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    router = _tls_server_user_router(start_router, cluster, server_tls="verify-full", server_tls_ca=str(other_ca))
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(router.dsn("carol"))
+
+
+def test_server_tls_disabled_cannot_reach_hostssl_user(start_router, cluster):
+    router = _tls_server_user_router(start_router, cluster, server_tls="disable")
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("carol"))
+    assert "no encryption" in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def client_cert(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path_factory.mktemp("client-tls")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    return d
+
+
+def _tls_router(start_router, client_cert, mode):
+    return start_router(
+        client_tls=mode,
+        client_tls_cert=str(client_cert / "cert.pem"),
+        client_tls_key=str(client_cert / "key.pem"),
+    )
+
+
+def test_client_tls_require(start_router, client_cert):
+    router = _tls_router(start_router, client_cert, "require")
+    dsn = router.dsn("alice", "alice-pw", sslmode="verify-full", sslrootcert=str(client_cert / "ca.pem"))
+    with psycopg.connect(dsn) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("alice", "alice-pw", sslmode="disable"))
+    assert "TLS is required" in str(exc.value)
+
+
+def test_client_tls_allow_takes_both(start_router, client_cert):
+    router = _tls_router(start_router, client_cert, "allow")
+    with psycopg.connect(router.dsn("carol", sslmode="require")) as conn:
+        assert conn.pgconn.ssl_in_use
+    with psycopg.connect(router.dsn("carol", sslmode="disable")) as conn:
+        assert not conn.pgconn.ssl_in_use
+
+
+def test_client_tls_disable_refuses_sslrequest(router):
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("carol", sslmode="require"))
+    assert "server does not support SSL" in str(exc.value)
+    with psycopg.connect(router.dsn("carol", sslmode="prefer")) as conn:
+        assert not conn.pgconn.ssl_in_use

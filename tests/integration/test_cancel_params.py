@@ -1,0 +1,102 @@
+"""Router-issued BackendKeyData, CancelRequest forwarding, and real ParameterStatus values."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from router.protocol import messages as m
+from router.protocol.startup import build_cancel_request
+from tests.rawclient import RawClient
+
+REPORTED = [
+    "server_version",
+    "server_encoding",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "integer_datetimes",
+    "standard_conforming_strings",
+    "IntervalStyle",
+    "is_superuser",
+]
+
+
+def test_parameter_status_values_are_the_servers_own(router, cluster):
+    with psycopg.connect(cluster.primary.dsn("app")) as direct, psycopg.connect(router.dsn("carol")) as routed:
+        for name in REPORTED:
+            assert routed.info.parameter_status(name) == direct.info.parameter_status(name), name
+
+
+def test_each_client_gets_its_own_backend_key(router):
+    keys = set()
+    for _ in range(5):
+        client = RawClient(router.port)
+        replies = client.login_trust()
+        keys.add(next(m.parse_backend_key_data(body) for t, body in replies if t == b"K"))
+        client.close()
+    assert len(keys) == 5
+
+
+def _run_sleep(conn, outcome: list) -> None:
+    try:
+        conn.execute("SELECT pg_sleep(20)")
+        outcome.append("finished")
+    except errors.QueryCanceled as exc:
+        outcome.append(exc.sqlstate)
+
+
+def test_cancel_reaches_the_running_query_and_nothing_else(start_router):
+    router = start_router(pool_size=3)
+    victim = psycopg.connect(router.dsn("carol"), autocommit=True)
+    bystander = psycopg.connect(router.dsn("carol"), autocommit=True)
+    victim_outcome: list = []
+    bystander_outcome: list = []
+    t1 = threading.Thread(target=_run_sleep, args=(victim, victim_outcome))
+    t1.start()
+    t2 = threading.Thread(
+        target=lambda: bystander_outcome.append(bystander.execute("SELECT pg_sleep(1.5), 7").fetchone()[1])
+    )
+    t2.start()
+    router.wait_for(lambda r: sum(s.pending for p in r.pools.pools.values() for s in p.servers) == 2, what="both queries running")
+    started = time.monotonic()
+    # cancel_safe(): the libpq call behind cancel() holds the GIL while it waits, which would
+    # starve the in-process router thread.
+    victim.cancel_safe()
+    t1.join(10)
+    assert victim_outcome == ["57014"]
+    assert time.monotonic() - started < 5
+    t2.join(10)
+    assert bystander_outcome == [7]
+    # The cancelled client goes on working.
+    assert victim.execute("SELECT 1").fetchone() == (1,)
+    victim.close()
+    bystander.close()
+
+
+def test_cancel_with_unknown_key_is_ignored(start_router):
+    router = start_router(pool_size=2)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    pid = conn.info.backend_pid
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(conn.execute("SELECT pg_sleep(1), 5").fetchone()[1]))
+    t.start()
+    router.wait_for(lambda r: any(s.pending for p in r.pools.pools.values() for s in p.servers), what="query running")
+    for wrong in [(pid, 12345), (pid ^ 1, 12345)]:
+        raw = RawClient(router.port)
+        raw.send(build_cancel_request(*wrong))
+        assert raw.is_closed()
+    t.join(10)
+    assert result == [5]
+    conn.close()
+
+
+def test_cancel_when_idle_does_nothing(router):
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    conn.cancel_safe()
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    conn.close()

@@ -1,0 +1,193 @@
+"""Pool behaviour against the real primary: limits, timeouts, broken servers and clients."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from tests.rawclient import RawClient
+
+
+def server_pids(router) -> set[int]:
+    return router.call(lambda r: {s.backend_pid for p in r.pools.pools.values() for s in p.servers})
+
+
+def test_pool_exhaustion_waits_then_fails_with_53300(start_router):
+    router = start_router(pool_size=1, query_wait_timeout=0.5)
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")  # holds the only server connection
+    waiter = psycopg.connect(router.dsn("carol"), autocommit=True)
+    with pytest.raises(errors.TooManyConnections) as exc:
+        waiter.execute("SELECT 2")
+    assert exc.value.sqlstate == "53300"
+    assert "query_wait_timeout" in str(exc.value) and "app/postgres@" in str(exc.value)
+    # The waiting client keeps its connection and gets through once the pool frees up.
+    holder.execute("COMMIT")
+    assert waiter.execute("SELECT 3").fetchone() == (3,)
+    holder.close()
+    waiter.close()
+
+
+def test_waiters_are_served_when_a_connection_frees_up(start_router):
+    router = start_router(pool_size=1, query_wait_timeout=10)
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder.execute("BEGIN")
+    results: list[int] = []
+
+    def wait_and_query(i: int) -> None:
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            results.append(conn.execute("SELECT %s::int", (i,)).fetchone()[0])
+
+    threads = [threading.Thread(target=wait_and_query, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    router.wait_for(lambda r: sum(p.stats()["waiting"] for p in r.pools.pools.values()) == 5, what="5 waiters")
+    holder.execute("COMMIT")
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    holder.close()
+
+
+def test_max_client_conn(start_router):
+    router = start_router(max_client_conn=2)
+    a = psycopg.connect(router.dsn("carol"))
+    b = psycopg.connect(router.dsn("carol"))
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("carol"))
+    assert "too many clients" in str(exc.value)
+    a.close()
+    router.wait_for(lambda r: r.client_count == 1, what="client count to drop")
+    psycopg.connect(router.dsn("carol")).close()
+    b.close()
+
+
+def test_min_pool_size_is_opened_at_start_and_kept(start_router):
+    router = start_router(pool_size=4, min_pool_size=2)
+    router.wait_for(lambda r: sum(p.stats()["idle"] for p in r.pools.pools.values()) == 2, what="2 idle servers")
+    # Close one behind the router's back: the janitor opens a replacement.
+    router.call(lambda r: next(iter(next(iter(r.pools.pools.values())).servers)).transport.abort())
+    router.wait_for(lambda r: sum(p.stats()["idle"] for p in r.pools.pools.values()) == 2, what="pool topped up")
+
+
+def test_server_idle_timeout_closes_idle_servers(start_router):
+    router = start_router(server_idle_timeout=0.3)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    assert sum(s["servers"] for s in router.pool_stats().values()) == 1
+    router.wait_for(lambda r: sum(p.stats()["servers"] for p in r.pools.pools.values()) == 0, what="idle server closed")
+
+
+def test_server_lifetime_retires_connections(start_router):
+    router = start_router(server_lifetime=0.2, server_idle_timeout=0)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    time.sleep(0.3)  # let the connection outlive server_lifetime (the thing under test)
+    second = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert first != second
+    conn.close()
+
+
+def test_server_connect_failure_reported(start_router, cluster):
+    router = start_router(
+        clusters={"main": {"primary": {"host": "127.0.0.1", "port": _closed_port()}}},
+        server_connect_timeout=2,
+    )
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(router.dsn("carol"))
+    assert "could not connect to server" in str(exc.value)
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_server_breaking_mid_transaction_gives_08006_and_is_not_reused(start_router):
+    router = start_router(pool_size=2)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    conn.execute("BEGIN")
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    # Break the TCP connection to the server under the client's feet.
+    router.call(lambda r: next(s for p in r.pools.pools.values() for s in p.servers if s.backend_pid == pid).transport.abort())
+    with pytest.raises(psycopg.OperationalError) as exc:
+        conn.execute("SELECT 1")
+    assert exc.value.sqlstate == "08006"
+    assert pid not in server_pids(router)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+        assert other.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+
+
+def test_server_terminated_by_admin_is_not_reused(start_router, cluster):
+    router = start_router(pool_size=1)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    conn.execute("BEGIN")
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    cluster.psql(f"SELECT pg_terminate_backend({pid})")
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    router.wait_for(lambda r: pid not in {s.backend_pid for p in r.pools.pools.values() for s in p.servers}, what="dead server forgotten")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+        assert other.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+
+
+def test_client_disconnecting_mid_transaction(start_router, cluster):
+    """The next client on that server connection starts outside any transaction and sees none
+    of the dead client's uncommitted work."""
+    cluster.psql("CREATE TABLE IF NOT EXISTS dead_client (marker text)", dbname="app")
+    router = start_router(pool_size=1)
+    client = RawClient(router.port)
+    client.login_trust()
+    from router.protocol import messages as m
+
+    client.send(m.query("BEGIN; INSERT INTO dead_client VALUES ('uncommitted'); SELECT pg_backend_pid()"))
+    replies = client.recv_until(b"Z")
+    assert replies[-1] == (b"Z", b"T")
+    dead_pid = int([body for t, body in replies if t == b"D"][0][6:])
+    client.close()  # no Terminate, in the middle of the transaction
+
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as nxt:
+        pid, xact = nxt.execute("SELECT pg_backend_pid(), pg_current_xact_id_if_assigned()").fetchone()
+        assert pid == dead_pid  # the very same server connection (pool of one)
+        assert xact is None
+        assert nxt.execute("SELECT count(*) FROM dead_client").fetchone() == (0,)
+        nxt.execute("BEGIN")  # would warn "already a transaction in progress" otherwise
+        assert nxt.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        nxt.execute("ROLLBACK")
+    assert cluster.psql("SELECT count(*) FROM dead_client", dbname="app") == "0"
+
+
+def test_client_disconnecting_mid_query_closes_that_server(start_router):
+    router = start_router(pool_size=1)
+    client = RawClient(router.port)
+    client.login_trust()
+    from router.protocol import messages as m
+
+    client.send(m.query("SELECT pg_backend_pid(), pg_sleep(30)"))
+    router.wait_for(lambda r: any(s.pending for p in r.pools.pools.values() for s in p.servers), what="query running")
+    pid = next(iter(server_pids(router)))
+    client.close()
+    router.wait_for(lambda r: pid not in {s.backend_pid for p in r.pools.pools.values() for s in p.servers}, what="server closed")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as nxt:
+        assert nxt.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_session_mode_keeps_server_and_resets_it(start_router):
+    router = start_router(pool_mode="session", pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SET search_path = pg_catalog")
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert conn.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as nxt:
+        assert nxt.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+        assert nxt.execute("SHOW search_path").fetchone() == ('"$user", public',)
