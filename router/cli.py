@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import signal
 import sys
@@ -65,7 +66,11 @@ def _check_config(args: argparse.Namespace) -> int:
     except (ValidationError, OSError, ValueError) as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 1
-    print(settings.model_dump_json(indent=2))
+    data = settings.model_dump(mode="json")
+    for db in data["databases"].values():
+        if db.get("server_password"):
+            db["server_password"] = "********"
+    print(json.dumps(data, indent=2))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: pgbench against PostgreSQL directly, through PgBouncer and through pgrouter."""
