@@ -17,6 +17,7 @@ from router.pools.manager import PoolManager
 from router.pools.pool import Pool
 from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
+from router.session import StatementRegistry
 
 log = logging.getLogger("pgrouter")
 
@@ -35,7 +36,8 @@ class Target:
 class Router:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pools = PoolManager(settings)
+        self.statements = StatementRegistry()
+        self.pools = PoolManager(settings, self.statements.validated)
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
         self.client_count = 0
         self.client_tls_context = self._client_tls_context()
@@ -62,6 +64,7 @@ class Router:
             self.settings.listen_port,
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
+            reuse_port=True,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.settings.listen_host, self.port)

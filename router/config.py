@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     server_lifetime: float = Field(3600.0, ge=0)  # 0 = no limit
     server_connect_timeout: float = Field(5.0, gt=0)
     server_reset_query: str = "DISCARD ALL"
+    # Per server connection, in transaction mode: router-owned prepared statements kept
+    # (least recently used ones are closed beyond this).
+    max_prepared_statements: int = Field(250, ge=1)
     client_login_timeout: float = Field(15.0, gt=0)
     max_message_size: int = Field(DEFAULT_MAX_MESSAGE_SIZE, ge=1024)
 

@@ -27,6 +27,7 @@ from router.protocol.auth import (
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import MessageReader
 from router.protocol.startup import build_ssl_request, build_startup_message
+from router.session import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
 
 if TYPE_CHECKING:
     from router.frontend.client import ClientConnection
@@ -38,6 +39,27 @@ _unpack_len = struct.Struct("!I").unpack_from
 _Z = ord("Z")
 _IDLE = ord("I")
 _E = ord("E")
+_PARSE_COMPLETE = ord("1")
+_CLOSE_COMPLETE = ord("3")
+
+
+def _cut(cuts: list | None, pos: int, replacement: bytes) -> list:
+    """Note that the 5-byte reply at ``pos`` is to be replaced (or removed)."""
+    if cuts is None:
+        cuts = []
+    cuts.append((pos, replacement))
+    return cuts
+
+
+def _apply_cuts(data: bytes, cuts: list) -> bytes:
+    out = []
+    prev = 0
+    for pos, replacement in cuts:
+        out.append(data[prev:pos])
+        out.append(replacement)
+        prev = pos + 5
+    out.append(data[prev:])
+    return b"".join(out)
 
 # Asyncio write-buffer limits on server sockets: past HIGH, the server's transport asks us to
 # pause the client's reads; a slow server then holds back a fast client.
@@ -55,8 +77,7 @@ class ServerConnection(asyncio.Protocol):
         self.backend_key = 0
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
-        # Query/Sync/FunctionCall messages sent whose ReadyForQuery has not come back yet.
-        self.pending = 0
+        self.stmts = ServerStatements(pool.settings.max_prepared_statements, pool.validated_statements)
         self.tx_status = _IDLE
         self.closed = False
         self.closing_reason = ""
@@ -75,42 +96,68 @@ class ServerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
 
+    @property
+    def pending(self) -> int:
+        """Query/Sync/FunctionCall messages sent whose ReadyForQuery has not come back."""
+        st = self.stmts
+        return st.sent_z - st.recv_z
+
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is None:
             self._slow_data(data)
             return
-        # Hot path: find message boundaries only to spot ReadyForQuery; forward the chunk.
+        # Hot path: find message boundaries only to spot ReadyForQuery (and, while the
+        # router owes rewrites, ParseComplete/CloseComplete/ErrorResponse); forward the chunk.
         if self._head:
             data = self._head + data
             self._head = b""
+        st = self.stmts
         n = len(data)
         pos = self._skip
         ready = False
+        cuts: list | None = None
         while pos < n:
             if pos + 5 > n:
                 # A header split across reads: keep it back, forward what precedes it.
                 self._head = data[pos:]
                 data = data[:pos]
-                pos = n
+                n = pos
                 break
+            t = data[pos]
             length = _unpack_len(data, pos + 1)[0]
-            if data[pos] == _Z and length == 5 and pos + 6 <= n:
-                self.pending -= 1
+            if t == _Z:
+                if pos + 6 > n:
+                    # ReadyForQuery whose status byte has not arrived: hold it back.
+                    self._head = data[pos:]
+                    data = data[:pos]
+                    n = pos
+                    break
+                st.recv_z += 1
                 self.tx_status = data[pos + 5]
                 ready = True
-            elif data[pos] == _Z and pos + 6 > n:
-                # ReadyForQuery whose status byte has not arrived: hold it back entirely.
-                self._head = data[pos:]
-                data = data[:pos]
-                pos = n
-                break
+            elif st.parse_q or st.close_q:
+                if t == _PARSE_COMPLETE:
+                    _, action, name = st.parse_q.popleft()
+                    if name is not None:
+                        st.validated.add(name)
+                    if action == SWALLOW:
+                        cuts = _cut(cuts, pos, b"")
+                elif t == _CLOSE_COMPLETE:
+                    action = st.close_q.popleft()[1]
+                    if action == SWALLOW:
+                        cuts = _cut(cuts, pos, b"")
+                    elif action == AS_PARSE_COMPLETE:
+                        cuts = _cut(cuts, pos, PARSE_COMPLETE)
+                elif t == _E:
+                    st.on_error()
             pos += 1 + length
         self._skip = pos - n
+        if cuts is not None:
+            data = _apply_cuts(data, cuts)
         if data:
             client.transport.write(data)
-        if ready and self.pending <= 0:
-            self.pending = 0
+        if ready and st.recv_z == st.sent_z:
             client.server_ready(self)
 
     def _slow_data(self, data: bytes) -> None:

@@ -36,6 +36,7 @@ from router.protocol.startup import (
     parse_startup_packet,
     startup_packet_length,
 )
+from router.session import ClientStatement, local_parse_reply, rewrite_for_server
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -47,9 +48,15 @@ log = logging.getLogger("pgrouter.client")
 _unpack_len = struct.Struct("!I").unpack_from
 
 # Frontend message types (PostgreSQL docs, 55.7).
-_Q, _S, _F, _X = ord("Q"), ord("S"), ord("F"), ord("X")
+_Q, _S, _F, _X, _H = ord("Q"), ord("S"), ord("F"), ord("X"), ord("H")
 # Extended-protocol messages: until a Sync follows them the server may still owe replies.
 _EXTENDED = frozenset(b"PBEDCH")
+# Messages that name a prepared statement, rewritten in transaction mode (router/session.py).
+_NAMED = frozenset(b"PBDC")
+_P_, _B_, _C_ = ord("P"), ord("B"), ord("C")
+# What a chunk needs on its way to a server: 0 nothing, 1 reply counting (unnamed Parse or
+# Close), 2 rewriting (a named statement).
+_NEEDS_REWRITE = 2
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
 
@@ -86,13 +93,19 @@ class ClientConnection(asyncio.Protocol):
         self._login_task: asyncio.Task | None = None
         # Hot path framing state.
         self._skip = 0
-        self._head = b""
         self._max_message = self.settings.max_message_size
         self.unsynced = False
         # Messages received while no server connection is linked.
-        self._held: list[bytes] = []
+        self._held: list[tuple[bytes, int, int, int]] = []  # (data, start, syncs, rewrite)
         self._held_bytes = 0
-        self._held_syncs = 0
+        self._partial: list[bytes] | None = None
+        self._partial_have = 0
+        self._partial_need = 0
+        # Named prepared statements: the client's names mapped to router-owned ones.
+        self.statements: dict[bytes, ClientStatement] = {}
+        self.rewrite_statements = False
+        self._dropping_copy = False
+        self._release_after_message = False
         self._waiting_on: Pool | None = None
         self._write_paused = False
         self._read_paused_by_server = False
@@ -116,15 +129,22 @@ class ClientConnection(asyncio.Protocol):
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
             return
-        if self._head:
-            data = self._head + data
-            self._head = b""
+        if self._partial is not None:
+            # Completing a message that must be whole before it can be forwarded.
+            self._partial.append(data)
+            self._partial_have += len(data)
+            if self._partial_have < self._partial_need:
+                return
+            data = b"".join(self._partial)
+            self._partial = None
         n = len(data)
-        pos = self._skip
+        start = pos = self._skip
         syncs = 0
+        rewrite = False
+        parse_or_close = False
         while pos < n:
             if pos + 5 > n:
-                self._head = data[pos:]
+                self._hold_back(data, pos, 5)
                 data = data[:pos]
                 n = pos
                 break
@@ -137,11 +157,35 @@ class ClientConnection(asyncio.Protocol):
                 syncs += 1
                 self.unsynced = False
             elif t == _Q:
+                # A simple Query also ends with ReadyForQuery after everything before it.
                 syncs += 1
+                self.unsynced = False
             elif t in _EXTENDED:
-                self.unsynced = True
+                if t != _H:  # Flush asks for output; it leaves nothing owed
+                    self.unsynced = True
+                if t in _NAMED and self.rewrite_statements:
+                    if pos + 1 + length > n:
+                        # Parse/Bind/Describe/Close may need rewriting: wait for all of it.
+                        self._hold_back(data, pos, 1 + length)
+                        data = data[:pos]
+                        n = pos
+                        break
+                    # Unnamed statements and portals (most traffic) need no rewriting, only
+                    # the reply bookkeeping of their Parse/Close when rewrites are pending.
+                    if t == _P_:
+                        if data[pos + 5]:
+                            rewrite = True
+                        else:
+                            parse_or_close = True
+                    elif t == _B_:
+                        if data[pos + 5] or data[pos + 6]:
+                            rewrite = True
+                    elif data[pos + 5] == _S and data[pos + 6]:
+                        rewrite = True  # Describe/Close of a named statement
+                    elif t == _C_:
+                        parse_or_close = True
             elif t == _X:
-                self._forward(data[:pos], syncs)
+                self._forward(data[:pos], start, syncs, _NEEDS_REWRITE if rewrite else parse_or_close)
                 self._terminate()
                 return
             elif t == _F:
@@ -152,7 +196,17 @@ class ClientConnection(asyncio.Protocol):
             pos += 1 + length
         self._skip = pos - n
         if data:
-            self._forward(data, syncs)
+            self._forward(data, start, syncs, _NEEDS_REWRITE if rewrite else parse_or_close)
+        if self._release_after_message and not self._skip:
+            self._release_after_message = False
+            server = self.server
+            if server is not None and server.pending == 0:
+                self.server_ready(server)
+
+    def _hold_back(self, data: bytes, pos: int, need: int) -> None:
+        self._partial = [data[pos:]]
+        self._partial_have = len(data) - pos
+        self._partial_need = need
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _CLOSED
@@ -184,17 +238,22 @@ class ClientConnection(asyncio.Protocol):
 
     # --- hot path helpers ------------------------------------------------------------
 
-    def _forward(self, data: bytes, syncs: int) -> None:
+    def _forward(self, data: bytes, start: int, syncs: int, rewrite: int) -> None:
         server = self.server
         if server is not None:
-            server.pending += syncs
-            server.write(data)
+            self._send(server, data, start, syncs, rewrite)
             return
+        data, start = self._drop_orphan_copy_data(data, start)
         if not data:
             return
-        self._held.append(data)
+        if rewrite == _NEEDS_REWRITE and syncs == 1 and start == 0 and not self._held:
+            reply = local_parse_reply(data, start, self.statements, self.router.statements)
+            if reply is not None:
+                self.unsynced = False
+                self.transport.write(reply)
+                return
+        self._held.append((data, start, syncs, rewrite))
         self._held_bytes += len(data)
-        self._held_syncs += syncs
         if self._held_bytes > MAX_HELD_BYTES and not self._read_paused_while_waiting:
             self._read_paused_while_waiting = True
             self.transport.pause_reading()
@@ -225,22 +284,51 @@ class ClientConnection(asyncio.Protocol):
         if self._write_paused:
             server.pause_reading_for_client()
         held = self._held
-        server.pending += self._held_syncs
-        self._held_syncs = 0
         self._held_bytes = 0
         self._held = []
-        server.write(held[0] if len(held) == 1 else b"".join(held))
+        for data, start, syncs, rewrite in held:
+            self._send(server, data, start, syncs, rewrite)
         if self._read_paused_while_waiting:
             self._read_paused_while_waiting = False
             self.transport.resume_reading()
 
+    def _drop_orphan_copy_data(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """After a COPY FROM STDIN fails, the server has answered ReadyForQuery while the client
+        may still be sending CopyData/CopyDone; the server would ignore them (55.2.6), so they
+        are dropped here instead of taking a server connection for them."""
+        if start:
+            if not self._dropping_copy:
+                return data, start
+            data = data[start:]
+        self._dropping_copy = False
+        pos = 0
+        n = len(data)
+        while pos + 5 <= n and data[pos] in _COPY:
+            end = pos + 1 + _unpack_len(data, pos + 1)[0]
+            if end > n:
+                self._dropping_copy = True
+                return b"", 0
+            pos = end
+        return (data[pos:] if pos else data), 0
+
+    def _send(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> None:
+        # Unnamed Parse/Close replies need counting only while a rewritten one's reply is owed.
+        st = server.stmts
+        if rewrite == _NEEDS_REWRITE or (rewrite and (st.parse_q or st.close_q)):
+            try:
+                data = rewrite_for_server(data, start, self.statements, self.router.statements, server.stmts)
+            except ProtocolError as exc:
+                self._protocol_violation(exc.message)
+                return
+        server.stmts.sent_z += syncs
+        server.write(data)
+
     def _acquire_failed(self, exc: RouterError) -> None:
         if self.state == _CLOSED:
             return
-        syncs = self._held_syncs
+        syncs = sum(entry[2] for entry in self._held)
         self._held = []
         self._held_bytes = 0
-        self._held_syncs = 0
         log.warning("client %s@%s/%s: %s", self.user, self.peer, self.database, exc.message)
         if syncs == 0 or exc.severity == "FATAL":
             self.fail(exc)
@@ -261,6 +349,11 @@ class ClientConnection(asyncio.Protocol):
             and self.pool_mode is PoolMode.TRANSACTION
             and not self.unsynced
         ):
+            if self._skip:
+                # Part of a message (CopyData after a failed COPY FROM) is on its way to this
+                # server; the rest must follow it there before anyone else may use it.
+                self._release_after_message = True
+                return
             self._detach(server)
             server.pool.release(server)
 
@@ -313,6 +406,7 @@ class ClientConnection(asyncio.Protocol):
                     await server.run_until_ready("ROLLBACK")
                 if self.pool_mode is PoolMode.SESSION and server.pool.settings.reset_query:
                     await server.run_until_ready(server.pool.settings.reset_query)
+                    server.stmts.forget_all()
         except (RouterError, TimeoutError) as exc:
             server.close(f"reset after client left failed: {exc}")
             return
@@ -502,6 +596,7 @@ class ClientConnection(asyncio.Protocol):
     async def _finish_login(self) -> None:
         target = self.router.resolve_database(self)  # raises 3D000 for an unknown database
         self.pool_mode = target.pool_mode
+        self.rewrite_statements = self.pool_mode is PoolMode.TRANSACTION
         self.pool = target.pool
         params = dict(await self.pool.learn_server_params())
         # A dedicated server would echo the client's own application_name.

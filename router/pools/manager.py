@@ -32,8 +32,9 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 class PoolManager:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, validated_statements: set[bytes] | None = None) -> None:
         self.settings = settings
+        self.validated_statements = validated_statements
         self.pools: dict[PoolKey, Pool] = {}
         self._tls = server_tls_context(settings)
         self._janitor: asyncio.Task | None = None
@@ -61,7 +62,9 @@ class PoolManager:
                     tls_required=s.server_tls is not ServerTLS.PREFER,
                     channel_binding=s.server_channel_binding,
                     application_name=s.server_application_name,
+                    max_prepared_statements=s.max_prepared_statements,
                 ),
+                self.validated_statements,
             )
             self.pools[key] = pool
         return pool

@@ -44,6 +44,7 @@ class PoolSettings:
     tls_required: bool
     channel_binding: ChannelBinding
     application_name: str
+    max_prepared_statements: int = 250
 
 
 class Waiter(Protocol):
@@ -72,8 +73,16 @@ class _FutureWaiter:
 
 
 class Pool:
-    def __init__(self, key: PoolKey, password: str | None, settings: PoolSettings) -> None:
+    def __init__(
+        self,
+        key: PoolKey,
+        password: str | None,
+        settings: PoolSettings,
+        validated_statements: set[bytes] | None = None,
+    ) -> None:
         self.key = key
+        # Shared with the router's StatementRegistry (router/session.py).
+        self.validated_statements = validated_statements if validated_statements is not None else set()
         self.name = f"{key.dbname}/{key.user}@{key.host}:{key.port}"
         self.password = password
         self.settings = settings
@@ -114,7 +123,7 @@ class Pool:
                 self._loop_time_for(deadline), self._expire_waiters
             )
         if len(self.servers) + self.connecting < self.settings.size:
-            self._spawn(self._open_for_waiters())
+            self._start_connect(for_waiters=True)
 
     def cancel_wait(self, waiter: Waiter) -> None:
         for i, (queued, _) in enumerate(self.waiters):
@@ -160,7 +169,7 @@ class Pool:
         except ValueError:
             pass
         if self.waiters and len(self.servers) + self.connecting < self.settings.size:
-            self._spawn(self._open_for_waiters())
+            self._start_connect(for_waiters=True)
 
     def _loop_time_for(self, deadline: float) -> float:
         # Deadlines are kept on time.monotonic(); the loop's clock may differ in origin.
@@ -192,7 +201,6 @@ class Pool:
     async def open_connection(self) -> ServerConnection:
         loop = asyncio.get_running_loop()
         key = self.key
-        self.connecting += 1
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 try:
@@ -224,16 +232,23 @@ class Pool:
                 SQLState.CONNECTION_FAILURE,
                 f"timeout connecting to server {self.name} (server_connect_timeout)",
             ) from exc
-        finally:
-            self.connecting -= 1
         if self.server_params is None:
             self.server_params = dict(server.params)
         self.servers.add(server)
         return server
 
+    def _start_connect(self, for_waiters: bool) -> None:
+        # Counted now, not when the task first runs: several clients queueing in the same
+        # loop iteration must not each open a connection beyond pool_size.
+        self.connecting += 1
+        self._spawn(self._open_for_waiters() if for_waiters else self._open_idle())
+
     async def _open_for_waiters(self) -> None:
         try:
-            server = await self.open_connection()
+            try:
+                server = await self.open_connection()
+            finally:
+                self.connecting -= 1
         except RouterError as exc:
             log.warning("pool %s: %s", self.name, exc.message)
             # Fail the oldest waiter with the reason rather than letting it time out blindly.
@@ -282,11 +297,14 @@ class Pool:
         self.idle = deque(keep)
         missing = s.min_size - len(self.servers) - self.connecting
         for _ in range(max(0, missing)):
-            self._spawn(self._open_idle())
+            self._start_connect(for_waiters=False)
 
     async def _open_idle(self) -> None:
         try:
-            server = await self.open_connection()
+            try:
+                server = await self.open_connection()
+            finally:
+                self.connecting -= 1
         except RouterError as exc:
             log.warning("pool %s: cannot open min_pool_size connection: %s", self.name, exc.message)
             return

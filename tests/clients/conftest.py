@@ -1,6 +1,6 @@
 """Shared by the unmodified-client tests: a direct connection to the primary (to check what
-really got committed, bypassing the router), a scratch table per test, and the pool check
-every test ends with."""
+really got committed, bypassing the router), a scratch table per test, the large result both
+drivers fetch, and the checks that no idle client keeps a server connection."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ def table(primary: psycopg.Connection) -> Iterator[str]:
     primary.execute(f"DROP TABLE IF EXISTS {name}")
 
 
+# The large result: 200k rows of ~520 bytes, ~100 MB on the wire, and the md5 the server
+# computes over the same rows joined as "i:text,i:text,...".
+LARGE_ROWS = 200_000
+LARGE_QUERY = f"SELECT i, repeat(md5(i::text), 16) FROM generate_series(1, {LARGE_ROWS}) AS i"
+LARGE_DIGEST = (
+    "SELECT md5(string_agg(i || ':' || repeat(md5(i::text), 16), ',' ORDER BY i)) "
+    f"FROM generate_series(1, {LARGE_ROWS}) AS i"
+)
+
+
 def committed_ids(primary: psycopg.Connection, table: str) -> list[int]:
     """The ids the primary holds in ``table``: what was committed, whatever the router says."""
     return [row[0] for row in primary.execute(f"SELECT id FROM {table} ORDER BY id")]
@@ -38,11 +48,23 @@ def committed_ids(primary: psycopg.Connection, table: str) -> list[int]:
 
 def assert_pool_idle(router: RouterThread, timeout: float = 10.0) -> None:
     """Every server connection is back in its pool: no client holds one while idle."""
-    router.wait_for(
-        lambda r: all(p.stats()["active"] == 0 for p in r.pools.pools.values()),
-        timeout=timeout,
-        what=f"all server connections idle in their pool (stats: {router.pool_stats()})",
-    )
+    try:
+        router.wait_for(
+            lambda r: all(p.stats()["active"] == 0 for p in r.pools.pools.values()),
+            timeout=timeout,
+            what="every server connection idle in its pool",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; pool stats now: {router.pool_stats()}") from None
+
+
+def assert_server_free_for_others(router: RouterThread) -> None:
+    """Another client gets the pool's connection, then every server connection is idle.
+    For a router with pool_size=1 and a short query_wait_timeout: the other client's query
+    fails with 53300 if an idle client still holds the only server connection."""
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+        assert other.execute("SELECT 'served'").fetchone() == ("served",)
+    assert_pool_idle(router, timeout=2)
 
 
 def client_env(**extra: str) -> dict[str, str]:

@@ -9,21 +9,22 @@ router that wrote it.
 from __future__ import annotations
 
 import hashlib
+import select
 import threading
+import time
 
 import psycopg
 import pytest
 from psycopg import errors
 from psycopg.pq import TransactionStatus
 
-from tests.clients.conftest import assert_pool_idle, committed_ids
-
-# A row of the large result: ~500 bytes of text, 200k of them is ~100 MB on the wire.
-LARGE_ROWS = 200_000
-LARGE_QUERY = "SELECT i, repeat(md5(i::text), 16) FROM generate_series(1, %s) AS i" % LARGE_ROWS
-LARGE_DIGEST = (
-    "SELECT md5(string_agg(i || ':' || repeat(md5(i::text), 16), ',' ORDER BY i)) "
-    "FROM generate_series(1, %s) AS i" % LARGE_ROWS
+from tests.clients.conftest import (
+    LARGE_DIGEST,
+    LARGE_QUERY,
+    LARGE_ROWS,
+    assert_pool_idle,
+    assert_server_free_for_others,
+    committed_ids,
 )
 
 
@@ -53,7 +54,7 @@ def test_simple_and_extended_queries(aconn):
     assert cur.execute("SELECT %s::int + %s, %s::text", (40, 2, "x")).fetchone() == (42, "x")
     cur = aconn.cursor(binary=True)
     assert cur.execute("SELECT %s::bigint * 2, %s::bytea", (21, b"\0\xff")).fetchone() == (42, b"\0\xff")
-    # A server-side cursor (named portal) inside a transaction.
+    # A server-side cursor (DECLARE, then FETCH) inside a transaction.
     with aconn.transaction(), aconn.cursor(name="portal") as named:
         named.execute("SELECT generate_series(1, 1000)")
         assert named.fetchmany(10) == [(i,) for i in range(1, 11)]
@@ -142,7 +143,7 @@ def test_copy_from_stdin_and_to_stdout(router, aconn, primary, table):
 
 def test_copy_50mb_both_ways(router, aconn, primary, table):
     rows = 200_000
-    sent = "".join(f"{i}\t{'%08x' % i * 32}\n" for i in range(rows)).encode()
+    sent = "".join(f"{i}\t{f'{i:08x}' * 32}\n" for i in range(rows)).encode()
     assert len(sent) > 50_000_000
     chunk = 1 << 20
     with aconn.cursor().copy(f"COPY {table} FROM STDIN") as copy:
@@ -176,21 +177,13 @@ def test_copy_from_bad_data_reports_the_servers_error(router, aconn, primary, ta
     assert committed_ids(primary, table) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a failed COPY FROM STDIN the router releases the server on the "
-    "server's ReadyForQuery, then takes a new server for the client's trailing "
-    "CopyData/CopyDone and keeps it linked while the client sits idle",
-)
 def test_failed_copy_from_does_not_hold_a_server_connection(start_router, primary, table):
-    router = start_router(pool_size=1)
+    router = start_router(pool_size=1, query_wait_timeout=2)
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         _copy_with_bad_line(conn, table)
         # The client is idle outside any transaction: the only server connection must be
         # free for other clients (PostgreSQL itself drops those trailing messages).
-        assert_pool_idle(router, timeout=2)
-        with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
-            assert other.execute("SELECT 'other client served'").fetchone() == ("other client served",)
+        assert_server_free_for_others(router)
 
 
 # --- large results, notices, notifications ----------------------------------------------
@@ -230,7 +223,8 @@ def test_listen_notify_in_session_mode(start_router):
         listener.execute("LISTEN router_news")
         notifier.execute("NOTIFY router_news, 'first'")
         notifier.execute("SELECT pg_notify('router_news', 'second')")
-        # Both arrive while the listener is idle: only the server's own bytes carry them.
+        # Both arrive while the listener is idle: unsolicited server messages the router
+        # must pass on to a session-mode client.
         got = [(n.channel, n.payload) for n in listener.notifies(timeout=10, stop_after=2)]
         assert got == [("router_news", "first"), ("router_news", "second")]
         assert listener.execute("SELECT 'still usable'").fetchone() == ("still usable",)
@@ -239,7 +233,7 @@ def test_listen_notify_in_session_mode(start_router):
 # --- pipeline mode ---------------------------------------------------------------------
 
 
-def test_pipeline_error_aborts_until_sync(router, aconn, primary, table):
+def test_pipeline_error_aborts_until_sync(aconn, primary, table):
     cur = aconn.cursor()
     with pytest.raises(errors.DivisionByZero):
         with aconn.pipeline() as pipeline:
@@ -258,10 +252,9 @@ def test_pipeline_error_aborts_until_sync(router, aconn, primary, table):
         pipeline.sync()
         assert cur.fetchone() == (5,)
     assert committed_ids(primary, table) == [1, 2, 5]
-    assert_pool_idle(router)
 
 
-def test_pipeline_flush_keeps_the_implicit_transaction(router, aconn):
+def test_pipeline_flush_keeps_the_implicit_transaction(aconn):
     # fetchone() before any Sync makes psycopg send Flush: results come back without a
     # ReadyForQuery, and the next statements still run in the same implicit transaction.
     with aconn.pipeline():
@@ -272,14 +265,27 @@ def test_pipeline_flush_keeps_the_implicit_transaction(router, aconn):
         third = aconn.execute("SELECT %s::int * 2", (21,))
         assert third.fetchone() == (42,)
     assert aconn.info.transaction_status == TransactionStatus.IDLE
-    assert_pool_idle(router)
+    assert aconn.execute("SELECT pg_current_xact_id()::text").fetchone() != (xact,)
+
+
+def test_pipeline_does_not_hold_a_server_connection_afterwards(start_router):
+    router = start_router(pool_size=1, query_wait_timeout=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        with conn.pipeline():
+            # Still running when the pipeline block ends, so psycopg sends Sync and then,
+            # with a result outstanding, Flush.
+            slow = conn.execute("SELECT 'slow', pg_sleep(0.2)")
+        assert slow.fetchone() == ("slow", "")
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert_server_free_for_others(router)
 
 
 # --- many clients, one pool ------------------------------------------------------------
 
 
 def _hammer(router, queries: int, threads: int, **connect_args) -> tuple[list[str], list]:
-    """``threads`` clients, each running ``queries`` parameterised queries; half of them
+    """``threads`` clients, each running ``queries`` parameterised queries (the same query
+    text, so with default settings psycopg prepares it after 5 runs); half of them
     autocommit, half with psycopg's default transactions committed after each query."""
     errors_seen: list[str] = []
     wrong: list = []
@@ -308,10 +314,7 @@ def _hammer(router, queries: int, threads: int, **connect_args) -> tuple[list[st
 
 def test_32_clients_share_a_pool_of_4(start_router):
     router = start_router(pool_size=4)
-    # prepare_threshold=None: psycopg would otherwise turn a query it ran 5 times into a
-    # named prepared statement (_pg3_0...), which transaction pooling cannot carry yet; that
-    # is the xfail below.
-    errors_seen, wrong = _hammer(router, queries=100, threads=32, prepare_threshold=None)
+    errors_seen, wrong = _hammer(router, queries=100, threads=32)
     assert errors_seen == []
     assert wrong == []
     assert_pool_idle(router)
@@ -319,26 +322,19 @@ def test_32_clients_share_a_pool_of_4(start_router):
     assert stats["waiting"] == 0 and stats["active"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (prepared statements in transaction mode): psycopg's automatic prepared "
-    "statements _pg3_N collide across clients sharing server connections: 42P05 "
-    "'prepared statement \"_pg3_0\" already exists'",
-)
-def test_32_clients_default_settings(start_router):
+def test_32_clients_without_prepared_statements(start_router):
+    # prepare_threshold=None: only unnamed statements, never psycopg's _pg3_N ones.
     router = start_router(pool_size=4)
-    errors_seen, wrong = _hammer(router, queries=100, threads=32)
+    errors_seen, wrong = _hammer(router, queries=100, threads=32, prepare_threshold=None)
     assert errors_seen == []
     assert wrong == []
+    assert_pool_idle(router)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (prepared statements in transaction mode): a client's Bind of its own "
-    "_pg3_0 runs another client's statement of that name on a shared server connection: "
-    "wrong results, no error",
-)
 def test_each_client_gets_its_own_prepared_statements_results(start_router):
+    """psycopg (default prepare_threshold=5) names its prepared statements _pg3_0, _pg3_1...
+    per connection, so two clients use the same names for different queries. Each must get
+    its own query's result whichever server connection runs its transaction."""
     router = start_router(pool_size=2)
     with psycopg.connect(router.dsn("carol")) as a, \
             psycopg.connect(router.dsn("carol"), autocommit=True) as b:
@@ -353,12 +349,6 @@ def test_each_client_gets_its_own_prepared_statements_results(start_router):
             assert b.execute("SELECT %s::int + 1000", (i,)).fetchone() == (i + 1000,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Pool.wait_for_server counts connections being opened only once the opening "
-    "task runs, so clients queued in the same loop iteration each open one: more than "
-    "pool_size server connections",
-)
 def test_simultaneous_queries_do_not_exceed_pool_size(start_router):
     router = start_router(pool_size=2)
     clients = [psycopg.connect(router.dsn("carol"), autocommit=True) for _ in range(6)]
@@ -375,15 +365,31 @@ def test_simultaneous_queries_do_not_exceed_pool_size(start_router):
                 pass
         gate.set()
         for c in clients:
-            result = c.pgconn.get_result()
-            assert result.get_value(0, 0) == b"42"
-            while c.pgconn.get_result() is not None:
-                pass
+            assert [r.get_value(0, 0) for r in _results(c.pgconn)] == [b"42"]
+        router.wait_for(lambda r: all(p.connecting == 0 for p in r.pools.pools.values()),
+                        what="connections being opened to finish")
         [stats] = router.pool_stats().values()
         assert stats["servers"] <= 2, stats
     finally:
         for c in clients:
             c.close()
+
+
+def _results(pgconn) -> list:
+    """The results of the query sent on ``pgconn``. Waits for the socket here, not inside
+    libpq's PQgetResult, which would block holding the GIL the in-process router needs."""
+    results = []
+    deadline = time.monotonic() + 10
+    while True:
+        pgconn.consume_input()
+        if pgconn.is_busy():
+            assert time.monotonic() < deadline, "no reply within 10 s"
+            select.select([pgconn.socket], [], [], 1)
+            continue
+        result = pgconn.get_result()
+        if result is None:
+            return results
+        results.append(result)
 
 
 # --- session mode ----------------------------------------------------------------------

@@ -6,7 +6,6 @@ import threading
 import time
 
 import psycopg
-import pytest
 from psycopg import errors
 
 from router.protocol import messages as m

@@ -1,0 +1,1 @@
+"""Statement routing: a sans-I/O classifier (classify.py) that turns SQL text into a verdict."""

@@ -1,0 +1,148 @@
+"""What hides inside a statement: function calls, locking clauses, nested writes.
+
+``ExpressionScan`` walks a parse tree in libpg_query's JSON form (a node is
+``{"TypeName": {fields}}``; fields equal to their default are omitted) and reports the
+strongest reason it finds for a would-be read to need the primary. It walks every part of the
+tree (select list, WHERE, ORDER BY, FROM function scans, subqueries, CTEs, VALUES...), so
+nothing depends on where a function is written. On the way it collects the setting names of
+set_config() calls, which the tenant-isolation code must see wherever they are.
+
+Also here: small accessors for constants in that JSON, shared with statements.py.
+"""
+
+from __future__ import annotations
+
+from router.routing.functions import CATALOG_SCHEMA, FunctionCatalog
+from router.routing.verdict import Reason
+
+DML_NODES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+
+# Strongest first: what a scan reports when it finds several things. Definite writes come
+# before the suspicions a replica hint may override (verdict.SUSPECTED_WRITE_REASONS).
+FINDING_ORDER = (
+    Reason.WRITABLE_CTE,
+    Reason.LOCKING_CLAUSE,
+    Reason.NEXTVAL,
+    Reason.ADVISORY_LOCK,
+    Reason.SET_CONFIG,
+    Reason.LISTEN_NOTIFY,
+    Reason.WRITER_FUNCTION,
+    Reason.VOLATILE_FUNCTION,
+    Reason.UNKNOWN_FUNCTION,
+)
+_FINDING_RANK = {reason: rank for rank, reason in enumerate(FINDING_ORDER)}
+
+# Node types the scan reports; a FuncCall's reason depends on the catalog. A data-modifying
+# statement below the top of a statement can only be a writable CTE.
+_MARKERS: dict[str, Reason | None] = {
+    "FuncCall": None,
+    "LockingClause": Reason.LOCKING_CLAUSE,
+    **dict.fromkeys(DML_NODES, Reason.WRITABLE_CTE),
+}
+_MARKER_KEYS = tuple(f'"{key}":' for key in _MARKERS)
+# Node types that cannot contain a marker: the scan does not descend into them (speed only).
+_LEAF_NODES = frozenset(
+    {
+        "ColumnRef",
+        "A_Const",
+        "ParamRef",
+        "String",
+        "Integer",
+        "Float",
+        "Boolean",
+        "BitString",
+        "A_Star",
+        "RangeVar",
+        "TypeName",
+    }
+)
+
+
+class ExpressionScan:
+    """Scans the statements of one message; accumulates the set_config() names it meets.
+
+    ``active`` is False when the message's JSON text holds none of the node types the scan
+    looks for: then there is nothing to find and ``strongest_finding`` returns at once (most
+    ORM reads and writes). A SQL string constant cannot fake a node key: the JSON escapes its
+    quotes, so the check has no false negatives, and a false positive would only cost a walk.
+    """
+
+    __slots__ = ("functions", "active", "set_config_names", "set_config_dynamic")
+
+    def __init__(self, functions: FunctionCatalog, tree_json: str) -> None:
+        self.functions = functions
+        self.active = any(marker in tree_json for marker in _MARKER_KEYS)
+        self.set_config_names: set[str] = set()
+        self.set_config_dynamic = False
+
+    def strongest_finding(self, tree: object) -> Reason | None:
+        """The strongest reason found anywhere in ``tree`` to need the primary, if any."""
+        if not self.active:
+            return None
+        best: Reason | None = None
+        best_rank = len(FINDING_ORDER)
+        stack = [tree]
+        pop, push = stack.pop, stack.append
+        while stack:  # iterative: a deeply nested tree must not exhaust the Python stack
+            item = pop()
+            if type(item) is list:
+                for element in item:
+                    if type(element) is dict or type(element) is list:
+                        push(element)
+                continue
+            for key, value in item.items():
+                value_type = type(value)
+                if value_type is dict:
+                    if key in _MARKERS:
+                        reason = self._function_call(value) if key == "FuncCall" else _MARKERS[key]
+                        if reason is not None and _FINDING_RANK[reason] < best_rank:
+                            best, best_rank = reason, _FINDING_RANK[reason]
+                    elif key in _LEAF_NODES:
+                        continue
+                    push(value)
+                elif value_type is list:
+                    push(value)
+        return best
+
+    def _function_call(self, call: dict) -> Reason | None:
+        parts = [string_value(part) for part in call.get("funcname", ())]
+        name = parts[-1] if parts else ""
+        schema = parts[-2] if len(parts) > 1 else None  # database.schema.f(): schema
+        if name.lower() == "set_config" and (schema is None or schema.lower() == CATALOG_SCHEMA):
+            self._note_set_config(call.get("args", ()))
+        return self.functions.check(name, schema)
+
+    def _note_set_config(self, args: list) -> None:
+        first = args[0] if args else None
+        for arg in args:  # set_config(setting_name => 'x', ...)
+            named = arg.get("NamedArgExpr")
+            if named is not None and named.get("name") == "setting_name":
+                first = named.get("arg")
+        name = string_constant(first)
+        if name is None:
+            self.set_config_dynamic = True
+        else:
+            self.set_config_names.add(name.lower())
+
+
+def string_value(node: dict) -> str:
+    """The text of a ``String`` node (identifiers, names)."""
+    return node.get("String", {}).get("sval", "")
+
+
+def string_constant(node: dict | None) -> str | None:
+    """The value of a string constant, looking through casts ('x'::text); None otherwise."""
+    while node is not None and "TypeCast" in node:
+        node = node["TypeCast"].get("arg")
+    if node is None:
+        return None
+    sval = node.get("A_Const", {}).get("sval")
+    return sval.get("sval", "") if sval is not None else None
+
+
+def integer_constant(node: dict | None) -> int | None:
+    """The value of an integer constant (0 is written as an empty object); None otherwise."""
+    if node is None:
+        return None
+    ival = node.get("A_Const", {}).get("ival")
+    return ival.get("ival", 0) if ival is not None else None

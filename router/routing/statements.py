@@ -1,0 +1,219 @@
+"""One statement of the parse tree -> ``StatementInfo``: its target, reason and kind.
+
+Dispatch is on the node type of the statement (libpg_query's JSON, see expressions.py).
+Statements that change transaction or session state are in session_statements.py.
+
+* Reads (SELECT, VALUES, TABLE) are REPLICA unless the expression scan finds a reason for
+  the primary: a locking clause, a writable CTE, a writer, volatile or unknown function
+  anywhere in them. ``SELECT ... INTO`` creates a table (SELECT_INTO).
+* INSERT/UPDATE/DELETE/MERGE: WRITE. CREATE/ALTER/DROP/GRANT/COMMENT/TRUNCATE...: DDL.
+  VACUUM/ANALYZE/CLUSTER/REINDEX/REFRESH/CHECKPOINT/LOAD: MAINTENANCE. LOCK: LOCK.
+  CALL and DO: CALL_DO (their bodies are opaque). LISTEN/UNLISTEN/NOTIFY: a standby refuses
+  all three. Any other statement type: UNKNOWN, so a type added to a later parser goes to
+  the primary until someone decides otherwise.
+* EXPLAIN without ANALYZE plans but never executes: a read, whatever it explains. EXPLAIN
+  ANALYZE runs the statement, so it gets the explained statement's verdict.
+* COPY ... FROM writes. COPY ... TO STDOUT of a table is a read; of a query, the query's
+  verdict. COPY ... TO a server file or PROGRAM goes to the primary (COPY_TO_FILE): the side
+  effect is on a server host, and the client means the primary's.
+* ``PREPARE name AS stmt`` gets the verdict of ``stmt`` (kind PREPARE) so the session can
+  remember it by name. ``EXECUTE name`` is PRIMARY with reason PREPARED_STATEMENT, which the
+  session may replace by the remembered verdict; its parameters are scanned like any
+  expression, and when they need the primary the reason is theirs instead.
+  ``DECLARE c CURSOR FOR q`` gets the verdict of ``q``; FETCH, MOVE and CLOSE follow the
+  cursor (replica-compatible, reason CURSOR).
+* Every statement is scanned for set_config() calls, writes and DDL included, except what
+  EXPLAIN without ANALYZE wraps, which does not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from router.routing.expressions import DML_NODES, ExpressionScan
+from router.routing.session_statements import SESSION_HANDLERS, parse_bool
+from router.routing.verdict import (
+    SUSPECTED_WRITE_REASONS,
+    Reason,
+    StatementInfo,
+    StatementKind,
+    Target,
+    Verdict,
+)
+
+Kind = StatementKind
+
+_DDL_PREFIXES = ("Create", "Alter", "Drop")  # CreateStmt, AlterTableStmt, DropdbStmt...
+_DDL_OTHERS = frozenset(
+    {
+        "GrantStmt",
+        "GrantRoleStmt",
+        "CommentStmt",
+        "SecLabelStmt",
+        "TruncateStmt",
+        "RenameStmt",
+        "IndexStmt",
+        "ViewStmt",
+        "RuleStmt",
+        "DefineStmt",
+        "CompositeTypeStmt",
+        "ReassignOwnedStmt",
+        "ImportForeignSchemaStmt",
+        "ReplicaIdentityStmt",
+    }
+)
+_MAINTENANCE = frozenset(
+    {
+        "VacuumStmt",  # VACUUM and ANALYZE
+        "ClusterStmt",
+        "ReindexStmt",
+        "RefreshMatViewStmt",
+        "CheckPointStmt",
+        "LoadStmt",
+    }
+)
+
+
+def classify_statement(node: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    """The verdict of one statement node ``{"SelectStmt": {...}}`` whose source is ``text``."""
+    ((node_type, body),) = node.items()
+    handler = _HANDLERS.get(node_type)
+    if handler is not None:
+        return handler(body, text, expressions)
+    if node_type in DML_NODES:
+        return _primary(Reason.WRITE, body, text, expressions)
+    if node_type.startswith(_DDL_PREFIXES) or node_type in _DDL_OTHERS:
+        return _primary(Reason.DDL, body, text, expressions)
+    if node_type in _MAINTENANCE:
+        return _primary(Reason.MAINTENANCE, body, text, expressions)
+    return _primary(Reason.UNKNOWN, body, text, expressions)
+
+
+def _primary(reason: Reason, body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    expressions.strongest_finding(body)  # for set_config() only: the target is decided
+    return StatementInfo(Verdict(Target.PRIMARY, reason), text)
+
+
+def _select(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    finding = expressions.strongest_finding(body)
+    if "intoClause" in body:
+        return StatementInfo(Verdict(Target.PRIMARY, Reason.SELECT_INTO), text)
+    if finding is not None:
+        return StatementInfo(Verdict(Target.PRIMARY, finding), text)
+    return StatementInfo(Verdict(Target.REPLICA, Reason.READ), text)
+
+
+def _explain(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    analyze = False
+    for option in body.get("options", ()):
+        elem = option.get("DefElem", {})
+        if elem.get("defname") == "analyze":
+            analyze = _option_true(elem.get("arg"))
+    if not analyze:
+        return StatementInfo(Verdict(Target.REPLICA, Reason.READ), text)
+    return StatementInfo(_inner_verdict(body["query"], text, expressions), text)
+
+
+def _copy(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    if body.get("is_from"):
+        return _primary(Reason.COPY_FROM, body, text, expressions)
+    if "query" in body:
+        verdict = _inner_verdict(body["query"], text, expressions)
+    else:
+        verdict = Verdict(Target.REPLICA, Reason.READ)
+    if body.get("filename") is not None or body.get("is_program"):
+        if verdict.target is Target.REPLICA or verdict.reason in SUSPECTED_WRITE_REASONS:
+            verdict = Verdict(Target.PRIMARY, Reason.COPY_TO_FILE)
+    return StatementInfo(verdict, text)
+
+
+def _call_or_do(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    return _primary(Reason.CALL_DO, body, text, expressions)
+
+
+def _lock(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    return StatementInfo(Verdict(Target.PRIMARY, Reason.LOCK), text)
+
+
+def _show(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    return StatementInfo(Verdict(Target.REPLICA, Reason.READ), text)
+
+
+def _listen(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    verdict = Verdict(Target.PRIMARY, Reason.LISTEN_NOTIFY, Kind.LISTEN)
+    return StatementInfo(verdict, text, body.get("conditionname"))
+
+
+def _unlisten(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    verdict = Verdict(Target.PRIMARY, Reason.LISTEN_NOTIFY, Kind.UNLISTEN)
+    return StatementInfo(verdict, text, body.get("conditionname"))  # None: UNLISTEN *
+
+
+def _notify(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    verdict = Verdict(Target.PRIMARY, Reason.LISTEN_NOTIFY)
+    return StatementInfo(verdict, text, body.get("conditionname"))
+
+
+def _prepare(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    inner = _inner_verdict(body["query"], text, expressions)
+    verdict = Verdict(inner.target, inner.reason, Kind.PREPARE)
+    return StatementInfo(verdict, text, body.get("name"))
+
+
+def _execute(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    reason = expressions.strongest_finding(body.get("params", ())) or Reason.PREPARED_STATEMENT
+    return StatementInfo(Verdict(Target.PRIMARY, reason, Kind.EXECUTE), text, body.get("name"))
+
+
+def _declare_cursor(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    inner = _inner_verdict(body["query"], text, expressions)
+    verdict = Verdict(inner.target, inner.reason, Kind.DECLARE_CURSOR)
+    return StatementInfo(verdict, text, body.get("portalname"))
+
+
+def _fetch(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    verdict = Verdict(Target.REPLICA, Reason.CURSOR, Kind.FETCH)  # FETCH and MOVE
+    return StatementInfo(verdict, text, body.get("portalname"))
+
+
+def _close(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    verdict = Verdict(Target.REPLICA, Reason.CURSOR, Kind.CLOSE_CURSOR)
+    return StatementInfo(verdict, text, body.get("portalname"))  # None: CLOSE ALL
+
+
+_HANDLERS: dict[str, Callable[[dict, str, ExpressionScan], StatementInfo]] = {
+    "SelectStmt": _select,
+    "ExplainStmt": _explain,
+    "CopyStmt": _copy,
+    "CallStmt": _call_or_do,
+    "DoStmt": _call_or_do,
+    "LockStmt": _lock,
+    "VariableShowStmt": _show,
+    "ListenStmt": _listen,
+    "UnlistenStmt": _unlisten,
+    "NotifyStmt": _notify,
+    "PrepareStmt": _prepare,
+    "ExecuteStmt": _execute,
+    "DeclareCursorStmt": _declare_cursor,
+    "FetchStmt": _fetch,
+    "ClosePortalStmt": _close,
+    **SESSION_HANDLERS,
+}
+
+
+def _inner_verdict(node: dict, text: str, expressions: ExpressionScan) -> Verdict:
+    """Target and reason of a statement wrapped in EXPLAIN ANALYZE, COPY, PREPARE, DECLARE."""
+    inner = classify_statement(node, text, expressions).verdict
+    return Verdict(inner.target, inner.reason)
+
+
+def _option_true(arg: dict | None) -> bool:
+    """An EXPLAIN option's value as defGetBoolean reads it; unreadable counts as true."""
+    if arg is None:
+        return True
+    if "Integer" in arg:
+        return arg["Integer"].get("ival", 0) != 0
+    if "String" in arg:
+        value = parse_bool(arg["String"].get("sval", ""))
+        return True if value is None else value
+    return True
