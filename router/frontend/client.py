@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import secrets
 import struct
 from typing import TYPE_CHECKING
@@ -54,9 +55,12 @@ _EXTENDED = frozenset(b"PBEDCH")
 # Messages that name a prepared statement, rewritten in transaction mode (router/session.py).
 _NAMED = frozenset(b"PBDC")
 _P_, _B_, _C_ = ord("P"), ord("B"), ord("C")
-# What a chunk needs on its way to a server: 0 nothing, 1 reply counting (unnamed Parse or
-# Close), 2 rewriting (a named statement).
-_NEEDS_REWRITE = 2
+# What a chunk needs on its way to a server (bits): reply counting for an unnamed Parse or
+# Close, rewriting for a named statement, forgetting the server's prepared statements.
+_COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED = 1, 2, 4
+# A client's DISCARD ALL / DEALLOCATE ALL drops the router's statements on that server too.
+# Over-matching (in a string literal, say) only costs a re-Parse later.
+_DROPS_STATEMENTS = re.compile(rb"(?i)\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
 
@@ -142,6 +146,7 @@ class ClientConnection(asyncio.Protocol):
         syncs = 0
         rewrite = False
         parse_or_close = False
+        forget = 0
         while pos < n:
             if pos + 5 > n:
                 self._hold_back(data, pos, 5)
@@ -160,6 +165,8 @@ class ClientConnection(asyncio.Protocol):
                 # A simple Query also ends with ReadyForQuery after everything before it.
                 syncs += 1
                 self.unsynced = False
+                if self.rewrite_statements and _DROPS_STATEMENTS.search(data, pos + 5, pos + 1 + length):
+                    forget = _FORGET_PREPARED
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
                     self.unsynced = True
@@ -185,7 +192,7 @@ class ClientConnection(asyncio.Protocol):
                     elif t == _C_:
                         parse_or_close = True
             elif t == _X:
-                self._forward(data[:pos], start, syncs, _NEEDS_REWRITE if rewrite else parse_or_close)
+                self._forward(data[:pos], start, syncs, (_NEEDS_REWRITE if rewrite else parse_or_close) | forget)
                 self._terminate()
                 return
             elif t == _F:
@@ -196,7 +203,7 @@ class ClientConnection(asyncio.Protocol):
             pos += 1 + length
         self._skip = pos - n
         if data:
-            self._forward(data, start, syncs, _NEEDS_REWRITE if rewrite else parse_or_close)
+            self._forward(data, start, syncs, (_NEEDS_REWRITE if rewrite else parse_or_close) | forget)
         if self._release_after_message and not self._skip:
             self._release_after_message = False
             server = self.server
@@ -246,7 +253,7 @@ class ClientConnection(asyncio.Protocol):
         data, start = self._drop_orphan_copy_data(data, start)
         if not data:
             return
-        if rewrite == _NEEDS_REWRITE and syncs == 1 and start == 0 and not self._held:
+        if rewrite & _NEEDS_REWRITE and syncs == 1 and start == 0 and not self._held:
             reply = local_parse_reply(data, start, self.statements, self.router.statements)
             if reply is not None:
                 self.unsynced = False
@@ -314,14 +321,16 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> None:
         # Unnamed Parse/Close replies need counting only while a rewritten one's reply is owed.
         st = server.stmts
-        if rewrite == _NEEDS_REWRITE or (rewrite and (st.parse_q or st.close_q)):
+        if rewrite & _NEEDS_REWRITE or (rewrite & _COUNT_REPLIES and (st.parse_q or st.close_q)):
             try:
                 data = rewrite_for_server(data, start, self.statements, self.router.statements, server.stmts)
             except ProtocolError as exc:
                 self._protocol_violation(exc.message)
                 return
-        server.stmts.sent_z += syncs
+        st.sent_z += syncs
         server.write(data)
+        if rewrite & _FORGET_PREPARED:
+            st.forget_all()
 
     def _acquire_failed(self, exc: RouterError) -> None:
         if self.state == _CLOSED:
