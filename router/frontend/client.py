@@ -60,6 +60,17 @@ _P_, _B_, _C_ = ord("P"), ord("B"), ord("C")
 _COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED = 1, 2, 4
 # A client's DISCARD ALL / DEALLOCATE ALL drops the router's statements on that server too.
 # Over-matching (in a string literal, say) only costs a re-Parse later.
+# SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
+# them, which transaction pooling does not keep: refused in transaction mode (README).
+_SQL_PREPARED = re.compile(
+    rb"(?i)\s*(?:prepare(?!\s+transaction\b)|execute|deallocate(?!\s+(?:prepare\s+)?all\b))\b"
+)
+_REFUSE_SQL_PREPARED = m.query(
+    "DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', "
+    "MESSAGE = 'SQL-level PREPARE/EXECUTE/DEALLOCATE is not supported in transaction pool mode', "
+    "HINT = 'Use your driver''s prepared statements (protocol level), or pool_mode = session.'; "
+    "END$pgrouter$"
+)
 _DROPS_STATEMENTS = re.compile(rb"(?i)\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
@@ -165,8 +176,21 @@ class ClientConnection(asyncio.Protocol):
                 # A simple Query also ends with ReadyForQuery after everything before it.
                 syncs += 1
                 self.unsynced = False
-                if self.rewrite_statements and _DROPS_STATEMENTS.search(data, pos + 5, pos + 1 + length):
-                    forget = _FORGET_PREPARED
+                if self.rewrite_statements:
+                    end = pos + 1 + length
+                    if _SQL_PREPARED.match(data, pos + 5, min(end, pos + 69)):
+                        if end > n:
+                            self._hold_back(data, pos, 1 + length)
+                            data = data[:pos]
+                            n = pos
+                            break
+                        # Refused by substitution: the server raises the error, so it lands
+                        # in order and fails an open transaction exactly like any error.
+                        data = data[:pos] + _REFUSE_SQL_PREPARED + data[end:]
+                        n = len(data)
+                        length = len(_REFUSE_SQL_PREPARED) - 1
+                    elif _DROPS_STATEMENTS.search(data, pos + 5, end):
+                        forget = _FORGET_PREPARED
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
                     self.unsynced = True
