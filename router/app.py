@@ -17,6 +17,8 @@ from router.pools.manager import PoolManager
 from router.pools.pool import Pool
 from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
+from router.routing.classify import ClassifierCache
+from router.routing.functions import FunctionCatalog
 from router.session import StatementRegistry
 
 log = logging.getLogger("pgrouter")
@@ -37,6 +39,11 @@ class Router:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.statements = StatementRegistry()
+        # Statement classification (pglast), cached by text; session statements use it today,
+        # read/write routing will.
+        self.classifier = ClassifierCache()
+        self.functions = FunctionCatalog.builtin()
+        self.client_text_encoding = "utf-8"
         self.pools = PoolManager(settings, self.statements.validated)
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
         self.client_count = 0

@@ -263,3 +263,85 @@ def rewrite_for_server(
         return data
     out.append(data[run:])
     return b"".join(out)
+
+
+# --- session settings under transaction pooling -------------------------------------------
+
+# Startup parameters that are not settings (PostgreSQL docs, 55.7 StartupMessage).
+_NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def set_config_sql(name: str, value: str) -> str:
+    return f"SELECT pg_catalog.set_config({_literal(name)}, {_literal(value)}, false)"
+
+
+def _options_settings(options: str) -> dict[str, str]:
+    """``-c name=value`` and ``--name=value`` pairs of the startup ``options`` parameter."""
+    out: dict[str, str] = {}
+    words = options.split()
+    i = 0
+    while i < len(words):
+        word = words[i]
+        pair = None
+        if word == "-c" and i + 1 < len(words):
+            pair, i = words[i + 1], i + 1
+        elif word.startswith("-c"):
+            pair = word[2:]
+        elif word.startswith("--"):
+            pair = word[2:]
+        if pair and "=" in pair:
+            name, value = pair.split("=", 1)
+            out[name.replace("-", "_").lower()] = value.replace("\\ ", " ")
+        i += 1
+    return out
+
+
+class SessionSettings:
+    """A client's session settings in transaction mode: its startup parameters plus the plain
+    SETs it ran, as statements to replay on whichever server connection runs its next
+    transaction. ``key`` is what a server connection must carry to serve this client; a server
+    whose key differs first gets ``RESET ALL`` and the replay (see ``prelude``), so another
+    client's settings never leak in and this client's follow it."""
+
+    __slots__ = ("_startup", "_sets", "key")
+
+    def __init__(self, startup_params: dict[str, str]) -> None:
+        startup: dict[str, str] = {}
+        for name, value in startup_params.items():
+            if name not in _NOT_SETTINGS and not name.startswith("_pq_."):
+                startup[name.lower()] = set_config_sql(name, value)
+        for name, value in _options_settings(startup_params.get("options", "")).items():
+            startup[name] = set_config_sql(name, value)
+        self._startup = startup
+        self._sets = dict(startup)
+        self.key: frozenset | None = frozenset(startup.items()) if startup else None
+
+    def _changed(self) -> None:
+        self.key = frozenset(self._sets.items()) if self._sets else None
+
+    def set(self, name: str, statement: str) -> None:
+        self._sets[name] = statement
+        self._changed()
+
+    def reset(self, name: str) -> None:
+        # RESET goes back to the session default, which includes the startup packet's value.
+        if name in self._startup:
+            self._sets[name] = self._startup[name]
+        else:
+            self._sets.pop(name, None)
+        self._changed()
+
+    def reset_all(self) -> None:
+        self._sets = dict(self._startup)
+        self._changed()
+
+    def prelude(self, server_key: frozenset | None) -> list[str]:
+        """The statements that make a server carrying ``server_key`` carry ours (each sent as
+        its own Query, so one that fails cannot stop the others)."""
+        if server_key == self.key:
+            return []
+        return ["RESET ALL", *self._sets.values()]

@@ -43,21 +43,21 @@ _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
 
 
-def _cut(cuts: list | None, pos: int, replacement: bytes) -> list:
-    """Note that the 5-byte reply at ``pos`` is to be replaced (or removed)."""
+def _cut(cuts: list | None, pos: int, replacement: bytes, end: int = -1) -> list:
+    """Note that ``data[pos:end]`` (default: the 5-byte reply at ``pos``) is to be replaced."""
     if cuts is None:
         cuts = []
-    cuts.append((pos, replacement))
+    cuts.append((pos, pos + 5 if end < 0 else end, replacement))
     return cuts
 
 
 def _apply_cuts(data: bytes, cuts: list) -> bytes:
     out = []
     prev = 0
-    for pos, replacement in cuts:
+    for pos, end, replacement in cuts:
         out.append(data[prev:pos])
         out.append(replacement)
-        prev = pos + 5
+        prev = end
     out.append(data[prev:])
     return b"".join(out)
 
@@ -82,6 +82,10 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self.closing_reason = ""
         self.channel_bound = False
+        # Settings this connection carries beyond its login defaults (router/session.py
+        # SessionSettings.key), and how many prelude ReadyForQuery replies are still to drop.
+        self.session_key: frozenset | None = None
+        self.swallow_z = 0
         self._reader = MessageReader()
         self._wakeup: asyncio.Future | None = None
         self._lost = asyncio.get_running_loop().create_future()
@@ -117,6 +121,8 @@ class ServerConnection(asyncio.Protocol):
         pos = self._skip
         ready = False
         cuts: list | None = None
+        # Replies to the router's own settings prelude are dropped up to their ReadyForQuery.
+        swallow_from = 0 if self.swallow_z else -1
         while pos < n:
             if pos + 5 > n:
                 # A header split across reads: keep it back, forward what precedes it.
@@ -135,6 +141,13 @@ class ServerConnection(asyncio.Protocol):
                     break
                 st.recv_z += 1
                 self.tx_status = data[pos + 5]
+                if self.swallow_z:
+                    self.swallow_z -= 1
+                    pos += 6
+                    if not self.swallow_z:
+                        cuts = _cut(cuts, swallow_from, b"", pos)
+                        swallow_from = -1
+                    continue
                 ready = True
             elif st.parse_q or st.close_q:
                 if t == _PARSE_COMPLETE:
@@ -153,6 +166,8 @@ class ServerConnection(asyncio.Protocol):
                     st.on_error()
             pos += 1 + length
         self._skip = pos - n
+        if swallow_from >= 0:
+            cuts = _cut(cuts, swallow_from, b"", n)
         if cuts is not None:
             data = _apply_cuts(data, cuts)
         if data:

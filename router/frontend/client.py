@@ -37,7 +37,8 @@ from router.protocol.startup import (
     parse_startup_packet,
     startup_packet_length,
 )
-from router.session import ClientStatement, local_parse_reply, rewrite_for_server
+from router.routing.verdict import StatementKind
+from router.session import ClientStatement, SessionSettings, local_parse_reply, rewrite_for_server
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -57,7 +58,8 @@ _NAMED = frozenset(b"PBDC")
 _P_, _B_, _C_ = ord("P"), ord("B"), ord("C")
 # What a chunk needs on its way to a server (bits): reply counting for an unnamed Parse or
 # Close, rewriting for a named statement, forgetting the server's prepared statements.
-_COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED = 1, 2, 4
+_COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET = 1, 2, 4, 8
+_UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
 # A client's DISCARD ALL / DEALLOCATE ALL drops the router's statements on that server too.
 # Over-matching (in a string literal, say) only costs a re-Parse later.
 # SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
@@ -71,6 +73,8 @@ _REFUSE_SQL_PREPARED = m.query(
     "HINT = 'Use your driver''s prepared statements (protocol level), or pool_mode = session.'; "
     "END$pgrouter$"
 )
+# Statements that change session state start with one of these; only those are parsed.
+_SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate)\b")
 _DROPS_STATEMENTS = re.compile(rb"(?i)\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
@@ -119,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
         # Named prepared statements: the client's names mapped to router-owned ones.
         self.statements: dict[bytes, ClientStatement] = {}
         self.rewrite_statements = False
+        self.session = SessionSettings({})
         self._dropping_copy = False
         self._release_after_message = False
         self._waiting_on: Pool | None = None
@@ -189,6 +194,13 @@ class ClientConnection(asyncio.Protocol):
                         data = data[:pos] + _REFUSE_SQL_PREPARED + data[end:]
                         n = len(data)
                         length = len(_REFUSE_SQL_PREPARED) - 1
+                    elif _SESSION_SQL.match(data, pos + 5, min(end, pos + 69)):
+                        if end > n:
+                            self._hold_back(data, pos, 1 + length)
+                            data = data[:pos]
+                            n = pos
+                            break
+                        forget = self._track_session_statements(data[pos + 5 : end - 1])
                     elif _DROPS_STATEMENTS.search(data, pos + 5, end):
                         forget = _FORGET_PREPARED
             elif t in _EXTENDED:
@@ -233,6 +245,37 @@ class ClientConnection(asyncio.Protocol):
             server = self.server
             if server is not None and server.pending == 0:
                 self.server_ready(server)
+
+    def _track_session_statements(self, sql_bytes: bytes) -> int:
+        """Note the session-level SET/RESET/DISCARD of a Query (replayed by ``SessionSettings``
+        on the next server). Returns the chunk flags it calls for: _FORGET_PREPARED when it
+        drops the server's prepared statements, _SETTINGS_RESET when the server falls back to
+        its own defaults rather than this client's startup values."""
+        try:
+            sql = sql_bytes.decode(self.router.client_text_encoding)
+        except UnicodeDecodeError:
+            return 0
+        classification = self.router.classifier.classify(sql, self.router.functions)
+        session = self.session
+        flags = 0
+        for info in classification.statements:
+            kind = info.verdict.kind
+            if kind is StatementKind.SET_SESSION and info.name:
+                session.set(info.name, info.text)
+            elif kind is StatementKind.SET_DEFAULT_READ_ONLY:
+                session.set("default_transaction_read_only", info.text)
+            elif kind is StatementKind.RESET and info.name:
+                session.reset(info.name)
+                flags |= _SETTINGS_RESET
+            elif kind is StatementKind.RESET_ALL:
+                session.reset_all()
+                flags |= _SETTINGS_RESET
+            elif kind is StatementKind.DISCARD_ALL:
+                session.reset_all()
+                flags |= _SETTINGS_RESET | _FORGET_PREPARED
+            elif kind is StatementKind.DEALLOCATE_ALL:
+                flags |= _FORGET_PREPARED
+        return flags
 
     def _hold_back(self, data: bytes, pos: int, need: int) -> None:
         self._partial = [data[pos:]]
@@ -314,6 +357,14 @@ class ClientConnection(asyncio.Protocol):
         server.link(self)
         if self._write_paused:
             server.pause_reading_for_client()
+        if self.rewrite_statements:
+            prelude = self.session.prelude(server.session_key)
+            if prelude:
+                # Another client's settings off, this client's on; replies are dropped.
+                server.write(b"".join(m.query(sql) for sql in prelude))
+                server.stmts.sent_z += len(prelude)
+                server.swallow_z += len(prelude)
+                server.session_key = self.session.key
         held = self._held
         self._held_bytes = 0
         self._held = []
@@ -355,6 +406,9 @@ class ClientConnection(asyncio.Protocol):
         server.write(data)
         if rewrite & _FORGET_PREPARED:
             st.forget_all()
+        # Whatever SETs this chunk carries, the server will carry too; after a RESET it carries
+        # its own defaults, which match no client's key, so the next transaction re-primes it.
+        server.session_key = _UNKNOWN_SETTINGS if rewrite & _SETTINGS_RESET else self.session.key
 
     def _acquire_failed(self, exc: RouterError) -> None:
         if self.state == _CLOSED:
@@ -630,6 +684,7 @@ class ClientConnection(asyncio.Protocol):
         target = self.router.resolve_database(self)  # raises 3D000 for an unknown database
         self.pool_mode = target.pool_mode
         self.rewrite_statements = self.pool_mode is PoolMode.TRANSACTION
+        self.session = SessionSettings(self.startup_params)
         self.pool = target.pool
         params = dict(await self.pool.learn_server_params())
         # A dedicated server would echo the client's own application_name.

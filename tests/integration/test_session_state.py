@@ -1,0 +1,106 @@
+"""Session state under transaction pooling: a client's plain SETs and startup parameters
+follow it to every server connection it uses, and never leak to another client."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+
+def backend_pid(conn) -> int:
+    return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+@pytest.mark.parametrize(
+    "setting, statement, value",
+    [
+        ("search_path", "SET search_path = pg_catalog", "pg_catalog"),
+        ("TimeZone", "SET TimeZone TO 'Asia/Tokyo'", "Asia/Tokyo"),
+        ("DateStyle", "SET datestyle = 'SQL, DMY'", "SQL, DMY"),
+        ("IntervalStyle", "SET intervalstyle = postgres_verbose", "postgres_verbose"),
+        ("statement_timeout", "SET statement_timeout = '12s'", "12s"),
+        ("lock_timeout", "SET lock_timeout = 3000", "3s"),
+        ("idle_in_transaction_session_timeout", "SET idle_in_transaction_session_timeout = '1min'", "1min"),
+        ("application_name", "SET application_name = 'mine'", "mine"),
+        ("extra_float_digits", "SET extra_float_digits = 2", "2"),
+        ("default_transaction_isolation", "SET default_transaction_isolation = 'repeatable read'", "repeatable read"),
+        ("default_transaction_read_only", "SET default_transaction_read_only = on", "on"),
+    ],
+)
+def test_a_set_follows_its_client_and_not_the_server(start_router, setting, statement, value):
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a, psycopg.connect(
+        router.dsn("carol"), autocommit=True
+    ) as b:
+        default = b.execute(f"SHOW {setting}").fetchone()[0]
+        assert default != value
+        a.execute(statement)
+        assert a.execute(f"SHOW {setting}").fetchone()[0] == value
+        # b runs on the very same server connection (pool of one) and sees clean state ...
+        assert backend_pid(b) == backend_pid(a)
+        assert b.execute(f"SHOW {setting}").fetchone()[0] == default
+        # ... and a still sees its own, in a transaction too.
+        assert a.execute(f"SHOW {setting}").fetchone()[0] == value
+        with a.transaction():
+            assert a.execute(f"SHOW {setting}").fetchone()[0] == value
+        a.execute(f"RESET {setting}")
+        assert a.execute(f"SHOW {setting}").fetchone()[0] == default
+
+
+def test_settings_follow_a_client_to_another_server_connection(start_router):
+    router = start_router(pool_size=2)
+    a = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    a.execute("SET search_path = pg_catalog")
+    first = backend_pid(a)
+    # Hold a's last server connection so its next transaction lands on the other one.
+    holder.execute("BEGIN")
+    held = backend_pid(holder)
+    if held != first:  # the pool may hand holder the other server; then a keeps its own
+        holder.execute("COMMIT")
+        holder.execute("BEGIN")
+        assert backend_pid(holder) == first
+    assert backend_pid(a) != first
+    assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+    holder.execute("COMMIT")
+    a.close()
+    holder.close()
+
+
+def test_startup_parameters_hold_on_every_server_connection(start_router):
+    router = start_router(pool_size=1)
+    dsn = router.dsn("carol", application_name="startup-app", options="-c%20search_path%3Dpg_catalog")
+    with psycopg.connect(dsn, autocommit=True) as a, psycopg.connect(router.dsn("carol"), autocommit=True) as b:
+        assert a.execute("SELECT current_setting('application_name'), current_setting('search_path')").fetchone() == (
+            "startup-app",
+            "pg_catalog",
+        )
+        assert b.execute("SHOW search_path").fetchone() == ('"$user", public',)
+        assert b.execute("SHOW application_name").fetchone() != ("startup-app",)
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+        a.execute("SET search_path = public")
+        a.execute("RESET search_path")  # back to the startup value, as on a dedicated server
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+        a.execute("RESET ALL")
+        assert a.execute("SHOW application_name").fetchone() == ("startup-app",)
+
+
+def test_set_local_is_not_carried_over(start_router):
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a:
+        with a.transaction():
+            a.execute("SET LOCAL search_path = pg_catalog")
+            assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+        assert a.execute("SHOW search_path").fetchone() == ('"$user", public',)
+
+
+def test_failed_set_does_not_break_the_client(start_router):
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a, psycopg.connect(
+        router.dsn("carol"), autocommit=True
+    ) as b:
+        a.execute("SET search_path = pg_catalog")
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            a.execute("SET TimeZone = 'Not/AZone'")
+        assert b.execute("SELECT 1").fetchone() == (1,)  # the server went to b meanwhile
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
