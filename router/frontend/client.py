@@ -60,8 +60,6 @@ _P_, _B_, _C_ = ord("P"), ord("B"), ord("C")
 # Close, rewriting for a named statement, forgetting the server's prepared statements.
 _COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET = 1, 2, 4, 8
 _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
-# A client's DISCARD ALL / DEALLOCATE ALL drops the router's statements on that server too.
-# Over-matching (in a string literal, say) only costs a re-Parse later.
 # SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
 # them, which transaction pooling does not keep: refused in transaction mode (README).
 _SQL_PREPARED = re.compile(
@@ -73,9 +71,10 @@ _REFUSE_SQL_PREPARED = m.query(
     "HINT = 'Use your driver''s prepared statements (protocol level), or pool_mode = session.'; "
     "END$pgrouter$"
 )
-# Statements that change session state start with one of these; only those are parsed.
-_SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate)\b")
-_DROPS_STATEMENTS = re.compile(rb"(?i)\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b")
+# Statements that change session state (or name SQL-level prepared statements) start with
+# one of these; only those are parsed. A DISCARD ALL / DEALLOCATE ALL later in a
+# multi-statement query is not seen (DISCARD ALL cannot run there anyway).
+_SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute)\b")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
 
@@ -181,28 +180,22 @@ class ClientConnection(asyncio.Protocol):
                 # A simple Query also ends with ReadyForQuery after everything before it.
                 syncs += 1
                 self.unsynced = False
-                if self.rewrite_statements:
+                if self.rewrite_statements and _SESSION_SQL.match(data, pos + 5, pos + 69):
+                    # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE: look closer.
                     end = pos + 1 + length
+                    if end > n:
+                        self._hold_back(data, pos, 1 + length)
+                        data = data[:pos]
+                        n = pos
+                        break
                     if _SQL_PREPARED.match(data, pos + 5, min(end, pos + 69)):
-                        if end > n:
-                            self._hold_back(data, pos, 1 + length)
-                            data = data[:pos]
-                            n = pos
-                            break
                         # Refused by substitution: the server raises the error, so it lands
                         # in order and fails an open transaction exactly like any error.
                         data = data[:pos] + _REFUSE_SQL_PREPARED + data[end:]
                         n = len(data)
                         length = len(_REFUSE_SQL_PREPARED) - 1
-                    elif _SESSION_SQL.match(data, pos + 5, min(end, pos + 69)):
-                        if end > n:
-                            self._hold_back(data, pos, 1 + length)
-                            data = data[:pos]
-                            n = pos
-                            break
-                        forget = self._track_session_statements(data[pos + 5 : end - 1])
-                    elif _DROPS_STATEMENTS.search(data, pos + 5, end):
-                        forget = _FORGET_PREPARED
+                    else:
+                        forget |= self._track_session_statements(data[pos + 5 : end - 1])
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
                     self.unsynced = True
