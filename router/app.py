@@ -47,6 +47,7 @@ class Router:
         self.pools = PoolManager(settings, self.statements.validated)
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
         self.client_count = 0
+        self.pinned_clients: set[ClientConnection] = set()  # counted for metrics
         self.client_tls_context = self._client_tls_context()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -118,7 +119,14 @@ class Router:
         self.clients[pid] = client
         return pid, new_cancel_key()
 
+    def note_pinned(self, client: ClientConnection) -> None:
+        if client.pins:
+            self.pinned_clients.add(client)
+        else:
+            self.pinned_clients.discard(client)
+
     def forget_client(self, client: ClientConnection) -> None:
+        self.pinned_clients.discard(client)
         if getattr(client, "admitted", False):
             client.admitted = False
             self.client_count -= 1

@@ -71,6 +71,15 @@ _REFUSE_SQL_PREPARED = m.query(
     "HINT = 'Use your driver''s prepared statements (protocol level), or pool_mode = session.'; "
     "END$pgrouter$"
 )
+# Session state that outlives a transaction (PostgreSQL keeps it per backend): the client is
+# pinned to its server connection until it is gone (see _track_pins). Transaction-scoped
+# advisory locks (pg_advisory_xact_lock) do not pin.
+_PIN_SQL = re.compile(
+    rb"(?i)\b(?:unlisten\s+\*|(?:listen|pg_advisory_unlock_all|pg_(?:try_)?advisory_lock(?:_shared)?"
+    rb"|create\s+(?:(?:global|local)\s+)?temp(?:orary)?\s+table|with\s+hold"
+    rb"|set\s+(?:session\s+)?role|set\s+session\s+authorization"
+    rb"|reset\s+role|reset\s+session\s+authorization|discard\s+all)\b)"
+)
 # Statements that change session state (or name SQL-level prepared statements) start with
 # one of these; only those are parsed. A DISCARD ALL / DEALLOCATE ALL later in a
 # multi-statement query is not seen (DISCARD ALL cannot run there anyway).
@@ -122,6 +131,8 @@ class ClientConnection(asyncio.Protocol):
         # Named prepared statements: the client's names mapped to router-owned ones.
         self.statements: dict[bytes, ClientStatement] = {}
         self.rewrite_statements = False
+        # Why this client keeps its server connection between transactions (empty: it does not).
+        self.pins: set[str] = set()
         self.session = SessionSettings({})
         self._dropping_copy = False
         self._release_after_message = False
@@ -180,6 +191,8 @@ class ClientConnection(asyncio.Protocol):
                 # A simple Query also ends with ReadyForQuery after everything before it.
                 syncs += 1
                 self.unsynced = False
+                if self.rewrite_statements and _PIN_SQL.search(data, pos + 5, pos + 1 + length):
+                    self._track_pins(data, pos + 5, min(pos + 1 + length, n))
                 if self.rewrite_statements and _SESSION_SQL.match(data, pos + 5, pos + 69):
                     # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE: look closer.
                     end = pos + 1 + length
@@ -213,6 +226,8 @@ class ClientConnection(asyncio.Protocol):
                             rewrite = True
                         else:
                             parse_or_close = True
+                        if _PIN_SQL.search(data, pos + 5, pos + 1 + length):
+                            self._track_pins(data, pos + 5, pos + 1 + length)
                     elif t == _B_:
                         if data[pos + 5] or data[pos + 6]:
                             rewrite = True
@@ -238,6 +253,33 @@ class ClientConnection(asyncio.Protocol):
             server = self.server
             if server is not None and server.pending == 0:
                 self.server_ready(server)
+
+    def _track_pins(self, data: bytes, start: int, end: int) -> None:
+        """Session state that outlives a transaction pins the client to its server connection
+        (PostgreSQL keeps it per backend). Found by pattern, deliberately generous: pinning
+        too often costs pooling, too rarely hands one client's lock to another."""
+        pins = self.pins
+        for match in _PIN_SQL.finditer(data, start, end):
+            word = match.group(0).lower()
+            if word.startswith(b"unlisten"):
+                pins.discard("listen")
+            elif word.startswith(b"listen"):
+                pins.add("listen")
+            elif word.startswith(b"pg_advisory_unlock_all"):
+                pins.discard("advisory lock")
+            elif b"advisory" in word:
+                pins.add("advisory lock")
+            elif word.startswith(b"create"):
+                pins.add("temporary table")
+            elif word.startswith(b"with"):
+                pins.add("WITH HOLD cursor")
+            elif word.startswith(b"discard"):
+                pins.clear()
+            elif word.startswith(b"reset"):
+                pins.discard("role")
+            else:
+                pins.add("role")
+        self.router.note_pinned(self)
 
     def _track_session_statements(self, sql_bytes: bytes) -> int:
         """Note the session-level SET/RESET/DISCARD of a Query (replayed by ``SessionSettings``
@@ -428,6 +470,7 @@ class ClientConnection(asyncio.Protocol):
             server.tx_status == m.IDLE
             and self.pool_mode is PoolMode.TRANSACTION
             and not self.unsynced
+            and not self.pins
         ):
             if self._skip:
                 # Part of a message (CopyData after a failed COPY FROM) is on its way to this
@@ -474,7 +517,7 @@ class ClientConnection(asyncio.Protocol):
             # A query is still running or replies are owed: the connection's state is unknown.
             server.close("client disconnected mid-query")
             return
-        if server.tx_status == m.IDLE and self.pool_mode is PoolMode.TRANSACTION:
+        if server.tx_status == m.IDLE and self.pool_mode is PoolMode.TRANSACTION and not self.pins:
             server.pool.release(server)
             return
         self.router.spawn(self._reset_and_release(server))
@@ -484,7 +527,13 @@ class ClientConnection(asyncio.Protocol):
             async with asyncio.timeout(self.settings.server_connect_timeout):
                 if server.tx_status != m.IDLE:
                     await server.run_until_ready("ROLLBACK")
-                if self.pool_mode is PoolMode.SESSION and server.pool.settings.reset_query:
+                if self.pins:
+                    # Session state that outlives transactions (a lock, LISTEN, a temp table,
+                    # a role): never handed on. DISCARD ALL drops all of it.
+                    await server.run_until_ready("DISCARD ALL")
+                    server.stmts.forget_all()
+                    server.session_key = None
+                elif self.pool_mode is PoolMode.SESSION and server.pool.settings.reset_query:
                     await server.run_until_ready(server.pool.settings.reset_query)
                     server.stmts.forget_all()
         except (RouterError, TimeoutError) as exc:

@@ -1,0 +1,94 @@
+"""Session state that outlives a transaction pins a transaction-mode client to its server
+connection until the state is gone; a client dying while pinned never hands it on."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+
+def pinned(router) -> int:
+    return router.call(lambda r: len(r.pinned_clients))
+
+
+def test_listen_gets_notifications_between_transactions(start_router, cluster):
+    router = start_router(pool_size=2)
+    listener = psycopg.connect(router.dsn("carol"), autocommit=True)
+    listener.execute("LISTEN pgrouter_news")
+    assert pinned(router) == 1
+    # Notify from elsewhere (directly on the primary) while the listener is idle.
+    with psycopg.connect(cluster.primary.dsn("app"), autocommit=True) as direct:
+        direct.execute("NOTIFY pgrouter_news, 'hello'")
+    received = [(n.channel, n.payload) for n in listener.notifies(timeout=10, stop_after=1)]
+    assert received == [("pgrouter_news", "hello")]
+    listener.execute("UNLISTEN *")
+    assert pinned(router) == 0
+    listener.close()
+
+
+def test_advisory_lock_pins_and_dying_client_releases_it(start_router):
+    router = start_router(pool_size=2)
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    assert holder.execute("SELECT pg_advisory_lock(4242)").fetchone() == ("",)
+    pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert holder.execute("SELECT pg_backend_pid()").fetchone()[0] == pid  # kept
+    assert pinned(router) == 1
+    other = psycopg.connect(router.dsn("carol"), autocommit=True)
+    # (Calling pg_try_advisory_lock pins too, even when it fails: pinning is generous.)
+    assert other.execute("SELECT pg_try_advisory_lock(4242)").fetchone() == (False,)
+    assert pinned(router) == 2
+    holder.close()  # dies holding the lock
+    router.wait_for(lambda r: len(r.pinned_clients) == 1, what="the dead holder's pin released")
+    router.wait_for(lambda r: sum(p.stats()["active"] for p in r.pools.pools.values()) == 1, what="its server back")
+    assert other.execute("SELECT pg_try_advisory_lock(4242)").fetchone() == (True,)
+    other.execute("SELECT pg_advisory_unlock_all()")
+    assert pinned(router) == 0
+    # The dead holder's server connection was reset before reuse: nothing holds the lock.
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as third:
+        third.execute("BEGIN")
+        assert third.execute("SELECT pg_try_advisory_xact_lock(4242)").fetchone() == (True,)
+        third.execute("COMMIT")
+    other.close()
+
+
+def test_unlock_all_unpins(start_router):
+    router = start_router(pool_size=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(7)")
+        assert pinned(router) == 1
+        conn.execute("SELECT pg_advisory_unlock_all()")
+        assert pinned(router) == 0
+        router.wait_for(lambda r: all(p.stats()["active"] == 0 for p in r.pools.pools.values()), what="released")
+
+
+def test_xact_advisory_lock_does_not_pin(router):
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(8)")
+        assert pinned(router) == 0
+
+
+@pytest.mark.parametrize(
+    "setup, check",
+    [
+        ("CREATE TEMP TABLE pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
+        ("BEGIN; DECLARE pin_c CURSOR WITH HOLD FOR SELECT 1 AS x; COMMIT", "FETCH pin_c"),
+        ("SET ROLE pgr_trust", "SELECT current_user = 'pgr_trust'"),
+    ],
+    ids=["temp-table", "with-hold-cursor", "set-role"],
+)
+def test_session_objects_pin_until_discard_all(start_router, setup, check):
+    router = start_router(pool_size=1, query_wait_timeout=1)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    conn.execute(setup)
+    assert pinned(router) == 1
+    assert conn.execute(check).fetchone() in [(1,), (True,)]
+    # Another client cannot have that server connection meanwhile ...
+    other = psycopg.connect(router.dsn("carol"), autocommit=True)
+    with pytest.raises(psycopg.errors.TooManyConnections):
+        other.execute("SELECT 1")
+    conn.execute("DISCARD ALL")
+    assert pinned(router) == 0
+    # ... and gets it, clean, once the state is gone.
+    assert other.execute("SELECT current_user, to_regclass('pin_t')").fetchone() == ("postgres", None)
+    conn.close()
+    other.close()
