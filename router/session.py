@@ -89,7 +89,10 @@ class ClientStatement:
 class ServerStatements:
     """What one server connection has prepared, and the replies it still owes."""
 
-    __slots__ = ("prepared", "parse_q", "close_q", "sent_z", "recv_z", "max_prepared", "validated")
+    __slots__ = (
+        "prepared", "parse_q", "close_q", "sent_z", "recv_z", "max_prepared", "validated",
+        "error_segment",
+    )
 
     def __init__(
         self, max_prepared: int = DEFAULT_MAX_PREPARED, validated: set[bytes] | None = None
@@ -101,11 +104,15 @@ class ServerStatements:
         self.close_q: deque[tuple[int, int]] = deque()
         self.sent_z = 0  # Query/Sync/FunctionCall messages sent: each earns one ReadyForQuery
         self.recv_z = 0
+        # The segment whose ErrorResponse has arrived: the server skips the rest of it, so
+        # messages still sent into it get no replies and are not queued.
+        self.error_segment = -1
         self.max_prepared = max_prepared
 
     def on_error(self) -> None:
         """An ErrorResponse: what was queued in the failing segment gets no reply."""
         segment = self.recv_z
+        self.error_segment = segment
         parse_q = self.parse_q
         while parse_q and parse_q[0][0] == segment:
             _, _, name = parse_q.popleft()
@@ -208,6 +215,11 @@ def rewrite_for_server(
         end = pos + 1 + _unpack_len(data, pos + 1)[0]
         if end > n:
             break
+        if segment == server.error_segment and t != _S and t != _Q and t != _F:
+            # The server already failed this segment and skips to its Sync: these messages
+            # get no replies, change nothing, and must not be queued.
+            pos = end
+            continue
         if t == _P:
             name_end = _cstring_end(data, pos + 5, end)
             if name_end == pos + 5:

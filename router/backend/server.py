@@ -149,6 +149,8 @@ class ServerConnection(asyncio.Protocol):
                         swallow_from = -1
                     continue
                 ready = True
+            elif t == _E:
+                st.on_error()
             elif st.parse_q or st.close_q:
                 if t == _PARSE_COMPLETE:
                     _, action, name = st.parse_q.popleft()
@@ -162,8 +164,6 @@ class ServerConnection(asyncio.Protocol):
                         cuts = _cut(cuts, pos, b"")
                     elif action == AS_PARSE_COMPLETE:
                         cuts = _cut(cuts, pos, PARSE_COMPLETE)
-                elif t == _E:
-                    st.on_error()
             pos += 1 + length
         self._skip = pos - n
         if swallow_from >= 0:

@@ -57,7 +57,8 @@ _EXTENDED = frozenset(b"PBEDCH")
 _NAMED = frozenset(b"PBDC")
 _P_, _B_, _C_ = ord("P"), ord("B"), ord("C")
 # What a chunk needs on its way to a server (bits): reply counting for an unnamed Parse or
-# Close, rewriting for a named statement, forgetting the server's prepared statements.
+# Close, rewriting for a named statement, forgetting the server's prepared statements,
+# settings reset to the server's defaults.
 _COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET = 1, 2, 4, 8
 _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
 # SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
@@ -431,7 +432,9 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> None:
         # Unnamed Parse/Close replies need counting only while a rewritten one's reply is owed.
         st = server.stmts
-        if rewrite & _NEEDS_REWRITE or (rewrite & _COUNT_REPLIES and (st.parse_q or st.close_q)):
+        # Every Parse/Close is counted: an uncounted ParseComplete still in flight would be
+        # matched to the next counted one (pipelines mixing unnamed and named statements).
+        if rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES):
             try:
                 data = rewrite_for_server(data, start, self.statements, self.router.statements, server.stmts)
             except ProtocolError as exc:

@@ -537,12 +537,6 @@ def test_close_skipped_after_an_error(start_router):
     assert rows(replies) == [("a",)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: messages of a failed Sync segment sent after its ErrorResponse was read (Bind + "
-    "Flush, then more) queue reply entries that never come: the router believes the skipped "
-    "Parse succeeded and the queues drift",
-)
 def test_messages_after_the_error_was_read_but_before_sync(start_router):
     router = start_router(pool_size=1)
     raw = connect(router)
@@ -551,18 +545,11 @@ def test_messages_after_the_error_was_read_but_before_sync(start_router):
     assert (msg_type, m.parse_error_fields(body)["C"]) == (b"E", "26000")
     assert kinds(exchange(raw, parse(b"b", b"SELECT 'b'") + SYNC)) == "Z"  # skipped
     replies = exchange(raw, parse(b"b", b"SELECT 'b'") + bind(b"", b"b") + execute() + SYNC)
-    assert errors(replies) == []  # today: 26000 prepared statement "pgr_0" does not exist
+    assert errors(replies) == []
     assert (kinds(replies), rows(replies)) == ("12DCZ", [("b",)])
     assert_settled(router)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (frontend/client.py _send): an unnamed Parse sent while no reply is owed is not "
-    "counted; when a named Parse follows in a later chunk, the unnamed one's ParseComplete is "
-    "taken for it, so a failing statement is marked validated and its next Parse+Sync is "
-    "answered ParseComplete by the router instead of the syntax error",
-)
 def test_unnamed_parse_before_a_failing_named_parse_in_another_chunk(start_router):
     router = start_router(pool_size=1)
     raw = connect(router)
