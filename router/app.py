@@ -72,7 +72,6 @@ class Router:
             self.settings.listen_port,
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
-            reuse_port=True,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.settings.listen_host, self.port)

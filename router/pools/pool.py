@@ -241,18 +241,19 @@ class Pool:
         # Counted now, not when the task first runs: several clients queueing in the same
         # loop iteration must not each open a connection beyond pool_size.
         self.connecting += 1
-        self._spawn(self._open_for_waiters() if for_waiters else self._open_idle())
+        self._spawn(self._open_and_release(for_waiters))
 
-    async def _open_for_waiters(self) -> None:
+    async def _open_and_release(self, for_waiters: bool) -> None:
+        """Open one connection (for waiters, or to keep min_pool_size) and hand it over."""
         try:
             try:
                 server = await self.open_connection()
             finally:
                 self.connecting -= 1
         except RouterError as exc:
-            log.warning("pool %s: %s", self.name, exc.message)
+            log.warning("pool %s: cannot open a server connection: %s", self.name, exc.message)
             # Fail the oldest waiter with the reason rather than letting it time out blindly.
-            if self.waiters:
+            if for_waiters and self.waiters:
                 waiter, _ = self.waiters.popleft()
                 waiter.server_failed(exc)
             return
@@ -298,17 +299,6 @@ class Pool:
         missing = s.min_size - len(self.servers) - self.connecting
         for _ in range(max(0, missing)):
             self._start_connect(for_waiters=False)
-
-    async def _open_idle(self) -> None:
-        try:
-            try:
-                server = await self.open_connection()
-            finally:
-                self.connecting -= 1
-        except RouterError as exc:
-            log.warning("pool %s: cannot open min_pool_size connection: %s", self.name, exc.message)
-            return
-        self.release(server)
 
     def stats(self) -> dict[str, int]:
         return {
