@@ -1,0 +1,209 @@
+"""The slow path of a client connection: startup packets, TLS upgrade and authentication,
+read as whole packets by a coroutine (``ClientConnection`` feeds it from ``data_received``
+until login is over and the forwarding hot path takes over)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+
+from router.config import AuthMethod, ClientTLS, PoolMode
+from router.protocol import messages as m
+from router.protocol.auth import (
+    SCRAM_SHA_256,
+    AuthFailed,
+    ScramServerExchange,
+    ScramVerifier,
+    md5_check,
+)
+from router.protocol.errors import ProtocolError, RouterError, SQLState
+from router.protocol.startup import (
+    MAX_STARTUP_PACKET,
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    parse_startup_packet,
+    startup_packet_length,
+)
+from router.session import SessionSettings
+
+log = logging.getLogger("pgrouter.client")
+
+_unpack_len = struct.Struct("!I").unpack_from
+
+# Connection states shared with router/frontend/client.py.
+STARTUP, READY, CLOSED = 0, 1, 2
+
+
+class LoginMixin:
+    """Startup and authentication for ``ClientConnection`` (which provides the state)."""
+
+    # --- slow path: startup and authentication ---------------------------------------
+
+    async def _read_exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def _read_startup_packet(self):
+        head = await self._read_exact(4)
+        length = startup_packet_length(head)
+        assert length is not None and length <= MAX_STARTUP_PACKET
+        return parse_startup_packet(head + await self._read_exact(length - 4))
+
+    async def _read_message(self, expected: bytes) -> bytes:
+        head = await self._read_exact(5)
+        length = _unpack_len(head, 1)[0]
+        if head[:1] != expected:
+            raise ProtocolError(f"expected message {expected!r}, received {head[:1]!r}")
+        if length < 4 or length > MAX_STARTUP_PACKET:
+            raise ProtocolError(f"invalid message length {length} during authentication")
+        return await self._read_exact(length - 4)
+
+    def _login_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, RouterError):
+            self.fail(exc)
+        elif isinstance(exc, TimeoutError):
+            log.warning("client %s: client_login_timeout expired during login; closing", self.peer)
+            self.fail(
+                RouterError(
+                    SQLState.PROTOCOL_VIOLATION,
+                    f"client_login_timeout ({self.settings.client_login_timeout:g}s) expired during login",
+                ),
+                logged=True,
+            )
+        elif isinstance(exc, ConnectionError):
+            pass
+        else:
+            log.error("client %s: login failed", self.peer, exc_info=exc)
+            self.fail(RouterError(SQLState.INTERNAL_ERROR, "internal error during login"))
+
+    async def _login(self) -> None:
+        async with asyncio.timeout(self.settings.client_login_timeout):
+            startup = await self._negotiate()
+            if startup is None:
+                return
+            await self._authenticate(startup)
+        await self._finish_login()
+
+    async def _negotiate(self) -> StartupMessage | None:
+        """Read startup-phase packets until a StartupMessage (SSL/GSS requests first)."""
+        tls_mode = self.settings.client_tls
+        asked_ssl = False
+        while True:
+            packet = await self._read_startup_packet()
+            if isinstance(packet, CancelRequest):
+                self.router.cancel(packet.process_id, packet.secret_key)
+                self.state = CLOSED
+                self.transport.close()
+                return None
+            if isinstance(packet, GSSENCRequest):
+                self.transport.write(b"N")
+                continue
+            if isinstance(packet, SSLRequest):
+                if asked_ssl or self.tls:
+                    raise ProtocolError("SSLRequest sent twice")
+                asked_ssl = True
+                ctx = self.router.client_tls_context
+                if tls_mode is ClientTLS.DISABLE or ctx is None:
+                    self.transport.write(b"N")
+                    continue
+                if self._buf:
+                    # CVE-2021-23214: bytes sent before the TLS handshake must not be trusted.
+                    raise ProtocolError("received unencrypted data after SSL request")
+                self.transport.write(b"S")
+                loop = asyncio.get_running_loop()
+                self.transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
+                self.tls = True
+                continue
+            assert isinstance(packet, StartupMessage)
+            if tls_mode is ClientTLS.REQUIRE and not self.tls:
+                raise RouterError(
+                    SQLState.INVALID_AUTHORIZATION,
+                    "TLS is required: connect with sslmode=require (client_tls = require)",
+                )
+            if packet.minor > 0 or packet.protocol_options:
+                # 55.2.1: answer with the newest minor version we speak and the options we
+                # did not recognise, then carry on in 3.0.
+                self.transport.write(m.negotiate_protocol_version(0, packet.protocol_options))
+            return packet
+
+    async def _authenticate(self, startup: StartupMessage) -> None:
+        self.user = startup.user
+        self.database = startup.database
+        self.startup_params = {
+            k: v for k, v in startup.params.items() if k not in ("user", "database") and not k.startswith("_pq_.")
+        }
+        if not self.user:
+            raise RouterError(SQLState.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+        if not self.router.admit_client(self):
+            raise RouterError(
+                SQLState.TOO_MANY_CONNECTIONS,
+                f"sorry, too many clients already (max_client_conn {self.settings.max_client_conn})",
+            )
+        user = self.settings.users.get(self.user)
+        method = user.auth if user is not None else AuthMethod.SCRAM
+        failed = RouterError(
+            SQLState.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
+        )
+        if method is AuthMethod.TRUST:
+            pass
+        elif method is AuthMethod.MD5:
+            salt = os.urandom(4)
+            self.transport.write(m.auth_md5(salt))
+            response = m.parse_password_message(await self._read_message(b"p"))
+            if not md5_check(user.password, salt, response):
+                raise failed
+        else:
+            # Unknown users go through the same exchange against a dummy verifier, so the
+            # answer takes as long and says the same as a wrong password.
+            verifier = ScramVerifier.parse(user.password) if user is not None else None
+            exchange = ScramServerExchange(verifier)
+            self.transport.write(m.auth_sasl([SCRAM_SHA_256]))
+            mechanism, client_first = m.parse_sasl_initial_response(await self._read_message(b"p"))
+            if mechanism != SCRAM_SHA_256:
+                raise ProtocolError(f"client selected an invalid SASL mechanism {mechanism!r}")
+            self.transport.write(m.auth_sasl_continue(exchange.first(client_first)))
+            try:
+                server_final = exchange.final(await self._read_message(b"p"))
+            except AuthFailed as exc:
+                raise failed from exc
+            self.transport.write(m.auth_sasl_final(server_final))
+        self.transport.write(m.auth_ok())
+
+    async def _finish_login(self) -> None:
+        target = self.router.resolve_database(self)  # raises 3D000 for an unknown database
+        self.pool_mode = target.pool_mode
+        self.rewrite_statements = self.pool_mode is PoolMode.TRANSACTION
+        self.session = SessionSettings(self.startup_params)
+        self.pool = target.pool
+        params = dict(await self.pool.learn_server_params())
+        # A dedicated server would echo the client's own application_name.
+        if "application_name" in self.startup_params:
+            params["application_name"] = self.startup_params["application_name"]
+        self.cancel_pid, self.cancel_key = self.router.register_client(self)
+        out = bytearray()
+        for name, value in params.items():
+            out += m.parameter_status(name, value)
+        out += m.backend_key_data(self.cancel_pid, self.cancel_key)
+        out += m.ready_for_query(m.IDLE)
+        if self.state == CLOSED:
+            return
+        self.transport.write(bytes(out))
+        self.state = READY
+        log.debug("client %s@%s/%s logged in", self.user, self.peer, self.database)
+        rest = bytes(self._buf)
+        self._buf.clear()
+        if rest:
+            self.data_received(rest)
