@@ -11,6 +11,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 
+from router.backend.server import ServerConnection
 from router.config import DatabaseConfig, PoolMode, Settings
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager
@@ -142,19 +143,26 @@ class Router:
         server = client.server
         if server is None or server.pending == 0:
             return
-        pool_key = server.pool.key
-        self.spawn(self._send_cancel(pool_key.host, pool_key.port, server.backend_pid, server.backend_key))
+        server.cancels_in_flight += 1
+        self.spawn(self._send_cancel(server))
 
-    async def _send_cancel(self, host: str, port: int, pid: int, key: int) -> None:
+    async def _send_cancel(self, server: ServerConnection) -> None:
+        host, port = server.pool.key.host, server.pool.key.port
         try:
             async with asyncio.timeout(self.settings.server_connect_timeout):
                 reader, writer = await asyncio.open_connection(host, port)
-                writer.write(build_cancel_request(pid, key))
+                writer.write(build_cancel_request(server.backend_pid, server.backend_key))
                 await writer.drain()
-                await reader.read()  # the server closes the connection when done
+                # The postmaster closes the connection once it has signalled the backend.
+                await reader.read()
                 writer.close()
         except (OSError, TimeoutError) as exc:
             log.warning("could not forward cancel to %s:%d: %s", host, port, exc)
+        finally:
+            server.cancels_in_flight -= 1
+            if not server.cancels_in_flight and server.release_after_cancel:
+                server.release_after_cancel = False
+                server.pool.release(server)
 
     # --- the routing seam ------------------------------------------------------------
 

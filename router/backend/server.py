@@ -86,6 +86,10 @@ class ServerConnection(asyncio.Protocol):
         # SessionSettings.key), and how many prelude ReadyForQuery replies are still to drop.
         self.session_key: frozenset | None = None
         self.swallow_z = 0
+        # While a CancelRequest for this backend is on its way, the connection is not handed
+        # to another client: the signal could otherwise land on that client's query.
+        self.cancels_in_flight = 0
+        self.release_after_cancel = False
         self._reader = MessageReader()
         self._wakeup: asyncio.Future | None = None
         self._lost = asyncio.get_running_loop().create_future()

@@ -150,6 +150,9 @@ class Pool:
         """Take back a connection that is idle (ReadyForQuery 'I', nothing pending)."""
         if server.closed:
             return
+        if server.cancels_in_flight:
+            server.release_after_cancel = True  # Router._send_cancel releases it when done
+            return
         lifetime = self.settings.lifetime
         if lifetime and time.monotonic() - server.created_at > lifetime:
             server.close("server_lifetime reached")

@@ -99,3 +99,25 @@ def test_cancel_when_idle_does_nothing(router):
     conn.cancel_safe()
     assert conn.execute("SELECT 1").fetchone() == (1,)
     conn.close()
+
+
+def test_server_held_during_a_cancel_goes_back_to_the_pool(start_router):
+    """A server connection is kept out of the pool while a cancel for it is in flight (so the
+    signal cannot hit another client's query), and returns once the cancel is done."""
+    router = start_router(pool_size=1)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    for _ in range(5):
+        outcome: list = []
+        t = threading.Thread(target=_run_sleep, args=(conn, outcome))
+        t.start()
+        router.wait_for(lambda r: any(s.pending for p in r.pools.pools.values() for s in p.servers), what="query running")
+        conn.cancel_safe()
+        t.join(10)
+        assert outcome == ["57014"]
+        router.wait_for(
+            lambda r: all(s.cancels_in_flight == 0 for p in r.pools.pools.values() for s in p.servers)
+            and sum(p.stats()["idle"] for p in r.pools.pools.values()) == 1,
+            what="server back in the pool after the cancel",
+        )
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    conn.close()
