@@ -291,10 +291,33 @@ def set_config_sql(name: str, value: str) -> str:
     return f"SELECT pg_catalog.set_config({_literal(name)}, {_literal(value)}, false)"
 
 
+def _split_options(options: str) -> list[str]:
+    """Words of the ``options`` parameter: whitespace separates, a backslash escapes the next
+    character (as the server's own pg_split_opts)."""
+    words: list[str] = []
+    word: list[str] = []
+    escaped = False
+    for ch in options:
+        if escaped:
+            word.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch.isspace():
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(ch)
+    if word:
+        words.append("".join(word))
+    return words
+
+
 def _options_settings(options: str) -> dict[str, str]:
     """``-c name=value`` and ``--name=value`` pairs of the startup ``options`` parameter."""
     out: dict[str, str] = {}
-    words = options.split()
+    words = _split_options(options)
     i = 0
     while i < len(words):
         word = words[i]
@@ -307,7 +330,7 @@ def _options_settings(options: str) -> dict[str, str]:
             pair = word[2:]
         if pair and "=" in pair:
             name, value = pair.split("=", 1)
-            out[name.replace("-", "_").lower()] = value.replace("\\ ", " ")
+            out[name.replace("-", "_").lower()] = value
         i += 1
     return out
 

@@ -1,0 +1,107 @@
+"""SessionSettings (what a transaction-mode client's server connection must carry) and the
+pin patterns of the client hot path, without servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.frontend.client import _PIN_SQL, _SESSION_SQL, _SQL_PREPARED
+from router.session import SessionSettings, _options_settings, set_config_sql
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ("", {}),
+        ("-c search_path=a,b", {"search_path": "a,b"}),
+        ("-csearch_path=a", {"search_path": "a"}),
+        ("--statement-timeout=5s -c DateStyle=ISO", {"statement_timeout": "5s", "datestyle": "ISO"}),
+        ("-c application_name=two\\ words", {"application_name": "two words"}),
+        ("-c", {}),
+        ("-c novalue", {}),
+    ],
+)
+def test_options_parameter(options, expected):
+    assert _options_settings(options) == expected
+
+
+def test_set_config_sql_quotes_literals():
+    assert set_config_sql("a.b", "it's") == "SELECT pg_catalog.set_config('a.b', 'it''s', false)"
+
+
+def test_no_settings_needs_no_prelude_on_a_clean_server():
+    s = SessionSettings({"user": "u", "database": "d"})
+    assert s.key is None
+    assert s.prelude(None) == []
+
+
+def test_startup_parameters_are_replayed_and_reset_returns_to_them():
+    s = SessionSettings({"user": "u", "application_name": "app", "options": "-c search_path=x"})
+    assert s.prelude(None) == [
+        "RESET ALL",
+        set_config_sql("application_name", "app"),
+        set_config_sql("search_path", "x"),
+    ]
+    startup_key = s.key
+    s.set("search_path", "SET search_path = y")
+    assert s.key != startup_key
+    assert s.prelude(startup_key)[-1] == "SET search_path = y"
+    s.reset("search_path")
+    assert s.key == startup_key
+    s.set("timezone", "SET TimeZone = 'UTC'")
+    s.reset_all()
+    assert s.key == startup_key
+    assert s.prelude(startup_key) == []
+
+
+def test_another_clients_settings_are_reset_even_when_we_have_none():
+    ours = SessionSettings({"user": "u"})
+    theirs = SessionSettings({"user": "v", "application_name": "other"})
+    assert ours.prelude(theirs.key) == ["RESET ALL"]
+
+
+@pytest.mark.parametrize(
+    "sql, pins",
+    [
+        ("LISTEN ch", ["LISTEN"]),
+        ("UNLISTEN *", ["UNLISTEN *"]),
+        ("unlisten ch", []),
+        ("SELECT pg_advisory_lock(1)", ["pg_advisory_lock"]),
+        ("SELECT pg_try_advisory_lock_shared(1, 2)", ["pg_try_advisory_lock_shared"]),
+        ("SELECT pg_advisory_xact_lock(1)", []),
+        ("SELECT pg_advisory_unlock_all()", ["pg_advisory_unlock_all"]),
+        ("CREATE TEMP TABLE t (x int)", ["CREATE TEMP TABLE"]),
+        ("create global temporary table t (x int)", ["create global temporary table"]),
+        ("CREATE TABLE t (x int)", []),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", ["WITH HOLD"]),
+        ("SET ROLE r", ["SET ROLE"]),
+        ("SET SESSION AUTHORIZATION r", ["SET SESSION AUTHORIZATION"]),
+        ("RESET ROLE", ["RESET ROLE"]),
+        ("DISCARD ALL", ["DISCARD ALL"]),
+        ("SELECT listening FROM t", []),
+    ],
+)
+def test_pin_patterns(sql, pins):
+    assert [m.group(0).decode() for m in _PIN_SQL.finditer(sql.encode())] == pins
+
+
+@pytest.mark.parametrize(
+    "sql, session, refused",
+    [
+        ("SET x = 1", True, False),
+        ("  reset all", True, False),
+        ("DISCARD ALL", True, False),
+        ("PREPARE q AS SELECT 1", True, True),
+        ("EXECUTE q", True, True),
+        ("DEALLOCATE q", True, True),
+        ("DEALLOCATE ALL", True, False),
+        ("DEALLOCATE PREPARE ALL", True, False),
+        ("PREPARE TRANSACTION 'x'", True, False),
+        ("SELECT 1", False, False),
+        ("settle", False, False),
+    ],
+)
+def test_query_prefilters(sql, session, refused):
+    data = sql.encode()
+    assert bool(_SESSION_SQL.match(data)) is session
+    assert bool(_SQL_PREPARED.match(data)) is refused
