@@ -65,6 +65,12 @@ _PIN_SQL = re.compile(
     rb"|set\s+(?:session\s+)?role|set\s+session\s+authorization"
     rb"|reset\s+role|reset\s+session\s+authorization|discard\s+all)\b)"
 )
+# Cheap first look on the hot path: a Query whose text starts with one of these words, or
+# mentions advisory locks, is examined with the patterns above and below. (A LISTEN or
+# CREATE TEMP later in a multi-statement query, or a mixed-case Pg_Advisory_Lock, is missed.)
+_SPECIAL_START = re.compile(
+    rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin)\b"
+)
 # Statements that change session state (or name SQL-level prepared statements) start with
 # one of these; only those are parsed. A DISCARD ALL / DEALLOCATE ALL later in a
 # multi-statement query is not seen (DISCARD ALL cannot run there anyway).
@@ -176,16 +182,22 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 # A simple Query also ends with ReadyForQuery after everything before it.
                 syncs += 1
                 self.unsynced = False
-                if self.rewrite_statements and _PIN_SQL.search(data, pos + 5, pos + 1 + length):
-                    self._track_pins(data, pos + 5, min(pos + 1 + length, n))
-                if self.rewrite_statements and _SESSION_SQL.match(data, pos + 5, pos + 69):
-                    # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE: look closer.
-                    end = pos + 1 + length
+                end = pos + 1 + length
+                if self.rewrite_statements and (
+                    _SPECIAL_START.match(data, pos + 5, pos + 69)
+                    or data.find(b"advisory", pos + 5, end) >= 0
+                    or data.find(b"ADVISORY", pos + 5, end) >= 0
+                ):
+                    # Might change session state or pin: look closer, at the whole message.
                     if end > n:
                         self._hold_back(data, pos, 1 + length)
                         data = data[:pos]
                         n = pos
                         break
+                    if _PIN_SQL.search(data, pos + 5, end):
+                        self._track_pins(data, pos + 5, end)
+                if self.rewrite_statements and _SESSION_SQL.match(data, pos + 5, pos + 69):
+                    # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE.
                     if _SQL_PREPARED.match(data, pos + 5, min(end, pos + 69)):
                         # Refused by substitution: the server raises the error, so it lands
                         # in order and fails an open transaction exactly like any error.
@@ -211,8 +223,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             rewrite = True
                         else:
                             parse_or_close = True
-                        if _PIN_SQL.search(data, pos + 5, pos + 1 + length):
-                            self._track_pins(data, pos + 5, pos + 1 + length)
+                        end = pos + 1 + length
+                        if (
+                            data.find(b"advisory", pos + 5, end) >= 0
+                            or data.find(b"ADVISORY", pos + 5, end) >= 0
+                            or _SPECIAL_START.match(data, data.find(b"\0", pos + 5, end) + 1, end)
+                        ) and _PIN_SQL.search(data, pos + 5, end):
+                            self._track_pins(data, pos + 5, end)
                     elif t == _B_:
                         if data[pos + 5] or data[pos + 6]:
                             rewrite = True
