@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 
 from router.backend.server import ServerConnection
-from router.config import DatabaseConfig, PoolMode, Settings
+from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager
 from router.pools.pool import Pool
@@ -20,7 +20,13 @@ from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
 from router.routing.classify import ClassifierCache
 from router.routing.functions import FunctionCatalog
+from router.routing.route import RouteReason, VerdictCache, decide, held_verdict
+from router.routing.verdict import StatementKind
+from router.routing.verdict import Target as NodeKind
 from router.session import StatementRegistry
+from router.splitting import SplitCluster
+from router.topology.catalog import ConnectParams, FunctionCatalogs
+from router.topology.cluster import NodeState
 
 log = logging.getLogger("pgrouter")
 
@@ -34,6 +40,57 @@ class Target:
     database: DatabaseConfig
     pool: Pool
     pool_mode: PoolMode
+    route: DatabaseRoute | None = None  # None: one node, no read/write splitting
+
+
+class DatabaseRoute:
+    """One database (as its server connections log in) of a cluster with replicas: the pools
+    on each node and the verdict cache for its function catalog."""
+
+    def __init__(
+        self, router: Router, db: DatabaseConfig, dbname: str, user: str, primary_pool: Pool, split: SplitCluster
+    ) -> None:
+        self.router = router
+        self.db = db
+        self.dbname = dbname
+        self.user = user
+        self.split = split
+        # Function volatilities of this database, read from its primary (catalog.py).
+        self.catalog_key = (split.name, primary_pool.key.dbname)
+        router.catalogs.register(
+            self.catalog_key,
+            ConnectParams(
+                host=split.configured_primary.host,
+                port=split.configured_primary.port,
+                database=primary_pool.key.dbname,
+                user=primary_pool.key.user,
+                password=db.server_password,
+                ssl=False,
+            ),
+        )
+        self.catalog = router.catalogs.get(self.catalog_key)
+        classifier = router.classifier
+        self.verdicts = VerdictCache(lambda sql: classifier.classify(sql, self.catalog))
+        self._pools: dict[NodeState, Pool] = {}
+
+    def current_catalog(self) -> None:
+        """Follow the catalog of this database (a reload is a new object)."""
+        catalog = self.router.catalogs.get(self.catalog_key)
+        if catalog is not self.catalog:
+            self.catalog = catalog
+            self.verdicts.reset()
+
+    def undefined_function(self) -> None:
+        """A server answered 42883: the function may be new; read the catalog again."""
+        self.router.catalogs.invalidate(self.catalog_key)
+
+    def pool(self, node: NodeState) -> Pool:
+        pool = self._pools.get(node)
+        if pool is None:
+            pool = self.router.pools.pool_for(self.db, self.dbname, self.user, node)
+            pool.on_undefined_function = self.undefined_function
+            self._pools[node] = pool
+        return pool
 
 
 class Router:
@@ -53,6 +110,17 @@ class Router:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
+        # Read/write splitting for every cluster that has replicas.
+        self.splits: dict[str, SplitCluster] = {
+            name: SplitCluster(name, cluster, settings)
+            for name, cluster in settings.clusters.items()
+            if cluster.replicas
+        }
+        self.db_routes: dict[tuple[str, str, str], DatabaseRoute] = {}
+        self.catalogs = FunctionCatalogs(
+            refresh_interval=settings.function_catalog_refresh, builtin=self.functions
+        )
+        self.first_statement = settings.transaction_routing is TransactionRouting.FIRST_STATEMENT
 
     def _client_tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -67,6 +135,9 @@ class Router:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.pools.start()
+        self.catalogs.start()
+        if self.splits:
+            await asyncio.gather(*(split.start() for split in self.splits.values()))
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             self.settings.listen_host,
@@ -83,6 +154,9 @@ class Router:
         for client in list(self.clients.values()):
             client.fail(RouterError(SQLState.ADMIN_SHUTDOWN, "terminating connection: router is shutting down"))
         await self.pools.stop()
+        for split in self.splits.values():
+            await split.stop()
+        await self.catalogs.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -173,8 +247,60 @@ class Router:
             raise RouterError(SQLState.INVALID_CATALOG_NAME, f'database "{client.database}" does not exist')
         cluster = self.settings.clusters[db.cluster]
         pool = self.pools.pool_for(db, client.database, client.user, cluster.primary)
-        return Target(db, pool, pool.settings.mode)
+        split = self.splits.get(db.cluster)
+        route = None
+        if split is not None:
+            key = (db.cluster, pool.key.dbname, pool.key.user)
+            route = self.db_routes.get(key)
+            if route is None:
+                route = self.db_routes[key] = DatabaseRoute(self, db, client.database, client.user, pool, split)
+        return Target(db, pool, pool.settings.mode, route)
 
     def pool_for_transaction(self, client: ClientConnection) -> Pool:
-        """The pool that serves ``client``'s next transaction. Today: its primary pool."""
-        return client.pool
+        """The pool that serves ``client``'s next transaction, judged from the messages it
+        holds (``client._held``). Raises RouterError when no node can take it."""
+        route = client.db_route
+        if route is None:
+            return client.pool
+        split = route.split
+        route.current_catalog()
+        if client.pool_mode is PoolMode.SESSION:
+            return route.pool(split.primary())
+        first, combined, client.last_unnamed = held_verdict(
+            client._held, route.verdicts.verdict, client.statement_sql, client.last_unnamed
+        )
+        if (
+            client.deferred_begin is not None
+            and not self.first_statement
+            and (first is None or first.kind is not StatementKind.SET_TRANSACTION_READ_ONLY)
+        ):
+            # Conservative: BEGIN; ... runs on the primary. Whether it writes (read-your-writes)
+            # is judged from its statements as they come (ClientConnection._forward).
+            node = split.primary()
+            split.decisions["primary", RouteReason.WRITE] += 1
+            client.wrote = combined is not None and combined.target is NodeKind.PRIMARY
+            client.watch_writes = not client.wrote
+            return route.pool(node)
+        else:
+            target, reason = decide(
+                first,
+                combined,
+                session_target=client.session_target,
+                read_only_session=client.read_only_session,
+                pinned=bool(client.pins),
+            )
+        if target is NodeKind.REPLICA:
+            node, why = split.replica(client)
+            if node is not None:
+                split.decisions["replica", reason] += 1
+                node.in_flight += 1
+                client.replica_node = node
+                return route.pool(node)
+            split.fallback(why)
+            reason = why
+        node = split.primary()
+        split.decisions["primary", reason] += 1
+        # Read-your-writes: did it write? Hinted statements count (the hint hides the rest).
+        client.wrote = combined is not None and combined.target is NodeKind.PRIMARY
+        client.watch_writes = not client.wrote
+        return route.pool(node)

@@ -52,14 +52,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TransactionRouting(StrEnum):
+    CONSERVATIVE = "conservative"
+    FIRST_STATEMENT = "first_statement"
+
+
+class ReplicaFallback(StrEnum):
+    PRIMARY = "primary"
+    ERROR = "error"
+
+
+class ReadYourWrites(StrEnum):
+    SESSION = "session"
+    OFF = "off"
+
+
 class NodeAddress(_Strict):
     host: str
     port: int = Field(5432, ge=1, le=65535)
+    # Share of reads relative to the cluster's other replicas (0 drains the node).
+    weight: float = Field(1.0, ge=0)
 
 
 class ClusterConfig(_Strict):
     primary: NodeAddress
     replicas: list[NodeAddress] = []
+    # A replica further behind than either limit serves no reads until it is back under.
+    max_replica_lag: float = Field(1.0, ge=0)  # seconds
+    max_replica_lag_bytes: int | None = Field(None, ge=0)
+    # No eligible replica: run the read on the primary, or fail it with SQLSTATE 57P03.
+    replica_fallback: ReplicaFallback = ReplicaFallback.PRIMARY
+    # What the topology monitor logs in as (default: the server_user/password of the first
+    # database on this cluster, else postgres) and to which database.
+    monitor_user: str | None = None
+    monitor_password: str | None = None
+    monitor_dbname: str = "postgres"
 
 
 class DatabaseConfig(_Strict):
@@ -125,6 +152,13 @@ class Settings(BaseSettings):
     server_application_name: str = "pgrouter"
 
     log_level: str = "INFO"
+
+    # Read/write splitting (clusters with replicas; README "Read/write splitting").
+    lag_check_interval: float = Field(0.25, gt=0)
+    transaction_routing: TransactionRouting = TransactionRouting.CONSERVATIVE
+    read_your_writes: ReadYourWrites = ReadYourWrites.SESSION
+    # How often each database's function volatilities (pg_proc) are re-read.
+    function_catalog_refresh: float = Field(60.0, gt=0)
 
     clusters: dict[str, ClusterConfig] = {}
     databases: dict[str, DatabaseConfig] = {}

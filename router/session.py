@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from router.protocol.errors import ProtocolError
 from router.protocol.framing import frame
+from router.routing.session_statements import parse_bool
 
 _unpack_len = struct.Struct("!I").unpack_from
 _pack_len = struct.Struct("!I").pack
@@ -380,3 +381,13 @@ class SessionSettings:
         if server_key == self.key:
             return []
         return ["RESET ALL", *self._sets.values()]
+
+
+def startup_read_only(startup_params: dict[str, str]) -> bool:
+    """Whether the startup packet makes the session's transactions read-only
+    (``default_transaction_read_only``, as a parameter or in ``options``)."""
+    value = _options_settings(startup_params.get("options", "")).get("default_transaction_read_only")
+    for name, param in startup_params.items():
+        if name.lower() == "default_transaction_read_only":
+            value = param
+    return bool(value is not None and parse_bool(value))

@@ -35,8 +35,9 @@ def users_config() -> dict[str, dict[str, str]]:
     return users
 
 
-def router_config(cluster: Cluster, **overrides: Any) -> dict[str, Any]:
-    """A configuration dict: database `app` on the test cluster, pooled as postgres."""
+def router_config(cluster: Cluster, *, split: bool = False, **overrides: Any) -> dict[str, Any]:
+    """A configuration dict: database `app` on the test cluster, pooled as postgres. Only
+    the primary unless ``split``: then both replicas too, with read/write splitting."""
     config: dict[str, Any] = {
         "listen_host": "127.0.0.1",
         "listen_port": 0,
@@ -45,7 +46,7 @@ def router_config(cluster: Cluster, **overrides: Any) -> dict[str, Any]:
         "clusters": {
             "main": {
                 "primary": {"host": cluster.primary.host, "port": cluster.primary.port},
-                "replicas": [{"host": r.host, "port": r.port} for r in cluster.replicas],
+                "replicas": [{"host": r.host, "port": r.port} for r in cluster.replicas] if split else [],
             }
         },
         "databases": {"app": {"cluster": "main", "server_user": "postgres"}},

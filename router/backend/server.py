@@ -39,6 +39,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 _Z = ord("Z")
 _IDLE = ord("I")
 _E = ord("E")
+_N = ord("N")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
 
@@ -49,6 +50,12 @@ def _cut(cuts: list | None, pos: int, replacement: bytes, end: int = -1) -> list
         cuts = []
     cuts.append((pos, pos + 5 if end < 0 else end, replacement))
     return cuts
+
+
+def _shutting_down(data: bytes, pos: int, length: int) -> bool:
+    """An ErrorResponse/NoticeResponse with SQLSTATE 57P01-57P03: the server is going away
+    (on an immediate shutdown PostgreSQL says so with a WARNING, then closes)."""
+    return data.find(b"C57P0", pos + 5, pos + 1 + length) >= 0
 
 
 def _apply_cuts(data: bytes, cuts: list) -> bytes:
@@ -97,6 +104,7 @@ class ServerConnection(asyncio.Protocol):
         self._skip = 0
         self._head = b""
         self._reading_paused_by_client = False
+        self.forwarded = False
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -154,7 +162,17 @@ class ServerConnection(asyncio.Protocol):
                     continue
                 ready = True
             elif t == _E:
+                if not self.forwarded and _shutting_down(data, pos, length) and client.replica_node is not None:
+                    self._retry_elsewhere(data, pos, length)
+                    return
                 st.on_error()
+                if data.find(b"C42883\0", pos + 5, pos + 1 + length) >= 0:
+                    hook = self.pool.on_undefined_function
+                    if hook is not None:
+                        hook()
+            elif t == _N and not self.forwarded and client.replica_node is not None and _shutting_down(data, pos, length):
+                self._retry_elsewhere(data, pos, length)
+                return
             elif st.parse_q or st.close_q:
                 if t == _PARSE_COMPLETE:
                     _, action, name = st.parse_q.popleft()
@@ -175,9 +193,16 @@ class ServerConnection(asyncio.Protocol):
         if cuts is not None:
             data = _apply_cuts(data, cuts)
         if data:
+            self.forwarded = True
             client.transport.write(data)
         if ready and st.recv_z == st.sent_z:
             client.server_ready(self)
+
+    def _retry_elsewhere(self, data: bytes, pos: int, length: int) -> None:
+        """The server is shutting down and has told this client nothing yet: close without
+        passing the news on, so the client's read is retried on another node."""
+        fields = m.parse_error_fields(data[pos + 5 : pos + 1 + length])
+        self.close(f"server shutting down: {fields.get('M', '')}")
 
     def _slow_data(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -233,6 +258,7 @@ class ServerConnection(asyncio.Protocol):
 
     def link(self, client: ClientConnection) -> None:
         self.client = client
+        self.forwarded = False  # whether any reply byte has reached this client yet
         self._skip = 0
         self._head = b""
         # Anything the server sent while idle has been consumed by the slow path.

@@ -21,7 +21,8 @@ from router.config import PoolMode
 from router.frontend.login import CLOSED, READY, STARTUP, LoginMixin
 from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, RouterError, SQLState
-from router.routing.verdict import StatementKind
+from router.routing.route import decide, held_verdict
+from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
 from router.session import ClientStatement, SessionSettings, local_parse_reply, rewrite_for_server
 
 if TYPE_CHECKING:
@@ -80,6 +81,17 @@ _COPY = frozenset(b"dcf")
 
 _STARTUP, _READY, _CLOSED = STARTUP, READY, CLOSED
 
+# With read/write splitting, a lone Query starting with one of these may be answered by the
+# router itself (a deferred BEGIN, its COMMIT/ROLLBACK, SET pgrouter.target).
+_INTERCEPT_START = re.compile(rb"(?i)\s*(?:begin|start|commit|end|rollback|abort|set|reset)\b")
+_ROUTER_TARGETS = {"primary": Target.PRIMARY, "replica": Target.REPLICA, "auto": None}
+_COMMAND_TAGS = {
+    StatementKind.COMMIT: b"COMMIT",
+    StatementKind.ROLLBACK: b"ROLLBACK",
+}
+# Chunks kept for a retry of a read whose replica failed, up to this many bytes.
+MAX_REPLAY_BYTES = 256 * 1024
+
 # While a client waits for a server connection its messages are held; past this many bytes we
 # stop reading from it so a waiting client cannot grow the router's memory without bound.
 MAX_HELD_BYTES = 1 << 20
@@ -131,6 +143,24 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._write_paused = False
         self._read_paused_by_server = False
         self._read_paused_while_waiting = False
+        # Read/write splitting (Router.pool_for_transaction; None: a single-node database).
+        self.db_route = None
+        self.session_target: Target | None = None  # SET pgrouter.target
+        self.startup_read_only = False
+        self.read_only_session = False  # default_transaction_read_only
+        self.last_unnamed = None  # verdict of the last unnamed Parse
+        self.replica_node = None  # the replica serving the current transaction
+        self.wrote = False  # the current transaction went to the primary to write
+        self.watch_writes = False  # ...or went there for BEGIN, and may still write
+        self.ryw_round: int | None = None  # read-your-writes token (router/splitting.py)
+        self.ryw_lsn: int | None = None
+        self.deferred_begin: bytes | None = None  # a BEGIN answered by the router, not yet sent
+        self._replay: list | None = None  # what the replica got, for one retry elsewhere
+        self._replay_bytes = 0
+        self._replay_begin: bytes | None = None
+        self._retried = False
+        self._reroute = False  # chunks held until the replica is done: they need the primary
+        self._chunk_unsynced = False
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -150,6 +180,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
             return
+        self._chunk_unsynced = self.unsynced
         if self._partial is not None:
             # Completing a message that must be whole before it can be forwarded.
             self._partial.append(data)
@@ -301,15 +332,24 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 session.set(info.name, info.text)
             elif kind is StatementKind.SET_DEFAULT_READ_ONLY:
                 session.set("default_transaction_read_only", info.text)
+                self.read_only_session = bool(info.read_only)
             elif kind is StatementKind.RESET and info.name:
                 session.reset(info.name)
+                if info.name == "default_transaction_read_only":
+                    self.read_only_session = self.startup_read_only
                 flags |= _SETTINGS_RESET
             elif kind is StatementKind.RESET_ALL:
                 session.reset_all()
+                self.read_only_session = self.startup_read_only
                 flags |= _SETTINGS_RESET
             elif kind is StatementKind.DISCARD_ALL:
                 session.reset_all()
+                self.read_only_session = self.startup_read_only
                 flags |= _SETTINGS_RESET | _FORGET_PREPARED
+            elif kind is StatementKind.ROUTER_TARGET and info.value in ROUTER_TARGET_VALUES:
+                # Answered by the router when it is a lone Query (_intercept); here it rides
+                # along with other statements and reaches the server as a placeholder setting.
+                self.session_target = _ROUTER_TARGETS[info.value]
             elif kind is StatementKind.DEALLOCATE_ALL:
                 flags |= _FORGET_PREPARED
         return flags
@@ -330,6 +370,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self._waiting_on.cancel_wait(self)
             self._waiting_on = None
         self.router.forget_client(self)
+        self._unroute()
         server = self.server
         if server is not None:
             self.server = None
@@ -352,6 +393,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
     def _forward(self, data: bytes, start: int, syncs: int, rewrite: int) -> None:
         server = self.server
         if server is not None:
+            if self.replica_node is not None and self._replica_chunk(server, data, start, syncs, rewrite):
+                return
+            if self.watch_writes:
+                self._watch_for_writes(data, start)
             self._send(server, data, start, syncs, rewrite)
             return
         data, start = self._drop_orphan_copy_data(data, start)
@@ -363,19 +408,185 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self.unsynced = False
                 self.transport.write(reply)
                 return
+        if (
+            self.db_route is not None
+            and syncs == 1
+            and data[0] == _Q
+            and not self._held
+            and _INTERCEPT_START.match(data, 5, 69)
+            and self._waiting_on is None
+            and self.rewrite_statements
+            and self._intercept(data)
+        ):
+            return
         self._held.append((data, start, syncs, rewrite))
         self._held_bytes += len(data)
         if self._held_bytes > MAX_HELD_BYTES and not self._read_paused_while_waiting:
             self._read_paused_while_waiting = True
             self.transport.pause_reading()
         if self._waiting_on is None:
+            self._route_and_acquire()
+
+    def _route_and_acquire(self) -> None:
+        try:
             pool = self.router.pool_for_transaction(self)
-            server = pool.acquire_nowait()
-            if server is not None:
-                self._attach(server)
+        except RouterError as exc:
+            self._acquire_failed(exc)
+            return
+        server = pool.acquire_nowait()
+        if server is not None:
+            self._attach(server)
+        else:
+            self._waiting_on = pool
+            pool.wait_for_server(self)
+
+    # --- read/write splitting ----------------------------------------------------------
+
+    def statement_sql(self, name: bytes) -> bytes | None:
+        """The query text of the client's named statement ``name``, if it has one."""
+        statement = self.statements.get(name)
+        if statement is None:
+            return None
+        parse = statement.parse_message
+        name_end = parse.index(b"\0", 5)
+        return parse[name_end + 1 : parse.index(b"\0", name_end + 1)]
+
+    def _intercept(self, data: bytes) -> bool:
+        """A lone Query between transactions that the router answers itself. Returns False to
+        let it go on like any other.
+
+        - BEGIN / START TRANSACTION (read-write, bound for the primary): answered at once and
+          sent later, just before the transaction's first real statement, which decides its
+          node: SET TRANSACTION READ ONLY takes it to a replica; with transaction_routing =
+          first_statement, so does any read.
+        - COMMIT / ROLLBACK of such a transaction that never ran a statement: answered.
+        - SET / RESET pgrouter.target: the session's routing target, never sent to a server.
+        """
+        n = len(data)
+        if 1 + _unpack_len(data, 1)[0] != n:
+            return False
+        classification = self.db_route.verdicts.classification(data[5:-1])
+        if classification is None or len(classification.statements) != 1:
+            return False
+        info = classification.statements[0]
+        kind = info.verdict.kind
+        in_tx = self.deferred_begin is not None
+        if kind is StatementKind.ROUTER_TARGET:
+            if info.value not in ROUTER_TARGET_VALUES:
+                out = m.error_response(
+                    SQLState.INVALID_PARAMETER_VALUE,
+                    f'invalid value for parameter "pgrouter.target": "{info.value}"',
+                    severity="ERROR",
+                    hint="Available values: primary, replica, auto.",
+                )
+                if in_tx:  # an error aborts the transaction; it was never sent, so end it
+                    self.deferred_begin = None
+                self.transport.write(out + m.ready_for_query(m.IDLE))
+                return True
+            self.session_target = _ROUTER_TARGETS[info.value]
+            tag = b"RESET" if data[5:].lstrip()[:5].lower() == b"reset" else b"SET"
+            status = m.IN_TRANSACTION if in_tx else m.IDLE
+            self.transport.write(_command_complete(tag) + m.ready_for_query(status))
+            return True
+        if in_tx:
+            tag = _COMMAND_TAGS.get(kind)
+            if tag is None:
+                return False
+            self.deferred_begin = None
+            self.transport.write(_command_complete(tag) + m.ready_for_query(m.IDLE))
+            return True
+        if kind is not StatementKind.BEGIN:
+            return False
+        target, _ = decide(
+            info.verdict,
+            info.verdict,
+            session_target=self.session_target,
+            read_only_session=self.read_only_session,
+            pinned=bool(self.pins),
+        )
+        if target is not Target.PRIMARY or info.verdict.reason is not Reason.TRANSACTION_BEGIN_READ_WRITE:
+            return False  # a hint, or SERIALIZABLE: nothing left to decide
+        self.deferred_begin = data
+        tag = b"START TRANSACTION" if data[5:].lstrip()[:5].lower() == b"start" else b"BEGIN"
+        self.transport.write(_command_complete(tag) + m.ready_for_query(m.IN_TRANSACTION))
+        return True
+
+    def _replica_chunk(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> bool:
+        """A chunk arriving while a replica serves this client. True when it was held back:
+        it needs the primary, and the replica's work is autocommit reads, so it waits for them
+        to finish and is then routed afresh (a write must never meet a replica)."""
+        entry = (data, start, syncs, rewrite)
+        if self._reroute:
+            self._held.append(entry)
+            self._held_bytes += len(data)
+            return True
+        if server.tx_status == m.IDLE and not self._chunk_unsynced and start == 0:
+            route = self.db_route
+            _, combined, _ = held_verdict([entry], route.verdicts.verdict, self.statement_sql, self.last_unnamed)
+            if combined is not None and combined.target is Target.PRIMARY:
+                target, _ = decide(
+                    combined,
+                    combined,
+                    session_target=self.session_target,
+                    read_only_session=self.read_only_session,
+                    pinned=bool(self.pins),
+                )
+                if target is Target.PRIMARY:
+                    self._reroute = True
+                    self._held.append(entry)
+                    self._held_bytes += len(data)
+                    return True
+        replay = self._replay
+        if replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes > MAX_REPLAY_BYTES:
+                self._replay = None
             else:
-                self._waiting_on = pool
-                pool.wait_for_server(self)
+                replay.append(entry)
+        return False
+
+    def _watch_for_writes(self, data: bytes, start: int) -> None:
+        """In a BEGIN ... transaction on the primary: does it write? (read-your-writes)"""
+        if start:
+            return
+        _, combined, self.last_unnamed = held_verdict(
+            [(data, start, 0, 0)], self.db_route.verdicts.verdict, self.statement_sql, self.last_unnamed
+        )
+        if combined is not None and combined.target is Target.PRIMARY:
+            self.wrote = True
+            self.watch_writes = False
+
+    def _unroute(self) -> None:
+        node = self.replica_node
+        if node is not None:
+            self.replica_node = None
+            if node.in_flight > 0:
+                node.in_flight -= 1
+        self._replay = None
+        self._replay_begin = None
+
+    def _retry_read(self, error: str, attached: bool) -> bool:
+        """The replica under a read failed before any reply byte reached the client: run it
+        once more elsewhere. False when that is not possible (it is then an error as usual)."""
+        node = self.replica_node
+        if node is None or self._retried or self.state == _CLOSED:
+            return False
+        if not attached:
+            replay, begin = [], self.deferred_begin  # never sent: what it holds is all
+        elif self._replay is None:
+            return False
+        else:
+            replay, begin = self._replay, self._replay_begin
+        self._unroute()
+        self.db_route.split.node_failed(node, error)
+        log.info("client %s@%s/%s: replica %s:%d failed (%s); retrying the read elsewhere",
+                 self.user, self.peer, self.database, node.host, node.port, error)
+        self._retried = True
+        self._held = replay + self._held
+        self._held_bytes = sum(len(entry[0]) for entry in self._held)
+        self.deferred_begin = begin
+        self._route_and_acquire()
+        return True
 
     # Pool waiter interface.
     def server_assigned(self, server: ServerConnection) -> None:
@@ -387,6 +598,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def server_failed(self, error: RouterError) -> None:
         self._waiting_on = None
+        if self._retry_read(error.message, attached=False):
+            return
         self._acquire_failed(error)
 
     def _attach(self, server: ServerConnection) -> None:
@@ -402,6 +615,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 server.stmts.sent_z += len(prelude)
                 server.swallow_z += len(prelude)
                 server.session_key = self.session.key
+        begin = self.deferred_begin
+        if begin is not None:
+            # The BEGIN the router answered: its reply was given, so it is swallowed.
+            self.deferred_begin = None
+            server.write(begin)
+            server.stmts.sent_z += 1
+            server.swallow_z += 1
+        if self.replica_node is not None:
+            self._replay = list(self._held)
+            self._replay_bytes = self._held_bytes
+            self._replay_begin = begin
         held = self._held
         self._held_bytes = 0
         self._held = []
@@ -455,13 +679,16 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         syncs = sum(entry[2] for entry in self._held)
         self._held = []
         self._held_bytes = 0
+        self._unroute()
+        self._reroute = False
+        self.deferred_begin = None
         log.warning("client %s@%s/%s: %s", self.user, self.peer, self.database, exc.message)
         if syncs == 0 or exc.severity == "FATAL":
             self.fail(exc)
             return
         # The held messages were never sent: answer each Sync point as the server would after
         # an error (one ErrorResponse, then ReadyForQuery for every Sync/Query).
-        out = m.error_response(exc.sqlstate, exc.message, severity="ERROR")
+        out = m.error_response(exc.sqlstate, exc.message, severity="ERROR", detail=exc.detail, hint=exc.hint)
         out += m.ready_for_query(m.IDLE) * syncs
         self.transport.write(out)
         if self._read_paused_while_waiting:
@@ -473,19 +700,28 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if (
             server.tx_status == m.IDLE
             and self.pool_mode is PoolMode.TRANSACTION
-            and not self.unsynced
+            and (not self.unsynced or self._reroute)
             and not self.pins
         ):
-            if self._skip:
+            if self._skip and not self._reroute:
                 # Part of a message (CopyData after a failed COPY FROM) is on its way to this
                 # server; the rest must follow it there before anyone else may use it.
                 self._release_after_message = True
                 return
+            if self.wrote:
+                self.wrote = False
+                self.db_route.split.note_write(self)
             self._detach(server)
             server.pool.release(server)
+            if self._held and self._waiting_on is None and self.state != _CLOSED:
+                self._route_and_acquire()  # what waited for the replica to finish
 
     def _detach(self, server: ServerConnection) -> None:
         self.server = None
+        self.watch_writes = False
+        self._unroute()
+        self._retried = False
+        self._reroute = False
         server.unlink()
         if self._read_paused_by_server:
             self._read_paused_by_server = False
@@ -506,6 +742,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         """The linked server connection broke: the transaction's fate is unknown."""
         self.server = None
         reason = server.closing_reason or "server closed the connection unexpectedly"
+        if not server.forwarded and self._retry_read(reason, attached=True):
+            return
+        self._unroute()
         log.warning("client %s@%s/%s: server connection lost: %s", self.user, self.peer, self.database, reason)
         self.fail(
             RouterError(
@@ -587,6 +826,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def matches_cancel_key(self, key: int) -> bool:
         return hmac.compare_digest(self.cancel_key.to_bytes(4, "big"), key.to_bytes(4, "big"))
+
+
+def _command_complete(tag: bytes) -> bytes:
+    return b"C" + struct.pack("!I", len(tag) + 5) + tag + b"\0"
 
 
 def new_cancel_key() -> int:

@@ -28,7 +28,7 @@ from router.protocol.startup import (
     parse_startup_packet,
     startup_packet_length,
 )
-from router.session import SessionSettings
+from router.session import SessionSettings, startup_read_only
 
 log = logging.getLogger("pgrouter.client")
 
@@ -188,6 +188,9 @@ class LoginMixin:
         self.rewrite_statements = self.pool_mode is PoolMode.TRANSACTION
         self.session = SessionSettings(self.startup_params)
         self.pool = target.pool
+        self.db_route = target.route
+        self.startup_read_only = startup_read_only(self.startup_params)
+        self.read_only_session = self.startup_read_only
         params = dict(await self.pool.learn_server_params())
         # A dedicated server would echo the client's own application_name.
         if "application_name" in self.startup_params:

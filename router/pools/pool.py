@@ -94,6 +94,8 @@ class Pool:
         # ParameterStatus values of a real server connection, sent to clients at login.
         self.server_params: dict[str, str] | None = None
         self._tasks: set[asyncio.Task] = set()
+        # Called when a server of this pool answers 42883 (undefined_function), if set.
+        self.on_undefined_function = None
 
     # --- the data path ---------------------------------------------------------------
 

@@ -153,6 +153,8 @@ class ClusterTopology:
         self.version = 0  # bumped whenever the designated primary changes (including to none)
         self.primary_lsn: int | None = None  # last sampled; kept while the primary is down
         self.primary_sampled_at: float | None = None
+        # pg_current_wal_insert_lsn() at the last primary sample: read-your-writes tokens.
+        self.primary_insert_lsn: int | None = None
         self._designated: NodeState | None = None
 
     # -- reading ------------------------------------------------------------------------
@@ -254,7 +256,12 @@ class ClusterTopology:
     # -- samples (called by the monitor) ------------------------------------------------
 
     def apply_primary_sample(
-        self, lsn: int | None, in_recovery: bool, now: float | None = None
+        self,
+        lsn: int | None,
+        in_recovery: bool,
+        now: float | None = None,
+        *,
+        insert_lsn: int | None = None,
     ) -> None:
         """A successful check of the designated primary: its current WAL position, or (when
         in_recovery) the news that it has become a standby. `now` is the sample's epoch time."""
@@ -272,6 +279,8 @@ class ClusterTopology:
         if lsn is not None:
             self.primary_lsn = lsn
             self.primary_sampled_at = now
+        if insert_lsn is not None:
+            self.primary_insert_lsn = insert_lsn
 
     def apply_replica_sample(
         self,

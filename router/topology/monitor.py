@@ -14,8 +14,10 @@ position, not pg_current_wal_insert_lsn():
   - the cost: with synchronous_commit = off (the test cluster, see tests/cluster.py) a commit is
     written only by the WAL writer, within 3 x wal_writer_delay, and until then it is not counted.
     A replica cannot be more stale than that window because of it, and no replica can have that
-    WAL yet anyway. Read-your-writes needs the opposite bound (the LSN that includes a session's
-    own commit) and is the router's to take after each commit; pick_replica only compares it.
+    WAL yet anyway. Read-your-writes needs the opposite bound (an LSN that includes a session's
+    own commit), so each primary sample also carries pg_current_wal_insert_lsn(), which counts
+    every record inserted, written or not (ClusterTopology.primary_insert_lsn); its page-boundary
+    quirk above only makes a session read from the primary until the next write moves it on.
 
 A round's duration is bounded by connect_timeout + check_timeout per node, all nodes in parallel;
 a node that does not answer within them counts as a failed check (see cluster.py for when failed
@@ -50,7 +52,8 @@ SAMPLE_SQL = """
 SELECT r,
        (CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
        extract(epoch FROM pg_last_xact_replay_timestamp())::float8,
-       CASE WHEN r THEN pg_is_wal_replay_paused() ELSE false END
+       CASE WHEN r THEN pg_is_wal_replay_paused() ELSE false END,
+       (CASE WHEN r THEN NULL ELSE pg_current_wal_insert_lsn() END)::text
 FROM pg_is_in_recovery() AS r
 """
 
@@ -66,6 +69,7 @@ class Sample:
     replay_ts: float | None
     paused: bool
     at: float  # epoch seconds when the answer arrived
+    insert_lsn: int | None = None  # primaries only: pg_current_wal_insert_lsn()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,10 @@ class TopologyMonitor:
     @property
     def rounds_completed(self) -> int:
         return self._rounds_completed
+
+    @property
+    def rounds_started(self) -> int:
+        return self._rounds_started
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -208,11 +216,15 @@ class TopologyMonitor:
             if isinstance(result, CheckFailure):
                 topology.mark_failure(node, result.error, refused=result.refused)
             elif node is topology.designated_primary:
-                topology.apply_primary_sample(result.lsn, result.in_recovery, result.at)
+                topology.apply_primary_sample(
+                    result.lsn, result.in_recovery, result.at, insert_lsn=result.insert_lsn
+                )
             else:
                 topology.apply_replica_sample(
                     node, result.in_recovery, result.lsn, result.replay_ts, result.paused, result.at
                 )
+                if not result.in_recovery and node is topology.designated_primary:
+                    topology.primary_insert_lsn = result.insert_lsn  # promoted this round
 
     def _report_changes(self) -> None:
         topology = self.topology
@@ -275,13 +287,14 @@ class TopologyMonitor:
             )
             self._connections[node] = conn
         async with asyncio.timeout(self._check_timeout):
-            in_recovery, lsn, replay_ts, paused = await conn.fetchrow(SAMPLE_SQL)
+            in_recovery, lsn, replay_ts, paused, insert_lsn = await conn.fetchrow(SAMPLE_SQL)
         return Sample(
             in_recovery=in_recovery,
             lsn=parse_lsn(lsn) if lsn is not None else None,
             replay_ts=replay_ts,
             paused=paused,
             at=time.time(),
+            insert_lsn=parse_lsn(insert_lsn) if insert_lsn is not None else None,
         )
 
     def _drop(self, node: NodeState) -> None:

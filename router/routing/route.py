@@ -1,0 +1,205 @@
+"""Which kind of node runs a client's next transaction, from the messages that open it.
+
+Pure: the frontend hands over the bytes it holds and the client's session facts; this module
+finds the SQL in them (Query and Parse messages, and the statements Bind names), asks the
+classifier (cached, see ``VerdictCache``) and applies the session rules. Picking the node
+itself (which replica, lag, fallbacks) is the cluster's business: router/splitting.py.
+
+The rules, in order (README, "Read/write splitting"):
+
+1. ``SET pgrouter.target = primary`` for the session: the primary.
+2. The strongest verdict of every statement in the held messages (several pipelined queries
+   run on one server connection, so one write among them sends all to the primary). PRIMARY
+   wins unless it is only a *suspected* write (volatile or unknown function, CALL/DO, BEGIN
+   without READ ONLY...) and the session asked for replicas (``SET pgrouter.target =
+   replica``) or made its transactions read-only (``default_transaction_read_only = on``),
+   where a real write fails anyway.
+3. BEGIN READ ONLY / START TRANSACTION READ ONLY / SET TRANSACTION READ ONLY: a replica.
+4. Everything else that is replica-compatible: a replica.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable
+from enum import StrEnum
+
+from router.routing.verdict import (
+    SUSPECTED_WRITE_REASONS,
+    Classification,
+    Reason,
+    StatementKind,
+    Target,
+    Verdict,
+)
+
+_unpack_len = struct.Struct("!I").unpack_from
+_Q, _P, _B = ord("Q"), ord("P"), ord("B")
+
+
+class RouteReason(StrEnum):
+    """Why a transaction went where it did. Stable values: they label metrics."""
+
+    READ = "read"
+    WRITE = "write"  # the statement writes, may write, or needs the primary
+    HINT = "hint"  # a /* pgrouter: ... */ comment
+    SESSION_TARGET = "session_target"  # SET pgrouter.target
+    READ_ONLY = "read_only"  # a read-only transaction or session
+    PINNED = "pinned"  # session state that lives on one backend: the primary
+    LAG_FALLBACK = "lag_fallback"  # replicas up but all too far behind
+    NODE_DOWN_FALLBACK = "node_down_fallback"  # no replica answering
+    READ_YOUR_WRITES = "read_your_writes"  # no replica has replayed the session's last write
+
+
+# A single SELECT that cannot need the primary, recognised without parsing: no parentheses
+# (so no function call, subquery or CTE), no quotes or comments (which could hide anything,
+# including hints), no FOR (locking clauses) or INTO, one statement. Applications that inline
+# their parameters send a new text each time (pgbench -S: `SELECT abalance FROM
+# pgbench_accounts WHERE aid = 4711;`), which would miss every cache; this spares them the
+# parser. tests/unit/test_route.py checks that the parser agrees on every such text.
+_PLAIN_SELECT = re.compile(
+    rb"(?i)\s*select\s(?![^;]*\b(?:for|into)\b)[^;()'\"$/\\\-]*;?\s*\Z"
+)
+_READ = Verdict(Target.REPLICA, Reason.READ)
+
+
+class VerdictCache:
+    """Verdicts of Query/Parse texts as bytes, for one function catalog.
+
+    In front of the classifier's own LRU (keyed by decoded text): a hit here skips the decode.
+    FIFO-bounded; a catalog change (``reset``) starts it afresh.
+    """
+
+    def __init__(
+        self,
+        classify: Callable[[str], Classification],
+        maxsize: int = 10_000,
+        max_text: int = 4096,
+        encoding: str = "utf-8",
+    ) -> None:
+        self._classify = classify
+        self._entries: dict[bytes, Verdict] = {}
+        self.maxsize = maxsize
+        self.max_text = max_text
+        self.encoding = encoding
+
+    def verdict(self, sql: bytes) -> Verdict:
+        found = self._entries.get(sql)
+        if found is not None:
+            return found
+        if _PLAIN_SELECT.match(sql):
+            return _READ
+        try:
+            text = sql.decode(self.encoding)
+        except UnicodeDecodeError:
+            return Verdict(Target.PRIMARY, Reason.UNPARSABLE)
+        verdict = self._classify(text).verdict
+        if len(sql) <= self.max_text:
+            entries = self._entries
+            if len(entries) >= self.maxsize:
+                del entries[next(iter(entries))]
+            entries[sql] = verdict
+        return verdict
+
+    def classification(self, sql: bytes) -> Classification | None:
+        """The full classification (slow path: interceptions), None if undecodable."""
+        try:
+            return self._classify(sql.decode(self.encoding))
+        except UnicodeDecodeError:
+            return None
+
+    def reset(self) -> None:
+        self._entries = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def held_verdict(
+    chunks: list[tuple[bytes, int, int, int]],
+    verdict_of: Callable[[bytes], Verdict],
+    statement_sql: Callable[[bytes], bytes | None],
+    last_unnamed: Verdict | None,
+) -> tuple[Verdict | None, Verdict | None, Verdict | None]:
+    """Scan held chunks ``(data, start, ...)`` for the SQL they run.
+
+    Returns ``(first, combined, last_unnamed)``: the verdict of the first statement-bearing
+    message (it tells BEGIN READ ONLY apart), the strongest verdict of all of them (None if no
+    message carries SQL, e.g. a lone Sync), and the verdict of the last unnamed Parse, which a
+    later unnamed Bind in another chunk runs.
+    """
+    first = combined = None
+    for data, start, _syncs, _flags in chunks:
+        pos, n = start, len(data)
+        while pos + 5 <= n:
+            t = data[pos]
+            end = pos + 1 + _unpack_len(data, pos + 1)[0]
+            if end > n:
+                break
+            verdict = None
+            if t == _Q:
+                verdict = verdict_of(data[pos + 5 : end - 1])
+            elif t == _P:
+                name_end = data.index(b"\0", pos + 5, end)
+                query_end = data.index(b"\0", name_end + 1, end)
+                verdict = verdict_of(data[name_end + 1 : query_end])
+                if name_end == pos + 5:
+                    last_unnamed = verdict
+            elif t == _B:
+                portal_end = data.index(b"\0", pos + 5, end)
+                name_end = data.index(b"\0", portal_end + 1, end)
+                if name_end == portal_end + 1:
+                    verdict = last_unnamed
+                else:
+                    sql = statement_sql(data[portal_end + 1 : name_end])
+                    verdict = verdict_of(sql) if sql is not None else None
+            if verdict is not None:
+                if first is None:
+                    first = combined = verdict
+                elif verdict.target is Target.PRIMARY and combined.target is not Target.PRIMARY:
+                    combined = verdict
+            pos = end
+    return first, combined, last_unnamed
+
+
+def decide(
+    first: Verdict | None,
+    combined: Verdict | None,
+    *,
+    session_target: Target | None = None,
+    read_only_session: bool = False,
+    pinned: bool = False,
+) -> tuple[Target, RouteReason]:
+    """Where a transaction opened by these messages runs (see the module docstring)."""
+    if session_target is Target.PRIMARY:
+        return Target.PRIMARY, RouteReason.SESSION_TARGET
+    if pinned:
+        return Target.PRIMARY, RouteReason.PINNED
+    if combined is None:
+        # Nothing to judge (a lone Sync or Describe of a known statement): wherever is cheapest.
+        return Target.REPLICA, RouteReason.READ
+    if combined.target is Target.PRIMARY:
+        if combined.reason in SUSPECTED_WRITE_REASONS:
+            if session_target is Target.REPLICA:
+                return Target.REPLICA, RouteReason.SESSION_TARGET
+            if read_only_session:
+                return Target.REPLICA, RouteReason.READ_ONLY
+        if combined.reason is Reason.HINT:
+            return Target.PRIMARY, RouteReason.HINT
+        return Target.PRIMARY, RouteReason.WRITE
+    if combined.reason is Reason.HINT:
+        return Target.REPLICA, RouteReason.HINT
+    if first is not None and first.kind in _READ_ONLY_STARTS:
+        return Target.REPLICA, RouteReason.READ_ONLY
+    return Target.REPLICA, RouteReason.READ
+
+
+_READ_ONLY_STARTS = frozenset(
+    {StatementKind.BEGIN_READ_ONLY, StatementKind.SET_TRANSACTION_READ_ONLY}
+)
+
+
+def is_plain_select(sql: bytes) -> bool:
+    """Whether the no-parse fast path takes ``sql`` as a plain read (for tests)."""
+    return _PLAIN_SELECT.match(sql) is not None

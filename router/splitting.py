@@ -1,0 +1,143 @@
+"""Read/write splitting for one cluster: which node serves a transaction once routing
+(router/routing/route.py) has said primary or replica.
+
+A ``SplitCluster`` exists for each configured cluster that has replicas. It owns the cluster's
+``TopologyMonitor`` (router/topology/), picks replicas through its ``ClusterTopology``, applies
+the fallback rules and keeps each session's read-your-writes token.
+
+Read-your-writes (README): when a session's transaction that went to the primary for a write
+ends, the session remembers the monitor's round counter. The token becomes an LSN when the
+first round that *started after* the commit has completed: that round's primary sample of
+pg_current_wal_insert_lsn() includes the commit record. Until then the session reads from the
+primary; afterwards only from replicas whose replay LSN has reached the token. No statement is
+added to any transaction, and the token is a plain integer that could be shared through Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from random import Random
+from typing import TYPE_CHECKING
+
+from router.config import ClusterConfig, ReplicaFallback, Settings
+from router.protocol.errors import RouterError, SQLState
+from router.routing.route import RouteReason
+from router.topology.cluster import NodeState, Role
+from router.topology.monitor import TopologyMonitor
+
+if TYPE_CHECKING:
+    from router.frontend.client import ClientConnection
+
+log = logging.getLogger("pgrouter.routing")
+
+# How long start-up waits for replicas to become eligible (they need a few good samples).
+STARTUP_WAIT = 3.0
+
+
+class SplitCluster:
+    def __init__(self, name: str, config: ClusterConfig, settings: Settings) -> None:
+        self.name = name
+        self.config = config
+        self.settings = settings
+        user, password = config.monitor_user, config.monitor_password
+        if user is None:
+            for db in settings.databases.values():
+                if db.cluster == name and db.server_user:
+                    user, password = db.server_user, db.server_password
+                    break
+        self.monitor = TopologyMonitor.for_cluster(
+            config,
+            dbname=config.monitor_dbname,
+            user=user or "postgres",
+            password=password,
+            ssl=False,
+            max_lag_seconds=config.max_replica_lag,
+            max_lag_bytes=config.max_replica_lag_bytes,
+            lag_check_interval=settings.lag_check_interval,
+            connect_timeout=min(2.0, settings.server_connect_timeout),
+        )
+        self.topology = self.monitor.topology
+        for address in config.replicas:
+            self.topology.node(address.host, address.port).weight = address.weight
+        self.configured_primary = self.topology.node(config.primary.host, config.primary.port)
+        self.rng = Random()
+        # (role, reason) of every routed transaction; fallbacks by reason.
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        self.monitor.start()
+        deadline = STARTUP_WAIT
+        try:
+            await self.monitor.wait_for_sample(timeout=deadline)
+            for _ in range(self.topology.recover_after):
+                if any(n.eligible for n in self.topology.nodes) or not any(
+                    n.healthy for n in self.topology.replicas
+                ):
+                    break
+                await self.monitor.wait_for_sample(timeout=deadline)
+        except TimeoutError:
+            log.warning("cluster %s: topology not known after %.0f s; starting anyway", self.name, deadline)
+
+    async def stop(self) -> None:
+        try:
+            await self.monitor.stop()
+        except Exception:  # already logged by the monitor
+            pass
+
+    # --- choosing nodes -------------------------------------------------------------------
+
+    def primary(self) -> NodeState:
+        node = self.topology.primary
+        if node is not None:
+            return node
+        if self.monitor.rounds_completed == 0 and self.topology.version == 0:
+            return self.configured_primary  # not checked yet: trust the configuration
+        raise RouterError(
+            SQLState.CANNOT_CONNECT_NOW,
+            f'no primary available in cluster "{self.name}" (it is down or a failover is in progress)',
+            severity="ERROR",
+            hint="Retry the transaction: writes resume once a primary answers.",
+        )
+
+    def replica(self, client: ClientConnection) -> tuple[NodeState | None, RouteReason | None]:
+        """An eligible replica for ``client``'s read, or (None, why not)."""
+        min_lsn = None
+        if client.ryw_round is not None:
+            if self.monitor.rounds_completed <= client.ryw_round:
+                return None, RouteReason.READ_YOUR_WRITES
+            if client.ryw_lsn is None:
+                client.ryw_lsn = self.topology.primary_insert_lsn
+            min_lsn = client.ryw_lsn
+        node = self.topology.pick_replica(self.rng, min_lsn)
+        if node is not None:
+            return node, None
+        if min_lsn is not None and self.topology.pick_replica(self.rng) is not None:
+            return None, RouteReason.READ_YOUR_WRITES
+        if any(n.healthy and n.role is Role.REPLICA for n in self.topology.nodes):
+            return None, RouteReason.LAG_FALLBACK
+        return None, RouteReason.NODE_DOWN_FALLBACK
+
+    def fallback(self, reason: RouteReason) -> None:
+        """No replica for a read: count it, and fail it if so configured."""
+        self.fallbacks[reason] += 1
+        if reason is not RouteReason.READ_YOUR_WRITES and self.config.replica_fallback is ReplicaFallback.ERROR:
+            what = "too far behind" if reason is RouteReason.LAG_FALLBACK else "down"
+            raise RouterError(
+                SQLState.CANNOT_CONNECT_NOW,
+                f'no replica of cluster "{self.name}" can serve reads: every replica is {what}',
+                severity="ERROR",
+                hint="replica_fallback = error is set; use primary to read from the primary instead.",
+            )
+
+    def node_failed(self, node: NodeState, error: str) -> None:
+        """A server connection to ``node`` failed under a transaction: stop sending reads there
+        until the monitor sees it healthy again (and hysteresis lets it back)."""
+        if node.role is Role.REPLICA:
+            self.topology.mark_failure(node, error, refused=True)
+
+    def note_write(self, client: ClientConnection) -> None:
+        """``client``'s transaction that wrote has ended (committed or not)."""
+        client.ryw_round = self.monitor.rounds_started
+        client.ryw_lsn = None

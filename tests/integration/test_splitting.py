@@ -1,0 +1,194 @@
+"""Read/write splitting on the shared cluster: where transactions land, seen from the client
+(pg_is_in_recovery(), inet_server_port()), with psql, psycopg and asyncpg.
+
+Nothing here pauses, stops or promotes a node; tests that do are in test_splitting_failures.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.cluster import Cluster
+from tests.harness import RouterThread
+
+WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
+
+
+def wait_replicas_eligible(router: RouterThread, count: int = 2) -> None:
+    router.wait_for(
+        lambda r: sum(n.eligible for split in r.splits.values() for n in split.topology.nodes) == count,
+        what=f"{count} eligible replicas",
+    )
+
+
+@pytest.fixture
+def split_router(start_router) -> RouterThread:
+    router = start_router(split=True)
+    wait_replicas_eligible(router)
+    return router
+
+
+def replica_ports(cluster: Cluster) -> set[int]:
+    return {r.port for r in cluster.replicas}
+
+
+def test_psycopg_reads_on_replicas_writes_on_primary(split_router: RouterThread, cluster: Cluster) -> None:
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        ports = Counter()
+        for _ in range(200):
+            in_recovery, port = conn.execute(WHERE).fetchone()
+            assert in_recovery, "a plain read ran on the primary"
+            ports[port] += 1
+        assert set(ports) == replica_ports(cluster), f"reads did not spread over both replicas: {ports}"
+        conn.execute("CREATE TABLE IF NOT EXISTS split_writes (id int, port int)")
+        for i in range(50):
+            row = conn.execute(
+                "INSERT INTO split_writes VALUES (%s, inet_server_port()) RETURNING port, pg_is_in_recovery()",
+                (i,),
+            ).fetchone()
+            assert row == (cluster.primary.port, False)
+        with conn.transaction():
+            assert conn.execute(WHERE).fetchone() == (False, cluster.primary.port)
+        # A read-only transaction runs on a replica, whole.
+        conn.execute("BEGIN READ ONLY")
+        first = conn.execute(WHERE).fetchone()
+        assert conn.execute(WHERE).fetchone() == first
+        conn.execute("COMMIT")
+
+
+def test_psql_split(split_router: RouterThread, cluster: Cluster) -> None:
+    script = "\n".join(
+        [*(["SELECT inet_server_port();"] * 30),
+         "BEGIN READ ONLY;", "SELECT 'ro', pg_is_in_recovery();", "COMMIT;",
+         "BEGIN;", "SELECT 'tx', inet_server_port();", "COMMIT;",
+         "SET pgrouter.target = primary;", "SELECT 'target', inet_server_port();",
+         "RESET pgrouter.target;",
+         # A hinted statement counts as a write: later reads wait for replicas to catch up.
+         "/* pgrouter: primary */ SELECT 'hint', inet_server_port();"]
+    )
+    out = subprocess.run(
+        ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", split_router.dsn("carol"), "-f", "-"],
+        input=script, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()
+    plain = [int(line) for line in out if line.isdigit()]
+    assert len(plain) == 30 and set(plain) <= replica_ports(cluster), plain
+    assert f"tx|{cluster.primary.port}" in out
+    assert f"target|{cluster.primary.port}" in out
+    assert f"hint|{cluster.primary.port}" in out
+    assert "ro|t" in out
+    assert "SET" in out and "RESET" in out
+
+
+async def test_asyncpg_split(split_router: RouterThread, cluster: Cluster) -> None:
+    conn = await asyncpg.connect(split_router.dsn("carol", "x"))
+    try:
+        ports = Counter()
+        for _ in range(100):
+            # asyncpg prepares a named statement on whichever node runs it first; the router
+            # prepares it again wherever the next transaction lands.
+            row = await conn.fetchrow(WHERE)
+            assert row[0] is True
+            ports[row[1]] += 1
+        assert set(ports) == replica_ports(cluster)
+        async with conn.transaction():
+            assert tuple(await conn.fetchrow(WHERE)) == (False, cluster.primary.port)
+        async with conn.transaction(readonly=True):
+            assert (await conn.fetchrow(WHERE))[0] is True
+    finally:
+        await conn.close()
+
+
+def test_writers_and_locking_go_to_primary(split_router: RouterThread, cluster: Cluster) -> None:
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        # random() is volatile but known not to write: a replica may run it.
+        assert conn.execute("SELECT random() >= 0, pg_is_in_recovery()").fetchone() == (True, True)
+        conn.execute("CREATE SEQUENCE IF NOT EXISTS split_seq")
+        conn.execute("CREATE TABLE IF NOT EXISTS split_locks (id int)")
+        assert conn.execute("SELECT nextval('split_seq'), inet_server_port()").fetchone()[1] == cluster.primary.port
+        assert conn.execute("SELECT inet_server_port() FROM (SELECT 1) s, split_locks FOR UPDATE").fetchall() == []
+        row = conn.execute("SELECT pg_try_advisory_xact_lock(42), inet_server_port()").fetchone()
+        assert row == (True, cluster.primary.port)
+
+
+def test_volatile_user_function_goes_to_primary_stable_to_replica(
+    split_router: RouterThread, cluster: Cluster
+) -> None:
+    cluster.psql(
+        "CREATE OR REPLACE FUNCTION split_vol() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1';"
+        "CREATE OR REPLACE FUNCTION split_stable() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1';",
+        dbname="app",
+    )
+    cluster.wait_replay()
+    # The catalog is read when the first client of the database arrives.
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        split_router.wait_for(
+            lambda r: all(
+                r.catalogs.get(route.catalog_key).volatility("split_stable") == "s"
+                for route in r.db_routes.values()
+            ),
+            what="the function catalog to know split_stable",
+        )
+        for _ in range(20):
+            assert conn.execute("SELECT split_stable(), pg_is_in_recovery()").fetchone() == (1, True)
+        # A call of a volatile function counts as a write, for read-your-writes too.
+        for _ in range(20):
+            assert conn.execute("SELECT split_vol(), pg_is_in_recovery()").fetchone() == (1, False)
+
+
+def test_session_target_and_read_only_session(split_router: RouterThread, cluster: Cluster) -> None:
+    cluster.psql("CREATE OR REPLACE FUNCTION split_unknown() RETURNS int LANGUAGE sql AS 'SELECT 1'", dbname="app")
+    cluster.wait_replay()
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SET pgrouter.target = primary")
+        for _ in range(10):
+            assert conn.execute(WHERE).fetchone()[0] is False
+        conn.execute("SET pgrouter.target = replica")
+        # A suspected write (volatile function) follows the session's choice...
+        assert conn.execute("SELECT split_unknown(), pg_is_in_recovery()").fetchone() == (1, True)
+        conn.execute("SET pgrouter.target = auto")
+        assert conn.execute("SELECT split_unknown(), pg_is_in_recovery()").fetchone() == (1, False)
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute("SET pgrouter.target = sideways")
+    # ...and so do the transactions of a read-only session (a new one: the one above called a
+    # function that may write, so read-your-writes keeps it on the primary for a moment).
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = on")
+        with conn.transaction():
+            assert conn.execute(WHERE).fetchone()[0] is True
+        conn.execute("RESET default_transaction_read_only")
+        with conn.transaction():
+            assert conn.execute(WHERE).fetchone()[0] is False
+    # The setting never reached a server.
+    assert cluster.psql("SELECT count(*) FROM pg_settings WHERE name = 'pgrouter.target'") == "0"
+
+
+def test_first_statement_routing(start_router, cluster: Cluster) -> None:
+    router = start_router(split=True, transaction_routing="first_statement")
+    wait_replicas_eligible(router)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        with conn.transaction():
+            assert conn.execute(WHERE).fetchone()[0] is True
+        conn.execute("CREATE TABLE IF NOT EXISTS split_first (id int)")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("INSERT INTO split_first VALUES (1)")
+            assert conn.execute(WHERE).fetchone()[0] is False
+
+
+def test_conservative_begin_stays_on_primary(split_router: RouterThread) -> None:
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        for _ in range(10):
+            with conn.transaction():
+                assert conn.execute(WHERE).fetchone()[0] is False
+        # An empty transaction is answered by the router: no node is chosen for it.
+        routed = split_router.call(lambda r: sum(r.splits["main"].decisions.values()))
+        conn.execute("BEGIN")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        conn.execute("COMMIT")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert split_router.call(lambda r: sum(r.splits["main"].decisions.values())) == routed
