@@ -20,7 +20,7 @@ from collections import Counter
 from random import Random
 from typing import TYPE_CHECKING
 
-from router.config import ClusterConfig, ReplicaFallback, Settings
+from router.config import ClusterConfig, ReadYourWrites, ReplicaFallback, Settings
 from router.protocol.errors import RouterError, SQLState
 from router.routing.route import RouteReason
 from router.topology.cluster import NodeState, Role
@@ -62,6 +62,7 @@ class SplitCluster:
             self.topology.node(address.host, address.port).weight = address.weight
         self.configured_primary = self.topology.node(config.primary.host, config.primary.port)
         self.rng = Random()
+        self.read_your_writes = settings.read_your_writes is ReadYourWrites.SESSION
         # (role, reason) of every routed transaction; fallbacks by reason.
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.fallbacks: Counter[str] = Counter()
@@ -139,5 +140,7 @@ class SplitCluster:
 
     def note_write(self, client: ClientConnection) -> None:
         """``client``'s transaction that wrote has ended (committed or not)."""
+        if not self.read_your_writes:
+            return
         client.ryw_round = self.monitor.rounds_started
         client.ryw_lsn = None

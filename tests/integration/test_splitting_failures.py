@@ -1,0 +1,279 @@
+"""Read/write splitting when replicas lag, stop, and the primary fails over.
+
+These tests pause replay, stop nodes and promote one, so they run on a cluster of their own
+(module-scoped). They run in file order; the failover test, which leaves the old primary
+stopped, is last. Waits are polls with deadlines on the router's own state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from router.config import Settings
+from tests.cluster import Cluster
+from tests.conftest import router_config
+from tests.harness import RouterThread
+
+WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
+INTERVAL = 0.25
+
+
+@pytest.fixture(scope="module")
+def split_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    base = tmp_path_factory.mktemp("splitting")
+    with Cluster(base, replicas=2, redis=False, ssl=False, pgbench_scale=None) as cluster:
+        cluster.psql("CREATE TABLE rows (id bigint PRIMARY KEY, at timestamptz DEFAULT now())", dbname="app")
+        cluster.wait_replay()
+        yield cluster
+
+
+@pytest.fixture
+def make_router(split_cluster: Cluster) -> Iterator:
+    started: list[RouterThread] = []
+
+    def make(**cluster_settings: Any) -> RouterThread:
+        settings: dict[str, Any] = {}
+        for key in ("read_your_writes", "transaction_routing"):
+            if key in cluster_settings:
+                settings[key] = cluster_settings.pop(key)
+        config = router_config(split_cluster, split=True, lag_check_interval=INTERVAL, **settings)
+        config["clusters"]["main"].update(cluster_settings)
+        router = RouterThread(Settings(**config)).start()
+        started.append(router)
+        router.wait_for(lambda r: len(r.splits["main"].topology.eligible_replicas()) == 2,
+                        what="both replicas eligible")
+        return router
+
+    yield make
+    for router in started:
+        router.stop()
+
+
+def replay(cluster: Cluster, index: int, paused: bool) -> None:
+    fn = "pg_wal_replay_pause" if paused else "pg_wal_replay_resume"
+    cluster.psql(f"SELECT {fn}()", node=cluster.replicas[index])
+
+
+class Writer:
+    """Keeps the primary's WAL moving (directly, not through the router)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.dsn = cluster.primary.dsn("app")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self.stop.wait(0.02):
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS churn (x int); INSERT INTO churn VALUES (1)")
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def eligible(router: RouterThread, port: int) -> bool:
+    return router.call(lambda r: r.splits["main"].topology.node("127.0.0.1", port).eligible)
+
+
+def read_ports(conn: psycopg.Connection, n: int) -> Counter:
+    ports: Counter = Counter()
+    for _ in range(n):
+        ports[conn.execute(WHERE).fetchone()[1]] += 1
+    return ports
+
+
+def test_paused_replica_skipped_then_used_again(make_router, split_cluster: Cluster) -> None:
+    router = make_router(max_replica_lag=0.5)
+    paused = split_cluster.replicas[0]
+    with Writer(split_cluster), psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        assert paused.port in read_ports(conn, 100)
+        replay(split_cluster, 0, paused=True)
+        try:
+            started = time.monotonic()
+            router.wait_for(lambda r: not r.splits["main"].topology.node("127.0.0.1", paused.port).eligible,
+                            timeout=10, what="the paused replica to lose eligibility")
+            print(f"paused replica skipped after {time.monotonic() - started:.2f} s "
+                  f"(max_replica_lag 0.5 s, lag_check_interval {INTERVAL} s)")
+            ports = read_ports(conn, 200)
+            assert paused.port not in ports, ports
+            assert set(ports) == {split_cluster.replicas[1].port}
+        finally:
+            replay(split_cluster, 0, paused=False)
+        router.wait_for(lambda r: r.splits["main"].topology.node("127.0.0.1", paused.port).eligible,
+                        timeout=10, what="the resumed replica to be eligible again")
+        assert paused.port in read_ports(conn, 100)
+
+
+@pytest.mark.parametrize("fallback", ["primary", "error"])
+def test_every_replica_lagging(make_router, split_cluster: Cluster, fallback: str) -> None:
+    router = make_router(max_replica_lag=0.3, replica_fallback=fallback)
+    with Writer(split_cluster), psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        replay(split_cluster, 0, paused=True)
+        replay(split_cluster, 1, paused=True)
+        try:
+            router.wait_for(lambda r: not r.splits["main"].topology.eligible_replicas(),
+                            timeout=10, what="no replica eligible")
+            if fallback == "primary":
+                assert read_ports(conn, 50) == Counter({split_cluster.primary.port: 50})
+                fallbacks = router.call(lambda r: dict(r.splits["main"].fallbacks))
+                assert fallbacks.get("lag_fallback", 0) >= 50
+            else:
+                for _ in range(5):
+                    with pytest.raises(psycopg.errors.CannotConnectNow, match="too far behind"):
+                        conn.execute(WHERE)
+                # Writes are not affected, and the connection stays usable.
+                row = conn.execute("INSERT INTO rows VALUES (-1) ON CONFLICT DO NOTHING RETURNING 1").fetchall()
+                assert row in ([(1,)], [])
+        finally:
+            replay(split_cluster, 0, paused=False)
+            replay(split_cluster, 1, paused=False)
+
+
+def test_read_your_writes(make_router, split_cluster: Cluster) -> None:
+    # A huge lag limit keeps the paused replica eligible: only read-your-writes keeps a
+    # session away from it.
+    router = make_router(max_replica_lag=3600)
+    lagging = split_cluster.replicas[0]
+    replay(split_cluster, 0, paused=True)
+    try:
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            conn.execute("DELETE FROM rows")
+            on_replica = 0
+            for i in range(1000):
+                conn.execute("INSERT INTO rows (id) VALUES (%s)", (i,))
+                seen, in_recovery, port = conn.execute(
+                    "SELECT EXISTS (SELECT FROM rows WHERE id = %s), pg_is_in_recovery(), inet_server_port()",
+                    (i,),
+                ).fetchone()
+                assert seen, f"row {i} not visible to the session that wrote it (port {port})"
+                assert port != lagging.port
+                on_replica += in_recovery
+            # Once the monitor has sampled the primary after the write, reads go back to the
+            # replicas that have replayed that far, and only those.
+            for i in range(1000, 1030):
+                conn.execute("INSERT INTO rows (id) VALUES (%s)", (i,))
+                target = router.call(lambda r: r.splits["main"].monitor.rounds_completed) + 2
+                router.wait_for(lambda r, t=target: r.splits["main"].monitor.rounds_completed >= t,
+                                what="two monitor rounds")
+                seen, in_recovery, port = conn.execute(
+                    "SELECT EXISTS (SELECT FROM rows WHERE id = %s), pg_is_in_recovery(), inet_server_port()",
+                    (i,),
+                ).fetchone()
+                assert seen and port != lagging.port
+                on_replica += in_recovery
+            print(f"read-your-writes: {on_replica} of 1030 reads after a write ran on a replica")
+            assert on_replica > 0, "reads never went back to the caught-up replica"
+    finally:
+        replay(split_cluster, 0, paused=False)
+
+
+def test_without_read_your_writes_the_lagging_replica_serves_stale_reads(
+    make_router, split_cluster: Cluster
+) -> None:
+    router = make_router(max_replica_lag=3600, read_your_writes="off")
+    replay(split_cluster, 0, paused=True)
+    try:
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            stale = 0
+            for i in range(2000, 2200):
+                conn.execute("INSERT INTO rows (id) VALUES (%s)", (i,))
+                stale += not conn.execute("SELECT EXISTS (SELECT FROM rows WHERE id = %s)", (i,)).fetchone()[0]
+            print(f"read_your_writes = off: {stale} of 200 reads missed the session's own row")
+            assert stale > 0
+    finally:
+        replay(split_cluster, 0, paused=False)
+
+
+def test_replica_stopped_mid_load(make_router, split_cluster: Cluster) -> None:
+    router = make_router(max_replica_lag=5)
+    victim = split_cluster.replicas[1]
+    errors: list[Exception] = []
+    ports: Counter = Counter()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def reader() -> None:
+        try:
+            with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+                while not stop.is_set():
+                    try:
+                        _, port = conn.execute("SELECT pg_sleep(0.005), inet_server_port()").fetchone()
+                        with lock:
+                            ports[port] += 1
+                    except psycopg.Error as exc:
+                        errors.append(exc)
+                        return
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ports[victim.port] < 20 and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+        victim.stop(mode="immediate")
+        router.wait_for(lambda r: not r.splits["main"].topology.node("127.0.0.1", victim.port).healthy,
+                        what="the stopped replica marked down")
+        with lock:
+            before = ports[victim.port]
+        time.sleep(1.0)  # load continues without the replica
+        with lock:
+            assert ports[victim.port] == before
+        victim.start()
+        router.wait_for(lambda r: r.splits["main"].topology.node("127.0.0.1", victim.port).eligible,
+                        timeout=20, what="the restarted replica eligible again")
+        deadline = time.monotonic() + 10
+        while ports[victim.port] == before and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        if not victim.is_running():
+            victim.start()
+    assert not errors, errors
+    assert ports[victim.port] > before, "the restarted replica was not used again"
+    print(f"reads per node: {dict(ports)}")
+
+
+def test_failover_to_promoted_replica(make_router, split_cluster: Cluster) -> None:
+    """Last in the module: the old primary stays stopped."""
+    router = make_router()
+    old_primary, new_primary = split_cluster.primary, split_cluster.replicas[0]
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        assert conn.execute("INSERT INTO rows VALUES (-100) RETURNING inet_server_port()").fetchone()[0] == old_primary.port
+        old_primary.stop(mode="immediate")
+        new_primary.promote()
+        started = time.monotonic()
+        errors: Counter = Counter()
+        row = None
+        while time.monotonic() - started < 15:
+            try:
+                row = conn.execute(
+                    "INSERT INTO rows VALUES (-101) RETURNING inet_server_port(), pg_is_in_recovery()"
+                ).fetchone()
+                break
+            except psycopg.errors.ReadOnlySqlTransaction:
+                pytest.fail("a write was sent to a node in recovery")
+            except psycopg.OperationalError as exc:
+                errors[exc.sqlstate] += 1
+                if conn.closed:
+                    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+                time.sleep(0.1)
+        assert row == (new_primary.port, False), f"no write succeeded after failover: {errors}"
+        print(f"writes resumed {time.monotonic() - started:.2f} s after the failover; errors meanwhile: {dict(errors)}")
+        assert set(errors) <= {"57P03", "08006", None}, errors

@@ -1,0 +1,185 @@
+"""router/routing/route.py: the session rules over verdicts, the scan of held messages, and the
+no-parse fast path for plain SELECTs (which must agree with the parser)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router.routing.classify import classify
+from router.routing.functions import FunctionCatalog
+from router.routing.route import RouteReason, VerdictCache, decide, held_verdict, is_plain_select
+from router.routing.verdict import Reason, StatementKind, Target, Verdict
+
+CATALOG = FunctionCatalog.builtin()
+
+
+def verdict(sql: str) -> Verdict:
+    return classify(sql, CATALOG).verdict
+
+
+P, R = Target.PRIMARY, Target.REPLICA
+S = RouteReason
+
+
+@pytest.mark.parametrize(
+    ("sql", "options", "expected"),
+    [
+        ("SELECT 1", {}, (R, S.READ)),
+        ("INSERT INTO t VALUES (1)", {}, (P, S.WRITE)),
+        ("BEGIN", {}, (P, S.WRITE)),
+        ("BEGIN READ ONLY", {}, (R, S.READ_ONLY)),
+        ("START TRANSACTION READ ONLY", {}, (R, S.READ_ONLY)),
+        ("SET TRANSACTION READ ONLY", {}, (R, S.READ_ONLY)),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", {}, (P, S.WRITE)),
+        ("/* pgrouter: primary */ SELECT 1", {}, (P, S.HINT)),
+        ("/* pgrouter: replica */ SELECT f()", {}, (R, S.HINT)),
+        ("/* pgrouter: replica */ INSERT INTO t VALUES (1)", {}, (P, S.WRITE)),
+        ("SELECT 1", {"session_target": P}, (P, S.SESSION_TARGET)),
+        ("SELECT f()", {"session_target": R}, (R, S.SESSION_TARGET)),
+        ("INSERT INTO t VALUES (1)", {"session_target": R}, (P, S.WRITE)),
+        ("SELECT nextval('s')", {"session_target": R}, (P, S.WRITE)),
+        ("BEGIN", {"read_only_session": True}, (R, S.READ_ONLY)),
+        ("SELECT f()", {"read_only_session": True}, (R, S.READ_ONLY)),
+        ("DELETE FROM t", {"read_only_session": True}, (P, S.WRITE)),
+        ("SELECT 1", {"pinned": True}, (P, S.PINNED)),
+        ("SELECT 1 FOR UPDATE", {}, (P, S.WRITE)),
+        ("SELECT 1; INSERT INTO t VALUES (1)", {}, (P, S.WRITE)),
+        ("COMMIT", {}, (R, S.READ)),
+    ],
+)
+def test_decide(sql: str, options: dict, expected: tuple) -> None:
+    v = verdict(sql)
+    assert decide(v, v, **options) == expected
+
+
+def test_decide_with_nothing_to_judge() -> None:
+    assert decide(None, None) == (R, S.READ)
+    assert decide(None, None, session_target=P) == (P, S.SESSION_TARGET)
+
+
+def query(sql: str) -> bytes:
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!I", len(body) + 4) + body
+
+
+def parse(name: bytes, sql: str) -> bytes:
+    body = name + b"\0" + sql.encode() + b"\0" + b"\0\0"
+    return b"P" + struct.pack("!I", len(body) + 4) + body
+
+
+def bind(statement: bytes) -> bytes:
+    body = b"\0" + statement + b"\0" + b"\0\0" + b"\0\0" + b"\0\0"
+    return b"B" + struct.pack("!I", len(body) + 4) + body
+
+
+SYNC = b"S\0\0\0\4"
+
+
+def scan(chunks: list[bytes], named: dict[bytes, str] | None = None, last: Verdict | None = None):
+    named = named or {}
+    return held_verdict(
+        [(c, 0, 1, 0) for c in chunks],
+        lambda sql: verdict(sql.decode()),
+        lambda name: named[name].encode() if name in named else None,
+        last,
+    )
+
+
+def test_held_verdict_takes_the_strongest_and_remembers_the_first() -> None:
+    first, combined, _ = scan([query("BEGIN READ ONLY") + query("SELECT 1")])
+    assert first.kind is StatementKind.BEGIN_READ_ONLY and combined.target is R
+    first, combined, _ = scan([query("SELECT 1"), parse(b"", "UPDATE t SET a = 1") + bind(b"") + SYNC])
+    assert first.reason is Reason.READ and combined.target is P and combined.reason is Reason.WRITE
+
+
+def test_held_verdict_follows_named_and_unnamed_statements() -> None:
+    _, combined, last = scan([parse(b"", "DELETE FROM t") + SYNC])
+    assert combined.target is P and last.target is P
+    # A later Bind of the unnamed statement, in a chunk of its own, runs that DELETE.
+    _, combined, _ = scan([bind(b"") + SYNC], last=last)
+    assert combined.target is P
+    _, combined, _ = scan([bind(b"s1") + SYNC], named={b"s1": "SELECT 1"})
+    assert combined.target is R
+    _, combined, _ = scan([bind(b"s2") + SYNC], named={b"s2": "INSERT INTO t VALUES (1)"})
+    assert combined.target is P
+    assert scan([SYNC])[1] is None
+
+
+def test_held_verdict_ignores_a_truncated_message() -> None:
+    assert scan([query("INSERT INTO t VALUES (1)")[:-3]])[1] is None
+
+
+PLAIN = [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 4711;",
+    "select * from t where a = 1 and b > 2 order by c limit 10",
+    "SELECT a, b FROM t1 JOIN t2 ON t1.id = t2.id WHERE t1.x = 3",
+    "  SELECT 1  ",
+    "SELECT x FROM t UNION SELECT y FROM u",
+    "SELECT a::int FROM t WHERE b IS NOT NULL",
+]
+NOT_PLAIN = [
+    "SELECT nextval('s')",
+    "SELECT * FROM t FOR UPDATE",
+    "SELECT * INTO new_t FROM t",
+    "SELECT 1; DELETE FROM t",
+    "/* pgrouter: primary */ SELECT 1",
+    "SELECT 1 -- comment",
+    "SELECT 'for'",
+    "SELECT f()",
+    "select * from t for share",
+    "SELECT $1",
+    "WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
+    "INSERT INTO t SELECT 1",
+]
+
+
+@pytest.mark.parametrize("sql", PLAIN)
+def test_plain_select_fast_path(sql: str) -> None:
+    assert is_plain_select(sql.encode())
+    assert verdict(sql).target is R  # the parser agrees
+
+
+@pytest.mark.parametrize("sql", NOT_PLAIN)
+def test_not_plain_select(sql: str) -> None:
+    assert not is_plain_select(sql.encode())
+
+
+_WORDS = st.sampled_from(
+    ["SELECT", "a", "b", "t", "FROM", "WHERE", "=", "1", "2", "AND", "OR", "ORDER", "BY", "LIMIT",
+     "FOR", "UPDATE", "INTO", "x", "JOIN", "ON", "GROUP", "HAVING", ">", "<", ",", "*", "UNION",
+     "SHARE", "NOWAIT", "DISTINCT", "AS", "NULL", "IS", "NOT", "LOCK", "OFFSET", "TABLESAMPLE"]
+)
+
+
+@given(st.lists(_WORDS, min_size=1, max_size=14))
+def test_fast_path_never_sends_a_primary_statement_to_a_replica(words: list[str]) -> None:
+    sql = "SELECT " + " ".join(words)
+    if is_plain_select(sql.encode()):
+        v = verdict(sql)
+        # Text the parser rejects fails on any node; anything it accepts must be a read.
+        assert v.target is R or v.reason is Reason.UNPARSABLE, (sql, v)
+
+
+def test_verdict_cache_is_bounded_and_resettable() -> None:
+    calls = []
+
+    def classify_text(sql: str):
+        calls.append(sql)
+        return classify(sql, CATALOG)
+
+    cache = VerdictCache(classify_text, maxsize=3)
+    for i in range(10):
+        assert cache.verdict(f"SELECT {i}, f()".encode()).target is P
+    assert len(cache) == 3
+    cache.verdict(b"SELECT 9, f()")
+    assert len(calls) == 10  # a hit
+    cache.reset()
+    cache.verdict(b"SELECT 9, f()")
+    assert len(calls) == 11
+    # Undecodable bytes go to the primary without reaching the classifier.
+    assert cache.verdict(b"SELECT '\xff', f()").target is P
+    assert len(calls) == 11
