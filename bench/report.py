@@ -31,7 +31,7 @@ def _ratio(a: dict | None, b: dict | None) -> str:
 def print_table(runs: list[Run]) -> None:
     cells = summarize(runs)
     header = ["workload", "target", "TPS median", "(min-max)", "lat ms", "(min-max)",
-              "/direct", "/pgbouncer", "+µs/query", "status"]
+              "/direct", "/pgbouncer", "/router", "+µs/query", "status"]
     rows = []
     for workload in dict.fromkeys(r.workload for r in runs):
         get = {t: cells.get((workload, t)) for t in TARGETS}
@@ -48,14 +48,15 @@ def print_table(runs: list[Run]) -> None:
             else:
                 row += ["FAILED", "", "", ""]
             row.append(_ratio(c, get["direct"]) if target != "direct" else "")
-            row.append(_ratio(c, get["pgbouncer"]) if target == "router" else "")
+            row.append(_ratio(c, get["pgbouncer"]) if target.startswith("router") else "")
+            row.append(_ratio(c, get["router"]) if target == "router-split" else "")
             added = _added_us(c, get["direct"]) if workload == LATENCY_WORKLOAD else None
             added = None if target == "direct" else added
             row.append("" if added is None else f"{added:+.0f}")
             row.append(f"FAILED {c['failed']}/{c['runs']}" if c["failed"] else "ok")
             rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    right = {2, 3, 4, 5, 6, 7, 8}  # numbers align right
+    right = {2, 3, 4, 5, 6, 7, 8, 9}  # numbers align right
 
     def line(values: list[str]) -> str:
         return "  ".join(v.rjust(w) if i in right else v.ljust(w)

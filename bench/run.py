@@ -32,19 +32,23 @@ from tests.harness import RouterProcess, write_toml
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def router_process(workdir: Path, server_port: int, pool_size: int) -> RouterProcess:
-    """`pgrouter run` configured like PgBouncer: one transaction pool as postgres."""
+def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool) -> RouterProcess:
+    """`pgrouter run` configured like PgBouncer: one transaction pool as postgres; with
+    ``split``, read/write splitting over the cluster's replicas too (a pool per node)."""
+    replicas = [{"host": HOST, "port": r.port} for r in cluster.replicas] if split else []
     config = {
         "listen_host": HOST,
         "listen_port": 0,
         "pool_mode": "transaction",
         "pool_size": pool_size,
         "max_client_conn": 500,
-        "clusters": {"bench": {"primary": {"host": HOST, "port": server_port}}},
+        "clusters": {"bench": {"primary": {"host": HOST, "port": cluster.primary.port},
+                               "replicas": replicas}},
         "databases": {"app": {"cluster": "bench", "server_user": "postgres"}},
         "users": {"bench": {"auth": "trust"}},
     }
-    return RouterProcess(write_toml(workdir / "router.toml", config))
+    name = "router-split.toml" if split else "router.toml"
+    return RouterProcess(write_toml(workdir / name, config))
 
 
 def environment(cluster: Cluster) -> dict:
@@ -91,9 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="server connections of each proxy's pool (default 8)")
     # Scale 10 (~160 MB, ~3 s to build): select-only spreads over 1M rows, not one hot page.
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
-    p.add_argument("--replicas", type=int, default=0,
-                   help="standbys in the cluster, unused by the proxies (default 0: their "
-                   "replay would only compete for CPU)")
+    p.add_argument("--replicas", type=int, default=2,
+                   help="standbys in the cluster, used by router-split (default 2; 0 drops "
+                   "the router-split target)")
     p.add_argument("--workloads", help="comma-separated subset (default: all)")
     args = p.parse_args(argv)
     names = [w.name for w in WORKLOADS]
@@ -127,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
             bouncer = PgBouncer(workdir / "pgbouncer", args.pool_size)
             stack.callback(bouncer.stop)
             bouncer.start(cluster.primary.port)
-            router = router_process(workdir, cluster.primary.port, args.pool_size)
+            router = router_process(workdir, cluster, args.pool_size, split=False)
             stack.callback(router.stop)
             router.start()
             targets = [Target("direct", cluster.primary.port, "postgres"),
                        Target("pgbouncer", bouncer.port, "bench", bouncer.log),
                        Target("router", router.port, "bench", router.log_path)]
+            if cluster.replicas:
+                split = router_process(workdir, cluster, args.pool_size, split=True)
+                stack.callback(split.stop)
+                split.start()
+                targets.append(Target("router-split", split.port, "bench", split.log_path))
             env = environment(cluster)
             runs, interrupted = run_rounds(cluster, targets, args)
     except BaseException:

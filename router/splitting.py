@@ -111,7 +111,7 @@ class SplitCluster:
             if client.ryw_lsn is None:
                 client.ryw_lsn = self.topology.primary_insert_lsn
             min_lsn = client.ryw_lsn
-        node = self.topology.pick_replica(self.rng, min_lsn)
+        node = self._pick(min_lsn)
         if node is not None:
             return node, None
         if min_lsn is not None and self.topology.pick_replica(self.rng) is not None:
@@ -119,6 +119,27 @@ class SplitCluster:
         if any(n.healthy and n.role is Role.REPLICA for n in self.topology.nodes):
             return None, RouteReason.LAG_FALLBACK
         return None, RouteReason.NODE_DOWN_FALLBACK
+
+    def _pick(self, min_lsn: int | None) -> NodeState | None:
+        """ClusterTopology.pick_replica's rule (weighted least in-flight, ties weighted-random)
+        in one pass without lists: this runs for every routed read."""
+        best = None
+        best_load = 0.0
+        tied_weight = 0.0
+        for node in self.topology.nodes:
+            weight = node.weight
+            if not node.eligible or weight <= 0 or node.role is not Role.REPLICA:
+                continue
+            if min_lsn is not None and (node.replay_lsn is None or node.replay_lsn < min_lsn):
+                continue
+            load = node.in_flight / weight
+            if best is None or load < best_load:
+                best, best_load, tied_weight = node, load, weight
+            elif load == best_load:
+                tied_weight += weight
+                if self.rng.random() * tied_weight < weight:
+                    best = node
+        return best
 
     def fallback(self, reason: RouteReason) -> None:
         """No replica for a read: count it, and fail it if so configured."""

@@ -183,3 +183,20 @@ def test_verdict_cache_is_bounded_and_resettable() -> None:
     # Undecodable bytes go to the primary without reaching the classifier.
     assert cache.verdict(b"SELECT '\xff', f()").target is P
     assert len(calls) == 11
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["INSERT INTO t VALUES (1)", "update t set a = 1", " DELETE FROM t", "MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE",
+     "UPDATE pgbench_accounts SET abalance = abalance + -1 WHERE aid = 1;"],
+)
+def test_plain_write_fast_path(sql: str) -> None:
+    from router.routing.route import is_plain_write
+
+    assert is_plain_write(sql.encode())
+    assert verdict(sql).target is P  # the parser agrees
+
+
+def test_select_mentioning_for_is_not_fast() -> None:
+    assert not is_plain_select(b"SELECT a FROM t FOR UPDATE")
+    assert not is_plain_select(b"SELECT a INTO b FROM t")
