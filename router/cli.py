@@ -74,6 +74,95 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# Until Settings has registry fields, the registry commands take them from their own options,
+# falling back to these variables. Keys only through the environment: argv is world-readable.
+REGISTRY_ENV = {
+    "redis_url": "PGROUTER_REDIS_URL",
+    "secret_key": "PGROUTER_SECRET_KEY",  # the current key, "kid:base64key"
+    "old_secret_keys": "PGROUTER_OLD_SECRET_KEYS",  # older keys, comma-separated "kid:base64key"
+    "registry_prefix": "PGROUTER_REGISTRY_PREFIX",
+}
+
+
+def _registry_value(args: argparse.Namespace, settings: object, name: str) -> str | None:
+    """An option, else the settings field of that name (once Settings has it), else the
+    environment variable. Secrets and lists come back as plain "a,b" strings."""
+    import os
+
+    value = getattr(args, name, None)
+    if value is None:
+        value = getattr(settings, name, None)
+    if value is None:
+        value = os.environ.get(REGISTRY_ENV[name])
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        return ",".join(_plain(item) for item in value) or None
+    return _plain(value) or None
+
+
+def _plain(value: object) -> str:
+    reveal = getattr(value, "get_secret_value", None)  # pydantic SecretStr
+    return reveal() if reveal is not None else str(value)
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from router.registry.crypto import Keyring, KeyringError
+    from router.registry.errors import RegistryError
+    from router.registry.store import RedisStore
+
+    try:
+        settings = load_settings(args.config) if args.config else None
+        url = _registry_value(args, settings, "redis_url")
+        current = _registry_value(args, settings, "secret_key")
+        old = _registry_value(args, settings, "old_secret_keys")
+        prefix = _registry_value(args, settings, "registry_prefix")
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if not url or not current:
+        print(
+            f"rotate-key needs the Redis URL (--redis-url or {REGISTRY_ENV['redis_url']}) and "
+            f"the new current key ({REGISTRY_ENV['secret_key']}=kid:base64key)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        keyring = Keyring.from_specs(current, [k for k in (old or "").split(",") if k.strip()])
+    except KeyringError as exc:
+        print(f"invalid key: {exc}", file=sys.stderr)
+        return 2
+
+    async def rotate() -> int:
+        store = RedisStore.from_url(url, keyring, prefix=prefix)
+        try:
+            return await store.rotate_keys(keyring)
+        finally:
+            await store.close()
+
+    try:
+        count = asyncio.run(rotate())
+    except (RegistryError, ValueError) as exc:
+        print(f"rotate-key failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"re-encrypted {count} tenant records under key id {keyring.current_kid!r}")
+    return 0
+
+
+def _generate_key(args: argparse.Namespace) -> int:
+    from router.registry.crypto import KeyringError, check_kid, generate_key
+
+    try:
+        check_kid(args.kid)
+    except KeyringError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(f"{args.kid}:{generate_key()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgrouter", description="PostgreSQL connection router")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     cc = sub.add_parser("check-config", help="validate a configuration file and print it")
     cc.add_argument("config")
     cc.set_defaults(func=_check_config)
+    rk = sub.add_parser(
+        "rotate-key",
+        help="re-encrypt every tenant's server_password under the current key",
+        description="Re-encrypts the registry's server passwords under the current key "
+        f"({REGISTRY_ENV['secret_key']}); the old keys ({REGISTRY_ENV['old_secret_keys']}) "
+        "must still be given so the records can be read. Prints how many were re-encrypted.",
+    )
+    rk.add_argument("--config", "-c", help="TOML configuration file")
+    rk.add_argument("--redis-url", help=f"registry URL (default: {REGISTRY_ENV['redis_url']})")
+    rk.add_argument(
+        "--prefix", dest="registry_prefix", help="registry key prefix (default: pgrouter:)"
+    )
+    rk.set_defaults(func=_rotate_key)
+    gk = sub.add_parser("generate-key", help="print a new registry key as kid:base64key")
+    gk.add_argument("kid", help="key id, 1-64 characters of [A-Za-z0-9_.-]")
+    gk.set_defaults(func=_generate_key)
     args = parser.parse_args(argv)
     return args.func(args)
 

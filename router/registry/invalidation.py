@@ -1,0 +1,112 @@
+"""The invalidation channel: what a registry write announces, and one subscription to it.
+
+Each write script ends with ``PUBLISH {prefix}invalidate {"id", "version", "registry_version"
+[, "deleted"]}`` (see store.py). Redis pub/sub is fire-and-forget: a subscriber that was
+disconnected has missed what was published meanwhile and is not told. So a Subscription ends
+loudly (RegistryUnavailable) whenever its connection breaks, and its owner (TenantCache) opens a
+new one and compares the registry version before trusting its entries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+
+from router.registry.connect import REDIS_DOWN_ERRORS, RedisConnection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """One message of the invalidation channel."""
+
+    tenant_id: str
+    version: int | None  # the tenant's version after the write; None when it was deleted
+    registry_version: int
+    deleted: bool = False
+
+    @classmethod
+    def parse(cls, data: str | bytes) -> Invalidation:
+        """Raises ValueError on anything but the write script's message."""
+        try:
+            fields = json.loads(data)
+            tenant_id, version = fields["id"], fields["version"]
+            registry_version = fields["registry_version"]
+            deleted = bool(fields.get("deleted", False))
+        except (TypeError, KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not an invalidation message: {data!r}") from exc
+        if not isinstance(tenant_id, str) or not isinstance(registry_version, int):
+            raise ValueError(f"not an invalidation message: {data!r}")
+        if not (version is None or isinstance(version, int)):
+            raise ValueError(f"not an invalidation message: {data!r}")
+        return cls(tenant_id, version, registry_version, deleted)
+
+
+class Subscription:
+    """One connection subscribed to ``channel``, used as ``async with``. ``next()`` raises
+    RegistryUnavailable once the connection breaks or stops answering."""
+
+    # A PING every this many quiet seconds; no reply (or message) for three times as long means
+    # the connection is dead even if TCP has not noticed (a partition sends no reset).
+    PING_INTERVAL = 1.0
+
+    def __init__(self, connection: RedisConnection, channel: str) -> None:
+        self._connection = connection
+        self.channel = channel
+        self._pubsub: Any = None
+        self._last_heard = 0.0
+        self._last_ping = 0.0
+
+    async def __aenter__(self) -> Subscription:
+        with self._connection.reaching_redis():
+            client = self._connection.client
+            if isinstance(client, RedisCluster):
+                await client.initialize()  # its pub/sub needs the slot map; a no-op once done
+            self._pubsub = client.pubsub()
+            await self._pubsub.subscribe(self.channel)
+            # Wait for the confirmation: once it is here the server delivers every later
+            # publish to us, so a registry version read after this misses nothing.
+            while True:
+                message = await self._pubsub.get_message(timeout=self._connection.socket_timeout)
+                if message is None:
+                    raise rex.TimeoutError("no SUBSCRIBE confirmation")
+                if message["type"] == "subscribe":
+                    break
+        self._last_heard = self._last_ping = asyncio.get_running_loop().time()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except REDIS_DOWN_ERRORS:
+                pass  # the connection is gone already; there is nothing left to close
+
+    async def next(self, timeout: float) -> Invalidation | None:
+        """The next invalidation, or None after ``timeout`` seconds (at most PING_INTERVAL)
+        without one."""
+        with self._connection.reaching_redis():
+            message = await self._pubsub.get_message(timeout=min(timeout, self.PING_INTERVAL))
+            now = asyncio.get_running_loop().time()
+            if message is not None:
+                self._last_heard = now
+            elif now - self._last_heard > 3 * self.PING_INTERVAL:
+                raise rex.TimeoutError("the pub/sub connection stopped answering PING")
+            if now - self._last_ping >= self.PING_INTERVAL:
+                self._last_ping = now
+                await self._pubsub.ping()
+        if message is None or message["type"] != "message":
+            return None  # a PONG, or nothing yet
+        try:
+            return Invalidation.parse(message["data"])
+        except ValueError:
+            log.warning("ignored a malformed message on %s: %r", self.channel, message)
+            return None
