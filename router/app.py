@@ -25,6 +25,7 @@ from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
 from router.session import StatementRegistry
 from router.splitting import SplitCluster
+from router.tenants import TenantManager, TenantPaused
 from router.topology.catalog import ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
 
@@ -121,6 +122,8 @@ class Router:
             refresh_interval=settings.function_catalog_refresh, builtin=self.functions
         )
         self.first_statement = settings.transaction_routing is TransactionRouting.FIRST_STATEMENT
+        self.tenants = TenantManager(self)
+        self.admin = None  # the admin HTTP API server, when admin_port >= 0
 
     def _client_tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -138,6 +141,7 @@ class Router:
         self.catalogs.start()
         if self.splits:
             await asyncio.gather(*(split.start() for split in self.splits.values()))
+        await self.tenants.start()
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             self.settings.listen_host,
@@ -147,8 +151,14 @@ class Router:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.settings.listen_host, self.port)
+        if self.settings.admin_port >= 0:
+            from router.admin.server import serve
+
+            self.admin = await serve(self)
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         if self._server is not None:
             self._server.close()
         for client in list(self.clients.values()):
@@ -157,6 +167,7 @@ class Router:
         for split in self.splits.values():
             await split.stop()
         await self.catalogs.stop()
+        await self.tenants.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -201,6 +212,7 @@ class Router:
 
     def forget_client(self, client: ClientConnection) -> None:
         self.pinned_clients.discard(client)
+        self.tenants.forget(client)
         if getattr(client, "admitted", False):
             client.admitted = False
             self.client_count -= 1
@@ -241,13 +253,24 @@ class Router:
     # --- the routing seam ------------------------------------------------------------
 
     def resolve_database(self, client: ClientConnection) -> Target:
-        databases = self.settings.databases
-        db = databases.get(client.database) or databases.get("*")
-        if db is None:
-            raise RouterError(SQLState.INVALID_CATALOG_NAME, f'database "{client.database}" does not exist')
-        cluster = self.settings.clusters[db.cluster]
-        pool = self.pools.pool_for(db, client.database, client.user, cluster.primary)
-        split = self.splits.get(db.cluster)
+        tenant = client.tenant
+        if tenant is not None:
+            db = self.tenants.database_config(tenant, client.tenant_login.database)
+            cluster = self.tenants.cluster_config(tenant)
+            split = self.splits.get(db.cluster)
+            if split is None and cluster.replicas:
+                split = self.splits[db.cluster] = SplitCluster(db.cluster, cluster, self.settings)
+                self.spawn(split.start())
+            pool = self.pools.pool_for(db, db.dbname, db.server_user, cluster.primary)
+            self.tenants.attach(client, pool)
+        else:
+            databases = self.settings.databases
+            db = databases.get(client.database) or databases.get("*")
+            if db is None:
+                raise RouterError(SQLState.INVALID_CATALOG_NAME, f'database "{client.database}" does not exist')
+            cluster = self.settings.clusters[db.cluster]
+            pool = self.pools.pool_for(db, client.database, client.user, cluster.primary)
+            split = self.splits.get(db.cluster)
         route = None
         if split is not None:
             key = (db.cluster, pool.key.dbname, pool.key.user)
@@ -259,6 +282,10 @@ class Router:
     def pool_for_transaction(self, client: ClientConnection) -> Pool:
         """The pool that serves ``client``'s next transaction, judged from the messages it
         holds (``client._held``). Raises RouterError when no node can take it."""
+        if client.tenant is not None:
+            gate = self.tenants.gates.get(client.tenant.tenant_id)
+            if gate is not None:
+                raise TenantPaused(gate)
         route = client.db_route
         if route is None:
             return client.pool

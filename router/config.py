@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from router.protocol.auth import is_scram_verifier
@@ -159,6 +159,24 @@ class Settings(BaseSettings):
     read_your_writes: ReadYourWrites = ReadYourWrites.SESSION
     # How often each database's function volatilities (pg_proc) are re-read.
     function_catalog_refresh: float = Field(60.0, gt=0)
+
+    # Tenant registry (README "Tenants"): Redis URL (redis://, rediss://, redis+sentinel://,
+    # redis+cluster://); none: only the databases and users of this file.
+    redis_url: str | None = None
+    secret_key: SecretStr | None = None  # "kid:base64key": seals server passwords in Redis
+    old_secret_keys: list[SecretStr] = []  # older keys, still accepted for reading
+    registry_prefix: str = "pgrouter:"
+    registry_cache_ttl: float = Field(30.0, gt=0)
+    # Shared-schema tenants: the setting that carries the tenant's key on server connections.
+    tenant_setting: str = "app.current_tenant"
+    # Admin HTTP API (README "Admin API"); port 0 picks a free one, -1 disables the API.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(8080, ge=-1, le=65535)
+    admin_token: SecretStr | None = None  # bearer token; none: the tenant endpoints refuse all
+    metrics_public: bool = True  # /metrics without the token
+    tenant_drop_timeout: float = Field(10.0, ge=0)  # DELETE: in-flight transactions may finish
+    shutdown_timeout: float = Field(30.0, ge=0)
+    workers: int = Field(1, ge=1)
 
     clusters: dict[str, ClusterConfig] = {}
     databases: dict[str, DatabaseConfig] = {}

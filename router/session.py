@@ -356,6 +356,12 @@ class SessionSettings:
         self._sets = dict(startup)
         self.key: frozenset | None = frozenset(startup.items()) if startup else None
 
+    def pin(self, name: str, statement: str) -> None:
+        """A setting the session always carries, whatever RESET/RESET ALL it runs."""
+        self._startup[name] = statement
+        self._sets[name] = statement
+        self._changed()
+
     def _changed(self) -> None:
         self.key = frozenset(self._sets.items()) if self._sets else None
 

@@ -43,6 +43,7 @@ def router_config(cluster: Cluster, *, split: bool = False, **overrides: Any) ->
         "listen_port": 0,
         "pool_size": 4,
         "query_wait_timeout": 10.0,
+        "admin_port": -1,  # tests that use the admin API ask for port 0
         "clusters": {
             "main": {
                 "primary": {"host": cluster.primary.host, "port": cluster.primary.port},

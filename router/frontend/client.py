@@ -24,6 +24,7 @@ from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.routing.route import decide, held_verdict
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
 from router.session import ClientStatement, SessionSettings, local_parse_reply, rewrite_for_server
+from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -80,6 +81,23 @@ _SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|exec
 _COPY = frozenset(b"dcf")
 
 _STARTUP, _READY, _CLOSED = STARTUP, READY, CLOSED
+
+# Shared-schema tenants: a statement that would change the tenant setting is replaced by this
+# (the server raises the error, in order, like any other).
+_REFUSE_TENANT_SETTING = m.query(
+    "DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege', "
+    "MESSAGE = 'permission denied: the router sets the tenant setting; clients may not change it'; "
+    "END$pgrouter$"
+)
+_SETTING_KINDS = frozenset({StatementKind.SET_SESSION, StatementKind.SET_LOCAL, StatementKind.RESET})
+
+
+def _tenant_setting_error(name: str) -> RouterError:
+    return RouterError(
+        SQLState.INSUFFICIENT_PRIVILEGE,
+        f'permission denied to change "{name}": the router sets it for the tenant',
+    )
+
 
 # With read/write splitting, a lone Query starting with one of these may be answered by the
 # router itself (a deferred BEGIN, its COMMIT/ROLLBACK, SET pgrouter.target).
@@ -161,6 +179,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._retried = False
         self._reroute = False  # chunks held until the replica is done: they need the primary
         self._chunk_unsynced = False
+        # Tenants from the registry (router/tenants.py).
+        self.tenant = None
+        self.tenant_login = None
+        self.tenant_guard: bytes | None = None  # shared mode: the setting the client may not touch
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -214,6 +236,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 syncs += 1
                 self.unsynced = False
                 end = pos + 1 + length
+                if self.tenant_guard is not None:
+                    if end > n:
+                        self._hold_back(data, pos, 1 + length)
+                        data = data[:pos]
+                        n = pos
+                        break
+                    if self._tenant_guard_refuses(data[pos + 5 : end - 1], lone=pos == start and end == n):
+                        data = data[:pos] + _REFUSE_TENANT_SETTING + data[end:]
+                        n = len(data)
+                        length = len(_REFUSE_TENANT_SETTING) - 1
+                        end = pos + 1 + length
                 if self.rewrite_statements and (
                     _SPECIAL_START.match(data, pos + 5, pos + 69)
                     or data.find(b"advisory", pos + 5, end) >= 0
@@ -255,6 +288,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         else:
                             parse_or_close = True
                         end = pos + 1 + length
+                        if self.tenant_guard is not None:
+                            name_end = data.index(b"\0", pos + 5, end)
+                            query_end = data.index(b"\0", name_end + 1, end)
+                            if self._tenant_guard_refuses(data[name_end + 1 : query_end], lone=False):
+                                # No in-order way to fail one Parse of a pipeline: close.
+                                self.fail(_tenant_setting_error(self.settings.tenant_setting))
+                                return
                         if (
                             data.find(b"advisory", pos + 5, end) >= 0
                             or data.find(b"ADVISORY", pos + 5, end) >= 0
@@ -286,6 +326,42 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             server = self.server
             if server is not None and server.pending == 0:
                 self.server_ready(server)
+
+    def _tenant_guard_refuses(self, sql_bytes: bytes, lone: bool) -> bool:
+        """Shared mode: does this statement text try to change the tenant setting? SET, SET
+        LOCAL and RESET of it and set_config() of it (or of a name computed at run time) are
+        refused; so are DO/CALL bodies that mention either. A lone RESET ALL or DISCARD ALL
+        between transactions passes: the key is put back before the next transaction."""
+        low = sql_bytes.lower()
+        guard = self.tenant_guard
+        if guard not in low and b"set_config" not in low and b"reset" not in low and b"discard" not in low:
+            return False
+        try:
+            sql = sql_bytes.decode(self.router.client_text_encoding)
+        except UnicodeDecodeError:
+            return True
+        classification = self.router.classifier.classify(sql, self.router.functions)
+        name = guard.decode()
+        if name in classification.set_config_names or classification.set_config_dynamic:
+            return True
+        statements = classification.statements
+        for info in statements:
+            kind = info.verdict.kind
+            if kind in _SETTING_KINDS and info.name == name:
+                return True
+            if kind in (StatementKind.RESET_ALL, StatementKind.DISCARD_ALL):
+                if not lone or len(statements) > 1 or self.server is not None:
+                    return True
+            if info.verdict.reason in (Reason.CALL_DO, Reason.UNPARSABLE):
+                return True
+        return False
+
+    def gate_opened(self, gate) -> None:
+        """The client's paused tenant was resumed: its transaction may go on."""
+        if self._waiting_on is gate:
+            self._waiting_on = None
+            if self.state != _CLOSED and self._held:
+                self._route_and_acquire()
 
     def _track_pins(self, data: bytes, start: int, end: int) -> None:
         """Session state that outlives a transaction pins the client to its server connection
@@ -430,6 +506,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
     def _route_and_acquire(self) -> None:
         try:
             pool = self.router.pool_for_transaction(self)
+        except TenantPaused as paused:
+            self._waiting_on = paused.gate
+            paused.gate.add(self)
+            return
         except RouterError as exc:
             self._acquire_failed(exc)
             return
@@ -607,7 +687,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         server.link(self)
         if self._write_paused:
             server.pause_reading_for_client()
-        if self.rewrite_statements:
+        if self.rewrite_statements or self.tenant_guard is not None:
             prelude = self.session.prelude(server.session_key)
             if prelude:
                 # Another client's settings off, this client's on; replies are dropped.

@@ -152,23 +152,38 @@ class LoginMixin:
                 SQLState.TOO_MANY_CONNECTIONS,
                 f"sorry, too many clients already (max_client_conn {self.settings.max_client_conn})",
             )
-        user = self.settings.users.get(self.user)
-        method = user.auth if user is not None else AuthMethod.SCRAM
         failed = RouterError(
             SQLState.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
         )
+        tenants = self.router.tenants
+        if tenants.wants_registry(self):
+            # A registered tenant's own logins (router/tenants.py). An unknown tenant goes
+            # through the same exchange as a wrong password, then gets 3D000.
+            login = await tenants.login(self)
+            self.tenant_login = login
+            secret = login.secret if login.known else None
+            method = login.auth if login.known else AuthMethod.SCRAM
+            if login.tenant is None:
+                failed = RouterError(
+                    SQLState.INVALID_CATALOG_NAME,
+                    f'tenant or database "{self.database}" does not exist',
+                )
+        else:
+            user = self.settings.users.get(self.user)
+            method = user.auth if user is not None else AuthMethod.SCRAM
+            secret = user.password if user is not None else None
         if method is AuthMethod.TRUST:
             pass
         elif method is AuthMethod.MD5:
             salt = os.urandom(4)
             self.transport.write(m.auth_md5(salt))
             response = m.parse_password_message(await self._read_message(b"p"))
-            if not md5_check(user.password, salt, response):
+            if not md5_check(secret, salt, response):
                 raise failed
         else:
             # Unknown users go through the same exchange against a dummy verifier, so the
             # answer takes as long and says the same as a wrong password.
-            verifier = ScramVerifier.parse(user.password) if user is not None else None
+            verifier = ScramVerifier.parse(secret) if secret is not None else None
             exchange = ScramServerExchange(verifier)
             self.transport.write(m.auth_sasl([SCRAM_SHA_256]))
             mechanism, client_first = m.parse_sasl_initial_response(await self._read_message(b"p"))
@@ -180,6 +195,11 @@ class LoginMixin:
             except AuthFailed as exc:
                 raise failed from exc
             self.transport.write(m.auth_sasl_final(server_final))
+        if self.tenant_login is not None:
+            if self.tenant_login.tenant is None:
+                raise failed  # trust cannot reach here for an unknown tenant; kept for safety
+            self.tenant = self.tenant_login.tenant
+            self.user = self.tenant_login.user
         self.transport.write(m.auth_ok())
 
     async def _finish_login(self) -> None:
@@ -187,6 +207,13 @@ class LoginMixin:
         self.pool_mode = target.pool_mode
         self.rewrite_statements = self.pool_mode is PoolMode.TRANSACTION
         self.session = SessionSettings(self.startup_params)
+        if self.tenant is not None:
+            tenant_sql = self.router.tenants.tenant_setting_sql(self.tenant)
+            if tenant_sql is not None:
+                # Shared schema: the tenant's key rides on every server connection it uses,
+                # and the client may not change it (ClientConnection._tenant_guard_refuses).
+                self.session.pin(self.settings.tenant_setting.lower(), tenant_sql)
+                self.tenant_guard = self.settings.tenant_setting.lower().encode()
         self.pool = target.pool
         self.db_route = target.route
         self.startup_read_only = startup_read_only(self.startup_params)

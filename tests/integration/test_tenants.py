@@ -1,0 +1,266 @@
+"""Tenants from the Redis registry: login by database name, user.tenant and startup option,
+isolation in shared-schema mode (RLS on a real table), pause/resume, delete, several router
+instances, and Redis going away. Records are written with RedisStore directly (the admin API
+has tests of its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from router.registry.crypto import Keyring, generate_key
+from router.registry.models import TenantCreate
+from router.registry.store import RedisStore
+from tests.cluster import Cluster
+from tests.harness import RouterThread
+
+SERVER_USER, SERVER_PASSWORD = "pgr_scram", "scram-pw"
+
+
+@pytest.fixture(scope="module")
+def tenant_dbs(cluster: Cluster) -> dict[str, str]:
+    """Two tenant databases, and a shared one with an RLS-protected table owned by another role."""
+    dbs = {"acme": "tenant_acme", "globex": "tenant_globex"}
+    for db in [*dbs.values(), "tenants_shared"]:
+        if cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'") != "1":
+            cluster.psql(f"CREATE DATABASE {db} OWNER {SERVER_USER}")
+    cluster.psql(
+        """
+        DO $$ BEGIN
+          IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'rls_owner') THEN CREATE ROLE rls_owner; END IF;
+          IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'rls_app') THEN
+            CREATE ROLE rls_app LOGIN PASSWORD 'rls-pw' NOBYPASSRLS NOSUPERUSER;
+          END IF;
+        END $$;
+        DROP TABLE IF EXISTS notes;
+        CREATE TABLE notes (tenant_id uuid NOT NULL, body text);
+        ALTER TABLE notes OWNER TO rls_owner;
+        ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY tenant_isolation ON notes
+          USING (tenant_id = current_setting('app.current_tenant')::uuid);
+        GRANT SELECT, INSERT ON notes TO rls_app;
+        """,
+        dbname="tenants_shared",
+    )
+    cluster.wait_replay()
+    return dbs
+
+
+@pytest.fixture
+def registry(cluster: Cluster) -> Iterator[tuple[str, str, str]]:
+    """(redis_url, secret_key, prefix): a registry namespace of this test's own."""
+    yield cluster.redis_url, f"k1:{generate_key()}", f"pgr-test-{uuid.uuid4().hex[:8]}:"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _store_call(registry, fn):
+    url, key, prefix = registry
+    store = RedisStore.from_url(url, Keyring.from_specs(key), prefix=prefix)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def store_do(registry, fn):
+    return run(_store_call(registry, fn))
+
+
+def tenant_body(cluster: Cluster, tenant_id: str, database: str, users: dict[str, str], **extra) -> TenantCreate:
+    return TenantCreate(
+        tenant_id=tenant_id,
+        cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port}},
+        database=database,
+        server_user=extra.pop("server_user", SERVER_USER),
+        server_password=extra.pop("server_password", SERVER_PASSWORD),
+        users=[{"name": name, "password": pw} for name, pw in users.items()],
+        **extra,
+    )
+
+
+@pytest.fixture
+def tenant_router(start_router, registry, cluster, tenant_dbs) -> RouterThread:
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "acme", tenant_dbs["acme"], {"alice": "alice-t"})))
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "globex", tenant_dbs["globex"], {"bob": "bob-t"})))
+    return start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+
+
+def login_error(conninfo: str) -> tuple[str | None, str]:
+    """The SQLSTATE and message a login fails with (asyncpg reports the server's code)."""
+    async def attempt():
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(conninfo)
+        except asyncpg.PostgresError as exc:
+            return exc.sqlstate, str(exc)
+        await conn.close()
+        return None, "connected"
+
+    return run(attempt())
+
+
+def dsn(router: RouterThread, user: str, password: str, db: str, **params) -> str:
+    return router.dsn(user, password, db, **params)
+
+
+def test_login_by_database_user_suffix_and_option(tenant_router: RouterThread, tenant_dbs) -> None:
+    for conninfo in (
+        dsn(tenant_router, "alice", "alice-t", "acme"),
+        dsn(tenant_router, "alice.acme", "alice-t", "whatever"),
+        dsn(tenant_router, "alice", "alice-t", "whatever", options="-c%20pgrouter.tenant%3Dacme"),
+    ):
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            assert conn.execute("SELECT current_database(), current_user").fetchone() == (
+                tenant_dbs["acme"], SERVER_USER,
+            )
+
+
+def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
+    code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
+    assert code == "3D000" and "nosuch" in message
+    assert login_error(dsn(tenant_router, "alice", "wrong", "acme"))[0] == "28P01"
+    # Tenant A's user trying tenant B's database.
+    assert login_error(dsn(tenant_router, "alice", "alice-t", "globex"))[0] == "28P01"
+    # And the router still serves everyone else.
+    with psycopg.connect(dsn(tenant_router, "bob", "bob-t", "globex")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_shared_schema_isolation(start_router, registry, cluster, tenant_dbs) -> None:
+    url, key, prefix = registry
+    keys = {"t1": uuid.uuid4(), "t2": uuid.uuid4()}
+    for tid, tkey in keys.items():
+        store_do(registry, lambda s, tid=tid, tkey=tkey: s.create(tenant_body(
+            cluster, tid, "tenants_shared", {f"user_{tid}": "pw"}, mode="shared", tenant_key=tkey,
+            server_user="rls_app", server_password="rls-pw", pool={"size": 1},
+        )))
+        cluster.psql(f"INSERT INTO notes VALUES ('{tkey}', 'note of {tid}')", dbname="tenants_shared")
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    c1 = psycopg.connect(dsn(router, "user_t1", "pw", "t1"), autocommit=True)
+    c2 = psycopg.connect(dsn(router, "user_t2", "pw", "t2"), autocommit=True)
+    try:
+        pids = set()
+        for _ in range(5):
+            for conn, tid in ((c1, "t1"), (c2, "t2")):
+                rows = conn.execute("SELECT body, pg_backend_pid() FROM notes").fetchall()
+                assert [r[0] for r in rows] == [f"note of {tid}"]
+                pids.add(rows[0][1])
+        assert len(pids) == 1, "the two tenants were not served by the same server connection"
+        # The client cannot change the setting...
+        for sql in (
+            f"SET app.current_tenant = '{keys['t2']}'",
+            "SET LOCAL app.current_tenant = 'x'",
+            "RESET app.current_tenant",
+            f"SELECT set_config('app.current_tenant', '{keys['t2']}', false)",
+            "SELECT 1; RESET ALL",
+            "DO $$ BEGIN PERFORM set_config('app.current_tenant', 'x', false); END $$",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c1.execute(sql)
+            assert [r[0] for r in c1.execute("SELECT body FROM notes").fetchall()] == ["note of t1"]
+        # ...and a lone RESET ALL / DISCARD ALL between transactions is put right at once.
+        c1.execute("RESET ALL")
+        assert [r[0] for r in c1.execute("SELECT body FROM notes").fetchall()] == ["note of t1"]
+        c1.execute("DISCARD ALL")
+        assert [r[0] for r in c1.execute("SELECT body FROM notes").fetchall()] == ["note of t1"]
+        # Other settings are the client's own.
+        c1.execute("SET search_path = public")
+        assert [r[0] for r in c2.execute("SELECT body FROM notes").fetchall()] == ["note of t2"]
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_pause_and_resume(tenant_router: RouterThread, registry) -> None:
+    with psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme"), autocommit=True) as conn:
+        store_do(registry, lambda s: s.pause("acme"))
+        tenant_router.wait_for(lambda r: "acme" in r.tenants.gates, timeout=2, what="the pause to arrive")
+        done = threading.Event()
+        result = []
+
+        def query() -> None:
+            result.append(conn.execute("SELECT 42").fetchone()[0])
+            done.set()
+
+        thread = threading.Thread(target=query, daemon=True)
+        thread.start()
+        tenant_router.wait_for(lambda r: len(r.tenants.gates["acme"].waiters) == 1, what="the query to wait")
+        assert not done.is_set()
+        store_do(registry, lambda s: s.resume("acme"))
+        assert done.wait(5), "the waiting transaction was not released by resume"
+        assert result == [42]
+
+
+def test_delete_closes_the_tenants_connections(tenant_router: RouterThread, registry) -> None:
+    acme = psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme"), autocommit=True)
+    globex = psycopg.connect(dsn(tenant_router, "bob", "bob-t", "globex"), autocommit=True)
+    try:
+        acme.execute("SELECT 1")
+        store_do(registry, lambda s: s.delete("acme"))
+        tenant_router.wait_for(lambda r: not r.tenants.clients.get("acme"), timeout=5,
+                               what="acme's clients to be closed")
+        with pytest.raises(psycopg.OperationalError):
+            acme.execute("SELECT 1")
+        assert globex.execute("SELECT 1").fetchone() == (1,)
+        assert login_error(dsn(tenant_router, "alice", "alice-t", "acme"))[0] == "3D000"
+    finally:
+        acme.close()
+        globex.close()
+
+
+def test_two_instances_see_a_new_tenant_at_once(start_router, registry, cluster, tenant_dbs) -> None:
+    url, key, prefix = registry
+    r1 = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    r2 = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    for r in (r1, r2):  # an earlier miss must not hide the tenant once it exists
+        assert login_error(dsn(r, "carl", "carl-pw", "initech"))[0] == "3D000"
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "initech", tenant_dbs["acme"], {"carl": "carl-pw"})))
+    created = time.monotonic()
+    deadline = created + 5
+    while True:
+        try:
+            with psycopg.connect(dsn(r2, "carl", "carl-pw", "initech")) as conn:
+                conn.execute("SELECT 1")
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "the other instance never saw the new tenant"
+            time.sleep(0.01)
+    print(f"new tenant routable through the other instance after {1000 * (time.monotonic() - created):.0f} ms")
+    conns = [psycopg.connect(dsn(r, "carl", "carl-pw", "initech"), autocommit=True) for r in (r1, r2)]
+    try:
+        store_do(registry, lambda s: s.delete("initech"))
+        for r in (r1, r2):
+            r.wait_for(lambda rt: not rt.tenants.clients.get("initech"), timeout=5, what="initech closed")
+        for conn in conns:
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_redis_down_known_tenants_keep_working(tenant_router: RouterThread, cluster: Cluster) -> None:
+    with psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme"), autocommit=True) as held:
+        cluster.stop_redis()
+        try:
+            tenant_router.wait_for(lambda r: r.tenants.cache.stale, timeout=10, what="the cache to notice")
+            assert held.execute("SELECT 1").fetchone() == (1,)  # nothing connected is dropped
+            with psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme")) as again:
+                assert again.execute("SELECT 2").fetchone() == (2,)  # cached tenant, new login
+            code, message = login_error(dsn(tenant_router, "bob", "bob-t", "globex-uncached"))
+            assert code == "57P03" and "registry" in message.lower(), (code, message)
+        finally:
+            cluster.start_redis()
+        tenant_router.wait_for(lambda r: not r.tenants.cache.stale, timeout=15, what="the cache to resync")
+        assert held.execute("SELECT 3").fetchone() == (3,)
