@@ -42,6 +42,7 @@ def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool)
         "pool_mode": "transaction",
         "pool_size": pool_size,
         "max_client_conn": 500,
+        "admin_port": -1,
         "clusters": {"bench": {"primary": {"host": HOST, "port": cluster.primary.port},
                                "replicas": replicas}},
         "databases": {"app": {"cluster": "bench", "server_user": "postgres"}},
