@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import getpass
 import json
-import logging
 import signal
 import sys
 
@@ -15,12 +14,10 @@ from router.config import load_settings
 
 def _run(args: argparse.Namespace) -> int:
     from router.app import Router
+    from router.logs import setup_logging
 
     settings = load_settings(args.config)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it

@@ -152,6 +152,7 @@ class Settings(BaseSettings):
     server_application_name: str = "pgrouter"
 
     log_level: str = "INFO"
+    log_format: str = Field("json", pattern="^(json|text)$")  # json: one event per line
 
     # Read/write splitting (clusters with replicas; README "Read/write splitting").
     lag_check_interval: float = Field(0.25, gt=0)
