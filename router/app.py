@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from router.backend.server import ServerConnection
 from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
@@ -124,6 +124,7 @@ class Router:
         self.first_statement = settings.transaction_routing is TransactionRouting.FIRST_STATEMENT
         self.tenants = TenantManager(self)
         self.admin = None  # the admin HTTP API server, when admin_port >= 0
+        self.draining = False  # shutting down: /readyz answers 503
 
     def _client_tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -174,6 +175,81 @@ class Router:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+
+    async def drain(self, timeout: float) -> bool:
+        """Graceful shutdown, first half: readiness turns false, the listener closes, and
+        transactions in flight get up to ``timeout`` seconds to finish. Returns whether they
+        all did; ``stop()`` then closes everything."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(client.server is not None for client in self.clients.values()):
+            if asyncio.get_running_loop().time() >= deadline:
+                busy = sum(client.server is not None for client in self.clients.values())
+                log.warning("shutdown_timeout reached with %d transactions still running", busy)
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def reload(self, settings: Settings) -> dict[str, list[str]]:
+        """Apply what can change while running (SIGHUP, POST /reload); report the rest.
+
+        Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
+        included), limits, lag thresholds, the log level and the client TLS certificate. Anything
+        else (listen address, clusters, databases, users, registry...) needs a restart."""
+        old = self.settings
+        applied: list[str] = []
+        live = {
+            "pool_size", "min_pool_size", "max_client_conn", "query_wait_timeout",
+            "server_idle_timeout", "server_lifetime", "server_connect_timeout", "log_level",
+            "client_tls_cert", "client_tls_key", "lag_check_interval", "tenant_drop_timeout",
+            "shutdown_timeout", "function_catalog_refresh", "log_format",
+        }
+        restart = [
+            name for name in type(settings).model_fields
+            if name not in live and name != "clusters" and getattr(settings, name) != getattr(old, name)
+        ]
+        for name in sorted(live):
+            if getattr(settings, name) != getattr(old, name):
+                applied.append(name)
+        # Cluster lag thresholds change live; nodes do not.
+        for name, cluster in settings.clusters.items():
+            before = old.clusters.get(name)
+            if before is None or before.primary != cluster.primary or before.replicas != cluster.replicas:
+                restart.append(f"clusters.{name}")
+                continue
+            split = self.splits.get(name)
+            if split is not None and (
+                before.max_replica_lag != cluster.max_replica_lag
+                or before.max_replica_lag_bytes != cluster.max_replica_lag_bytes
+                or before.replica_fallback != cluster.replica_fallback
+            ):
+                split.topology.max_lag_seconds = cluster.max_replica_lag
+                split.topology.max_lag_bytes = cluster.max_replica_lag_bytes
+                split.config = cluster
+                applied.append(f"clusters.{name}")
+        if "clusters" not in restart and set(settings.clusters) != set(old.clusters):
+            restart.append("clusters")
+        self.settings = settings
+        self.pools.settings = settings
+        for pool in self.pools.pools.values():
+            db = next((d for d in settings.databases.values() if d.dbname == pool.key.dbname), None)
+            size = (db.pool_size if db is not None and db.pool_size else None) or settings.pool_size
+            pool.settings = replace(
+                pool.settings,
+                size=size,
+                min_size=min(settings.min_pool_size, size),
+                query_wait_timeout=settings.query_wait_timeout,
+                idle_timeout=settings.server_idle_timeout,
+                lifetime=settings.server_lifetime,
+                connect_timeout=settings.server_connect_timeout,
+            )
+        if "client_tls_cert" in applied or "client_tls_key" in applied:
+            self.client_tls_context = self._client_tls_context()
+        logging.getLogger().setLevel(settings.log_level)
+        log.info("reloaded: applied %s; needs a restart: %s", applied or "nothing", restart or "nothing")
+        return {"applied": applied, "restart_required": restart}
 
     def spawn(self, coro) -> asyncio.Task:
         """Run a background coroutine owned by the router (cancelled at stop, errors logged)."""

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
 import signal
 import sys
 
@@ -31,7 +32,19 @@ def _run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+
+        def reload() -> None:
+            try:
+                result = router.reload(load_settings(args.config))
+            except Exception as exc:  # a bad file must not stop a running router
+                logging.getLogger("pgrouter").error("reload failed, settings unchanged: %s", exc)
+                return
+            print(f"reloaded: {json.dumps(result)}", flush=True)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
+        # Readiness off, no new connections, running transactions get shutdown_timeout.
+        await router.drain(router.settings.shutdown_timeout)
         await router.stop()
 
     if uvloop is not None:

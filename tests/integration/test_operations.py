@@ -1,0 +1,82 @@
+"""A real `pgrouter run` process: SIGHUP reloads what can change without dropping a connection,
+SIGTERM drains (no new connections, running transactions finish) and exits 0."""
+
+from __future__ import annotations
+
+import select
+import signal
+import time
+
+import psycopg
+import pytest
+
+from tests.cluster import Cluster
+from tests.conftest import router_config
+from tests.harness import RouterProcess, write_toml
+
+
+def read_line(proc: RouterProcess, prefix: str, timeout: float = 10.0) -> str:
+    """The next line of the router's stdout starting with ``prefix``."""
+    assert proc.proc is not None and proc.proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.proc.stdout.readline().decode()
+        if line.startswith(prefix):
+            return line
+        if not line:
+            break
+    raise AssertionError(f"no line starting with {prefix!r} within {timeout}s")
+
+
+def test_sighup_reload_keeps_connections(cluster: Cluster, tmp_path) -> None:
+    config = router_config(cluster, pool_size=1, query_wait_timeout=0.5)
+    path = write_toml(tmp_path / "router.toml", config)
+    proc = RouterProcess(path).start()
+    try:
+        holder = psycopg.connect(proc.dsn("carol"))
+        holder.execute("SELECT 1")  # a transaction holds the only server connection
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            with psycopg.connect(proc.dsn("carol"), autocommit=True) as other:
+                other.execute("SELECT 1")
+        write_toml(path, {**config, "pool_size": 2, "log_level": "DEBUG", "listen_port": 1})
+        proc.proc.send_signal(signal.SIGHUP)
+        line = read_line(proc, "reloaded:")
+        assert '"pool_size"' in line and '"log_level"' in line
+        assert '"listen_port"' in line.split('"restart_required"')[1]  # reported, not applied
+        # The held transaction survived, and the bigger pool serves a second client at once.
+        assert holder.execute("SELECT 2").fetchone() == (2,)
+        with psycopg.connect(proc.dsn("carol"), autocommit=True) as other:
+            assert other.execute("SELECT 3").fetchone() == (3,)
+        holder.commit()
+        holder.close()
+    finally:
+        proc.stop()
+
+
+def test_sigterm_drains_then_exits_zero(cluster: Cluster, tmp_path) -> None:
+    path = write_toml(tmp_path / "router.toml", router_config(cluster, shutdown_timeout=20))
+    proc = RouterProcess(path).start()
+    try:
+        busy = psycopg.connect(proc.dsn("carol"))
+        busy.execute("SELECT 1")  # in a transaction now
+        proc.proc.send_signal(signal.SIGTERM)
+        # New connections are refused once the listener is closed...
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                psycopg.connect(proc.dsn("carol"), connect_timeout=2).close()
+            except psycopg.OperationalError:
+                break
+            assert time.monotonic() < deadline, "the router kept accepting connections"
+            time.sleep(0.05)
+        assert proc.proc.poll() is None, "the router exited with a transaction running"
+        # ...while the running transaction carries on and commits.
+        assert busy.execute("SELECT 41 + 1").fetchone() == (42,)
+        busy.commit()
+        assert proc.proc.wait(20) == 0
+        busy.close()
+    finally:
+        proc.stop()
