@@ -125,6 +125,7 @@ class Router:
         self.tenants = TenantManager(self)
         self.admin = None  # the admin HTTP API server, when admin_port >= 0
         self.draining = False  # shutting down: /readyz answers 503
+        self._split_starts: dict[str, asyncio.Task] = {}  # tenant clusters' monitors starting
 
     def _client_tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -334,9 +335,6 @@ class Router:
             db = self.tenants.database_config(tenant, client.tenant_login.database)
             cluster = self.tenants.cluster_config(tenant)
             split = self.splits.get(db.cluster)
-            if split is None and cluster.replicas:
-                split = self.splits[db.cluster] = SplitCluster(db.cluster, cluster, self.settings)
-                self.spawn(split.start())
             pool = self.pools.pool_for(db, db.dbname, db.server_user, cluster.primary)
             self.tenants.attach(client, pool)
         else:
@@ -354,6 +352,19 @@ class Router:
             if route is None:
                 route = self.db_routes[key] = DatabaseRoute(self, db, client.database, client.user, pool, split)
         return Target(db, pool, pool.settings.mode, route)
+
+    async def prepare_tenant(self, client: ClientConnection) -> None:
+        """Before a tenant's first client is served: its cluster's monitor, when it has
+        replicas, has sampled the nodes (so the first reads already go to replicas)."""
+        tenant = client.tenant
+        if tenant is None or not tenant.cluster.replicas:
+            return
+        name = self.tenants.cluster_name(tenant)
+        starting = self._split_starts.get(name)
+        if starting is None:
+            split = self.splits[name] = SplitCluster(name, self.tenants.cluster_config(tenant), self.settings)
+            starting = self._split_starts[name] = self.spawn(split.start())
+        await asyncio.shield(starting)
 
     def pool_for_transaction(self, client: ClientConnection) -> Pool:
         """The pool that serves ``client``'s next transaction, judged from the messages it

@@ -203,6 +203,7 @@ class LoginMixin:
         self.transport.write(m.auth_ok())
 
     async def _finish_login(self) -> None:
+        await self.router.prepare_tenant(self)
         target = self.router.resolve_database(self)  # raises 3D000 for an unknown database
         self.pool_mode = target.pool_mode
         self.rewrite_statements = self.pool_mode is PoolMode.TRANSACTION
