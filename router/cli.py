@@ -173,6 +173,235 @@ def _generate_key(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- pgrouter tenants: the admin API's /tenants over HTTP --------------------------------
+
+ADMIN_URL = "http://127.0.0.1:8080"
+ADMIN_TOKEN_ENV = (
+    "PGROUTER_ADMIN_TOKEN"  # the token through the environment: argv is world-readable
+)
+ADMIN_TIMEOUT = 60.0  # seconds; a DELETE waits up to tenant_drop_timeout on the router
+
+
+class _AdminError(Exception):
+    """The admin API answered an error, or could not be reached."""
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: object = None) -> object:
+    """One request to the admin API; the decoded JSON reply (None for an empty one)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
+    request.add_header("Accept", "application/json")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    token = args.token or os.environ.get(ADMIN_TOKEN_ENV)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raise _AdminError(f"{exc.code} {exc.reason}: {_error_detail(exc.read())}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _AdminError(f"cannot reach the admin API at {args.url}: {reason}") from None
+    return json.loads(raw) if raw else None
+
+
+def _error_detail(raw: bytes) -> str:
+    try:
+        detail = json.loads(raw)["detail"]
+    except (ValueError, KeyError, TypeError):
+        return raw.decode(errors="replace").strip() or "(no detail)"
+    if isinstance(detail, list):  # 422: which fields, and what is wrong with them
+        return "; ".join(
+            ".".join(str(part) for part in item.get("loc", [])) + f": {item.get('msg', '')}"
+            for item in detail
+        )
+    return str(detail)
+
+
+def _tenant_path(tenant_id: str, suffix: str = "") -> str:
+    from urllib.parse import quote
+
+    return f"/tenants/{quote(tenant_id, safe='')}{suffix}"
+
+
+def _address(text: str) -> dict[str, object]:
+    """host:port (an IPv6 host in brackets) as the API's {"host", "port"}."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not host:port")
+    return {"host": host.removeprefix("[").removesuffix("]"), "port": int(port)}
+
+
+def _tenant_body(args: argparse.Namespace) -> dict[str, object]:
+    body: dict[str, object] = {
+        "tenant_id": args.id,
+        "mode": args.mode,
+        "database": args.database,
+        "server_user": args.server_user,
+        "cluster": {
+            "primary": _address(args.primary),
+            "replicas": [_address(r) for r in args.replica],
+        },
+        "users": [],
+    }
+    if args.server_password is not None:
+        body["server_password"] = args.server_password
+    if args.tenant_key is not None:
+        body["tenant_key"] = args.tenant_key
+    for spec in args.user:
+        name, colon, password = spec.partition(":")
+        if not colon or not name or not password:
+            raise ValueError(f"--user {spec!r} is not name:password")
+        body["users"].append({"name": name, "password": password})
+    if args.provision or args.provision_role:
+        body["provision"] = True
+        body["provision_role"] = args.provision_role
+    return body
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _node(address: dict) -> str:
+    return f"{address['host']}:{address['port']}"
+
+
+def _tenant_row(tenant: dict) -> list[str]:
+    cluster = tenant["cluster"]
+    return [
+        tenant["tenant_id"],
+        tenant["mode"],
+        tenant["database"],
+        _node(cluster["primary"]),
+        ",".join(_node(r) for r in cluster["replicas"]) or "-",
+        ",".join(u["name"] for u in tenant["users"]) or "-",
+        "yes" if tenant["paused"] else "no",
+        str(tenant["version"]),
+    ]
+
+
+TENANT_COLUMNS = ["ID", "MODE", "DATABASE", "PRIMARY", "REPLICAS", "USERS", "PAUSED", "VERSION"]
+
+
+def _show_text(status: dict) -> str:
+    tenant = status["tenant"]
+    cluster = tenant["cluster"]
+    pairs = [
+        ("tenant", tenant["tenant_id"]),
+        ("mode", tenant["mode"]),
+        ("database", tenant["database"]),
+        ("server user", tenant["server_user"]),
+        ("server password", "set" if tenant["server_password"] else "not set"),
+        ("primary", _node(cluster["primary"])),
+        ("replicas", ", ".join(_node(r) for r in cluster["replicas"]) or "-"),
+        ("users", ", ".join(f"{u['name']} ({u['auth']})" for u in tenant["users"]) or "-"),
+        ("pool", f"{tenant['pool']['mode']}, size {tenant['pool']['size']}"),
+        ("paused", "yes" if tenant["paused"] else "no"),
+        ("version", str(tenant["version"])),
+        ("updated", tenant["updated_at"]),
+        (
+            "clients here",
+            ", ".join(f"{k} {v}" for k, v in status.get("clients", {}).items()) or "-",
+        ),
+    ]
+    if tenant.get("tenant_key"):
+        pairs.insert(2, ("tenant key", tenant["tenant_key"]))
+    width = max(len(key) for key, _ in pairs)
+    lines = [f"{key.ljust(width)}  {value}" for key, value in pairs]
+    pools = status.get("pools") or {}
+    if pools:
+        lines += [
+            "",
+            _table(
+                [
+                    [name, *(str(s.get(k, "")) for k in ("servers", "active", "idle", "waiting"))]
+                    for name, s in sorted(pools.items())
+                ],
+                ["POOL", "SERVERS", "ACTIVE", "IDLE", "WAITING"],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def _tenants(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "add":
+            reply = _admin_call(args, "POST", "/tenants", _tenant_body(args))
+            text = f"created tenant {reply['tenant_id']} (version {reply['version']})"
+        elif args.action == "list":
+            reply = _admin_call(args, "GET", "/tenants")
+            text = _table([_tenant_row(t) for t in reply], TENANT_COLUMNS)
+        elif args.action == "show":
+            reply = _admin_call(args, "GET", _tenant_path(args.id, "/status"))
+            text = _show_text(reply)
+        elif args.action == "rm":
+            _admin_call(args, "DELETE", _tenant_path(args.id))
+            reply = {"tenant_id": args.id, "deleted": True}
+            text = f"deleted tenant {args.id}"
+        else:  # pause, resume
+            reply = _admin_call(args, "POST", _tenant_path(args.id, f"/{args.action}"))
+            text = f"{args.action}d tenant {reply['tenant_id']} (version {reply['version']})"
+    except ValueError as exc:  # a malformed option value
+        print(f"pgrouter tenants {args.action}: {exc}", file=sys.stderr)
+        return 2
+    except _AdminError as exc:
+        print(f"pgrouter tenants {args.action}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2) if args.json else text)
+    return 0
+
+
+def _add_tenants_parser(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=ADMIN_URL, help=f"admin API (default: {ADMIN_URL})")
+    common.add_argument("--token", help=f"admin token (default: ${ADMIN_TOKEN_ENV})")
+    common.add_argument("--json", action="store_true", help="print the API's JSON reply")
+    tn = sub.add_parser("tenants", help="manage tenants through the admin API")
+    actions = tn.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", parents=[common], help="register a tenant")
+    add.add_argument("--id", required=True, help="tenant id (the database name clients use)")
+    add.add_argument("--database", required=True, help="the real database on the cluster")
+    add.add_argument("--server-user", required=True, help="the router's login there")
+    add.add_argument("--server-password")
+    add.add_argument("--primary", required=True, metavar="HOST:PORT")
+    add.add_argument("--replica", action="append", default=[], metavar="HOST:PORT")
+    add.add_argument("--mode", choices=["database", "shared"], default="database")
+    add.add_argument("--tenant-key", metavar="UUID", help="app.current_tenant (shared mode)")
+    add.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        metavar="NAME:PASSWORD",
+        help="a client login (SCRAM-SHA-256); repeatable",
+    )
+    add.add_argument("--provision", action="store_true", help="create the database first")
+    add.add_argument(
+        "--provision-role", action="store_true", help="also create the server user's role"
+    )
+    actions.add_parser("list", parents=[common], help="list tenants")
+    for action, text in [
+        ("show", "a tenant's record and its clients and pools on that router"),
+        ("rm", "delete a tenant (its clients are disconnected once idle)"),
+        ("pause", "pause a tenant: new transactions wait"),
+        ("resume", "resume a paused tenant"),
+    ]:
+        parser = actions.add_parser(action, parents=[common], help=text)
+        parser.add_argument("id", help="tenant id")
+    tn.set_defaults(func=_tenants)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgrouter", description="PostgreSQL connection router")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     gk = sub.add_parser("generate-key", help="print a new registry key as kid:base64key")
     gk.add_argument("kid", help="key id, 1-64 characters of [A-Za-z0-9_.-]")
     gk.set_defaults(func=_generate_key)
+    _add_tenants_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

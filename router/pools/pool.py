@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from router.admin.metrics import observe_pool_wait
 from router.backend.server import ServerConnection
 from router.config import ChannelBinding, PoolMode
 from router.protocol.errors import RouterError, SQLState
@@ -160,7 +161,8 @@ class Pool:
             server.close("server_lifetime reached")
             return
         if self.waiters:
-            waiter, _ = self.waiters.popleft()
+            waiter, deadline = self.waiters.popleft()
+            observe_pool_wait(time.monotonic() - deadline + self.settings.query_wait_timeout)
             waiter.server_assigned(server)
             return
         server.idle_since = time.monotonic()

@@ -1,0 +1,164 @@
+"""The admin HTTP API as a FastAPI application over one router (server.py runs it in the
+router's event loop; every handler is ``async def`` so it runs there too and reads the router's
+state without locks, never from a thread pool).
+
+Open: ``/healthz`` (the process answers), ``/readyz`` (clients can be served: the listener is up
+and the tenant registry is reachable, or its cache holds tenants to serve while it is not),
+``/openapi.json``, and ``/metrics`` unless ``metrics_public`` is false. Everything under
+``/tenants`` needs ``Authorization: Bearer <admin_token>``; a router without an admin_token
+refuses those requests (403) rather than serving them unauthenticated.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Response, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
+
+from router.admin.api import tenant_routes
+from router.admin.errors import install_error_handlers
+from router.admin.metrics import (
+    DEFAULT_MAX_POOL_LABELS,
+    DEFAULT_MAX_TENANT_LABELS,
+    metrics_registry,
+)
+from router.admin.provision import DEFAULT_TIMEOUT
+from router.admin.views import ErrorView, HealthView, ReadinessView
+
+if TYPE_CHECKING:
+    from router.app import Router
+
+_bearer = HTTPBearer(auto_error=False, description="the router's admin_token setting")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminOptions:
+    """What the API needs beyond the router's settings (see create_app)."""
+
+    provision_dsn: str | None
+    provision_timeout: float
+
+
+def create_app(
+    router: Router,
+    *,
+    provision_dsn: str | None = None,
+    provision_timeout: float = DEFAULT_TIMEOUT,
+    max_tenant_labels: int = DEFAULT_MAX_TENANT_LABELS,
+    max_pool_labels: int = DEFAULT_MAX_POOL_LABELS,
+) -> FastAPI:
+    """The admin API of ``router``.
+
+    ``provision_dsn``: the login that creates tenants' databases and roles when the tenant's
+    own server_user may not (provision.py); ``max_tenant_labels`` / ``max_pool_labels``: how
+    many tenants and pools /metrics names before folding the rest into ``other``.
+    """
+    settings = router.settings
+    app = FastAPI(
+        title="pgrouter admin API",
+        version="1",
+        docs_url=None,  # the interactive pages load scripts from a CDN; the JSON is enough
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.router = router
+    app.state.admin = AdminOptions(provision_dsn, provision_timeout)
+    install_error_handlers(app)
+    require_token = _token_check(settings.admin_token)
+    auth_errors = {
+        401: {"model": ErrorView, "description": "missing or wrong bearer token"},
+        403: {"model": ErrorView, "description": "the router has no admin_token"},
+    }
+    app.include_router(tenant_routes(), dependencies=[Depends(require_token)])
+
+    @app.get("/healthz", tags=["health"], summary="The process is alive")
+    async def healthz() -> HealthView:
+        return HealthView(status="ok")
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Clients can be served",
+        responses={503: {"model": ReadinessView, "description": "not ready, and why"}},
+    )
+    async def readyz(response: Response) -> ReadinessView:
+        readiness = _readiness(router)
+        if not readiness.ready:
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return readiness
+
+    registry = metrics_registry(
+        router, max_tenant_labels=max_tenant_labels, max_pool_labels=max_pool_labels
+    )
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
+        | ({} if settings.metrics_public else auth_errors),
+        dependencies=[] if settings.metrics_public else [Depends(require_token)],
+    )
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _token_check(token: SecretStr | None):
+    expected = token.get_secret_value().encode() if token is not None else None
+
+    async def require_token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> None:
+        if expected is None:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                "the router has no admin_token configured: tenant endpoints are disabled",
+            )
+        if credentials is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing bearer token (Authorization: Bearer <admin_token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        # Constant time: the comparison must not tell how much of a guess was right.
+        if not hmac.compare_digest(credentials.credentials.encode(), expected):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "wrong bearer token",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+
+    return require_token
+
+
+def _readiness(router: Router) -> ReadinessView:
+    server = router._server
+    if router.draining:
+        listener = "draining: shutting down"
+    elif router.port is not None and server is not None and server.is_serving():
+        listener = f"listening on {router.settings.listen_host}:{router.port}"
+    else:
+        listener = "not listening"
+    listening = listener.startswith("listening")
+    manager = router.tenants
+    cache = manager.cache
+    registry_ok = True
+    if cache is None:
+        registry = "no tenant registry configured"
+        if manager.enabled:
+            registry, registry_ok = "tenant registry not started", False
+    elif not cache.stale:
+        registry = f"tenant registry connected (registry version {cache.registry_version})"
+    elif len(cache):
+        registry = f"tenant registry unreachable; serving {len(cache)} cached tenants"
+    else:
+        registry, registry_ok = "tenant registry unreachable and no tenant cached", False
+    return ReadinessView(ready=listening and registry_ok, listener=listener, registry=registry)

@@ -1,0 +1,245 @@
+"""Prometheus metrics: read from the router's own state when /metrics is scraped.
+
+The router already keeps what these report (clients, pools' stats, routing decisions, node
+states, cache counters), so nothing on the data path is instrumented for them: ``RouterCollector``
+walks those objects at scrape time, in the router's event loop (the admin API runs there), so it
+reads them without locks.
+
+One measurement has no state to read back: how long transactions wait for a server connection.
+The pool reports each wait through ``observe_pool_wait()`` into a module-level histogram, shared
+by every router of the process (there is one in production; tests that run several read it as a
+process-wide total).
+
+Label cardinality is bounded: tenant ids and pool names come from the registry, which may hold
+thousands. ``LabelBudget`` keeps at most N distinct values (``max_tenant_labels``, and
+``max_pool_labels`` for pools) and folds the rest into ``other``. A value keeps its label while
+it stays present, so series do not hop between names from one scrape to the next.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from router.app import Router
+
+OTHER = "other"
+DEFAULT_MAX_TENANT_LABELS = 100
+DEFAULT_MAX_POOL_LABELS = 200
+# Clients of databases from the settings file have no tenant.
+NO_TENANT = ""
+
+CLIENT_STATES = ("active", "waiting", "idle")
+SERVER_STATES = ("active", "idle", "connecting")
+
+# From a pool hit (well under a millisecond) to query_wait_timeout's default (120 s).
+POOL_WAIT_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+)  # fmt: skip
+
+# The histogram's own registry; the admin API's registry (metrics_registry) includes it too.
+POOL_WAIT_REGISTRY = CollectorRegistry()
+POOL_WAIT = Histogram(
+    "pgrouter_pool_wait_seconds",
+    "Time a transaction waited for a server connection from its pool",
+    buckets=POOL_WAIT_BUCKETS,
+    registry=POOL_WAIT_REGISTRY,
+)
+
+
+def observe_pool_wait(seconds: float) -> None:
+    """Record one wait for a server connection (called by the pool when it hands one over)."""
+    POOL_WAIT.observe(seconds)
+
+
+def metrics_registry(
+    router: Router,
+    *,
+    max_tenant_labels: int = DEFAULT_MAX_TENANT_LABELS,
+    max_pool_labels: int = DEFAULT_MAX_POOL_LABELS,
+) -> CollectorRegistry:
+    """The registry /metrics renders: the router's state and the pool wait histogram."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(
+        RouterCollector(
+            router, max_tenant_labels=max_tenant_labels, max_pool_labels=max_pool_labels
+        )
+    )
+    registry.register(POOL_WAIT)
+    return registry
+
+
+class LabelBudget:
+    """At most ``limit`` distinct label values; the rest are reported as ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("label limit must be >= 0")
+        self.limit = limit
+        self._kept: set[str] = set()
+
+    def assign(self, values: Iterable[str]) -> dict[str, str]:
+        present = set(values)
+        self._kept &= present  # gone values free their slots
+        for value in sorted(present - self._kept):
+            if len(self._kept) >= self.limit:
+                break
+            self._kept.add(value)
+        return {value: value if value in self._kept else OTHER for value in present}
+
+
+class RouterCollector(Collector):
+    def __init__(self, router: Router, *, max_tenant_labels: int, max_pool_labels: int) -> None:
+        self.router = router
+        self.tenant_labels = LabelBudget(max_tenant_labels)
+        self.pool_labels = LabelBudget(max_pool_labels)
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._client_connections()
+        yield from self._server_connections()
+        yield from self._routing()
+        yield from self._registry()
+        router = self.router
+        yield GaugeMetricFamily(
+            "pgrouter_pinned_clients",
+            "Clients pinned to one server connection (session state the pool cannot share)",
+            value=len(router.pinned_clients),
+        )
+        classifier = router.classifier
+        yield CounterMetricFamily(
+            "pgrouter_classifier_cache_hits_total",
+            "Statement classifications answered from the cache",
+            value=classifier.hits,
+        )
+        yield CounterMetricFamily(
+            "pgrouter_classifier_cache_misses_total",
+            "Statement classifications computed (not cached)",
+            value=classifier.misses,
+        )
+
+    def _client_connections(self) -> Metric:
+        counts: Counter[tuple[str, str]] = Counter()
+        for client in list(self.router.clients.values()):
+            tenant = client.tenant.tenant_id if client.tenant is not None else NO_TENANT
+            if client.server is not None:
+                state = "active"
+            elif client._waiting_on is not None:
+                state = "waiting"
+            else:
+                state = "idle"
+            counts[tenant, state] += 1
+        labels = self.tenant_labels.assign(t for t, _ in counts if t != NO_TENANT)
+        labels[NO_TENANT] = NO_TENANT
+        folded: Counter[tuple[str, str]] = Counter()
+        for (tenant, state), n in counts.items():
+            folded[labels[tenant], state] += n
+        family = GaugeMetricFamily(
+            "pgrouter_client_connections",
+            f"Client connections by tenant and state ({OTHER}: tenants beyond the label limit)",
+            labels=["tenant", "state"],
+        )
+        for tenant in sorted({t for t, _ in folded}):
+            for state in CLIENT_STATES:
+                family.add_metric([tenant, state], folded[tenant, state])
+        return family
+
+    def _server_connections(self) -> Iterator[Metric]:
+        stats = [(pool.name, pool.stats()) for pool in list(self.router.pools.pools.values())]
+        labels = self.pool_labels.assign(name for name, _ in stats)
+        servers: Counter[tuple[str, str]] = Counter()
+        waiting: Counter[str] = Counter()
+        for name, stat in stats:
+            for state in SERVER_STATES:
+                servers[labels[name], state] += stat[state]
+            waiting[labels[name]] += stat["waiting"]
+        family = GaugeMetricFamily(
+            "pgrouter_server_connections",
+            "Server connections by pool and state",
+            labels=["pool", "state"],
+        )
+        for (pool, state), n in sorted(servers.items()):
+            family.add_metric([pool, state], n)
+        yield family
+        family = GaugeMetricFamily(
+            "pgrouter_pool_waiting_clients",
+            "Transactions waiting for a server connection, by pool",
+            labels=["pool"],
+        )
+        for pool, n in sorted(waiting.items()):
+            family.add_metric([pool], n)
+        yield family
+
+    def _routing(self) -> Iterator[Metric]:
+        routed = CounterMetricFamily(
+            "pgrouter_transactions_routed_total",
+            "Transactions routed, by cluster, node role and reason",
+            labels=["cluster", "role", "reason"],
+        )
+        fallbacks = CounterMetricFamily(
+            "pgrouter_routing_fallbacks_total",
+            "Reads that could not go to a replica, by cluster and reason",
+            labels=["cluster", "reason"],
+        )
+        lag_seconds = GaugeMetricFamily(
+            "pgrouter_replica_lag_seconds",
+            "Replication lag of each replica, in seconds (+Inf: behind, since unknown)",
+            labels=["cluster", "node"],
+        )
+        lag_bytes = GaugeMetricFamily(
+            "pgrouter_replica_lag_bytes",
+            "Replication lag of each replica, in bytes of WAL",
+            labels=["cluster", "node"],
+        )
+        node_up = GaugeMetricFamily(
+            "pgrouter_node_up",
+            "1 if the node answered its last health check, else 0",
+            labels=["cluster", "node", "role"],
+        )
+        for name, split in sorted(self.router.splits.items()):
+            for (role, reason), n in sorted(split.decisions.items()):
+                routed.add_metric([name, str(role), str(reason)], n)
+            for reason, n in sorted(split.fallbacks.items()):
+                fallbacks.add_metric([name, str(reason)], n)
+            for node in split.topology.nodes:
+                address = f"{node.host}:{node.port}"
+                node_up.add_metric([name, address, str(node.role)], 1 if node.healthy else 0)
+                if node.lag_seconds is not None:
+                    lag_seconds.add_metric([name, address], node.lag_seconds)
+                if node.lag_bytes is not None:
+                    lag_bytes.add_metric([name, address], node.lag_bytes)
+        yield from (routed, fallbacks, lag_seconds, lag_bytes, node_up)
+
+    def _registry(self) -> Iterator[Metric]:
+        cache = self.router.tenants.cache
+        if cache is None:
+            return  # no tenant registry configured
+        yield CounterMetricFamily(
+            "pgrouter_registry_cache_hits_total",
+            "Tenant lookups answered from the local cache",
+            value=cache.hits,
+        )
+        yield CounterMetricFamily(
+            "pgrouter_registry_cache_misses_total",
+            "Tenant lookups that read the registry (Redis)",
+            value=cache.misses,
+        )
+        yield CounterMetricFamily(
+            "pgrouter_registry_stale_serves_total",
+            "Tenant lookups served from the cache while the registry was unreachable",
+            value=cache.stale_serves,
+        )
+        yield GaugeMetricFamily(
+            "pgrouter_registry_stale",
+            "1 while the cache cannot vouch for its entries (registry unreachable), else 0",
+            value=1 if cache.stale else 0,
+        )
+        yield GaugeMetricFamily(
+            "pgrouter_registry_cached_tenants", "Tenants in the local cache", value=len(cache)
+        )

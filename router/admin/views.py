@@ -1,0 +1,132 @@
+"""What the admin API answers with: tenant records with their secrets masked, and the shapes of
+the other replies, as pydantic models so that /openapi.json describes them exactly.
+
+Nothing secret leaves through the API: ``server_password`` and each user's ``verifier`` are
+replaced by ``MASK`` when set (null when not), so a caller can tell whether one is set without
+learning it. A verifier is not a password, but it is what an offline guessing attack starts
+from, and it is enough to impersonate the server in SCRAM.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.config import AuthMethod
+from router.registry.models import (
+    Tenant,
+    TenantCluster,
+    TenantCreate,
+    TenantId,
+    TenantLimits,
+    TenantMode,
+    TenantPool,
+)
+
+MASK = "********"
+
+
+class UserView(BaseModel):
+    name: str
+    auth: AuthMethod
+    verifier: str | None  # MASK when set
+
+
+class TenantView(BaseModel):
+    """A tenant record as the API returns it."""
+
+    tenant_id: str
+    mode: TenantMode
+    cluster: TenantCluster
+    database: str
+    server_user: str
+    server_password: str | None  # MASK when set
+    auth_query: bool
+    pool: TenantPool
+    limits: TenantLimits
+    tenant_key: UUID | None
+    paused: bool
+    users: list[UserView]
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+    @classmethod
+    def of(cls, tenant: Tenant) -> TenantView:
+        return cls(
+            tenant_id=tenant.tenant_id,
+            mode=tenant.mode,
+            cluster=tenant.cluster,
+            database=tenant.database,
+            server_user=tenant.server_user,
+            server_password=MASK if tenant.server_password is not None else None,
+            auth_query=tenant.auth_query,
+            pool=tenant.pool,
+            limits=tenant.limits,
+            tenant_key=tenant.tenant_key,
+            paused=tenant.paused,
+            users=[
+                UserView(
+                    name=user.name,
+                    auth=user.auth,
+                    verifier=MASK if user.verifier is not None else None,
+                )
+                for user in tenant.users
+            ],
+            created_at=tenant.created_at,
+            updated_at=tenant.updated_at,
+            version=tenant.version,
+        )
+
+
+class TenantCreateRequest(TenantCreate):
+    """POST /tenants: a tenant, and whether to create its database (and role) first."""
+
+    # The rule is the model's own validator; the pattern tells /openapi.json's readers.
+    tenant_id: TenantId = Field(json_schema_extra={"pattern": r"^([a-z0-9_-]{1,63}|\*)$"})
+    provision: bool = False  # create the database on the tenant's primary if it is missing
+    provision_role: bool = False  # also the server_user role, with server_password
+
+
+class TenantStatusView(BaseModel):
+    """GET /tenants/{id}/status: this instance's view of the tenant, and its record."""
+
+    model_config = ConfigDict(extra="allow")  # whatever else TenantManager.status reports
+
+    tenant_id: str
+    paused: bool = False  # on this instance (its gate is closed)
+    clients: dict[str, int] = {}
+    pools: dict[str, dict[str, int]] = {}
+    nodes: list[dict[str, Any]] = []
+    tenant: TenantView
+    record_stale: bool = False  # the registry was unreachable: the record is the cached one
+
+
+class ErrorView(BaseModel):
+    detail: str
+
+
+class HealthView(BaseModel):
+    status: str
+
+
+class ReadinessView(BaseModel):
+    ready: bool
+    listener: str
+    registry: str
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings ("inf"): JSON has no infinity, and a
+    replica whose lag is unknown reports lag_seconds = inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
