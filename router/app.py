@@ -369,10 +369,13 @@ class Router:
     def pool_for_transaction(self, client: ClientConnection) -> Pool:
         """The pool that serves ``client``'s next transaction, judged from the messages it
         holds (``client._held``). Raises RouterError when no node can take it."""
-        if client.tenant is not None:
-            gate = self.tenants.gates.get(client.tenant.tenant_id)
+        tenant = client.tenant
+        if tenant is not None:
+            gate = self.tenants.gates.get(tenant.tenant_id)
             if gate is not None:
                 raise TenantPaused(gate)
+            if tenant.limits.statements_per_second is not None:
+                self.tenants.check_rate(tenant)
         route = client.db_route
         if route is None:
             return client.pool

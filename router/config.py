@@ -98,6 +98,7 @@ class DatabaseConfig(_Strict):
     server_password: str | None = None
     pool_size: int | None = Field(None, ge=1)
     pool_mode: PoolMode | None = None
+    query_wait_timeout: float | None = Field(None, gt=0)  # default: the global setting
 
 
 class UserConfig(_Strict):

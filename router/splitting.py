@@ -111,7 +111,9 @@ class SplitCluster:
             if client.ryw_lsn is None:
                 client.ryw_lsn = self.topology.primary_insert_lsn
             min_lsn = client.ryw_lsn
-        node = self._pick(min_lsn)
+        tenant = client.tenant
+        max_lag = tenant.limits.max_replica_lag if tenant is not None else None
+        node = self._pick(min_lsn, max_lag)
         if node is not None:
             return node, None
         if min_lsn is not None and self.topology.pick_replica(self.rng) is not None:
@@ -120,7 +122,7 @@ class SplitCluster:
             return None, RouteReason.LAG_FALLBACK
         return None, RouteReason.NODE_DOWN_FALLBACK
 
-    def _pick(self, min_lsn: int | None) -> NodeState | None:
+    def _pick(self, min_lsn: int | None, max_lag: float | None = None) -> NodeState | None:
         """ClusterTopology.pick_replica's rule (weighted least in-flight, ties weighted-random)
         in one pass without lists: this runs for every routed read."""
         best = None
@@ -132,6 +134,8 @@ class SplitCluster:
                 continue
             if min_lsn is not None and (node.replay_lsn is None or node.replay_lsn < min_lsn):
                 continue
+            if max_lag is not None and (node.lag_seconds is None or node.lag_seconds > max_lag):
+                continue  # a tenant's own limit can only narrow the cluster's
             load = node.in_flight / weight
             if best is None or load < best_load:
                 best, best_load, tied_weight = node, load, weight

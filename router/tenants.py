@@ -85,6 +85,26 @@ class Gate:
             client.gate_opened(self)
 
 
+class RateLimit:
+    """A token bucket: ``rate`` transactions per second, bursts up to one second's worth."""
+
+    __slots__ = ("rate", "tokens", "stamp")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = max(1.0, rate)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class TenantManager:
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -96,6 +116,7 @@ class TenantManager:
         self.gates: dict[str, Gate] = {}  # paused tenants
         self.clients: dict[str, set[ClientConnection]] = {}
         self.pools: dict[str, set[Pool]] = {}  # pools each tenant's clients used
+        self.rates: dict[str, RateLimit] = {}
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -180,6 +201,7 @@ class TenantManager:
             ),
             pool_size=tenant.pool.size,
             pool_mode=tenant.pool.mode,
+            query_wait_timeout=tenant.limits.query_wait_timeout,
         )
 
     @staticmethod
@@ -235,6 +257,23 @@ class TenantManager:
             clients = self.clients.get(tenant.tenant_id)
             if clients is not None:
                 clients.discard(client)
+
+    def check_rate(self, tenant: Tenant) -> None:
+        """limits.statements_per_second, counted per transaction started (an autocommit
+        statement is one): over it, the transaction fails with 53400 and the client may retry."""
+        rate = tenant.limits.statements_per_second
+        if rate is None:
+            return
+        bucket = self.rates.get(tenant.tenant_id)
+        if bucket is None or bucket.rate != rate:
+            bucket = self.rates[tenant.tenant_id] = RateLimit(rate)
+        if not bucket.take():
+            raise RouterError(
+                SQLState.CONFIGURATION_LIMIT_EXCEEDED,
+                f'tenant "{tenant.tenant_id}" is over its rate limit ({rate:g} statements per second)',
+                severity="ERROR",
+                hint="Retry after a short pause.",
+            )
 
     def gate_for(self, tenant_id: str) -> Gate | None:
         return self.gates.get(tenant_id)

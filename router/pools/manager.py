@@ -53,7 +53,7 @@ class PoolManager:
                     size=db.pool_size or s.pool_size,
                     min_size=min(s.min_pool_size, db.pool_size or s.pool_size),
                     mode=db.pool_mode or s.pool_mode,
-                    query_wait_timeout=s.query_wait_timeout,
+                    query_wait_timeout=db.query_wait_timeout or s.query_wait_timeout,
                     idle_timeout=s.server_idle_timeout,
                     lifetime=s.server_lifetime,
                     connect_timeout=s.server_connect_timeout,

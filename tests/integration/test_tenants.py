@@ -264,3 +264,35 @@ def test_redis_down_known_tenants_keep_working(tenant_router: RouterThread, clus
             cluster.start_redis()
         tenant_router.wait_for(lambda r: not r.tenants.cache.stale, timeout=15, what="the cache to resync")
         assert held.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_tenant_limits(start_router, registry, cluster, tenant_dbs) -> None:
+    """Per-tenant query_wait_timeout, max_client_conn and statements_per_second."""
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(tenant_body(
+        cluster, "limited", tenant_dbs["acme"], {"lim": "lim-pw"}, pool={"size": 1},
+        limits={"query_wait_timeout": 0.3, "max_client_conn": 3, "statements_per_second": 20},
+    )))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    conns = [psycopg.connect(dsn(router, "lim", "lim-pw", "limited"), autocommit=True) for _ in range(3)]
+    try:
+        assert login_error(dsn(router, "lim", "lim-pw", "limited"))[0] == "53300"  # max_client_conn
+        conns[0].execute("BEGIN")
+        conns[0].execute("SELECT 1")  # holds the only server connection
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.TooManyConnections, match="query_wait_timeout"):
+            conns[1].execute("SELECT 1")
+        assert time.monotonic() - started < 5  # the tenant's 0.3 s, not the global 10 s
+        conns[0].execute("COMMIT")
+        ok = limited = 0
+        for _ in range(100):
+            try:
+                conns[2].execute("SELECT 1")
+                ok += 1
+            except psycopg.errors.ConfigurationLimitExceeded:
+                limited += 1
+        # A burst of 100 at 20/s: about a second's worth passes, the rest get 53400.
+        assert limited > 0 and 10 <= ok < 60, (ok, limited)
+    finally:
+        for conn in conns:
+            conn.close()
