@@ -70,6 +70,7 @@ class DatabaseRoute:
             ),
         )
         self.catalog = router.catalogs.get(self.catalog_key)
+        self.primary_pool = primary_pool
         classifier = router.classifier
         self.verdicts = VerdictCache(lambda sql: classifier.classify(sql, self.catalog))
         self._pools: dict[NodeState, Pool] = {}
@@ -90,6 +91,7 @@ class DatabaseRoute:
         if pool is None:
             pool = self.router.pools.pool_for(self.db, self.dbname, self.user, node)
             pool.on_undefined_function = self.undefined_function
+            pool.scram_keys = self.primary_pool.scram_keys  # auth_query: the same login
             self._pools[node] = pool
         return pool
 
@@ -333,9 +335,14 @@ class Router:
         tenant = client.tenant
         if tenant is not None:
             db = self.tenants.database_config(tenant, client.tenant_login.database)
+            if tenant.auth_query:
+                # Pools per login, logging in as the client with its SCRAM keys.
+                db = db.model_copy(update={"server_user": client.user, "server_password": None})
             cluster = self.tenants.cluster_config(tenant)
             split = self.splits.get(db.cluster)
             pool = self.pools.pool_for(db, db.dbname, db.server_user, cluster.primary)
+            if tenant.auth_query and client.scram_keys is not None:
+                pool.scram_keys = client.scram_keys
             self.tenants.attach(client, pool)
         else:
             databases = self.settings.databases

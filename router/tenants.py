@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgrouter.tenants")
 
 TENANT_OPTION = "pgrouter.tenant"
+# auth_query: the login's SCRAM verifier, if the role may log in now.
+AUTH_QUERY = """
+SELECT rolpassword FROM pg_catalog.pg_authid
+WHERE rolname = $1 AND rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now())
+"""
 
 
 @dataclass(slots=True)
@@ -173,10 +178,48 @@ class TenantManager:
         if tenant is None:
             return TenantLogin(None, user, AuthMethod.SCRAM, None, False, database)
         real_db = database if tenant.tenant_id == FALLBACK_TENANT_ID else tenant.database
+        if tenant.auth_query:
+            verifier = await self._auth_query(tenant, user)
+            return TenantLogin(tenant, user, AuthMethod.SCRAM, verifier, verifier is not None, real_db)
         login = tenant.user(user)
         if login is None:
             return TenantLogin(tenant, user, AuthMethod.SCRAM, None, False, real_db)
         return TenantLogin(tenant, user, login.auth, login.verifier, True, real_db)
+
+    async def _auth_query(self, tenant: Tenant, user: str) -> str | None:
+        """The user's SCRAM verifier, read from pg_authid on the tenant's primary over a
+        dedicated connection as the tenant's server_user (which must be allowed to read it: a
+        superuser, or grant it a SECURITY DEFINER function and adapt AUTH_QUERY). None when
+        the role is unknown, cannot log in, has expired, or has no SCRAM verifier (md5 or no
+        password: refused, the router cannot log in as that user without the password)."""
+        import asyncpg
+
+        primary = tenant.cluster.primary
+        try:
+            conn = await asyncpg.connect(
+                host=primary.host, port=primary.port, database=tenant.database,
+                user=tenant.server_user,
+                password=tenant.server_password.get_secret_value() if tenant.server_password else None,
+                timeout=self.settings.server_connect_timeout, ssl=False,
+                server_settings={"application_name": "pgrouter-auth-query"},
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise RouterError(
+                SQLState.CONNECTION_FAILURE,
+                f'auth_query for tenant "{tenant.tenant_id}" could not reach its primary: {exc}',
+            ) from exc
+        try:
+            verifier = await conn.fetchval(AUTH_QUERY, user)
+        except asyncpg.PostgresError as exc:
+            raise RouterError(
+                SQLState.INVALID_AUTHORIZATION,
+                f'auth_query for tenant "{tenant.tenant_id}" failed: {exc}',
+            ) from exc
+        finally:
+            await conn.close()
+        if verifier is None or not verifier.startswith("SCRAM-SHA-256$"):
+            return None
+        return verifier
 
     def _split_name(self, client: ClientConnection) -> tuple[str, str | None]:
         params = client.startup_params

@@ -20,6 +20,7 @@ from router.protocol import messages as m
 from router.protocol.auth import (
     SCRAM_SHA_256_PLUS,
     ScramClientExchange,
+    ScramKeysClientExchange,
     md5_hash,
     md5_response,
     tls_server_end_point,
@@ -350,8 +351,10 @@ class ServerConnection(asyncio.Protocol):
         tls_required: bool,
         channel_binding: ChannelBinding = ChannelBinding.PREFER,
         startup_params: dict[str, str] | None = None,
+        scram_keys: tuple[bytes, bytes] | None = None,
     ) -> None:
-        """Negotiate TLS, authenticate, and read the server's parameters and key."""
+        """Negotiate TLS, authenticate, and read the server's parameters and key. Without a
+        password, ``scram_keys`` (ClientKey, ServerKey) can answer SCRAM (auth_query)."""
         loop = asyncio.get_running_loop()
         if tls is not None:
             self.write(build_ssl_request())
@@ -369,12 +372,24 @@ class ServerConnection(asyncio.Protocol):
         if startup_params:
             params.update(startup_params)
         self.write(build_startup_message(params))
-        scram: ScramClientExchange | None = None
+        scram: ScramClientExchange | ScramKeysClientExchange | None = None
         while True:
             msg_type, body = await self.read_message()
             if msg_type == b"R":
                 code, payload = m.parse_authentication(body)
                 if code == m.AUTH_OK:
+                    continue
+                if password is None and scram_keys is not None and code == m.AUTH_SASL:
+                    scram = ScramKeysClientExchange(m.parse_sasl_mechanisms(payload), *scram_keys)
+                    self.write(m.sasl_initial_response(scram.mechanism, scram.first()))
+                    continue
+                if password is None and scram_keys is not None and scram is not None and code in (
+                    m.AUTH_SASL_CONTINUE, m.AUTH_SASL_FINAL
+                ):
+                    if code == m.AUTH_SASL_CONTINUE:
+                        self.write(m.sasl_response(scram.final(payload)))
+                    else:
+                        scram.verify(payload)
                     continue
                 if password is None:
                     raise RouterError(

@@ -183,6 +183,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.tenant = None
         self.tenant_login = None
         self.tenant_guard: bytes | None = None  # shared mode: the setting the client may not touch
+        self.scram_keys: tuple[bytes, bytes] | None = None  # auth_query tenants
 
     # --- asyncio.Protocol ------------------------------------------------------------
 

@@ -190,10 +190,14 @@ class LoginMixin:
             if mechanism != SCRAM_SHA_256:
                 raise ProtocolError(f"client selected an invalid SASL mechanism {mechanism!r}")
             self.transport.write(m.auth_sasl_continue(exchange.first(client_first)))
+            client_final = await self._read_message(b"p")
             try:
-                server_final = exchange.final(await self._read_message(b"p"))
+                server_final = exchange.final(client_final)
             except AuthFailed as exc:
                 raise failed from exc
+            if self.tenant_login is not None and self.tenant_login.tenant.auth_query:
+                # Log into the server as this user with the keys the client just proved.
+                self.scram_keys = (exchange.client_key(client_final), verifier.server_key)
             self.transport.write(m.auth_sasl_final(server_final))
         if self.tenant_login is not None:
             if self.tenant_login.tenant is None:

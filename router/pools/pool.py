@@ -97,6 +97,8 @@ class Pool:
         self._tasks: set[asyncio.Task] = set()
         # Called when a server of this pool answers 42883 (undefined_function), if set.
         self.on_undefined_function = None
+        # auth_query pools log in with the SCRAM keys learnt from a client, not a password.
+        self.scram_keys: tuple[bytes, bytes] | None = None
 
     # --- the data path ---------------------------------------------------------------
 
@@ -230,6 +232,7 @@ class Pool:
                         self.settings.tls_required,
                         self.settings.channel_binding,
                         {"application_name": self.settings.application_name},
+                        scram_keys=self.scram_keys,
                     )
                 except BaseException:
                     server.close()

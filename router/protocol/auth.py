@@ -158,6 +158,19 @@ class ScramServerExchange:
             raise AuthFailed("unknown user")
         return server_final
 
+    def client_key(self, client_final: bytes) -> bytes:
+        """The ClientKey the client proved it holds (RFC 5802, section 3: ClientKey =
+        ClientProof XOR HMAC(StoredKey, AuthMessage)). Call after a successful ``final``; with
+        the verifier's ServerKey it lets the router log into PostgreSQL as this user
+        (``ScramKeysClientExchange``) without ever knowing the password."""
+        text = client_final.decode("utf-8")
+        without_proof, _, proof = text.rpartition(",p=")
+        auth_message = ",".join(
+            (self._server.client_first_bare, self._server.server_first, without_proof)
+        ).encode()
+        signature = hmac.new(self._server.stored_key, auth_message, hashlib.sha256).digest()
+        return bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature, strict=True))
+
 
 _DUMMY: tuple | None = None
 
@@ -204,6 +217,51 @@ class ScramClientExchange:
             self._client.set_server_final(server_final.decode())
         except (ScramException, UnicodeDecodeError) as exc:
             raise ProtocolError(f"server's SCRAM signature is wrong: {exc}") from exc
+
+
+class ScramKeysClientExchange:
+    """Client side of SCRAM-SHA-256 from keys instead of a password: the ClientKey learnt from
+    the client's own exchange and the ServerKey of the user's verifier (auth_query). scramp
+    derives both from a password, which the router never has; the arithmetic of RFC 5802,
+    section 3 is all that remains: ClientProof = ClientKey XOR HMAC(H(ClientKey), AuthMessage),
+    and the server proves itself with HMAC(ServerKey, AuthMessage). No channel binding."""
+
+    mechanism = SCRAM_SHA_256
+
+    def __init__(self, mechanisms: list[str], client_key: bytes, server_key: bytes) -> None:
+        if SCRAM_SHA_256 not in mechanisms:
+            raise ProtocolError(f"server offers no supported SASL mechanism: {mechanisms}")
+        import secrets
+
+        self._client_key = client_key
+        self._server_key = server_key
+        self._nonce = base64.b64encode(secrets.token_bytes(18)).decode()
+        self._first_bare = f"n=,r={self._nonce}"
+        self._expected: bytes | None = None
+
+    def first(self) -> bytes:
+        return f"n,,{self._first_bare}".encode()
+
+    def final(self, server_first: bytes) -> bytes:
+        text = server_first.decode()
+        fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+        nonce = fields.get("r", "")
+        if not nonce.startswith(self._nonce) or len(nonce) <= len(self._nonce):
+            raise ProtocolError("SCRAM exchange with server failed: nonce mismatch")
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = f"{self._first_bare},{text},{without_proof}".encode()
+        stored_key = hashlib.sha256(self._client_key).digest()
+        signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(self._client_key, signature, strict=True))
+        self._expected = hmac.new(self._server_key, auth_message, hashlib.sha256).digest()
+        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def verify(self, server_final: bytes) -> None:
+        text = server_final.decode()
+        if not text.startswith("v=") or self._expected is None or not hmac.compare_digest(
+            base64.b64decode(text[2:]), self._expected
+        ):
+            raise ProtocolError("server's SCRAM signature is wrong")
 
 
 def tls_server_end_point(peer_cert_der: bytes) -> bytes:

@@ -296,3 +296,28 @@ def test_tenant_limits(start_router, registry, cluster, tenant_dbs) -> None:
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_auth_query_logs_in_as_the_client_without_its_password(start_router, registry, cluster, tenant_dbs) -> None:
+    """auth_query: the client's verifier comes from pg_authid; the router then logs into the
+    server as that user (scram-sha-256 in pg_hba for pgr_scram) with the SCRAM keys learnt
+    from the client's exchange. The router never sees the password."""
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(TenantCreate(
+        tenant_id="aq",
+        cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port},
+                 "replicas": [{"host": r.host, "port": r.port} for r in cluster.replicas]},
+        database=tenant_dbs["acme"], server_user="postgres", auth_query=True,
+    )))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    with psycopg.connect(dsn(router, SERVER_USER, SERVER_PASSWORD, "aq"), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == (SERVER_USER, tenant_dbs["acme"])
+        for _ in range(20):  # reads on replicas log in the same way
+            assert conn.execute("SELECT current_user").fetchone() == (SERVER_USER,)
+        with conn.transaction():
+            assert conn.execute("SELECT current_user, pg_is_in_recovery()").fetchone() == (SERVER_USER, False)
+    assert router.call(lambda r: [p.password for p in r.pools.pools.values() if p.key.user == SERVER_USER]) 
+    assert all(p is None for p in router.call(
+        lambda r: [p.password for p in r.pools.pools.values() if p.key.user == SERVER_USER]))
+    assert login_error(dsn(router, SERVER_USER, "wrong", "aq"))[0] == "28P01"
+    assert login_error(dsn(router, "no_such_role", "x", "aq"))[0] == "28P01"

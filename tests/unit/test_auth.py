@@ -498,3 +498,30 @@ def test_tls_server_end_point_uses_signature_hash(algorithm, digest):
     # RFC 5929, 4.1: the certificate's own signature hash, unless it is MD5 or SHA-1.
     der = _self_signed(algorithm)
     assert tls_server_end_point(der) == digest(der).digest()
+
+
+def test_scram_with_keys_instead_of_a_password() -> None:
+    """auth_query: the ClientKey recovered from a client's exchange, with the verifier's
+    ServerKey, passes a server's SCRAM check for that user (here scramp's, holding the same
+    verifier), and a wrong key does not."""
+    from router.protocol.auth import ScramKeysClientExchange, ScramServerExchange, ScramVerifier
+
+    verifier = ScramVerifier.parse(scram_verifier("s3cret"))
+    # 1. A client logs into the router; the router learns its ClientKey.
+    client = ScramClientExchange([SCRAM_SHA_256], "u", "s3cret")
+    router_side = ScramServerExchange(verifier)
+    server_first = router_side.first(client.first())
+    client_final = client.final(server_first)
+    client.verify(router_side.final(client_final))
+    client_key = router_side.client_key(client_final)
+    # 2. The router logs into the server with the keys.
+    for key, ok in ((client_key, True), (bytes(32), False)):
+        keys_client = ScramKeysClientExchange([SCRAM_SHA_256], key, verifier.server_key)
+        server = ScramServerExchange(verifier)
+        first = server.first(keys_client.first())
+        final = keys_client.final(first)
+        if ok:
+            keys_client.verify(server.final(final))
+        else:
+            with pytest.raises(AuthFailed):
+                server.final(final)
