@@ -320,3 +320,33 @@ def test_auth_query_logs_in_as_the_client_without_its_password(start_router, reg
     assert passwords and all(p is None for p in passwords)
     assert login_error(dsn(router, SERVER_USER, "wrong", "aq"))[0] == "28P01"
     assert login_error(dsn(router, "no_such_role", "x", "aq"))[0] == "28P01"
+
+
+def test_wrong_secret_key_fails_closed(start_router, registry, cluster, tenant_dbs) -> None:
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "sealed", tenant_dbs["acme"], {"sue": "sue-pw"})))
+    router = start_router(redis_url=url, secret_key=f"k1:{generate_key()}", registry_prefix=prefix)
+    code, message = login_error(dsn(router, "sue", "sue-pw", "sealed"))
+    assert code is not None and "decrypt" in message and "sealed" in message, (code, message)
+    # The right key still opens it, on another instance.
+    good = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    with psycopg.connect(dsn(good, "sue", "sue-pw", "sealed")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_delete_lets_a_running_transaction_finish(start_router, registry, cluster, tenant_dbs) -> None:
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "leaving", tenant_dbs["acme"], {"lou": "lou-pw"})))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix, tenant_drop_timeout=10)
+    conn = psycopg.connect(dsn(router, "lou", "lou-pw", "leaving"))
+    try:
+        conn.execute("SELECT 1")  # a transaction is open
+        store_do(registry, lambda s: s.delete("leaving"))
+        router.wait_for(lambda r: "leaving" in r.tenants.gates, what="the deletion to arrive")
+        assert conn.execute("SELECT 2").fetchone() == (2,)  # still running...
+        conn.commit()  # ...and it commits
+        router.wait_for(lambda r: not r.tenants.clients.get("leaving"), timeout=5, what="the client closed")
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 3")
+    finally:
+        conn.close()
