@@ -25,7 +25,7 @@ from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
 from router.session import StatementRegistry
 from router.splitting import SplitCluster
-from router.tenants import TenantManager, TenantPaused
+from router.tenants import TenantManager, TenantPaused, asyncpg_ssl
 from router.topology.catalog import ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
 
@@ -66,7 +66,7 @@ class DatabaseRoute:
                 database=primary_pool.key.dbname,
                 user=primary_pool.key.user,
                 password=db.server_password,
-                ssl=False,
+                ssl=split.ssl,
             ),
         )
         self.catalog = router.catalogs.get(self.catalog_key)
@@ -369,7 +369,9 @@ class Router:
         name = self.tenants.cluster_name(tenant)
         starting = self._split_starts.get(name)
         if starting is None:
-            split = self.splits[name] = SplitCluster(name, self.tenants.cluster_config(tenant), self.settings)
+            split = self.splits[name] = SplitCluster(
+                name, self.tenants.cluster_config(tenant), self.settings, ssl=asyncpg_ssl(tenant)
+            )
             starting = self._split_starts[name] = self.spawn(split.start())
         await asyncio.shield(starting)
 

@@ -99,6 +99,8 @@ class DatabaseConfig(_Strict):
     pool_size: int | None = Field(None, ge=1)
     pool_mode: PoolMode | None = None
     query_wait_timeout: float | None = Field(None, gt=0)  # default: the global setting
+    server_tls: ServerTLS | None = None  # default: the global server_tls / server_tls_ca
+    server_tls_ca: Path | None = None
 
 
 class UserConfig(_Strict):

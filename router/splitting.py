@@ -36,8 +36,9 @@ STARTUP_WAIT = 3.0
 
 
 class SplitCluster:
-    def __init__(self, name: str, config: ClusterConfig, settings: Settings) -> None:
+    def __init__(self, name: str, config: ClusterConfig, settings: Settings, ssl=False) -> None:
         self.name = name
+        self.ssl = ssl  # asyncpg's ssl argument for the monitor and catalog connections
         self.config = config
         self.settings = settings
         user, password = config.monitor_user, config.monitor_password
@@ -51,7 +52,7 @@ class SplitCluster:
             dbname=config.monitor_dbname,
             user=user or "postgres",
             password=password,
-            ssl=False,
+            ssl=ssl,
             max_lag_seconds=config.max_replica_lag,
             max_lag_bytes=config.max_replica_lag_bytes,
             lag_check_interval=settings.lag_check_interval,

@@ -24,7 +24,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from router.config import AuthMethod, ClusterConfig, DatabaseConfig, NodeAddress, ReplicaFallback
+from router.config import (
+    AuthMethod,
+    ClusterConfig,
+    DatabaseConfig,
+    NodeAddress,
+    ReplicaFallback,
+    ServerTLS,
+)
 from router.protocol.errors import RouterError, SQLState
 from router.registry.cache import TenantCache
 from router.registry.crypto import Keyring
@@ -88,6 +95,16 @@ class Gate:
         waiters, self.waiters = self.waiters, deque()
         for client in waiters:
             client.gate_opened(self)
+
+
+def asyncpg_ssl(tenant: Tenant):
+    """asyncpg's ``ssl`` argument for the tenant's cluster TLS setting."""
+    from router.pools.manager import tls_context
+
+    mode = tenant.cluster.tls
+    if mode is ServerTLS.DISABLE:
+        return False
+    return tls_context(mode, tenant.cluster.tls_ca)
 
 
 class RateLimit:
@@ -200,7 +217,7 @@ class TenantManager:
                 host=primary.host, port=primary.port, database=tenant.database,
                 user=tenant.server_user,
                 password=tenant.server_password.get_secret_value() if tenant.server_password else None,
-                timeout=self.settings.server_connect_timeout, ssl=False,
+                timeout=self.settings.server_connect_timeout, ssl=asyncpg_ssl(tenant),
                 server_settings={"application_name": "pgrouter-auth-query"},
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -245,6 +262,8 @@ class TenantManager:
             pool_size=tenant.pool.size,
             pool_mode=tenant.pool.mode,
             query_wait_timeout=tenant.limits.query_wait_timeout,
+            server_tls=tenant.cluster.tls,
+            server_tls_ca=tenant.cluster.tls_ca,
         )
 
     @staticmethod

@@ -99,6 +99,7 @@ class RouterCollector(Collector):
     def __init__(self, router: Router, *, max_tenant_labels: int, max_pool_labels: int) -> None:
         self.router = router
         self.tenant_labels = LabelBudget(max_tenant_labels)
+        self.tenant_server_labels = LabelBudget(max_tenant_labels)
         self.pool_labels = LabelBudget(max_pool_labels)
 
     def collect(self) -> Iterator[Metric]:
@@ -174,6 +175,24 @@ class RouterCollector(Collector):
         )
         for pool, n in sorted(waiting.items()):
             family.add_metric([pool], n)
+        yield family
+        # The same, per tenant: the pools its clients use (a shared-schema pool counts for
+        # each of its tenants).
+        per_tenant: Counter[tuple[str, str]] = Counter()
+        tenant_pools = {tid: list(pools) for tid, pools in self.router.tenants.pools.items()}
+        tenant_labels = self.tenant_server_labels.assign(tenant_pools)
+        for tenant_id, pools in tenant_pools.items():
+            for pool in pools:
+                stat = pool.stats()
+                for state in SERVER_STATES:
+                    per_tenant[tenant_labels[tenant_id], state] += stat[state]
+        family = GaugeMetricFamily(
+            "pgrouter_tenant_server_connections",
+            f"Server connections of the pools each tenant uses, by state ({OTHER}: beyond the label limit)",
+            labels=["tenant", "state"],
+        )
+        for (tenant, state), n in sorted(per_tenant.items()):
+            family.add_metric([tenant, state], n)
         yield family
 
     def _routing(self) -> Iterator[Metric]:

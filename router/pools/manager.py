@@ -18,11 +18,15 @@ JANITOR_INTERVAL = 1.0
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
-    mode = settings.server_tls
+    return tls_context(settings.server_tls, settings.server_tls_ca)
+
+
+def tls_context(mode: ServerTLS, ca) -> ssl.SSLContext | None:
+    """A client-side context for server connections in ``mode`` (libpq's sslmode meanings)."""
     if mode is ServerTLS.DISABLE:
         return None
     if mode is ServerTLS.VERIFY_FULL:
-        ctx = ssl.create_default_context(cafile=str(settings.server_tls_ca))
+        ctx = ssl.create_default_context(cafile=str(ca))
     else:
         # prefer / require: encrypt, but do not verify the certificate (libpq's meaning).
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -37,6 +41,7 @@ class PoolManager:
         self.validated_statements = validated_statements
         self.pools: dict[PoolKey, Pool] = {}
         self._tls = server_tls_context(settings)
+        self._tls_contexts: dict[tuple, ssl.SSLContext | None] = {}  # per-database overrides
         self._janitor: asyncio.Task | None = None
 
     def pool_for(self, db: DatabaseConfig, client_dbname: str, client_user: str, node) -> Pool:
@@ -58,8 +63,8 @@ class PoolManager:
                     lifetime=s.server_lifetime,
                     connect_timeout=s.server_connect_timeout,
                     reset_query=s.server_reset_query,
-                    tls=self._tls,
-                    tls_required=s.server_tls is not ServerTLS.PREFER,
+                    tls=self._tls if db.server_tls is None else self._tls_for(db.server_tls, db.server_tls_ca),
+                    tls_required=(db.server_tls or s.server_tls) not in (ServerTLS.PREFER, ServerTLS.DISABLE),
                     channel_binding=s.server_channel_binding,
                     application_name=s.server_application_name,
                     max_prepared_statements=s.max_prepared_statements,
@@ -68,6 +73,12 @@ class PoolManager:
             )
             self.pools[key] = pool
         return pool
+
+    def _tls_for(self, mode: ServerTLS, ca) -> ssl.SSLContext | None:
+        key = (mode, str(ca))
+        if key not in self._tls_contexts:
+            self._tls_contexts[key] = tls_context(mode, ca)
+        return self._tls_contexts[key]
 
     def start(self) -> None:
         # Pools whose server user is fixed by configuration exist from the start, so that

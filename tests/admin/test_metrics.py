@@ -89,6 +89,10 @@ def test_metrics_read_the_router_state(
 
     servers = _by(samples["pgrouter_server_connections"], "pool", "state")
     assert sum(n for (pool, state), n in servers.items() if state == "active") == 1
+    per_tenant = _by(samples["pgrouter_tenant_server_connections"], "tenant", "state")
+    # Both tenants' pools are one here (same database and server user): each reports it.
+    assert per_tenant[("beta", "active")] == 1
+    assert {tenant for tenant, _ in per_tenant} == {"acme", "beta"}
     assert sum(servers.values()) >= 3  # one server each at least, idle or active
 
     routed = _by(samples["pgrouter_transactions_routed_total"], "cluster", "role", "reason")

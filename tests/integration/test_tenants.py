@@ -78,7 +78,8 @@ def store_do(registry, fn):
 def tenant_body(cluster: Cluster, tenant_id: str, database: str, users: dict[str, str], **extra) -> TenantCreate:
     return TenantCreate(
         tenant_id=tenant_id,
-        cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port}},
+        cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port},
+                 "tls": extra.pop("tls", "disable")},
         database=database,
         server_user=extra.pop("server_user", SERVER_USER),
         server_password=extra.pop("server_password", SERVER_PASSWORD),
@@ -350,3 +351,20 @@ def test_delete_lets_a_running_transaction_finish(start_router, registry, cluste
             conn.execute("SELECT 3")
     finally:
         conn.close()
+
+
+def test_tenant_cluster_tls_and_fallback_tenant(start_router, registry, cluster, tenant_dbs) -> None:
+    """A tenant's own TLS setting reaches its server connections (pgr_scram_tls may only log
+    in over TLS); the fallback tenant "*" serves database names no tenant claims, under the
+    requested name."""
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(tenant_body(
+        cluster, "secure", tenant_dbs["acme"], {"sec": "sec-pw"},
+        server_user="pgr_scram_tls", server_password="scram-tls-pw", tls="require",
+    )))
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "*", "unused", {"any": "any-pw"})))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    with psycopg.connect(dsn(router, "sec", "sec-pw", "secure")) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+    with psycopg.connect(dsn(router, "any", "any-pw", tenant_dbs["globex"])) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == (tenant_dbs["globex"],)
