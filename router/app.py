@@ -158,7 +158,12 @@ class Router:
         if self.settings.admin_port >= 0:
             from router.admin.server import serve
 
-            self.admin = await serve(self)
+            s = self.settings
+            self.admin = await serve(
+                self,
+                provision_dsn=s.admin_provision_dsn.get_secret_value() if s.admin_provision_dsn else None,
+                max_tenant_labels=s.metrics_max_tenant_labels,
+            )
 
     async def stop(self) -> None:
         if self.admin is not None:

@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     admin_port: int = Field(8080, ge=-1, le=65535)
     admin_token: SecretStr | None = None  # bearer token; none: the tenant endpoints refuse all
     metrics_public: bool = True  # /metrics without the token
+    metrics_max_tenant_labels: int = Field(100, ge=1)  # more tenants are labelled "other"
+    # POST /tenants with provision: the login that creates databases/roles when the tenant's
+    # own server_user may not (postgresql://user:password@host:port/postgres).
+    admin_provision_dsn: SecretStr | None = None
     tenant_drop_timeout: float = Field(10.0, ge=0)  # DELETE: in-flight transactions may finish
     shutdown_timeout: float = Field(30.0, ge=0)
     workers: int = Field(1, ge=1)

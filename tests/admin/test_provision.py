@@ -68,7 +68,7 @@ def _role_exists(cluster: Cluster, name: str) -> bool:
 @pytest.fixture
 def provisioning_api(admin: AdminAPI) -> Iterator[Callable[[str], AdminAPI]]:
     """A second admin API on the same router, with a provisioning login (create_app's
-    provision_dsn, which Router.start() does not pass)."""
+    provision_dsn, which Router.start() passes from admin_provision_dsn)."""
     servers = []
 
     def start(dsn: str) -> AdminAPI:
