@@ -127,6 +127,7 @@ class Router:
         self.tenants = TenantManager(self)
         self.admin = None  # the admin HTTP API server, when admin_port >= 0
         self.draining = False  # shutting down: /readyz answers 503
+        self.config_path = None  # the file the settings came from (reload re-reads it)
         self._split_starts: dict[str, asyncio.Task] = {}  # tenant clusters' monitors starting
 
     def _client_tls_context(self) -> ssl.SSLContext | None:

@@ -26,6 +26,7 @@ def _run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         router = Router(settings)
+        router.config_path = args.config
         await router.start()
         print(f"pgrouter listening on {settings.listen_host}:{router.port}", flush=True)
         stop = asyncio.Event()

@@ -108,6 +108,23 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.post(
+        "/reload",
+        tags=["operations"],
+        summary="Re-read the configuration file and apply what can change while running",
+        responses=auth_errors,
+        dependencies=[Depends(require_token)],
+    )
+    async def reload() -> dict[str, list[str]]:
+        # As SIGHUP: what was applied, and what needs a restart. A bad file changes nothing.
+        from router.config import load_settings
+
+        try:
+            settings = load_settings(router.config_path)
+        except (OSError, ValueError) as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"configuration not reloaded: {exc}") from exc
+        return router.reload(settings)
+
     return app
 
 

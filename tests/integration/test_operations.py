@@ -80,3 +80,35 @@ def test_sigterm_drains_then_exits_zero(cluster: Cluster, tmp_path) -> None:
         busy.close()
     finally:
         proc.stop()
+
+
+def test_post_reload(cluster: Cluster, tmp_path) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.cluster import free_port
+
+    port = free_port()
+    config = router_config(cluster, admin_port=port, admin_token="reload-token")
+    path = write_toml(tmp_path / "router.toml", config)
+    proc = RouterProcess(path).start()
+    try:
+        with psycopg.connect(proc.dsn("carol")) as held:
+            held.execute("SELECT 1")
+            write_toml(path, {**config, "pool_size": 7})
+
+            def post(token: str | None):
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/reload", method="POST")
+                if token:
+                    request.add_header("Authorization", f"Bearer {token}")
+                return urllib.request.urlopen(request, timeout=10)
+
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                post(None)
+            assert refused.value.code == 401
+            answer = json.loads(post("reload-token").read())
+            assert answer["applied"] == ["pool_size"] and answer["restart_required"] == []
+            assert held.execute("SELECT 2").fetchone() == (2,)  # nothing dropped
+    finally:
+        proc.stop()
