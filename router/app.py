@@ -337,7 +337,7 @@ class Router:
 
     # --- the routing seam ------------------------------------------------------------
 
-    def resolve_database(self, client: ClientConnection) -> Target:
+    def resolve_database(self, client: ClientConnection, attach: bool = True) -> Target:
         tenant = client.tenant
         if tenant is not None:
             db = self.tenants.database_config(tenant, client.tenant_login.database)
@@ -349,7 +349,8 @@ class Router:
             pool = self.pools.pool_for(db, db.dbname, db.server_user, cluster.primary)
             if tenant.auth_query and client.scram_keys is not None:
                 pool.scram_keys = client.scram_keys
-            self.tenants.attach(client, pool)
+            if attach:
+                self.tenants.attach(client, pool)
         else:
             databases = self.settings.databases
             db = databases.get(client.database) or databases.get("*")
@@ -365,6 +366,18 @@ class Router:
             if route is None:
                 route = self.db_routes[key] = DatabaseRoute(self, db, client.database, client.user, pool, split)
         return Target(db, pool, pool.settings.mode, route)
+
+    def retarget(self, client: ClientConnection) -> None:
+        """Point a connected client of a moved tenant at its new cluster/database."""
+        tenant = client.tenant
+        if tenant.tenant_id != "*":
+            client.tenant_login.database = tenant.database
+        if tenant.cluster.replicas and self.tenants.cluster_name(tenant) not in self.splits:
+            self.spawn(self.prepare_tenant(client))  # reads use the primary until it is ready
+        target = self.resolve_database(client, attach=False)
+        client.pool = target.pool
+        client.db_route = target.route
+        self.tenants.note_pool(client, target.pool)
 
     async def prepare_tenant(self, client: ClientConnection) -> None:
         """Before a tenant's first client is served: its cluster's monitor, when it has

@@ -107,6 +107,10 @@ def asyncpg_ssl(tenant: Tenant):
     return tls_context(mode, tenant.cluster.tls_ca)
 
 
+class MoveTimeout(Exception):
+    """A tenant move gave up: transactions were still running at the deadline."""
+
+
 class RateLimit:
     """A token bucket: ``rate`` transactions per second, bursts up to one second's worth."""
 
@@ -350,8 +354,11 @@ class TenantManager:
 
     def apply(self, tenant: Tenant) -> None:
         """Bring this instance in line with ``tenant``'s record (pause state, login data)."""
-        for client in self.clients.get(tenant.tenant_id, ()):
+        for client in list(self.clients.get(tenant.tenant_id, ())):
+            old = client.tenant
             client.tenant = tenant
+            if old is not None and (old.cluster != tenant.cluster or old.database != tenant.database):
+                self.router.retarget(client)  # moved: its next transactions go to the new place
         if tenant.paused:
             self.pause(tenant.tenant_id)
         else:
@@ -367,6 +374,31 @@ class TenantManager:
         if gate is not None:
             log.info("tenant %s resumed: releasing %d waiting transactions", tenant_id, len(gate.waiters))
             gate.open()
+
+    async def move(self, tenant_id: str, change, *, expected_version: int | None = None) -> Tenant:
+        """Blue-green for one tenant: pause it (new transactions wait), let running ones finish
+        (up to tenant_drop_timeout), switch its record to the new cluster/database, resume. The
+        waiting transactions, and every later one, run at the new place; clients stay connected.
+        A transaction still running at the deadline fails the move (409-class error) and the
+        tenant is resumed where it was."""
+        assert self.store is not None
+        paused = await self.store.pause(tenant_id, expected_version=expected_version)
+        self.apply(paused)
+        try:
+            if not await self.wait_idle(tenant_id, self.settings.tenant_drop_timeout):
+                raise MoveTimeout(
+                    f'tenant "{tenant_id}" still has transactions running after '
+                    f"{self.settings.tenant_drop_timeout:g}s; not moved"
+                )
+            moved = await self.store.patch(tenant_id, change)
+        except BaseException:
+            self.apply(await self.store.resume(tenant_id))
+            raise
+        self.apply(moved)
+        resumed = await self.store.resume(tenant_id)
+        self.apply(resumed)
+        log.info("tenant %s moved to %s/%s", tenant_id, self.cluster_name(resumed), resumed.database)
+        return resumed
 
     def in_flight(self, tenant_id: str) -> int:
         return sum(1 for c in self.clients.get(tenant_id, ()) if c.server is not None)

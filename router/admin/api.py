@@ -21,12 +21,21 @@ import asyncio
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from pydantic import BaseModel, ConfigDict
 
 from router.admin.errors import ERROR_RESPONSES, StrictJSONRoute
 from router.admin.provision import provisioned
 from router.admin.views import TenantCreateRequest, TenantStatusView, TenantView, json_safe
 from router.registry.errors import RegistryUnavailable, TenantExists, TenantNotFound
-from router.registry.models import Tenant, TenantPatch, TenantUpdate, UserCreate
+from router.registry.models import ClusterPatch, Tenant, TenantPatch, TenantUpdate, UserCreate
+
+
+class TenantMove(BaseModel):
+    """Where a tenant moves: a new cluster and/or database (blue-green for one tenant)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cluster: ClusterPatch | None = None
+    database: str | None = None
 
 if TYPE_CHECKING:
     from router.tenants import TenantManager
@@ -224,6 +233,26 @@ def tenant_routes() -> APIRouter:
     ) -> TenantView:
         tenant = await manager.store.resume(tenant_id, expected_version=version)
         manager.apply(tenant)
+        return _answer(response, tenant)
+
+    @routes.post(
+        "/{tenant_id}/move",
+        responses=ERROR_RESPONSES,
+        summary="Move the tenant to another cluster and/or database: pause, drain, switch, resume",
+    )
+    async def move_tenant(
+        tenant_id: str, body: TenantMove, response: Response, manager: Manager, version: Version
+    ) -> TenantView:
+        from router.tenants import MoveTimeout
+
+        try:
+            tenant = await manager.move(
+                tenant_id,
+                TenantPatch(**body.model_dump(exclude_unset=True)),
+                expected_version=version,
+            )
+        except MoveTimeout as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         return _answer(response, tenant)
 
     @routes.get(

@@ -17,8 +17,8 @@ def _tenant_operations(admin: AdminAPI) -> list[tuple[str, str]]:
         if path.startswith("/tenants")
         for method in item
     ]
-    assert len(operations) == 11, operations  # list, create, get/put/patch/delete, users x2,
-    return operations  # pause, resume, status
+    assert len(operations) == 12, operations  # list, create, get/put/patch/delete, users x2,
+    return operations  # pause, resume, move, status
 
 
 def test_every_tenant_route_needs_the_token(admin: AdminAPI) -> None:
