@@ -26,6 +26,7 @@ from router.registry.errors import RegistryError, RegistryUnavailable, TenantNot
 from router.registry.invalidation import Invalidation, Subscription
 from router.registry.models import Tenant
 from router.registry.store import RedisStore
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -289,15 +290,8 @@ class TenantCache:
     async def stop(self) -> None:
         """Stop following invalidations. Re-raises what killed the subscriber, if anything."""
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
         try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+            await cancel_and_wait(task)
         finally:
             self._synced.clear()
 

@@ -48,6 +48,7 @@ from typing import Any
 import asyncpg
 
 from router.routing.functions import FunctionCatalog, builtin_rows
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class FunctionCatalogs:
             return
         self._current.pop(key, None)
         self._release(db.digest)
-        await _cancel(db.task)
+        await cancel_and_wait(db.task)
 
     def stats(self, key: Hashable) -> CatalogStats:
         db = self._databases[key]
@@ -291,7 +292,7 @@ class FunctionCatalogs:
         for db in self._databases.values():
             db.task = None
         for task in tasks:
-            await _cancel(task)
+            await cancel_and_wait(task)
 
     # -- loading ------------------------------------------------------------------------
 
@@ -379,18 +380,6 @@ class FunctionCatalogs:
                 "built-in" if db.digest is None else "previous",
                 error,
             )
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 def _log_if_failed(task: asyncio.Task[None]) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import asyncpg
 
 from router.config import ClusterConfig, NodeAddress
+from router.tasks import cancel_and_wait
 from router.topology.cluster import Address, ClusterTopology, NodeState
 from router.topology.lsn import parse_lsn
 
@@ -150,13 +151,8 @@ class TopologyMonitor:
         task = self._task
         if task is None:
             return
-        task.cancel()
         try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+            await cancel_and_wait(task)
         finally:
             connections, self._connections = list(self._connections.values()), {}
             await asyncio.gather(*(self._close(conn) for conn in connections))
