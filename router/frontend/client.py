@@ -52,11 +52,23 @@ _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
 _SQL_PREPARED = re.compile(
     rb"(?i)\s*(?:prepare(?!\s+transaction\b)|execute|deallocate(?!\s+(?:prepare\s+)?all\b))\b"
 )
-_REFUSE_SQL_PREPARED = m.query(
-    "DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', "
-    "MESSAGE = 'SQL-level PREPARE/EXECUTE/DEALLOCATE is not supported in transaction pool mode', "
-    "HINT = 'Use your driver''s prepared statements (protocol level), or pool_mode = session.'; "
-    "END$pgrouter$"
+def _refusal(errcode: str, message: str, hint: str | None = None) -> bytes:
+    """A Query that makes the server raise this error. Substituted for a statement the router
+    refuses, the error lands in order and fails an open transaction like any other."""
+    quoted = ", ".join(
+        f"{key} = '{value.replace(chr(39), chr(39) * 2)}'"
+        for key, value in (("MESSAGE", message), ("HINT", hint))
+        if value is not None
+    )
+    return m.query(
+        f"DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = '{errcode}', {quoted}; END$pgrouter$"
+    )
+
+
+_REFUSE_SQL_PREPARED = _refusal(
+    "feature_not_supported",
+    "SQL-level PREPARE/EXECUTE/DEALLOCATE is not supported in transaction pool mode",
+    "Use your driver's prepared statements (protocol level), or pool_mode = session.",
 )
 # Session state that outlives a transaction (PostgreSQL keeps it per backend): the client is
 # pinned to its server connection until it is gone (see _track_pins). Transaction-scoped
@@ -84,10 +96,9 @@ _STARTUP, _READY, _CLOSED = STARTUP, READY, CLOSED
 
 # Shared-schema tenants: a statement that would change the tenant setting is replaced by this
 # (the server raises the error, in order, like any other).
-_REFUSE_TENANT_SETTING = m.query(
-    "DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege', "
-    "MESSAGE = 'permission denied: the router sets the tenant setting; clients may not change it'; "
-    "END$pgrouter$"
+_REFUSE_TENANT_SETTING = _refusal(
+    "insufficient_privilege",
+    "permission denied: the router sets the tenant setting; clients may not change it",
 )
 _SETTING_KINDS = frozenset({StatementKind.SET_SESSION, StatementKind.SET_LOCAL, StatementKind.RESET})
 
