@@ -25,6 +25,8 @@ from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
 from router.session import StatementRegistry
 from router.splitting import SplitCluster
+from router.stats.histogram import FastHistogram
+from router.stats.queries import QueryStats
 from router.tenants import TenantManager, TenantPaused, asyncpg_ssl
 from router.topology.catalog import ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
@@ -32,6 +34,11 @@ from router.topology.cluster import NodeState
 log = logging.getLogger("pgrouter")
 
 LISTEN_BACKLOG = 1024
+# Transaction durations (pgrouter_transaction_duration_seconds), from 100 µs to a minute.
+TRANSACTION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -129,6 +136,29 @@ class Router:
         self.draining = False  # shutting down: /readyz answers 503
         self.config_path = None  # the file the settings came from (reload re-reads it)
         self._split_starts: dict[str, asyncio.Task] = {}  # tenant clusters' monitors starting
+        # Measured on the hot path (router/stats/): query statistics and the slow-query log,
+        # transaction durations, errors sent to clients by SQLSTATE class.
+        self.query_stats: QueryStats | None = None
+        self._configure_query_stats(settings)
+        self.transaction_durations = FastHistogram(TRANSACTION_BUCKETS)
+        self.error_classes: dict[str, int] = {}
+
+    def _configure_query_stats(self, settings: Settings) -> None:
+        if settings.query_stats_max == 0:
+            self.query_stats = None
+            return
+        slow = settings.slow_query_ms / 1000 if settings.slow_query_ms > 0 else None
+        stats = self.query_stats
+        if stats is None:
+            self.query_stats = QueryStats(settings.query_stats_max, slow, self.client_text_encoding)
+        else:
+            stats.max_entries = settings.query_stats_max
+            stats.slow_query_seconds = slow
+
+    def count_error(self, sqlstate: bytes | str) -> None:
+        """An ErrorResponse went to a client (the server's or the router's own)."""
+        cls = sqlstate[:2] if isinstance(sqlstate, str) else sqlstate[:2].decode("ascii", "replace")
+        self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
 
     def _client_tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -213,7 +243,8 @@ class Router:
             "pool_size", "min_pool_size", "max_client_conn", "query_wait_timeout",
             "server_idle_timeout", "server_lifetime", "server_connect_timeout", "log_level",
             "client_tls_cert", "client_tls_key", "lag_check_interval", "tenant_drop_timeout",
-            "shutdown_timeout", "function_catalog_refresh", "log_format",
+            "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
+            "slow_query_ms",
         }
         restart = [
             name for name in type(settings).model_fields
@@ -254,6 +285,7 @@ class Router:
                 lifetime=settings.server_lifetime,
                 connect_timeout=settings.server_connect_timeout,
             )
+        self._configure_query_stats(settings)
         if "client_tls_cert" in applied or "client_tls_key" in applied:
             self.client_tls_context = self._client_tls_context()
         logging.getLogger().setLevel(settings.log_level)

@@ -155,6 +155,10 @@ class Settings(BaseSettings):
     server_application_name: str = "pgrouter"
 
     log_level: str = "INFO"
+    # Query statistics (GET /queries): fingerprints kept, those with the most total time;
+    # 0 turns statistics off. Calls slower than slow_query_ms are logged (0: no slow-query log).
+    query_stats_max: int = Field(1000, ge=0)
+    slow_query_ms: float = Field(1000.0, ge=0)
     log_format: str = Field("json", pattern="^(json|text)$")  # json: one event per line
 
     # Read/write splitting (clusters with replicas; README "Read/write splitting").

@@ -28,6 +28,7 @@ from router.admin.metrics import (
     metrics_registry,
 )
 from router.admin.provision import DEFAULT_TIMEOUT
+from router.admin.queries import query_routes
 from router.admin.views import ErrorView, HealthView, ReadinessView
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def create_app(
         403: {"model": ErrorView, "description": "the router has no admin_token"},
     }
     app.include_router(tenant_routes(), dependencies=[Depends(require_token)])
+    app.include_router(query_routes(), dependencies=[Depends(require_token)])
 
     @app.get("/healthz", tags=["health"], summary="The process is alive")
     async def healthz() -> HealthView:

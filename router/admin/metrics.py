@@ -23,7 +23,12 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -113,6 +118,7 @@ class RouterCollector(Collector):
             "Clients pinned to one server connection (session state the pool cannot share)",
             value=len(router.pinned_clients),
         )
+        yield from self._measured()
         classifier = router.classifier
         yield CounterMetricFamily(
             "pgrouter_classifier_cache_hits_total",
@@ -124,6 +130,39 @@ class RouterCollector(Collector):
             "Statement classifications computed (not cached)",
             value=classifier.misses,
         )
+
+    def _measured(self) -> Iterator[Metric]:
+        """What the hot path measures (router/stats/): transaction durations, errors sent to
+        clients by SQLSTATE class, and the query statistics' own counters."""
+        router = self.router
+        durations = router.transaction_durations
+        yield HistogramMetricFamily(
+            "pgrouter_transaction_duration_seconds",
+            "Transactions on a server connection, from the first message sent to the "
+            "ReadyForQuery that leaves it idle (autocommit statements included)",
+            buckets=durations.cumulative(),
+            sum_value=durations.sum,
+        )
+        errors = CounterMetricFamily(
+            "pgrouter_client_errors_total",
+            "ErrorResponses sent to clients, the server's and the router's own, by SQLSTATE class",
+            labels=["class"],
+        )
+        for cls, n in sorted(router.error_classes.items()):
+            errors.add_metric([cls], n)
+        yield errors
+        stats = router.query_stats
+        if stats is not None:
+            yield CounterMetricFamily(
+                "pgrouter_slow_queries_total",
+                "Calls slower than slow_query_ms (each one is logged)",
+                value=stats.slow_queries,
+            )
+            yield GaugeMetricFamily(
+                "pgrouter_query_fingerprints",
+                "Statement fingerprints held by the query statistics",
+                value=len(stats.entries),
+            )
 
     def _client_connections(self) -> Metric:
         counts: Counter[tuple[str, str]] = Counter()

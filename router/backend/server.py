@@ -13,6 +13,8 @@ import logging
 import ssl
 import struct
 import time
+from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from router.config import ChannelBinding
@@ -40,6 +42,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 _Z = ord("Z")
 _IDLE = ord("I")
 _E = ord("E")
+_COMMAND_COMPLETE = ord("C")
 _N = ord("N")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
@@ -106,6 +109,14 @@ class ServerConnection(asyncio.Protocol):
         self._head = b""
         self._reading_paused_by_client = False
         self.forwarded = False
+        # Measurements (router/stats/): calls sent and not yet answered (statement text, start,
+        # ReadyForQuery replies it waits for, node role), the rows and error of the one in
+        # progress, and when the current transaction's first message went out (0.0: idle).
+        self.calls: deque = deque()
+        self.call_rows = 0
+        self.call_error: str | None = None
+        self.tx_t0 = 0.0
+        self.node = f"{pool.key.host}:{pool.key.port}"
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -162,11 +173,20 @@ class ServerConnection(asyncio.Protocol):
                         swallow_from = -1
                     continue
                 ready = True
+                if self.calls:
+                    self._finish_call()
             elif t == _E:
                 if not self.forwarded and _shutting_down(data, pos, length) and client.replica_node is not None:
                     self._retry_elsewhere(data, pos, length)
                     return
                 st.on_error()
+                code = data.find(b"\0C", pos + 5, pos + 1 + length)
+                if code > 0 and code + 7 <= n:
+                    sqlstate = data[code + 2 : code + 7].decode("ascii", "replace")
+                    client.router.count_error(sqlstate)
+                    self.call_error = sqlstate
+                else:
+                    self.call_error = "?????"  # the code lies past this read
                 if data.find(b"C42883\0", pos + 5, pos + 1 + length) >= 0:
                     hook = self.pool.on_undefined_function
                     if hook is not None:
@@ -174,6 +194,12 @@ class ServerConnection(asyncio.Protocol):
             elif t == _N and not self.forwarded and client.replica_node is not None and _shutting_down(data, pos, length):
                 self._retry_elsewhere(data, pos, length)
                 return
+            elif t == _COMMAND_COMPLETE and self.calls:
+                end = pos + length  # the tag's NUL
+                if end < n:
+                    space = data.rfind(b" ", pos + 5, end)
+                    if space > 0 and data[space + 1 : end].isdigit():
+                        self.call_rows += int(data[space + 1 : end])
             elif st.parse_q or st.close_q:
                 if t == _PARSE_COMPLETE:
                     _, action, name = st.parse_q.popleft()
@@ -197,7 +223,28 @@ class ServerConnection(asyncio.Protocol):
             self.forwarded = True
             client.transport.write(data)
         if ready and st.recv_z == st.sent_z:
+            if self.tx_status == _IDLE and self.tx_t0:
+                client.router.transaction_durations.observe(perf_counter() - self.tx_t0)
+                self.tx_t0 = 0.0
             client.server_ready(self)
+
+    def _finish_call(self) -> None:
+        """A ReadyForQuery ends the oldest call (or one of its Sync segments)."""
+        calls = self.calls
+        sql, t0, syncs, role = calls[0]
+        if syncs > 1:
+            calls[0] = (sql, t0, syncs - 1, role)
+            return
+        calls.popleft()
+        rows, error = self.call_rows, self.call_error
+        self.call_rows = 0
+        self.call_error = None
+        client = self.client
+        stats = client.router.query_stats
+        if sql is None or stats is None:
+            return
+        tenant = client.tenant.tenant_id if client.tenant is not None else client.database
+        stats.record(tenant, sql, perf_counter() - t0, rows, error, role, self.node)
 
     def _retry_elsewhere(self, data: bytes, pos: int, length: int) -> None:
         """The server is shutting down and has told this client nothing yet: close without
@@ -260,6 +307,11 @@ class ServerConnection(asyncio.Protocol):
     def link(self, client: ClientConnection) -> None:
         self.client = client
         self.forwarded = False  # whether any reply byte has reached this client yet
+        if self.calls:
+            self.calls.clear()
+        self.call_rows = 0
+        self.call_error = None
+        self.tx_t0 = 0.0
         self._skip = 0
         self._head = b""
         # Anything the server sent while idle has been consumed by the slow path.

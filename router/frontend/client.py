@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import struct
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from router.config import PoolMode
@@ -195,6 +196,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.tenant_login = None
         self.tenant_guard: bytes | None = None  # shared mode: the setting the client may not touch
         self.scram_keys: tuple[bytes, bytes] | None = None  # auth_query tenants
+        # Query statistics (router/stats/queries.py): the call being sent to the server, its
+        # statement text and when its first message went out (0.0: none started).
+        self._call_sql: bytes | None = None
+        self._call_t0 = 0.0
+        self.last_parse_sql: bytes | None = None  # the last unnamed Parse's text
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -571,6 +577,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     severity="ERROR",
                     hint="Available values: primary, replica, auto.",
                 )
+                self.router.count_error(SQLState.INVALID_PARAMETER_VALUE)
                 if in_tx:  # an error aborts the transaction; it was never sent, so end it
                     self.deferred_begin = None
                 self.transport.write(out + m.ready_for_query(m.IDLE))
@@ -747,6 +754,18 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         return (data[pos:] if pos else data), 0
 
     def _send(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> None:
+        if not server.tx_t0:
+            server.tx_t0 = perf_counter()
+        if self.router.query_stats is not None:
+            # A call: a Query, or extended messages up to a Sync; the server times it out.
+            if not self._call_t0:
+                self._call_t0 = perf_counter()
+                self._call_sql = self._statement_text(data, start)
+            if syncs:
+                server.calls.append(
+                    (self._call_sql, self._call_t0, syncs, "replica" if self.replica_node is not None else "primary")
+                )
+                self._call_t0 = 0.0
         # Unnamed Parse/Close replies need counting only while a rewritten one's reply is owed.
         st = server.stmts
         # Every Parse/Close is counted: an uncounted ParseComplete still in flight would be
@@ -765,6 +784,33 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # its own defaults, which match no client's key, so the next transaction re-primes it.
         server.session_key = _UNKNOWN_SETTINGS if rewrite & _SETTINGS_RESET else self.session.key
 
+    def _statement_text(self, data: bytes, start: int) -> bytes | None:
+        """The statement a call runs, from its first message: a Query's text, a Parse's, or
+        the one a Bind's statement was parsed from. None when the chunk starts otherwise."""
+        if start >= len(data):
+            return None
+        t = data[start]
+        if t == _Q:
+            return data[start + 5 : start + _unpack_len(data, start + 1)[0]]
+        if t == _P_:
+            name_end = data.find(b"\0", start + 5)
+            query_end = data.find(b"\0", name_end + 1)
+            if name_end < 0 or query_end < 0:
+                return None
+            sql = data[name_end + 1 : query_end]
+            if name_end == start + 5:
+                self.last_parse_sql = sql
+            return sql
+        if t == _B_:
+            portal_end = data.find(b"\0", start + 5)
+            name_end = data.find(b"\0", portal_end + 1)
+            if portal_end < 0 or name_end < 0:
+                return None
+            if name_end == portal_end + 1:
+                return self.last_parse_sql
+            return self.statement_sql(data[portal_end + 1 : name_end])
+        return None
+
     def _acquire_failed(self, exc: RouterError) -> None:
         if self.state == _CLOSED:
             return
@@ -775,6 +821,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._reroute = False
         self.deferred_begin = None
         log.warning("client %s@%s/%s: %s", self.user, self.peer, self.database, exc.message)
+        self._call_t0 = 0.0
         if syncs == 0 or exc.severity == "FATAL":
             self.fail(exc)
             return
@@ -782,6 +829,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # an error (one ErrorResponse, then ReadyForQuery for every Sync/Query).
         out = m.error_response(exc.sqlstate, exc.message, severity="ERROR", detail=exc.detail, hint=exc.hint)
         out += m.ready_for_query(m.IDLE) * syncs
+        self.router.count_error(exc.sqlstate)
         self.transport.write(out)
         if self._read_paused_while_waiting:
             self._read_paused_while_waiting = False
@@ -833,6 +881,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
     def server_lost(self, server: ServerConnection) -> None:
         """The linked server connection broke: the transaction's fate is unknown."""
         self.server = None
+        self._call_t0 = 0.0
         reason = server.closing_reason or "server closed the connection unexpectedly"
         if not server.forwarded and self._retry_read(reason, attached=True):
             return
@@ -907,6 +956,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if not logged and exc.severity == "FATAL":
             log.info("client %s@%s/%s: %s", self.user or "-", self.peer, self.database or "-", exc.message)
         self.state = _CLOSED
+        self.router.count_error(exc.sqlstate)
         try:
             self.transport.write(
                 m.error_response(

@@ -9,16 +9,16 @@ from tests.admin.conftest import ADMIN_TOKEN, AdminAPI
 
 
 def _tenant_operations(admin: AdminAPI) -> list[tuple[str, str]]:
-    """Every operation under /tenants, from the API's own OpenAPI document."""
+    """Every operation under /tenants, and /queries, from the API's own OpenAPI document."""
     schema = admin.get("/openapi.json", token=None).json()
     operations = [
         (method.upper(), path.replace("{tenant_id}", "acme").replace("{name}", "alice"))
         for path, item in schema["paths"].items()
-        if path.startswith("/tenants")
+        if path.startswith(("/tenants", "/queries"))
         for method in item
     ]
-    assert len(operations) == 12, operations  # list, create, get/put/patch/delete, users x2,
-    return operations  # pause, resume, move, status
+    assert len(operations) == 14, operations  # list, create, get/put/patch/delete, users x2,
+    return operations  # pause, resume, move, status, queries of one tenant and of all
 
 
 def test_every_tenant_route_needs_the_token(admin: AdminAPI) -> None:
@@ -45,7 +45,7 @@ def test_without_a_configured_token_tenant_routes_refuse_everyone(
         for token in (None, "anything", ADMIN_TOKEN):
             reply = admin.request(method, path, token=token, json={})
             assert reply.status_code == 403, (method, path, token)
-            assert "no admin_token" in reply.json()["detail"]
+            assert "no admin_token" in reply.json()["detail"], (method, path)
     assert admin.get("/healthz", token=None).status_code == 200
 
 
