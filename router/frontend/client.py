@@ -754,12 +754,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         return (data[pos:] if pos else data), 0
 
     def _send(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> None:
+        now = 0.0
         if not server.tx_t0:
-            server.tx_t0 = perf_counter()
+            server.tx_t0 = now = perf_counter()
         if self.router.query_stats is not None:
             # A call: a Query, or extended messages up to a Sync; the server times it out.
             if not self._call_t0:
-                self._call_t0 = perf_counter()
+                self._call_t0 = now or perf_counter()
                 self._call_sql = self._statement_text(data, start)
             if syncs:
                 server.calls.append(
