@@ -30,7 +30,7 @@ from router.protocol.auth import (
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import MessageReader
 from router.protocol.startup import build_ssl_request, build_startup_message
-from router.session import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
+from router.session import AS_PARSE_COMPLETE, DUPLICATE, PARSE_COMPLETE, SWALLOW, ServerStatements
 
 if TYPE_CHECKING:
     from router.frontend.client import ClientConnection
@@ -179,6 +179,10 @@ class ServerConnection(asyncio.Protocol):
                 if not self.forwarded and _shutting_down(data, pos, length) and client.replica_node is not None:
                     self._retry_elsewhere(data, pos, length)
                     return
+                ops = st.ops
+                if ops and ops[0][2] == DUPLICATE and ops[0][0] == st.recv_z and pos + 1 + length <= n:
+                    end = pos + 1 + length
+                    cuts = _cut(cuts, pos, st.duplicate_error(data[pos:end]), end)
                 st.on_error()
                 code = data.find(b"\0C", pos + 5, pos + 1 + length)
                 if code > 0 and code + 7 <= n:
@@ -200,19 +204,17 @@ class ServerConnection(asyncio.Protocol):
                     space = data.rfind(b" ", pos + 5, end)
                     if space > 0 and data[space + 1 : end].isdigit():
                         self.call_rows += int(data[space + 1 : end])
-            elif st.parse_q or st.close_q:
-                if t == _PARSE_COMPLETE:
-                    _, action, name = st.parse_q.popleft()
-                    if name is not None:
-                        st.validated.add(name)
-                    if action == SWALLOW:
-                        cuts = _cut(cuts, pos, b"")
-                elif t == _CLOSE_COMPLETE:
-                    action = st.close_q.popleft()[1]
-                    if action == SWALLOW:
-                        cuts = _cut(cuts, pos, b"")
-                    elif action == AS_PARSE_COMPLETE:
-                        cuts = _cut(cuts, pos, PARSE_COMPLETE)
+            elif st.ops and (t == _PARSE_COMPLETE or t == _CLOSE_COMPLETE):
+                op = st.ops.popleft()
+                action = op[2]
+                if t == _PARSE_COMPLETE and op[3] is not None:
+                    st.validated.add(op[3])
+                if action == SWALLOW:
+                    cuts = _cut(cuts, pos, b"")
+                elif action == AS_PARSE_COMPLETE:
+                    cuts = _cut(cuts, pos, PARSE_COMPLETE)
+                elif action == DUPLICATE:
+                    st.commit_duplicate(op)
             pos += 1 + length
         self._skip = pos - n
         if swallow_from >= 0:

@@ -5,8 +5,7 @@ meet server connections that lack them: pgbench -M prepared, asyncpg with its st
 psycopg with prepare_threshold 0 and 5. Then the wire protocol by hand (tests/rawclient.py, as
 carol, trust) for what drivers rarely send: Describe before Bind, several Syncs in one write,
 an error mid-pipeline, a name reused after Close, two clients with one name, eviction beyond
-max_prepared_statements. The last section holds the cases where the router's answer differs
-from PostgreSQL's today (strict xfail).
+max_prepared_statements, errors mid-pipeline that skip Parses and Closes.
 """
 
 from __future__ import annotations
@@ -114,11 +113,11 @@ def hold_a_server(router) -> tuple[psycopg.Connection, int]:
     return holder, pid
 
 
-def replies_owed(router) -> list[tuple[int, int, int]]:
-    """Per server connection: (Parses, Closes, Syncs) whose replies the router still expects."""
+def replies_owed(router) -> list[tuple[int, int]]:
+    """Per server connection: (Parses and Closes, Syncs) whose replies the router still expects."""
     return router.call(
         lambda r: [
-            (len(s.stmts.parse_q), len(s.stmts.close_q), s.stmts.sent_z - s.stmts.recv_z)
+            (len(s.stmts.ops), s.stmts.sent_z - s.stmts.recv_z)
             for p in r.pools.pools.values()
             for s in p.servers
         ]
@@ -127,7 +126,7 @@ def replies_owed(router) -> list[tuple[int, int, int]]:
 
 def assert_settled(router) -> None:
     owed = replies_owed(router)
-    assert owed and all(entry == (0, 0, 0) for entry in owed), owed
+    assert owed and all(entry == (0, 0) for entry in owed), owed
     assert_pool_idle(router)
 
 
@@ -500,14 +499,9 @@ def test_eviction_beyond_max_prepared_statements(start_router):
     assert_settled(router)
 
 
-# --- Where the router's answer differs from PostgreSQL's today -----------------------------------
+# --- Errors mid-pipeline: skipped Parses and Closes never count -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an eviction Close skipped after an error stays undone on the server, but the "
-    "router forgets the statement; preparing it again fails with 42P05",
-)
 def test_eviction_close_skipped_after_an_error(start_router):
     router = start_router(pool_size=1, max_prepared_statements=2)
     raw = connect(router)
@@ -518,23 +512,37 @@ def test_eviction_close_skipped_after_an_error(start_router):
     replies = exchange(raw, bind(b"", b"nosuch") + execute() + parse(b"c", b"SELECT 'c'") + SYNC)
     assert kinds(replies) == "EZ"
     replies = run(raw, b"a")
-    assert errors(replies) == []  # today: 42P05 prepared statement "pgr_0" already exists
+    assert errors(replies) == []  # once: 42P05 prepared statement "pgr_0" already exists
     assert rows(replies) == [("a",)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a Close of a named statement skipped after an error still drops the client's "
-    "name; PostgreSQL keeps the statement, the router answers 26000 on the next Bind",
-)
 def test_close_skipped_after_an_error(start_router):
     router = start_router(pool_size=1)
     raw = connect(router)
     assert kinds(exchange(raw, parse(b"a", b"SELECT 'a'") + SYNC)) == "1Z"
     assert kinds(exchange(raw, bind(b"", b"nosuch") + close(b"S", b"a") + SYNC)) == "EZ"
     replies = run(raw, b"a")
-    assert errors(replies) == []  # today: 26000 prepared statement "a" does not exist
+    assert errors(replies) == []  # once: 26000 prepared statement "a" does not exist
     assert rows(replies) == [("a",)]
+
+
+def test_parse_of_a_name_the_client_has(start_router):
+    """42P05 with the client's name, as PostgreSQL answers; the name keeps its statement; in
+    a transaction the error aborts it."""
+    router = start_router(pool_size=1)
+    raw = connect(router)
+    assert kinds(exchange(raw, parse(b"a", b"SELECT 'a'") + SYNC)) == "1Z"
+    replies = exchange(raw, parse(b"a", b"SELECT 'b'") + bind(b"", b"a") + execute() + SYNC)
+    assert kinds(replies) == "EZ"
+    assert errors(replies) == [("42P05", 'prepared statement "a" already exists')]
+    assert rows(run(raw, b"a")) == [("a",)]
+    assert kinds(exchange(raw, query(b"BEGIN"))) == "CZ"
+    replies = exchange(raw, parse(b"a", b"SELECT 'a'") + SYNC)
+    assert errors(replies) == [("42P05", 'prepared statement "a" already exists')]
+    assert replies[-1] == (b"Z", b"E")
+    assert kinds(exchange(raw, query(b"ROLLBACK"))) == "CZ"
+    assert rows(run(raw, b"a")) == [("a",)]
+    assert_settled(router)
 
 
 def test_messages_after_the_error_was_read_but_before_sync(start_router):
@@ -562,15 +570,10 @@ def test_unnamed_parse_before_a_failing_named_parse_in_another_chunk(start_route
     assert kinds(replies) == "1EZ"
     assert [code for code, _ in errors(replies)] == ["42601"]
     replies = exchange(raw, parse(b"bad2", b"SELEC 1") + SYNC)
-    assert kinds(replies) == "EZ"  # today: "1Z", answered by the router
+    assert kinds(replies) == "EZ"  # not "1Z", answered by the router
     assert [code for code, _ in errors(replies)] == ["42601"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a statement whose injected Parse was skipped after an error counts as prepared "
-    "for the Sync segments pipelined behind it: their Bind goes out without a Parse (26000)",
-)
 def test_pipelined_segment_after_a_skipped_injected_parse(start_router):
     router = start_router(pool_size=2)
     raw = connect(router)
@@ -582,20 +585,14 @@ def test_pipelined_segment_after_a_skipped_injected_parse(start_router):
             bind(b"", b"nosuch") + bind(b"", b"a") + SYNC,
             bind(b"", b"a") + execute() + SYNC,
         )
-        assert kinds(replies) == "EZ2DCZ"  # today: "EZEZ"
+        assert kinds(replies) == "EZ2DCZ"  # once: "EZEZ"
         assert rows(replies) == [("a",)]
     finally:
         holder.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failing Parse counts as prepared until its error is read: the same text "
-    "Parsed again in a pipelined Sync segment is answered ParseComplete (a no-op Close) "
-    "instead of the syntax error",
-)
 def test_pipelined_parse_of_a_failing_statement_twice(start_router):
     router = start_router(pool_size=1)
     raw = connect(router)
     replies = exchange(raw, parse(b"a", b"SELEC 1") + SYNC, parse(b"b", b"SELEC 1") + SYNC)
-    assert kinds(replies) == "EZEZ"  # today: "EZ1Z"
+    assert kinds(replies) == "EZEZ"  # once: "EZ1Z"
