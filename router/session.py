@@ -226,6 +226,11 @@ class ServerStatements:
             op[NAME] == name and op[REPLY] == CLOSE_REPLY for op in ops
         )
 
+    def unprepare(self, name: bytes, segment: int, out: list) -> None:
+        """Close the server statement ``name`` (its reply swallowed), whether or not the
+        server has it: the next use prepares it afresh."""
+        self._close(name, segment, out)
+
     def _close(self, name: bytes, segment: int, out: list) -> None:
         out.append(frame(b"C", b"S" + name + b"\0"))
         self.ops.append((segment, CLOSE_REPLY, SWALLOW, name, self.prepared.pop(name, None), None, None, None, None))

@@ -596,3 +596,100 @@ def test_pipelined_parse_of_a_failing_statement_twice(start_router):
     raw = connect(router)
     replies = exchange(raw, parse(b"a", b"SELEC 1") + SYNC, parse(b"b", b"SELEC 1") + SYNC)
     assert kinds(replies) == "EZEZ"  # once: "EZ1Z"
+
+
+# --- Re-prepare after DDL: "cached plan must not change result type" ------------------------------
+
+
+def reprepared(router) -> int:
+    return router.call(lambda r: r.reprepared)
+
+
+def test_reprepare_after_ddl_raw(start_router, primary, table):
+    """Bind, Describe portal, Execute, Sync (libpq's way) of a statement whose result columns
+    changed: the router closes and prepares it again and reruns the exchange; the client sees
+    only the new result. Without a Describe (asyncpg's way) the error reaches the client, and
+    the next Parse of the text prepares a fresh statement."""
+    router = start_router(pool_size=1)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    raw = connect(router)
+    select = f"SELECT * FROM {table}".encode()
+    assert kinds(exchange(raw, parse(b"s", select) + SYNC)) == "1Z"
+    run_described = bind(b"", b"s") + describe(b"P", b"") + execute() + SYNC
+    assert rows(exchange(raw, run_described)) == [("1", "2", "3")]
+    primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+    replies = exchange(raw, run_described)
+    assert (kinds(replies), errors(replies)) == ("2TDCZ", [])
+    assert rows(replies) == [("1", "2", "3", "x")]
+    assert replies[-1] == (b"Z", b"I")
+    assert reprepared(router) == 1
+    assert rows(exchange(raw, run_described)) == [("1", "2", "3", "x")]
+
+    primary.execute(f"ALTER TABLE {table} DROP COLUMN extra")
+    replies = run(raw, b"s")
+    assert [code for code, _ in errors(replies)] == ["0A000"]
+    assert kinds(replies) == "EZ"
+    replies = exchange(raw, parse(b"s2", select) + describe(b"S", b"s2") + SYNC)
+    assert kinds(replies) == "1tTZ"
+    assert rows(run(raw, b"s2")) == [("1", "2", "3")]
+    assert reprepared(router) == 1
+    assert_settled(router)
+
+
+def test_reprepare_after_ddl_psycopg(start_router, primary, table):
+    router = start_router(pool_size=2)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    select = f"SELECT * FROM {table}"
+    with (
+        psycopg.connect(router.dsn("carol"), prepare_threshold=0, autocommit=True) as a,
+        psycopg.connect(router.dsn("carol"), prepare_threshold=0, autocommit=True) as b,
+    ):
+        for conn in (a, b, a, b):
+            assert conn.execute(select).fetchall() == [(1, 2, 3)]
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+        for conn in (a, b, a, b, a, b):
+            cur = conn.execute(select)
+            assert [column.name for column in cur.description] == ["id", "worker", "n", "extra"]
+            assert cur.fetchall() == [(1, 2, 3, "x")]
+    assert reprepared(router) >= 1
+    assert_settled(router)
+
+
+def test_stale_plan_in_a_transaction_reaches_the_client(start_router, primary, table):
+    """In a transaction the error has aborted it: the client must see it."""
+    router = start_router(pool_size=1)
+    select = f"SELECT * FROM {table}"
+    with psycopg.connect(router.dsn("carol"), prepare_threshold=0) as conn:
+        conn.execute(select).fetchall()
+        conn.commit()
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="cached plan"):
+            conn.execute(select)
+        conn.rollback()
+    assert reprepared(router) == 0
+    assert_settled(router)
+
+
+async def test_asyncpg_prepares_again_after_ddl(start_router, primary, table):
+    """asyncpg executes its cached statements without a Describe: the router passes the error
+    on, asyncpg prepares the text again (outside a transaction) and gets a fresh statement."""
+    router = start_router(pool_size=2)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    select = f"SELECT * FROM {table}"
+    conns = [await asyncpg.connect(router.dsn("alice", "alice-pw")) for _ in range(2)]
+    try:
+        for conn in conns * 2:
+            assert [tuple(r) for r in await conn.fetch(select)] == [(1, 2, 3)]
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+        for conn in conns * 3:
+            records = await conn.fetch(select)
+            assert [dict(r) for r in records] == [{"id": 1, "worker": 2, "n": 3, "extra": "x"}]
+        primary.execute(f"ALTER TABLE {table} DROP COLUMN extra")
+        async with conns[0].transaction():
+            with pytest.raises(asyncpg.exceptions.InvalidCachedStatementError):
+                await conns[0].fetch(select)
+        assert [tuple(r) for r in await conns[0].fetch(select)] == [(1, 2, 3)]
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert_settled(router)
