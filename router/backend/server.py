@@ -362,6 +362,8 @@ class ServerConnection(asyncio.Protocol):
 
     def unlink(self) -> None:
         self.client = None
+        self.last_sent = b""
+        self.retry_data = None
         if self._reading_paused_by_client:
             self._reading_paused_by_client = False
             if not self.closed:

@@ -816,7 +816,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         st = server.stmts
         segment = st.sent_z
         out: list[bytes] = []
-        for name in statements_used(server.last_sent):
+        for name in dict.fromkeys(statements_used(server.last_sent)):
             st.unprepare(name, segment, out)
         try:
             sent = rewrite_for_server(data, 0, self.statements, self.router.statements, st)
