@@ -276,9 +276,12 @@ class ServerStatements:
         segment still unanswered, a Close goes first: it could have been skipped, and a Parse
         of a name the server has fails. ``client_parse``: for the stand-in of a client's Parse
         of a name it has, which must fail exactly when the client has the name."""
-        sure = self._sure(stmt.server_name, segment)
-        if sure == 1:
+        name = stmt.server_name
+        seen = self.prepared.get(name)
+        if seen is not None and (seen == segment or seen < self.recv_z):
+            self.prepared.move_to_end(name)  # the common case, inline: every Bind comes here
             return
+        sure = self._sure(name, segment)
         if sure < 0:
             if client_parse and self._parsed_for(stmt, segment):
                 return

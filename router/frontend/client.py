@@ -100,6 +100,7 @@ _SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|exec
 _COPY = frozenset(b"dcf")
 
 _STARTUP, _READY, _CLOSED = STARTUP, READY, CLOSED
+_IDLE = m.IDLE
 
 # Shared-schema tenants: a statement that would change the tenant setting is replaced by this
 # (the server raises the error, in order, like any other).
@@ -787,8 +788,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # (reprepare). Anything else sent meanwhile disarms it.
         server.retry_data = (
             data
-            if rewrite & _NEEDS_REWRITE and syncs == 1 and start == 0 and st.sent_z == st.recv_z
-            and server.tx_status == m.IDLE and not server.swallow_z
+            if syncs == 1 and server.tx_status == _IDLE and rewrite & _NEEDS_REWRITE and not start
+            and st.sent_z == st.recv_z and not server.swallow_z
             else None
         )
         server.last_sent = sent
