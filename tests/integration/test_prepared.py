@@ -5,7 +5,10 @@ meet server connections that lack them: pgbench -M prepared, asyncpg with its st
 psycopg with prepare_threshold 0 and 5. Then the wire protocol by hand (tests/rawclient.py, as
 carol, trust) for what drivers rarely send: Describe before Bind, several Syncs in one write,
 an error mid-pipeline, a name reused after Close, two clients with one name, eviction beyond
-max_prepared_statements, errors mid-pipeline that skip Parses and Closes.
+max_prepared_statements, errors mid-pipeline that skip Parses and Closes, a name prepared twice
+(42P05). Last, DDL that changes a prepared statement's result columns: the router re-prepares
+for libpq-style clients (psycopg), passes the error on in a transaction and to asyncpg, which
+then prepares again by itself.
 """
 
 from __future__ import annotations
