@@ -40,6 +40,7 @@ from router.session import (
     StatementRegistry,
     local_parse_reply,
     rewrite_for_server,
+    statements_used,
 )
 
 # --- Frontend message builders (independent of the router's own codec) ---------------------------
@@ -1087,3 +1088,61 @@ def test_parse_of_an_existing_name_reports_the_clients_name():
 def test_bind_of_a_statement_whose_parse_was_skipped():
     """A named Parse skipped after an error gives the client no name (26000 on its Bind)."""
     run_scripted(bind(b"", b"zz") + parse(b"a", *A) + SYNC, bind(b"", b"a") + execute() + SYNC)
+
+
+# --- Re-prepare after DDL (the sans-I/O parts) ---------------------------------------------------
+
+
+def test_statements_used_names_the_statements_of_binds_and_describes():
+    data = pipeline(
+        parse(b"", Q1), bind(b"", b""), bind(b"p", b"pgr_1"), describe(b"S", b"pgr_2"),
+        describe(b"P", b"p"), execute(b"p"), close(b"S", b"pgr_3"), SYNC,
+    )
+    assert statements_used(data) == [b"pgr_1", b"pgr_2"]
+
+
+def test_retired_statement_text_gets_a_fresh_name_and_is_not_answered_locally():
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + parse(b"s2", Q2) + SYNC)
+    s.answered()
+    stale, other = s.name(Q1), s.name(Q2)
+    s.registry.retire(stale)
+    fresh = s.registry.name_for(parse_body(Q1))
+    assert fresh not in (stale, other) and s.name(Q2) == other
+    assert stale not in s.registry.validated and other in s.registry.validated
+    assert local_parse_reply(parse(b"again", Q1) + SYNC, 0, s.client, s.registry) is None
+    assert s.client[b"s1"].server_name == stale  # the client's statement keeps its name
+
+
+def test_unprepared_statement_is_closed_then_parsed_again_for_its_next_use():
+    """What the rerun of an exchange sends after "cached plan must not change result type"."""
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + SYNC)
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 1
+    name = s.name(Q1)
+    out: list[bytes] = []
+    s.server.unprepare(name, 1, out)
+    out.append(s.rewrite(bind(b"", b"s1") + describe(b"P", b"") + execute() + SYNC))
+    assert split(b"".join(out)) == split(
+        close(b"S", name) + parse(name, Q1) + bind(b"", name) + describe(b"P", b"") + execute() + SYNC
+    )
+    assert close_q(s.server) == [(1, SWALLOW)]
+    assert parse_q(s.server) == [(1, SWALLOW, name)]
+
+
+@pytest.mark.parametrize(
+    ("data", "rerun"),
+    [
+        pytest.param(bind(b"", b"s") + describe(b"P", b"") + execute() + SYNC, True, id="libpq"),
+        pytest.param(describe(b"S", b"s") + bind(b"", b"s") + execute() + SYNC, True, id="describe-statement"),
+        pytest.param(bind(b"", b"s") + execute() + SYNC, False, id="asyncpg"),
+        pytest.param(bind(b"", b"s") + execute() + describe(b"P", b"") + SYNC, False, id="describe-after"),
+        pytest.param(bind(b"", b"s") + describe(b"P", b"") + execute(), False, id="no-sync"),
+        pytest.param(bind(b"", b"s") + describe(b"P", b"") + execute() + SYNC[:3], False, id="partial"),
+    ],
+)
+def test_an_exchange_reruns_only_when_it_describes_before_it_executes(data, rerun):
+    from router.frontend.client import _describes_before_execute
+
+    assert _describes_before_execute(data) is rerun
