@@ -696,3 +696,30 @@ async def test_asyncpg_prepares_again_after_ddl(start_router, primary, table):
         for conn in conns:
             await conn.close()
     assert_settled(router)
+
+
+def test_reprepare_on_each_server_connection_holding_the_stale_statement(start_router, primary, table):
+    """The statement is prepared on both server connections; after the DDL each of them
+    fails once and is re-prepared, on the client's next run there."""
+    router = start_router(pool_size=2)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    select = f"SELECT * FROM {table}"
+    with psycopg.connect(router.dsn("carol"), prepare_threshold=0, autocommit=True) as conn:
+
+        def run_elsewhere() -> list[tuple]:
+            holder, _ = hold_a_server(router)  # the connection the client last used
+            try:
+                return conn.execute(select).fetchall()
+            finally:
+                holder.close()
+
+        assert conn.execute(select).fetchall() == [(1, 2, 3)]
+        assert run_elsewhere() == [(1, 2, 3)]
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+        assert conn.execute(select).fetchall() == [(1, 2, 3, "x")]
+        assert run_elsewhere() == [(1, 2, 3, "x")]
+        assert reprepared(router) == 2
+        assert conn.execute(select).fetchall() == [(1, 2, 3, "x")]
+        assert run_elsewhere() == [(1, 2, 3, "x")]
+    assert reprepared(router) == 2
+    assert_settled(router)
