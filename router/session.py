@@ -215,8 +215,13 @@ class ServerStatements:
         return frame(b"E", body)
 
     def forget_all(self) -> None:
-        """After DISCARD ALL / DEALLOCATE ALL on the connection."""
+        """After DISCARD ALL / DEALLOCATE ALL on the connection: nothing is prepared, and a
+        request still unanswered that is dropped puts nothing back."""
         self.prepared.clear()
+        ops = self.ops
+        for i in range(len(ops)):
+            if ops[i][PREV] is not None:
+                ops[i] = (*ops[i][:PREV], None, *ops[i][PREV + 1 :])
 
     def _closing_before(self, name: bytes, segment: int) -> bool:
         """Whether a Close of ``name`` sent in an earlier segment is still unanswered: it may

@@ -1146,3 +1146,15 @@ def test_an_exchange_reruns_only_when_it_describes_before_it_executes(data, reru
     from router.frontend.client import _describes_before_execute
 
     assert _describes_before_execute(data) is rerun
+
+
+def test_after_discard_all_a_dropped_close_puts_nothing_back():
+    s = Session(max_prepared=1)
+    s.rewrite(parse(b"a", Q1) + SYNC)
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 1
+    s.rewrite(bind(b"", b"zz") + parse(b"b", Q2) + SYNC + query(b"DISCARD ALL"))  # evicts a
+    s.server.sent_z = 3
+    s.server.forget_all()
+    s.server.on_error()  # the Bind fails: the eviction's Close and b's Parse are skipped
+    assert list(s.server.prepared) == []  # DISCARD ALL drops a all the same
