@@ -142,6 +142,8 @@ class Router:
         self._configure_query_stats(settings)
         self.transaction_durations = FastHistogram(TRANSACTION_BUCKETS)
         self.error_classes: dict[str, int] = {}
+        # Exchanges run again after "cached plan must not change result type" (reprepare).
+        self.reprepared = 0
 
     def _configure_query_stats(self, settings: Settings) -> None:
         if settings.query_stats_max == 0:
@@ -159,6 +161,9 @@ class Router:
         """An ErrorResponse went to a client (the server's or the router's own)."""
         cls = sqlstate[:2] if isinstance(sqlstate, str) else sqlstate[:2].decode("ascii", "replace")
         self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
+
+    def count_reprepare(self) -> None:
+        self.reprepared += 1
 
     def _client_tls_context(self) -> ssl.SSLContext | None:
         s = self.settings

@@ -151,6 +151,12 @@ class RouterCollector(Collector):
         for cls, n in sorted(router.error_classes.items()):
             errors.add_metric([cls], n)
         yield errors
+        yield CounterMetricFamily(
+            "pgrouter_reprepared_total",
+            "Exchanges run again after DDL made a prepared statement's plan stale "
+            '("cached plan must not change result type"), the error swallowed',
+            value=router.reprepared,
+        )
         stats = router.query_stats
         if stats is not None:
             yield CounterMetricFamily(

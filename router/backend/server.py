@@ -30,7 +30,14 @@ from router.protocol.auth import (
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import MessageReader
 from router.protocol.startup import build_ssl_request, build_startup_message
-from router.session import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
+from router.session import (
+    AS_PARSE_COMPLETE,
+    DUPLICATE,
+    PARSE_COMPLETE,
+    SWALLOW,
+    ServerStatements,
+    statements_used,
+)
 
 if TYPE_CHECKING:
     from router.frontend.client import ClientConnection
@@ -60,6 +67,16 @@ def _shutting_down(data: bytes, pos: int, length: int) -> bool:
     """An ErrorResponse/NoticeResponse with SQLSTATE 57P01-57P03: the server is going away
     (on an immediate shutdown PostgreSQL says so with a WARNING, then closes)."""
     return data.find(b"C57P0", pos + 5, pos + 1 + length) >= 0
+
+
+def _stale_plan(data: bytes, pos: int, length: int) -> bool:
+    """An ErrorResponse "cached plan must not change result type" (SQLSTATE 0A000 from
+    RevalidateCachedQuery): DDL changed the columns of a prepared statement's result."""
+    end = pos + 1 + length
+    return (
+        data.find(b"C0A000\0", pos + 5, end) >= 0
+        and data.find(b"RRevalidateCachedQuery\0", pos + 5, end) >= 0
+    )
 
 
 def _apply_cuts(data: bytes, cuts: list) -> bytes:
@@ -109,6 +126,11 @@ class ServerConnection(asyncio.Protocol):
         self._head = b""
         self._reading_paused_by_client = False
         self.forwarded = False
+        # The last chunk sent (as rewritten), and the client's own bytes of it while it is a
+        # lone exchange that could run again (see ``ClientConnection.reprepare``): nothing
+        # else owed, outside a transaction, no reply byte forwarded yet.
+        self.last_sent = b""
+        self.retry_data: bytes | None = None
         # Measurements (router/stats/): calls sent and not yet answered (statement text, start,
         # ReadyForQuery replies it waits for, node role), the rows and error of the one in
         # progress, and when the current transaction's first message went out (0.0: idle).
@@ -179,7 +201,21 @@ class ServerConnection(asyncio.Protocol):
                 if not self.forwarded and _shutting_down(data, pos, length) and client.replica_node is not None:
                     self._retry_elsewhere(data, pos, length)
                     return
+                ops = st.ops
+                if ops and ops[0][2] == DUPLICATE and ops[0][0] == st.recv_z and pos + 1 + length <= n:
+                    end = pos + 1 + length
+                    cuts = _cut(cuts, pos, st.duplicate_error(data[pos:end]), end)
                 st.on_error()
+                if pos + 1 + length <= n and _stale_plan(data, pos, length):
+                    retry = self.retry_data if pos == 0 else None
+                    self.retry_data = None
+                    self._retire_stale_statements()
+                    if retry is not None and client.reprepare(self, retry):
+                        # The error and its ReadyForQuery are dropped: the statement runs again.
+                        self.swallow_z += 1
+                        swallow_from = pos
+                        pos += 1 + length
+                        continue
                 code = data.find(b"\0C", pos + 5, pos + 1 + length)
                 if code > 0 and code + 7 <= n:
                     sqlstate = data[code + 2 : code + 7].decode("ascii", "replace")
@@ -200,19 +236,17 @@ class ServerConnection(asyncio.Protocol):
                     space = data.rfind(b" ", pos + 5, end)
                     if space > 0 and data[space + 1 : end].isdigit():
                         self.call_rows += int(data[space + 1 : end])
-            elif st.parse_q or st.close_q:
-                if t == _PARSE_COMPLETE:
-                    _, action, name = st.parse_q.popleft()
-                    if name is not None:
-                        st.validated.add(name)
-                    if action == SWALLOW:
-                        cuts = _cut(cuts, pos, b"")
-                elif t == _CLOSE_COMPLETE:
-                    action = st.close_q.popleft()[1]
-                    if action == SWALLOW:
-                        cuts = _cut(cuts, pos, b"")
-                    elif action == AS_PARSE_COMPLETE:
-                        cuts = _cut(cuts, pos, PARSE_COMPLETE)
+            elif st.ops and (t == _PARSE_COMPLETE or t == _CLOSE_COMPLETE):
+                op = st.ops.popleft()
+                action = op[2]
+                if t == _PARSE_COMPLETE and op[3] is not None:
+                    st.validated.add(op[3])
+                if action == SWALLOW:
+                    cuts = _cut(cuts, pos, b"")
+                elif action == AS_PARSE_COMPLETE:
+                    cuts = _cut(cuts, pos, PARSE_COMPLETE)
+                elif action == DUPLICATE:
+                    st.commit_duplicate(op)
             pos += 1 + length
         self._skip = pos - n
         if swallow_from >= 0:
@@ -221,12 +255,21 @@ class ServerConnection(asyncio.Protocol):
             data = _apply_cuts(data, cuts)
         if data:
             self.forwarded = True
+            self.retry_data = None
             client.transport.write(data)
         if ready and st.recv_z == st.sent_z:
             if self.tx_status == _IDLE and self.tx_t0:
                 client.router.transaction_durations.observe(perf_counter() - self.tx_t0)
                 self.tx_t0 = 0.0
             client.server_ready(self)
+
+    def _retire_stale_statements(self) -> None:
+        """After "cached plan must not change result type": the statements of the chunk get new
+        names for the Parses to come, so that no client (asyncpg retries with a fresh prepare)
+        meets the stale plan again through a no-op Close."""
+        registry = self.client.router.statements
+        for name in statements_used(self.last_sent):
+            registry.retire(name)
 
     def _finish_call(self) -> None:
         """A ReadyForQuery ends the oldest call (or one of its Sync segments)."""
@@ -306,6 +349,7 @@ class ServerConnection(asyncio.Protocol):
 
     def link(self, client: ClientConnection) -> None:
         self.client = client
+        self.retry_data = None
         self.forwarded = False  # whether any reply byte has reached this client yet
         if self.calls:
             self.calls.clear()
@@ -318,6 +362,8 @@ class ServerConnection(asyncio.Protocol):
 
     def unlink(self) -> None:
         self.client = None
+        self.last_sent = b""
+        self.retry_data = None
         if self._reading_paused_by_client:
             self._reading_paused_by_client = False
             if not self.closed:

@@ -24,7 +24,13 @@ from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.routing.route import decide, held_verdict
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
-from router.session import ClientStatement, SessionSettings, local_parse_reply, rewrite_for_server
+from router.session import (
+    ClientStatement,
+    SessionSettings,
+    local_parse_reply,
+    rewrite_for_server,
+    statements_used,
+)
 from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
@@ -42,7 +48,7 @@ _Q, _S, _F, _X, _H = ord("Q"), ord("S"), ord("F"), ord("X"), ord("H")
 _EXTENDED = frozenset(b"PBEDCH")
 # Messages that name a prepared statement, rewritten in transaction mode (router/session.py).
 _NAMED = frozenset(b"PBDC")
-_P_, _B_, _C_ = ord("P"), ord("B"), ord("C")
+_P_, _B_, _C_, _D_, _E_ = ord("P"), ord("B"), ord("C"), ord("D"), ord("E")
 # What a chunk needs on its way to a server (bits): reply counting for an unnamed Parse or
 # Close, rewriting for a named statement, forgetting the server's prepared statements,
 # settings reset to the server's defaults.
@@ -94,6 +100,7 @@ _SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|exec
 _COPY = frozenset(b"dcf")
 
 _STARTUP, _READY, _CLOSED = STARTUP, READY, CLOSED
+_IDLE = m.IDLE
 
 # Shared-schema tenants: a statement that would change the tenant setting is replaced by this
 # (the server raises the error, in order, like any other).
@@ -771,19 +778,58 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         st = server.stmts
         # Every Parse/Close is counted: an uncounted ParseComplete still in flight would be
         # matched to the next counted one (pipelines mixing unnamed and named statements).
+        sent = data
         if rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES):
             try:
-                data = rewrite_for_server(data, start, self.statements, self.router.statements, server.stmts)
+                sent = rewrite_for_server(data, start, self.statements, self.router.statements, st)
             except ProtocolError as exc:
                 self._protocol_violation(exc.message)
                 return
+        # A lone exchange naming a statement, outside a transaction: it may run again once
+        # (reprepare). Anything else sent meanwhile disarms it.
+        server.retry_data = (
+            data
+            if syncs == 1 and server.tx_status == _IDLE and rewrite & _NEEDS_REWRITE and not start
+            and st.sent_z == st.recv_z and not server.swallow_z
+            else None
+        )
+        server.last_sent = sent
         st.sent_z += syncs
-        server.write(data)
+        server.write(sent)
         if rewrite & _FORGET_PREPARED:
             st.forget_all()
         # Whatever SETs this chunk carries, the server will carry too; after a RESET it carries
         # its own defaults, which match no client's key, so the next transaction re-primes it.
         server.session_key = _UNKNOWN_SETTINGS if rewrite & _SETTINGS_RESET else self.session.key
+
+    def reprepare(self, server: ServerConnection, data: bytes) -> bool:
+        """The server answered "cached plan must not change result type" (DDL changed the
+        result columns of a prepared statement) as the first reply to ``data``,
+        a lone exchange ending at Sync outside a transaction, so the client has seen nothing
+        of it and the failed implicit transaction changed nothing. Its statements are closed
+        and the exchange sent again: their Parses go first, planned afresh. Once: the retry
+        is not armed for another go.
+
+        Not when an Execute comes before any Describe in the exchange: the client then
+        relies on a row description it got earlier (asyncpg), which the new plan would
+        contradict; the client sees the error (and asyncpg prepares again by itself)."""
+        if not _describes_before_execute(data):
+            return False
+        st = server.stmts
+        segment = st.sent_z
+        out: list[bytes] = []
+        for name in dict.fromkeys(statements_used(server.last_sent)):
+            st.unprepare(name, segment, out)
+        try:
+            sent = rewrite_for_server(data, 0, self.statements, self.router.statements, st)
+        except ProtocolError:
+            return False  # it was rewritten once already; cannot happen
+        out.append(sent)
+        server.last_sent = sent
+        st.sent_z += 1
+        server.write(b"".join(out))
+        self.router.count_reprepare()
+        return True
 
     def _statement_text(self, data: bytes, start: int) -> bytes | None:
         """The statement a call runs, from its first message: a Query's text, a Parse's, or
@@ -969,6 +1015,23 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def matches_cancel_key(self, key: int) -> bool:
         return hmac.compare_digest(self.cancel_key.to_bytes(4, "big"), key.to_bytes(4, "big"))
+
+
+def _describes_before_execute(data: bytes) -> bool:
+    """Whether ``data`` is whole messages ending with a Sync, with a Describe before any
+    Execute (libpq sends Bind, Describe portal, Execute, Sync for each run)."""
+    pos = 0
+    n = len(data)
+    described = False
+    t = 0
+    while pos + 5 <= n:
+        t = data[pos]
+        if t == _D_:
+            described = True
+        elif t == _E_ and not described:
+            return False
+        pos += 1 + _unpack_len(data, pos + 1)[0]
+    return pos == n and t == _S
 
 
 def _command_complete(tag: bytes) -> bytes:

@@ -5,8 +5,10 @@ meet server connections that lack them: pgbench -M prepared, asyncpg with its st
 psycopg with prepare_threshold 0 and 5. Then the wire protocol by hand (tests/rawclient.py, as
 carol, trust) for what drivers rarely send: Describe before Bind, several Syncs in one write,
 an error mid-pipeline, a name reused after Close, two clients with one name, eviction beyond
-max_prepared_statements. The last section holds the cases where the router's answer differs
-from PostgreSQL's today (strict xfail).
+max_prepared_statements, errors mid-pipeline that skip Parses and Closes, a name prepared twice
+(42P05). Last, DDL that changes a prepared statement's result columns: the router re-prepares
+for libpq-style clients (psycopg), passes the error on in a transaction and to asyncpg, which
+then prepares again by itself.
 """
 
 from __future__ import annotations
@@ -114,11 +116,11 @@ def hold_a_server(router) -> tuple[psycopg.Connection, int]:
     return holder, pid
 
 
-def replies_owed(router) -> list[tuple[int, int, int]]:
-    """Per server connection: (Parses, Closes, Syncs) whose replies the router still expects."""
+def replies_owed(router) -> list[tuple[int, int]]:
+    """Per server connection: (Parses and Closes, Syncs) whose replies the router still expects."""
     return router.call(
         lambda r: [
-            (len(s.stmts.parse_q), len(s.stmts.close_q), s.stmts.sent_z - s.stmts.recv_z)
+            (len(s.stmts.ops), s.stmts.sent_z - s.stmts.recv_z)
             for p in r.pools.pools.values()
             for s in p.servers
         ]
@@ -127,7 +129,7 @@ def replies_owed(router) -> list[tuple[int, int, int]]:
 
 def assert_settled(router) -> None:
     owed = replies_owed(router)
-    assert owed and all(entry == (0, 0, 0) for entry in owed), owed
+    assert owed and all(entry == (0, 0) for entry in owed), owed
     assert_pool_idle(router)
 
 
@@ -500,14 +502,9 @@ def test_eviction_beyond_max_prepared_statements(start_router):
     assert_settled(router)
 
 
-# --- Where the router's answer differs from PostgreSQL's today -----------------------------------
+# --- Errors mid-pipeline: skipped Parses and Closes never count -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an eviction Close skipped after an error stays undone on the server, but the "
-    "router forgets the statement; preparing it again fails with 42P05",
-)
 def test_eviction_close_skipped_after_an_error(start_router):
     router = start_router(pool_size=1, max_prepared_statements=2)
     raw = connect(router)
@@ -518,23 +515,37 @@ def test_eviction_close_skipped_after_an_error(start_router):
     replies = exchange(raw, bind(b"", b"nosuch") + execute() + parse(b"c", b"SELECT 'c'") + SYNC)
     assert kinds(replies) == "EZ"
     replies = run(raw, b"a")
-    assert errors(replies) == []  # today: 42P05 prepared statement "pgr_0" already exists
+    assert errors(replies) == []  # once: 42P05 prepared statement "pgr_0" already exists
     assert rows(replies) == [("a",)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a Close of a named statement skipped after an error still drops the client's "
-    "name; PostgreSQL keeps the statement, the router answers 26000 on the next Bind",
-)
 def test_close_skipped_after_an_error(start_router):
     router = start_router(pool_size=1)
     raw = connect(router)
     assert kinds(exchange(raw, parse(b"a", b"SELECT 'a'") + SYNC)) == "1Z"
     assert kinds(exchange(raw, bind(b"", b"nosuch") + close(b"S", b"a") + SYNC)) == "EZ"
     replies = run(raw, b"a")
-    assert errors(replies) == []  # today: 26000 prepared statement "a" does not exist
+    assert errors(replies) == []  # once: 26000 prepared statement "a" does not exist
     assert rows(replies) == [("a",)]
+
+
+def test_parse_of_a_name_the_client_has(start_router):
+    """42P05 with the client's name, as PostgreSQL answers; the name keeps its statement; in
+    a transaction the error aborts it."""
+    router = start_router(pool_size=1)
+    raw = connect(router)
+    assert kinds(exchange(raw, parse(b"a", b"SELECT 'a'") + SYNC)) == "1Z"
+    replies = exchange(raw, parse(b"a", b"SELECT 'b'") + bind(b"", b"a") + execute() + SYNC)
+    assert kinds(replies) == "EZ"
+    assert errors(replies) == [("42P05", 'prepared statement "a" already exists')]
+    assert rows(run(raw, b"a")) == [("a",)]
+    assert kinds(exchange(raw, query(b"BEGIN"))) == "CZ"
+    replies = exchange(raw, parse(b"a", b"SELECT 'a'") + SYNC)
+    assert errors(replies) == [("42P05", 'prepared statement "a" already exists')]
+    assert replies[-1] == (b"Z", b"E")
+    assert kinds(exchange(raw, query(b"ROLLBACK"))) == "CZ"
+    assert rows(run(raw, b"a")) == [("a",)]
+    assert_settled(router)
 
 
 def test_messages_after_the_error_was_read_but_before_sync(start_router):
@@ -562,15 +573,10 @@ def test_unnamed_parse_before_a_failing_named_parse_in_another_chunk(start_route
     assert kinds(replies) == "1EZ"
     assert [code for code, _ in errors(replies)] == ["42601"]
     replies = exchange(raw, parse(b"bad2", b"SELEC 1") + SYNC)
-    assert kinds(replies) == "EZ"  # today: "1Z", answered by the router
+    assert kinds(replies) == "EZ"  # not "1Z", answered by the router
     assert [code for code, _ in errors(replies)] == ["42601"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a statement whose injected Parse was skipped after an error counts as prepared "
-    "for the Sync segments pipelined behind it: their Bind goes out without a Parse (26000)",
-)
 def test_pipelined_segment_after_a_skipped_injected_parse(start_router):
     router = start_router(pool_size=2)
     raw = connect(router)
@@ -582,20 +588,138 @@ def test_pipelined_segment_after_a_skipped_injected_parse(start_router):
             bind(b"", b"nosuch") + bind(b"", b"a") + SYNC,
             bind(b"", b"a") + execute() + SYNC,
         )
-        assert kinds(replies) == "EZ2DCZ"  # today: "EZEZ"
+        assert kinds(replies) == "EZ2DCZ"  # once: "EZEZ"
         assert rows(replies) == [("a",)]
     finally:
         holder.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failing Parse counts as prepared until its error is read: the same text "
-    "Parsed again in a pipelined Sync segment is answered ParseComplete (a no-op Close) "
-    "instead of the syntax error",
-)
 def test_pipelined_parse_of_a_failing_statement_twice(start_router):
     router = start_router(pool_size=1)
     raw = connect(router)
     replies = exchange(raw, parse(b"a", b"SELEC 1") + SYNC, parse(b"b", b"SELEC 1") + SYNC)
-    assert kinds(replies) == "EZEZ"  # today: "EZ1Z"
+    assert kinds(replies) == "EZEZ"  # once: "EZ1Z"
+
+
+# --- Re-prepare after DDL: "cached plan must not change result type" ------------------------------
+
+
+def reprepared(router) -> int:
+    return router.call(lambda r: r.reprepared)
+
+
+def test_reprepare_after_ddl_raw(start_router, primary, table):
+    """Bind, Describe portal, Execute, Sync (libpq's way) of a statement whose result columns
+    changed: the router closes and prepares it again and reruns the exchange; the client sees
+    only the new result. Without a Describe (asyncpg's way) the error reaches the client, and
+    the next Parse of the text prepares a fresh statement."""
+    router = start_router(pool_size=1)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    raw = connect(router)
+    select = f"SELECT * FROM {table}".encode()
+    assert kinds(exchange(raw, parse(b"s", select) + SYNC)) == "1Z"
+    run_described = bind(b"", b"s") + describe(b"P", b"") + execute() + SYNC
+    assert rows(exchange(raw, run_described)) == [("1", "2", "3")]
+    primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+    replies = exchange(raw, run_described)
+    assert (kinds(replies), errors(replies)) == ("2TDCZ", [])
+    assert rows(replies) == [("1", "2", "3", "x")]
+    assert replies[-1] == (b"Z", b"I")
+    assert reprepared(router) == 1
+    assert rows(exchange(raw, run_described)) == [("1", "2", "3", "x")]
+
+    primary.execute(f"ALTER TABLE {table} DROP COLUMN extra")
+    replies = run(raw, b"s")
+    assert [code for code, _ in errors(replies)] == ["0A000"]
+    assert kinds(replies) == "EZ"
+    replies = exchange(raw, parse(b"s2", select) + describe(b"S", b"s2") + SYNC)
+    assert kinds(replies) == "1tTZ"
+    assert rows(run(raw, b"s2")) == [("1", "2", "3")]
+    assert reprepared(router) == 1
+    assert_settled(router)
+
+
+def test_reprepare_after_ddl_psycopg(start_router, primary, table):
+    router = start_router(pool_size=2)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    select = f"SELECT * FROM {table}"
+    with (
+        psycopg.connect(router.dsn("carol"), prepare_threshold=0, autocommit=True) as a,
+        psycopg.connect(router.dsn("carol"), prepare_threshold=0, autocommit=True) as b,
+    ):
+        for conn in (a, b, a, b):
+            assert conn.execute(select).fetchall() == [(1, 2, 3)]
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+        for conn in (a, b, a, b, a, b):
+            cur = conn.execute(select)
+            assert [column.name for column in cur.description] == ["id", "worker", "n", "extra"]
+            assert cur.fetchall() == [(1, 2, 3, "x")]
+    assert reprepared(router) >= 1
+    assert_settled(router)
+
+
+def test_stale_plan_in_a_transaction_reaches_the_client(start_router, primary, table):
+    """In a transaction the error has aborted it: the client must see it."""
+    router = start_router(pool_size=1)
+    select = f"SELECT * FROM {table}"
+    with psycopg.connect(router.dsn("carol"), prepare_threshold=0) as conn:
+        conn.execute(select).fetchall()
+        conn.commit()
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="cached plan"):
+            conn.execute(select)
+        conn.rollback()
+    assert reprepared(router) == 0
+    assert_settled(router)
+
+
+async def test_asyncpg_prepares_again_after_ddl(start_router, primary, table):
+    """asyncpg executes its cached statements without a Describe: the router passes the error
+    on, asyncpg prepares the text again (outside a transaction) and gets a fresh statement."""
+    router = start_router(pool_size=2)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    select = f"SELECT * FROM {table}"
+    conns = [await asyncpg.connect(router.dsn("alice", "alice-pw")) for _ in range(2)]
+    try:
+        for conn in conns * 2:
+            assert [tuple(r) for r in await conn.fetch(select)] == [(1, 2, 3)]
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+        for conn in conns * 3:
+            records = await conn.fetch(select)
+            assert [dict(r) for r in records] == [{"id": 1, "worker": 2, "n": 3, "extra": "x"}]
+        primary.execute(f"ALTER TABLE {table} DROP COLUMN extra")
+        async with conns[0].transaction():
+            with pytest.raises(asyncpg.exceptions.InvalidCachedStatementError):
+                await conns[0].fetch(select)
+        assert [tuple(r) for r in await conns[0].fetch(select)] == [(1, 2, 3)]
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert_settled(router)
+
+
+def test_reprepare_on_each_server_connection_holding_the_stale_statement(start_router, primary, table):
+    """The statement is prepared on both server connections; after the DDL each of them
+    fails once and is re-prepared, on the client's next run there."""
+    router = start_router(pool_size=2)
+    primary.execute(f"INSERT INTO {table} VALUES (1, 2, 3)")
+    select = f"SELECT * FROM {table}"
+    with psycopg.connect(router.dsn("carol"), prepare_threshold=0, autocommit=True) as conn:
+
+        def run_elsewhere() -> list[tuple]:
+            holder, _ = hold_a_server(router)  # the connection the client last used
+            try:
+                return conn.execute(select).fetchall()
+            finally:
+                holder.close()
+
+        assert conn.execute(select).fetchall() == [(1, 2, 3)]
+        assert run_elsewhere() == [(1, 2, 3)]
+        primary.execute(f"ALTER TABLE {table} ADD COLUMN extra text DEFAULT 'x'")
+        assert conn.execute(select).fetchall() == [(1, 2, 3, "x")]
+        assert run_elsewhere() == [(1, 2, 3, "x")]
+        assert reprepared(router) == 2
+        assert conn.execute(select).fetchall() == [(1, 2, 3, "x")]
+        assert run_elsewhere() == [(1, 2, 3, "x")]
+    assert reprepared(router) == 2
+    assert_settled(router)
