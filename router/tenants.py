@@ -263,7 +263,7 @@ class TenantManager:
             server_password=(
                 tenant.server_password.get_secret_value() if tenant.server_password else None
             ),
-            pool_size=tenant.pool.size,
+            pool_size=self.router.share(tenant.pool.size),  # this worker's part
             pool_mode=tenant.pool.mode,
             query_wait_timeout=tenant.limits.query_wait_timeout,
             server_tls=tenant.cluster.tls,
@@ -302,11 +302,12 @@ class TenantManager:
     def attach(self, client: ClientConnection, pool: Pool) -> None:
         tenant = client.tenant
         clients = self.clients.setdefault(tenant.tenant_id, set())
-        if len(clients) >= tenant.limits.max_client_conn:
+        cap = self.router.share(tenant.limits.max_client_conn)  # this worker's part
+        if len(clients) >= cap:
             raise RouterError(
                 SQLState.TOO_MANY_CONNECTIONS,
                 f'sorry, too many clients already for tenant "{tenant.tenant_id}" '
-                f"(max_client_conn {tenant.limits.max_client_conn})",
+                f"(max_client_conn {cap})",
             )
         clients.add(client)
         tenant_id = tenant.tenant_id
@@ -330,6 +331,8 @@ class TenantManager:
         rate = tenant.limits.statements_per_second
         if rate is None:
             return
+        if self.router.worker is not None:
+            rate /= self.router.worker.count  # each worker its part of the tenant's rate
         bucket = self.rates.get(tenant.tenant_id)
         if bucket is None or bucket.rate != rate:
             bucket = self.rates[tenant.tenant_id] = RateLimit(rate)

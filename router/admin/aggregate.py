@@ -1,0 +1,113 @@
+"""/metrics of a router with several workers: worker 0 renders its own, asks its siblings for
+theirs (router/workers/control.py) and merges them into one exposition, as if one process had
+served every client.
+
+Series are matched by sample name and label set. Most are parts of a whole (clients, server
+connections, transactions, errors, histogram buckets), so they are added up. Some gauges are
+not: every worker measures the same thing for itself (a replica's lag, whether a node is up,
+whether the registry cache is stale) and adding them up would mean nothing. Those are listed
+below with how they combine; a new non-additive gauge must be added here. ``*_created``
+timestamps keep the earliest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from router.workers.shares import WorkerSlot
+
+# The worst any worker sees: the largest lag, stale if any worker's cache is.
+MAX_GAUGES = frozenset(
+    {
+        "pgrouter_replica_lag_seconds",
+        "pgrouter_replica_lag_bytes",
+        "pgrouter_registry_stale",
+        "pgrouter_registry_cached_tenants",  # the same tenants, cached by each worker
+        "pgrouter_query_fingerprints",  # each worker keeps its own top-N: a lower bound
+    }
+)
+# Up only if every worker's last health check reached the node.
+MIN_GAUGES = frozenset({"pgrouter_node_up"})
+
+Combine = Callable[[float, float], float]
+
+
+def combine_rule(family: Metric) -> Combine:
+    """How two workers' values of one series of ``family`` make the router's."""
+    if family.name.endswith("_created"):
+        return min
+    if family.type == "gauge" and family.name in MAX_GAUGES:
+        return max
+    if family.type == "gauge" and family.name in MIN_GAUGES:
+        return min
+    return _add
+
+
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
+def merge(texts: Iterable[str]) -> list[Metric]:
+    """The families of several Prometheus text expositions, merged series by series (in the
+    order they first appear)."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    labels: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, str]] = {}
+    rules: dict[str, Combine] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+                rules[family.name] = combine_rule(family)
+            series, rule = values[family.name], rules[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key in series:
+                    series[key] = rule(series[key], sample.value)
+                else:
+                    series[key] = sample.value
+                    labels[key] = sample.labels
+    for name, family in merged.items():
+        for key, value in values[name].items():
+            family.add_sample(key[0], labels[key], value)
+    return list(merged.values())
+
+
+def render(families: Iterable[Metric]) -> bytes:
+    """The text exposition of ``families``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families)))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+async def all_workers_metrics(slot: WorkerSlot, own: bytes) -> bytes:
+    """Worker ``slot``'s /metrics (``own``) merged with its siblings'. Two more gauges say how
+    many workers there are and how many answered (a stuck worker is left out, not waited for)."""
+    from router.workers.control import sibling_metrics
+
+    others = await sibling_metrics(slot)
+    texts = [own.decode(), *(text for text in others if text is not None)]
+    families = merge(texts)
+    families.append(GaugeMetricFamily("pgrouter_workers", "Worker processes configured", value=slot.count))
+    families.append(
+        GaugeMetricFamily(
+            "pgrouter_workers_reporting",
+            "Workers whose metrics this scrape includes (the others did not answer in time)",
+            value=len(texts),
+        )
+    )
+    return render(families)

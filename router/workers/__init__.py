@@ -1,0 +1,7 @@
+"""Several worker processes behind one listening port (``workers = N``; README "Multi-core").
+
+supervisor.py  starts the workers, forwards SIGTERM/SIGHUP to them, restarts one that dies
+shares.py      which worker this is, and its share of the pool and client limits
+control.py     each worker's Unix socket: cancels forwarded by its siblings, its metrics text
+               for worker 0's /metrics, reloads asked for through worker 0's POST /reload
+"""
