@@ -1,0 +1,333 @@
+"""`workers = 2`: a real `pgrouter run` whose two worker processes share the client port
+(SO_REUSEPORT). Which worker holds a connection is read from the operating system (the process
+that owns the accepted socket), never from the router's own word."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.frontend.cancel import CancelOutcome
+from router.protocol import messages as m
+from router.protocol.startup import build_cancel_request
+from router.registry.crypto import generate_key
+from tests.cluster import Cluster, free_port
+from tests.conftest import router_config
+from tests.harness import RouterProcess, write_toml
+from tests.rawclient import RawClient
+
+WORKERS = 2
+
+
+class Workers:
+    """A supervised router and what the operating system says about its workers."""
+
+    def __init__(self, proc: RouterProcess, admin_port: int) -> None:
+        self.proc = proc
+        self.admin_port = admin_port
+        assert proc.proc is not None and proc.port is not None
+        self.port = proc.port
+        self.supervisor = psutil.Process(proc.proc.pid)
+
+    def pids(self) -> dict[int, int]:
+        """Worker index -> pid."""
+        found = {}
+        for child in self.supervisor.children():
+            try:
+                argv = child.cmdline()
+            except psutil.Error:  # exited meanwhile
+                continue
+            if "--worker" in argv:
+                found[int(argv[argv.index("--worker") + 1])] = child.pid
+        return found
+
+    def runtime_dir(self) -> Path:
+        argv = psutil.Process(self.pids()[0]).cmdline()
+        return Path(argv[argv.index("--worker-dir") + 1])
+
+    def worker_of(self, client_port: int, timeout: float = 10.0) -> int:
+        """The worker whose process holds the router's end of the client's connection from
+        ``client_port``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, pid in self.pids().items():
+                try:
+                    conns = psutil.Process(pid).net_connections(kind="tcp")
+                except psutil.NoSuchProcess:
+                    continue
+                if any(c.laddr and c.raddr and c.laddr.port == self.port and c.raddr.port == client_port for c in conns):
+                    return index
+            time.sleep(0.02)
+        raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+    def worker_metrics(self, index: int) -> str:
+        """One worker's own /metrics, from its control socket."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.runtime_dir() / f"worker-{index}.sock"))
+            sock.sendall(b"M")
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+
+def start_workers(cluster: Cluster, tmp_path: Path, **overrides) -> Workers:
+    admin_port = free_port()
+    config = router_config(cluster, workers=WORKERS, admin_port=admin_port, pool_size=4, **overrides)
+    proc = RouterProcess(write_toml(tmp_path / "router.toml", config)).start()
+    return Workers(proc, admin_port)
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    # With replicas: their monitors run in every worker, and /metrics must not add them up.
+    handle = start_workers(cluster, tmp_path_factory.mktemp("workers"), split=True)
+    yield handle
+    handle.proc.stop()
+
+
+def client_port(conn: psycopg.Connection) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        return sock.getsockname()[1]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def sleeping(cluster: Cluster, marker: str) -> bool:
+    """Whether the statement holding ``marker`` runs on some node (a read may go to a replica)."""
+    running = 0
+    for node in (cluster.primary, *cluster.replicas):
+        with psycopg.connect(node.dsn("postgres"), autocommit=True) as direct:
+            running += direct.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
+                " AND pid <> pg_backend_pid()",
+                (f"%{marker}%",),
+            ).fetchone()[0]
+    return running == 1
+
+
+def connection_on(workers: Workers, wanted: int | None = None, avoid: int | None = None) -> tuple[socket.socket, int]:
+    """A TCP connection to the router that worker ``wanted`` (or any but ``avoid``) accepted.
+    SO_REUSEPORT picks the worker by a hash of the addresses: new connections until one fits."""
+    for _ in range(200):
+        sock = socket.create_connection(("127.0.0.1", workers.port), timeout=10)
+        index = workers.worker_of(sock.getsockname()[1])
+        if (wanted is None or index == wanted) and index != avoid:
+            return sock, index
+        sock.close()
+    raise AssertionError(f"200 connections and none on worker {wanted} / off worker {avoid}")
+
+
+def test_both_workers_serve_clients_on_one_port(workers: Workers) -> None:
+    assert sorted(workers.pids()) == list(range(WORKERS))
+    seen: dict[int, int] = {}
+    conns = []
+    try:
+        for _ in range(100):
+            conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
+            conns.append(conn)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            index = workers.worker_of(client_port(conn))
+            seen[index] = seen.get(index, 0) + 1
+            # The BackendKeyData process id names the worker that issued it.
+            assert conn.info.backend_pid % WORKERS == index
+            if len(seen) == WORKERS and len(conns) >= 10:
+                break
+        assert sorted(seen) == list(range(WORKERS)), f"connections by worker: {seen}"
+        # Every worker counts its own clients; /metrics on worker 0 shows them all.
+        text = workers.metrics()
+        total = sum(
+            sample(text, "pgrouter_client_connections", tenant="", state=state)
+            for state in ("active", "idle", "waiting")
+        )
+        assert total == len(conns)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _run_sleep(client: RawClient, sql: str, outcome: list) -> None:
+    client.send(m.query(sql))
+    replies = client.recv_until(b"Z")
+    errors = [m.parse_error_fields(body)["C"] for t, body in replies if t == b"E"]
+    outcome.append(errors[0] if errors else "finished")
+
+
+def test_a_cancel_through_the_other_worker_cancels_the_query(workers: Workers, cluster: Cluster) -> None:
+    before = workers.metrics()
+    victim = RawClient(workers.port)
+    owner = workers.worker_of(victim.sock.getsockname()[1])
+    pid, key = next(m.parse_backend_key_data(body) for t, body in victim.login_trust() if t == b"K")
+    assert pid % WORKERS == owner
+    outcome: list = []
+    sql = "SELECT pg_sleep(30) /* cancel-through-sibling */"
+    thread = threading.Thread(target=_run_sleep, args=(victim, sql, outcome))
+    thread.start()
+    wait_for(lambda: sleeping(cluster, "cancel-through-sibling"), 10, "the query to run")
+    started = time.monotonic()
+    canceller, via = connection_on(workers, avoid=owner)
+    canceller.sendall(build_cancel_request(pid, key))
+    thread.join(10)
+    assert outcome == ["57014"], f"{outcome} (cancel sent through worker {via}, query on {owner})"
+    assert time.monotonic() - started < 5
+    canceller.close()
+    # The cancelled client carries on.
+    victim.send(m.query("SELECT 1"))
+    assert not [t for t, _ in victim.recv_until(b"Z") if t == b"E"]
+    victim.close()
+    after = workers.metrics()
+
+    def grew(outcome: str) -> float:
+        name = "pgrouter_cancel_requests_total"
+        return sample(after, name, outcome=outcome) - sample(before, name, outcome=outcome)
+
+    assert grew("forwarded") == 1  # by the worker that received it...
+    assert grew("local") == 1  # ...to the one that cancelled
+
+
+def test_an_unknown_cancel_key_is_ignored(workers: Workers) -> None:
+    before = workers.metrics()
+    conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
+    owner = workers.worker_of(client_port(conn))
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(conn.execute("SELECT pg_sleep(1), 5").fetchone()[1]))
+    thread.start()
+    pid = conn.info.backend_pid
+    # Wrong keys for the running client, through its worker and through the other one, and
+    # a process id that no client has.
+    for wanted, cancel in [(owner, (pid, 1)), (1 - owner, (pid, 2)), (owner, (pid ^ 2, 3))]:
+        sock, _ = connection_on(workers, wanted=wanted)
+        sock.sendall(build_cancel_request(*cancel))
+        assert sock.recv(1) == b""  # closed without an answer, as by PostgreSQL
+        sock.close()
+    thread.join(10)
+    assert result == [5]
+    conn.close()
+    after = workers.metrics()
+    name = "pgrouter_cancel_requests_total"
+    assert sample(after, name, outcome="unknown") - sample(before, name, outcome="unknown") == 3
+    assert sample(after, name, outcome="local") == sample(before, name, outcome="local")
+
+
+def test_metrics_are_the_sum_over_workers(workers: Workers) -> None:
+    conns = [psycopg.connect(workers.proc.dsn("carol"), autocommit=True) for _ in range(8)]
+    for conn in conns:
+        for _ in range(3):
+            conn.execute("SELECT 1")
+    own = [workers.worker_metrics(i) for i in range(WORKERS)]
+    merged = workers.metrics()
+    for conn in conns:
+        conn.close()
+    name = "pgrouter_transaction_duration_seconds_count"
+    parts = [sample(text, name) for text in own]
+    assert all(part > 0 for part in parts), parts  # both served some
+    assert sample(merged, name) == sum(parts)
+    assert sample(merged, "pgrouter_workers") == WORKERS
+    assert sample(merged, "pgrouter_workers_reporting") == WORKERS
+    # Measurements of the same node are not added up: a node is up (1), not "2".
+    for part in own:
+        assert sample(part, "pgrouter_node_up", role="primary") == 1
+    assert sample(merged, "pgrouter_node_up", role="primary") == 1
+    assert sample(merged, "pgrouter_node_up", role="replica") == 1
+
+
+def test_a_worker_that_dies_is_restarted_and_sigterm_exits_zero(cluster: Cluster, tmp_path: Path) -> None:
+    workers = start_workers(cluster, tmp_path, shutdown_timeout=20)
+    try:
+        before = workers.pids()
+        os.kill(before[1], signal.SIGKILL)  # a crash, not a shutdown
+        wait_for(lambda: workers.pids().get(1) not in (None, before[1]), 20, "worker 1 to be restarted")
+        wait_for(lambda: (workers.runtime_dir() / "worker-1.sock").exists(), 20, "worker 1 to listen again")
+        sock, _ = connection_on(workers, wanted=1)  # it serves clients again
+        sock.close()
+        with psycopg.connect(workers.proc.dsn("carol"), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        # A transaction in flight on some worker: SIGTERM lets it finish, then all exit 0.
+        busy = psycopg.connect(workers.proc.dsn("carol"))
+        busy.execute("SELECT 1")
+        runtime = workers.runtime_dir()
+        pids = workers.pids()
+        workers.proc.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refused(workers.proc), 10, "the listeners to close")
+        assert workers.proc.proc.poll() is None, "the router exited with a transaction running"
+        assert busy.execute("SELECT 41 + 1").fetchone() == (42,)
+        busy.commit()
+        busy.close()
+        assert workers.proc.proc.wait(20) == 0
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids.values())
+        assert not runtime.exists()
+    finally:
+        workers.proc.stop()
+
+
+def _refused(proc: RouterProcess) -> bool:
+    try:
+        psycopg.connect(proc.dsn("carol"), connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return True
+    return False
+
+
+def test_a_cancel_for_another_instance_goes_through_redis(start_router, cluster: Cluster) -> None:
+    """Two router instances sharing a registry: a CancelRequest that reaches the one that did
+    not issue the key is relayed over Redis to the one that did."""
+    import uuid
+
+    registry = {
+        "redis_url": cluster.redis_url,
+        "secret_key": f"k1:{generate_key()}",
+        "registry_prefix": f"cancel-relay-{uuid.uuid4().hex[:8]}:",
+    }
+    issuer, other = start_router(**registry), start_router(**registry)
+    for router in (issuer, other):
+        router.wait_for(lambda r: r.cancel_relay.subscribed.is_set(), what="the relay subscribed")
+    victim = RawClient(issuer.port)
+    pid, key = next(m.parse_backend_key_data(body) for t, body in victim.login_trust() if t == b"K")
+    outcome: list = []
+    thread = threading.Thread(target=_run_sleep, args=(victim, "SELECT pg_sleep(30) /* relayed */", outcome))
+    thread.start()
+    wait_for(lambda: sleeping(cluster, "relayed"), 10, "the query to run")
+    for wrong in [(pid, key ^ 1), (pid ^ 1, key)]:  # relayed too, and ignored by everyone
+        raw = RawClient(other.port)
+        raw.send(build_cancel_request(*wrong))
+        assert raw.is_closed()
+    assert sleeping(cluster, "relayed")
+    raw = RawClient(other.port)
+    raw.send(build_cancel_request(pid, key))
+    assert raw.is_closed()
+    thread.join(10)
+    assert outcome == ["57014"]
+    victim.close()
+    assert other.call(lambda r: r.cancel_outcomes[CancelOutcome.RELAYED]) == 3
+    assert issuer.call(lambda r: r.cancel_outcomes[CancelOutcome.LOCAL]) == 1
