@@ -199,7 +199,7 @@ class Router:
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
             # Workers share the port: the kernel spreads new connections between them.
-            reuse_port=self.worker is not None or None,
+            reuse_port=True if self.worker is not None else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.settings.listen_host, self.port)
