@@ -166,12 +166,14 @@ def test_both_workers_serve_clients_on_one_port(workers: Workers) -> None:
                 break
         assert sorted(seen) == list(range(WORKERS)), f"connections by worker: {seen}"
         # Every worker counts its own clients; /metrics on worker 0 shows them all.
-        text = workers.metrics()
-        total = sum(
-            sample(text, "pgrouter_client_connections", tenant="", state=state)
-            for state in ("active", "idle", "waiting")
-        )
-        assert total == len(conns)
+        def clients() -> float:
+            text = workers.metrics()
+            return sum(
+                sample(text, "pgrouter_client_connections", tenant="", state=state)
+                for state in ("active", "idle", "waiting")
+            )
+
+        wait_for(lambda: clients() == len(conns), 10, f"{len(conns)} clients in /metrics")
     finally:
         for conn in conns:
             conn.close()
@@ -241,10 +243,14 @@ def test_an_unknown_cancel_key_is_ignored(workers: Workers) -> None:
 
 
 def test_metrics_are_the_sum_over_workers(workers: Workers) -> None:
-    conns = [psycopg.connect(workers.proc.dsn("carol"), autocommit=True) for _ in range(8)]
-    for conn in conns:
+    conns, served = [], set()
+    while len(served) < WORKERS:  # until each worker ran some transactions
+        assert len(conns) < 100, f"100 connections, all on workers {served}"
+        conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
+        conns.append(conn)
         for _ in range(3):
             conn.execute("SELECT 1")
+        served.add(workers.worker_of(client_port(conn)))
     own = [workers.worker_metrics(i) for i in range(WORKERS)]
     merged = workers.metrics()
     for conn in conns:
@@ -289,6 +295,19 @@ def test_a_worker_that_dies_is_restarted_and_sigterm_exits_zero(cluster: Cluster
         assert not runtime.exists()
     finally:
         workers.proc.stop()
+
+
+def test_a_worker_that_cannot_start_stops_the_router(cluster: Cluster, tmp_path: Path) -> None:
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody can join it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = router_config(cluster, workers=WORKERS, listen_port=port)
+        proc = RouterProcess(write_toml(tmp_path / "router.toml", config))
+        with pytest.raises(RuntimeError, match="did not start"):
+            proc.start()
+        assert proc.proc is not None and proc.proc.wait(20) == 1
+        assert "workers did not start" in proc.log_path.read_text()
 
 
 def _refused(proc: RouterProcess) -> bool:
