@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     from router.logs import setup_logging
 
     settings = load_settings(args.config)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, args.worker)
     worker = None
     if args.worker is None and settings.workers > 1:
         from router.workers.supervisor import supervise

@@ -4,7 +4,9 @@ that owns the accepted socket), never from the router's own word."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -293,6 +295,66 @@ def test_a_worker_that_dies_is_restarted_and_sigterm_exits_zero(cluster: Cluster
         assert workers.proc.proc.wait(20) == 0
         assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids.values())
         assert not runtime.exists()
+    finally:
+        workers.proc.stop()
+
+
+def psycopg_on(workers: Workers, index: int, **kwargs) -> psycopg.Connection:
+    """A psycopg connection that worker ``index`` accepted."""
+    for _ in range(200):
+        conn = psycopg.connect(workers.proc.dsn("carol"), **kwargs)
+        if workers.worker_of(client_port(conn)) == index:
+            return conn
+        conn.close()
+    raise AssertionError(f"200 connections and none on worker {index}")
+
+
+def read_line(proc: RouterProcess, prefix: str, timeout: float = 10.0) -> str:
+    """The next line of the router's stdout starting with ``prefix``."""
+    assert proc.proc is not None and proc.proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while select.select([proc.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        line = proc.proc.stdout.readline().decode()
+        if not line or line.startswith(prefix):
+            if line:
+                return line
+            break
+    raise AssertionError(f"no line starting with {prefix!r} within {timeout}s")
+
+
+def test_limits_are_split_and_reloads_reach_every_worker(cluster: Cluster, tmp_path: Path) -> None:
+    import urllib.request
+
+    admin_port = free_port()
+    config = router_config(
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token="reload-token", pool_size=2,
+        query_wait_timeout=0.5,
+    )  # fmt: skip
+    path = write_toml(tmp_path / "router.toml", config)
+    workers = Workers(RouterProcess(path).start(), admin_port)
+    try:
+        # pool_size = 2 over two workers: one server connection each. A transaction holds
+        # worker 1's; another client of worker 1 waits, then gets 53300.
+        holder = psycopg_on(workers, 1)
+        holder.execute("SELECT 1")
+        other = psycopg_on(workers, 1, autocommit=True)
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            other.execute("SELECT 2")
+        # POST /reload on worker 0: worker 1 re-reads the file too and gets its larger share.
+        write_toml(path, {**config, "pool_size": 4})
+        request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/reload", method="POST")
+        request.add_header("Authorization", "Bearer reload-token")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert json.loads(reply.read())["applied"] == ["pool_size"]
+        assert other.execute("SELECT 3").fetchone() == (3,)
+        holder.commit()
+        # SIGHUP to the supervisor: every worker reloads and says so.
+        write_toml(path, {**config, "pool_size": 6})
+        workers.proc.proc.send_signal(signal.SIGHUP)
+        for _ in range(WORKERS):
+            assert '"pool_size"' in read_line(workers.proc, "reloaded:")
+        holder.close()
+        other.close()
     finally:
         workers.proc.stop()
 

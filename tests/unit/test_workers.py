@@ -214,3 +214,14 @@ def test_every_non_additive_gauge_is_a_gauge_the_router_reports() -> None:
     source = inspect.getsource(metrics)
     for name in MAX_GAUGES | MIN_GAUGES:
         assert f'"{name}"' in source, f"{name} is listed in aggregate.py but not reported"
+
+
+def test_a_worker_names_itself_in_its_log_events() -> None:
+    import json
+    import logging
+
+    from router.logs import JsonFormatter
+
+    record = logging.LogRecord("pgrouter", logging.INFO, __file__, 1, "hello", None, None)
+    assert json.loads(JsonFormatter(worker=1).format(record))["worker"] == 1
+    assert "worker" not in json.loads(JsonFormatter().format(record))
