@@ -7,6 +7,8 @@ everything the worker writes back before it closes.
     C + CancelRequest (16 bytes, as the client sent it)   a cancel for a key this worker issued
     M                                                      reply: this worker's /metrics text
     R                                                      re-read the settings file; reply: JSON
+    P + tenant id                                          pause the tenant here (a move drains
+                                                           it); reply: its transactions running
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ log = logging.getLogger("pgrouter.workers")
 CANCEL = b"C"
 METRICS = b"M"
 RELOAD = b"R"
+PAUSE = b"P"
 # A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
 # should not wait on it.
 REQUEST_TIMEOUT = 2.0
-MAX_REQUEST = 64  # bytes; the largest request is a command byte and a CancelRequest
+MAX_REQUEST = 128  # bytes; the largest request is a command byte and a tenant id (63 bytes)
 
 
 class ControlServer:
@@ -93,6 +96,11 @@ class ControlServer:
             return generate_latest(self.registry)
         if command == RELOAD and not payload:
             return json.dumps(self.router.reload_file()).encode()
+        if command == PAUSE and payload:
+            tenant_id = payload.decode()
+            tenants = self.router.tenants
+            tenants.pause(tenant_id)  # at once: the registry's own message may still be on its way
+            return str(tenants.in_flight(tenant_id)).encode()
         raise ProtocolError(f"control socket: unknown request {request[:8]!r}")
 
 
@@ -143,3 +151,18 @@ async def reload_siblings(slot: WorkerSlot) -> dict[int, dict]:
     others = [i for i in range(slot.count) if i != slot.index]
     answers = await asyncio.gather(*(one(i) for i in others))
     return dict(zip(others, answers, strict=True))
+
+
+async def pause_siblings(slot: WorkerSlot, tenant_id: str) -> int:
+    """Pause ``tenant_id`` in every other worker; how many of its transactions still run there
+    (a worker that does not answer counts as busy: a move must not go ahead on a guess)."""
+
+    async def one(index: int) -> int:
+        try:
+            return int(await request(slot.control_socket(index), PAUSE + tenant_id.encode()))
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("worker %d did not answer a pause request: %s", index, exc)
+            return 1
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return sum(await asyncio.gather(*(one(i) for i in others)))

@@ -412,3 +412,79 @@ def test_a_cancel_for_another_instance_goes_through_redis(start_router, cluster:
     victim.close()
     assert other.call(lambda r: r.cancel_outcomes[CancelOutcome.RELAYED]) == 3
     assert issuer.call(lambda r: r.cancel_outcomes[CancelOutcome.LOCAL]) == 1
+
+
+def test_a_tenant_move_waits_for_transactions_on_every_worker(cluster: Cluster, tmp_path: Path) -> None:
+    """POST /tenants/{id}/move is served by worker 0, but the tenant's clients may be on any
+    worker: a transaction running on worker 1 holds the move back (409 at the deadline), and
+    once it is done the move goes through and worker 1's client follows the tenant."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    from router.registry.crypto import Keyring
+    from router.registry.models import TenantCreate
+    from router.registry.store import RedisStore
+
+    databases = ["workers_move_from", "workers_move_to"]
+    for db in databases:
+        if cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'") != "1":
+            cluster.psql(f"CREATE DATABASE {db} OWNER pgr_scram")
+    secret_key, prefix = f"k1:{generate_key()}", f"workers-move-{uuid.uuid4().hex[:8]}:"
+
+    async def create() -> None:
+        store = RedisStore.from_url(cluster.redis_url, Keyring.from_specs(secret_key), prefix=prefix)
+        try:
+            await store.create(
+                TenantCreate(
+                    tenant_id="mover",
+                    cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port}},
+                    database=databases[0], server_user="pgr_scram", server_password="scram-pw",
+                    users=[{"name": "mo", "password": "mo-pw"}],
+                )  # fmt: skip
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(create())
+    admin_port = free_port()
+    config = router_config(
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token="move-token",
+        redis_url=cluster.redis_url, secret_key=secret_key, registry_prefix=prefix,
+        tenant_drop_timeout=1,
+    )  # fmt: skip
+    workers = Workers(RouterProcess(write_toml(tmp_path / "router.toml", config)).start(), admin_port)
+
+    def on_worker_1() -> psycopg.Connection:
+        for _ in range(200):
+            conn = psycopg.connect(f"postgresql://mo:mo-pw@127.0.0.1:{workers.port}/mover")
+            if workers.worker_of(client_port(conn)) == 1:
+                return conn
+            conn.close()
+        raise AssertionError("200 connections and none on worker 1")
+
+    def move() -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{admin_port}/tenants/mover/move", method="POST",
+            data=json.dumps({"database": databases[1]}).encode(),
+            headers={"Authorization": "Bearer move-token", "Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        client = on_worker_1()
+        assert client.execute("SELECT current_database()").fetchone() == (databases[0],)  # in a transaction now
+        assert move() == 409  # worker 1's transaction is still running
+        assert client.execute("SELECT current_database()").fetchone() == (databases[0],)
+        client.commit()
+        assert move() == 200
+        with client.transaction():
+            assert client.execute("SELECT current_database()").fetchone() == (databases[1],)
+        client.close()
+    finally:
+        workers.proc.stop()
