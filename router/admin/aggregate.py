@@ -1,4 +1,4 @@
-"""/metrics of a router with several workers: worker 0 renders its own, asks its siblings for
+"""/metrics and GET /queries of a router with several workers: worker 0 renders its own, asks its siblings for
 theirs (router/workers/control.py) and merges them into one exposition, as if one process had
 served every client.
 
@@ -8,6 +8,9 @@ not: every worker measures the same thing for itself (a replica's lag, whether a
 whether the registry cache is stale) and adding them up would mean nothing. Those are listed
 below with how they combine; a new non-additive gauge must be added here. ``*_created``
 timestamps keep the earliest.
+
+Query statistics merge by (tenant, fingerprint): calls, time, rows and errors add up, the
+maximum is the largest, the text is the first worker's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from router.stats.queries import QueryStat
 from router.workers.shares import WorkerSlot
 
 # The worst any worker sees: the largest lag, stale if any worker's cache is.
@@ -111,3 +115,42 @@ async def all_workers_metrics(slot: WorkerSlot, own: bytes) -> bytes:
         )
     )
     return render(families)
+
+
+def merge_query_stats(groups: Iterable[Iterable[QueryStat]]) -> list[QueryStat]:
+    """Several workers' statistics as one, largest total time first. The inputs are left alone."""
+    merged: dict[tuple[str, str], QueryStat] = {}
+    for entries in groups:
+        for e in entries:
+            into = merged.get((e.tenant, e.fingerprint))
+            if into is None:
+                merged[e.tenant, e.fingerprint] = QueryStat(
+                    e.tenant, e.fingerprint, e.query, e.calls, e.total_seconds, e.max_seconds,
+                    e.rows, e.errors, dict(e.roles),
+                )  # fmt: skip
+                continue
+            into.calls += e.calls
+            into.total_seconds += e.total_seconds
+            into.max_seconds = max(into.max_seconds, e.max_seconds)
+            into.rows += e.rows
+            into.errors += e.errors
+            for role, n in e.roles.items():
+                into.roles[role] = into.roles.get(role, 0) + n
+    return sorted(merged.values(), key=lambda e: e.total_seconds, reverse=True)
+
+
+async def all_workers_queries(
+    slot: WorkerSlot, own: list[QueryStat], evicted: int, slow_queries: int, tenant_id: str | None
+) -> tuple[list[QueryStat], int, int]:
+    """Worker ``slot``'s query statistics merged with its siblings': the entries, and the
+    evicted and slow-query counts added up (a worker that does not answer is left out)."""
+    from router.workers.control import sibling_queries
+
+    groups = [own]
+    for answer in await sibling_queries(slot, tenant_id):
+        if answer is None:
+            continue
+        groups.append([QueryStat(**entry) for entry in answer["queries"]])
+        evicted += answer["evicted"]
+        slow_queries += answer["slow_queries"]
+    return merge_query_stats(groups), evicted, slow_queries

@@ -9,12 +9,15 @@ everything the worker writes back before it closes.
     R                                                      re-read the settings file; reply: JSON
     P + tenant id                                          pause the tenant here (a move drains
                                                            it); reply: its transactions running
+    Q [+ tenant id]                                        reply: this worker's query statistics
+                                                           (JSON, every entry, exact seconds)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -35,6 +38,7 @@ CANCEL = b"C"
 METRICS = b"M"
 RELOAD = b"R"
 PAUSE = b"P"
+QUERIES = b"Q"
 # A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
 # should not wait on it.
 REQUEST_TIMEOUT = 2.0
@@ -101,6 +105,18 @@ class ControlServer:
             tenants = self.router.tenants
             tenants.pause(tenant_id)  # at once: the registry's own message may still be on its way
             return str(tenants.in_flight(tenant_id)).encode()
+        if command == QUERIES:
+            stats = self.router.query_stats
+            if stats is None:
+                return json.dumps({"evicted": 0, "slow_queries": 0, "queries": []}).encode()
+            entries = stats.top(tenant=payload.decode() or None)
+            return json.dumps(
+                {
+                    "evicted": stats.evicted,
+                    "slow_queries": stats.slow_queries,
+                    "queries": [dataclasses.asdict(entry) for entry in entries],
+                }
+            ).encode()
         raise ProtocolError(f"control socket: unknown request {request[:8]!r}")
 
 
@@ -166,3 +182,18 @@ async def pause_siblings(slot: WorkerSlot, tenant_id: str) -> int:
 
     others = [i for i in range(slot.count) if i != slot.index]
     return sum(await asyncio.gather(*(one(i) for i in others)))
+
+
+async def sibling_queries(slot: WorkerSlot, tenant_id: str | None) -> list[dict | None]:
+    """Every other worker's query statistics (``tenant_id``'s only, if given), as sent by
+    ``QUERIES``; None for a worker that did not answer."""
+
+    async def one(index: int) -> dict | None:
+        try:
+            return json.loads(await request(slot.control_socket(index), QUERIES + (tenant_id or "").encode()))
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("worker %d did not answer a query statistics request: %s", index, exc)
+            return None
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return list(await asyncio.gather(*(one(i) for i in others)))

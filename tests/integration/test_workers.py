@@ -85,15 +85,25 @@ class Workers:
         return b"".join(chunks).decode()
 
     def metrics(self) -> str:
+        return self.admin_get("/metrics").decode()
+
+    def admin_get(self, path: str) -> bytes:
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as r:
-            return r.read().decode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}")
+        request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.read()
+
+
+ADMIN_TOKEN = "workers-token"
 
 
 def start_workers(cluster: Cluster, tmp_path: Path, **overrides) -> Workers:
     admin_port = free_port()
-    config = router_config(cluster, workers=WORKERS, admin_port=admin_port, pool_size=4, **overrides)
+    config = router_config(
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token=ADMIN_TOKEN, pool_size=4, **overrides
+    )
     proc = RouterProcess(write_toml(tmp_path / "router.toml", config)).start()
     return Workers(proc, admin_port)
 
@@ -255,14 +265,25 @@ def test_metrics_are_the_sum_over_workers(workers: Workers) -> None:
         served.add(workers.worker_of(client_port(conn)))
     own = [workers.worker_metrics(i) for i in range(WORKERS)]
     merged = workers.metrics()
-    for conn in conns:
-        conn.close()
     name = "pgrouter_transaction_duration_seconds_count"
     parts = [sample(text, name) for text in own]
     assert all(part > 0 for part in parts), parts  # both served some
     assert sample(merged, name) == sum(parts)
     assert sample(merged, "pgrouter_workers") == WORKERS
     assert sample(merged, "pgrouter_workers_reporting") == WORKERS
+    # GET /queries: one statement run on both workers is one entry with every call.
+    for conn in conns:
+        conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'workers'")
+
+    def marker() -> dict | None:
+        answer = json.loads(workers.admin_get("/queries?limit=1000"))
+        shown = "SELECT count(*) FROM pg_namespace WHERE nspname = $1"  # constants redacted
+        return next((q for q in answer["queries"] if q["query"] == shown), None)
+
+    wait_for(lambda: (marker() or {}).get("calls") == len(conns), 10, f"{len(conns)} calls in /queries")
+    assert sum(marker()["roles"].values()) == len(conns)
+    for conn in conns:
+        conn.close()
     # Measurements of the same node are not added up: a node is up (1), not "2".
     for part in own:
         assert sample(part, "pgrouter_node_up", role="primary") == 1

@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.admin.aggregate import MAX_GAUGES, MIN_GAUGES, merge, render
+from router.admin.aggregate import MAX_GAUGES, MIN_GAUGES, merge, merge_query_stats, render
 from router.config import Settings
 from router.frontend.cancel import MAX_PID, decode_relayed, encode_relayed, issue_pid
+from router.stats.queries import QueryStat
 from router.workers.shares import WorkerSlot, share
 
 
@@ -225,3 +226,21 @@ def test_a_worker_names_itself_in_its_log_events() -> None:
     record = logging.LogRecord("pgrouter", logging.INFO, __file__, 1, "hello", None, None)
     assert json.loads(JsonFormatter(worker=1).format(record))["worker"] == 1
     assert "worker" not in json.loads(JsonFormatter().format(record))
+
+
+def test_query_statistics_merge_by_tenant_and_fingerprint() -> None:
+    w0 = [
+        QueryStat("acme", "f1", "SELECT $1", 3, 0.3, 0.2, 3, 0, {"primary": 3}),
+        QueryStat("acme", "f2", "UPDATE t SET a = $1", 1, 0.05, 0.05, 1, 1, {"primary": 1}),
+    ]
+    w1 = [
+        QueryStat("acme", "f1", "SELECT $1", 2, 0.5, 0.4, 2, 1, {"replica": 2}),
+        QueryStat("globex", "f1", "SELECT $1", 1, 0.01, 0.01, 1, 0, {"replica": 1}),
+    ]
+    merged = merge_query_stats([w0, w1])
+    assert [(e.tenant, e.fingerprint) for e in merged] == [("acme", "f1"), ("acme", "f2"), ("globex", "f1")]
+    first = merged[0]
+    assert (first.calls, first.rows, first.errors) == (5, 5, 1)
+    assert first.total_seconds == pytest.approx(0.8) and first.max_seconds == 0.4
+    assert first.roles == {"primary": 3, "replica": 2}
+    assert w0[0].calls == 3 and w0[0].roles == {"primary": 3}  # the inputs are left alone
