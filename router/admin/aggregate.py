@@ -1,4 +1,4 @@
-"""/metrics and GET /queries of a router with several workers: worker 0 renders its own, asks its siblings for
+"""/metrics, GET /queries and GET /tenants/{id}/status of a router with several workers: worker 0 renders its own, asks its siblings for
 theirs (router/workers/control.py) and merges them into one exposition, as if one process had
 served every client.
 
@@ -10,7 +10,8 @@ below with how they combine; a new non-additive gauge must be added here. ``*_cr
 timestamps keep the earliest.
 
 Query statistics merge by (tenant, fingerprint): calls, time, rows and errors add up, the
-maximum is the largest, the text is the first worker's.
+maximum is the largest, the text is the first worker's. A tenant's status adds up clients and
+pool counters; its nodes are worker 0's measurements, with every worker's in-flight reads.
 """
 
 from __future__ import annotations
@@ -154,3 +155,33 @@ async def all_workers_queries(
         evicted += answer["evicted"]
         slow_queries += answer["slow_queries"]
     return merge_query_stats(groups), evicted, slow_queries
+
+
+def merge_tenant_status(statuses: Iterable[dict]) -> dict:
+    """Several workers' TenantManager.status() of one tenant as one (the first one's shape)."""
+    statuses = list(statuses)
+    merged = {**statuses[0], "clients": dict(statuses[0]["clients"])}
+    merged["pools"] = {name: dict(stats) for name, stats in statuses[0]["pools"].items()}
+    merged["nodes"] = [dict(node) for node in statuses[0]["nodes"]]
+    nodes = {(n["host"], n["port"]): n for n in merged["nodes"]}
+    for other in statuses[1:]:
+        merged["paused"] = merged["paused"] or other["paused"]
+        for key, n in other["clients"].items():
+            merged["clients"][key] = merged["clients"].get(key, 0) + n
+        for name, stats in other["pools"].items():
+            into = merged["pools"].setdefault(name, dict.fromkeys(stats, 0))
+            for key, n in stats.items():
+                into[key] = into.get(key, 0) + n
+        for node in other["nodes"]:
+            mine = nodes.get((node["host"], node["port"]))
+            if mine is not None:
+                mine["in_flight"] += node["in_flight"]
+    return merged
+
+
+async def all_workers_status(slot: WorkerSlot, own: dict, tenant_id: str) -> dict:
+    """Worker ``slot``'s status of a tenant merged with its siblings' (those that answer)."""
+    from router.workers.control import sibling_statuses
+
+    others = [status for status in await sibling_statuses(slot, tenant_id) if status is not None]
+    return merge_tenant_status([own, *others])

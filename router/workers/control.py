@@ -11,6 +11,8 @@ everything the worker writes back before it closes.
                                                            it); reply: its transactions running
     Q [+ tenant id]                                        reply: this worker's query statistics
                                                            (JSON, every entry, exact seconds)
+    S + tenant id                                          reply: the tenant's clients, pools and
+                                                           nodes here (JSON, TenantManager.status)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ METRICS = b"M"
 RELOAD = b"R"
 PAUSE = b"P"
 QUERIES = b"Q"
+STATUS = b"S"
 # A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
 # should not wait on it.
 REQUEST_TIMEOUT = 2.0
@@ -117,6 +120,8 @@ class ControlServer:
                     "queries": [dataclasses.asdict(entry) for entry in entries],
                 }
             ).encode()
+        if command == STATUS and payload:
+            return json.dumps(self.router.tenants.status(payload.decode())).encode()
         raise ProtocolError(f"control socket: unknown request {request[:8]!r}")
 
 
@@ -193,6 +198,20 @@ async def sibling_queries(slot: WorkerSlot, tenant_id: str | None) -> list[dict 
             return json.loads(await request(slot.control_socket(index), QUERIES + (tenant_id or "").encode()))
         except (OSError, TimeoutError, ValueError) as exc:
             log.warning("worker %d did not answer a query statistics request: %s", index, exc)
+            return None
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return list(await asyncio.gather(*(one(i) for i in others)))
+
+
+async def sibling_statuses(slot: WorkerSlot, tenant_id: str) -> list[dict | None]:
+    """Every other worker's view of a tenant (TenantManager.status); None: no answer."""
+
+    async def one(index: int) -> dict | None:
+        try:
+            return json.loads(await request(slot.control_socket(index), STATUS + tenant_id.encode()))
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("worker %d did not answer a tenant status request: %s", index, exc)
             return None
 
     others = [i for i in range(slot.count) if i != slot.index]

@@ -471,7 +471,7 @@ def test_a_tenant_move_waits_for_transactions_on_every_worker(cluster: Cluster, 
     asyncio.run(create())
     admin_port = free_port()
     config = router_config(
-        cluster, workers=WORKERS, admin_port=admin_port, admin_token="move-token",
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token=ADMIN_TOKEN,
         redis_url=cluster.redis_url, secret_key=secret_key, registry_prefix=prefix,
         tenant_drop_timeout=1,
     )  # fmt: skip
@@ -489,7 +489,7 @@ def test_a_tenant_move_waits_for_transactions_on_every_worker(cluster: Cluster, 
         request = urllib.request.Request(
             f"http://127.0.0.1:{admin_port}/tenants/mover/move", method="POST",
             data=json.dumps({"database": databases[1]}).encode(),
-            headers={"Authorization": "Bearer move-token", "Content-Type": "application/json"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
         )  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=30) as reply:
@@ -500,6 +500,10 @@ def test_a_tenant_move_waits_for_transactions_on_every_worker(cluster: Cluster, 
     try:
         client = on_worker_1()
         assert client.execute("SELECT current_database()").fetchone() == (databases[0],)  # in a transaction now
+        # GET /tenants/{id}/status, served by worker 0, counts worker 1's client and pool.
+        status = json.loads(workers.admin_get("/tenants/mover/status"))
+        assert status["clients"] == {"total": 1, "active": 1, "waiting": 0}
+        assert [stats["active"] for stats in status["pools"].values()] == [1]
         assert move() == 409  # worker 1's transaction is still running
         assert client.execute("SELECT current_database()").fetchone() == (databases[0],)
         client.commit()

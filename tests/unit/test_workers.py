@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.admin.aggregate import MAX_GAUGES, MIN_GAUGES, merge, merge_query_stats, render
+from router.admin.aggregate import (
+    MAX_GAUGES,
+    MIN_GAUGES,
+    merge,
+    merge_query_stats,
+    merge_tenant_status,
+    render,
+)
 from router.config import Settings
 from router.frontend.cancel import MAX_PID, decode_relayed, encode_relayed, issue_pid
 from router.stats.queries import QueryStat
@@ -244,3 +251,27 @@ def test_query_statistics_merge_by_tenant_and_fingerprint() -> None:
     assert first.total_seconds == pytest.approx(0.8) and first.max_seconds == 0.4
     assert first.roles == {"primary": 3, "replica": 2}
     assert w0[0].calls == 3 and w0[0].roles == {"primary": 3}  # the inputs are left alone
+
+
+def test_tenant_status_adds_up_clients_and_pools() -> None:
+    node = {"host": "p", "port": 5432, "role": "primary", "healthy": True, "in_flight": 1}
+    w0 = {
+        "tenant_id": "acme", "paused": False, "clients": {"total": 2, "active": 1, "waiting": 0},
+        "pools": {"acme@p": {"servers": 2, "idle": 1, "active": 1, "connecting": 0, "waiting": 0}},
+        "nodes": [node],
+    }  # fmt: skip
+    w1 = {
+        "tenant_id": "acme", "paused": True, "clients": {"total": 3, "active": 2, "waiting": 1},
+        "pools": {
+            "acme@p": {"servers": 2, "idle": 0, "active": 2, "connecting": 0, "waiting": 1},
+            "acme@r": {"servers": 1, "idle": 1, "active": 0, "connecting": 0, "waiting": 0},
+        },
+        "nodes": [{**node, "in_flight": 2}],
+    }  # fmt: skip
+    merged = merge_tenant_status([w0, w1])
+    assert merged["clients"] == {"total": 5, "active": 3, "waiting": 1}
+    assert merged["pools"]["acme@p"] == {"servers": 4, "idle": 1, "active": 3, "connecting": 0, "waiting": 1}
+    assert merged["pools"]["acme@r"]["servers"] == 1
+    assert merged["paused"] is True
+    assert merged["nodes"] == [{**node, "in_flight": 3}]
+    assert w0["clients"]["total"] == 2 and node["in_flight"] == 1  # the inputs are left alone
