@@ -2,6 +2,7 @@
 
 supervisor.py  starts the workers, forwards SIGTERM/SIGHUP to them, restarts one that dies
 shares.py      which worker this is, and its share of the pool and client limits
-control.py     each worker's Unix socket: cancels forwarded by its siblings, its metrics text
-               for worker 0's /metrics, reloads asked for through worker 0's POST /reload
+control.py     each worker's Unix socket: cancels forwarded by its siblings, and what worker 0's
+               admin API gathers from the others (metrics, query statistics, tenant status,
+               a tenant's pause for a move, reloads)
 """

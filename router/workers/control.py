@@ -86,7 +86,7 @@ class ControlServer:
                 if reply:
                     writer.write(reply)
                     await writer.drain()
-        except (OSError, TimeoutError, ProtocolError) as exc:
+        except (OSError, TimeoutError, ProtocolError, UnicodeDecodeError) as exc:
             log.warning("control socket: request failed: %s", exc)
         finally:
             writer.close()

@@ -291,6 +291,17 @@ def test_metrics_are_the_sum_over_workers(workers: Workers) -> None:
     assert sample(merged, "pgrouter_node_up", role="replica") == 1
 
 
+def test_a_bad_control_request_gets_no_answer(workers: Workers) -> None:
+    for garbage in [b"X", b"P\xff\xfe", b"C" + b"\x00" * 16, b"M" * 500]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(workers.runtime_dir() / "worker-1.sock"))
+            sock.sendall(garbage)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+    assert "pgrouter_client_connections" in workers.worker_metrics(1)  # still answering
+
+
 def test_a_worker_that_dies_is_restarted_and_sigterm_exits_zero(cluster: Cluster, tmp_path: Path) -> None:
     workers = start_workers(cluster, tmp_path, shutdown_timeout=20)
     try:
