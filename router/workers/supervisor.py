@@ -133,8 +133,9 @@ class Supervisor:
                 if match and not worker.ready.done():
                     worker.ready.set_result(int(match.group(2)))
                     continue
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+                with contextlib.suppress(OSError):  # nobody reads our output: supervise on
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
             worker.returncode = await proc.wait()
             if not worker.ready.done():
                 worker.ready.set_exception(
