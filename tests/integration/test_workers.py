@@ -341,17 +341,25 @@ def psycopg_on(workers: Workers, index: int, **kwargs) -> psycopg.Connection:
     raise AssertionError(f"200 connections and none on worker {index}")
 
 
-def read_line(proc: RouterProcess, prefix: str, timeout: float = 10.0) -> str:
-    """The next line of the router's stdout starting with ``prefix``."""
+def read_lines(proc: RouterProcess, prefix: str, count: int, timeout: float = 10.0) -> list[str]:
+    """The next ``count`` lines of the router's stdout starting with ``prefix``. Read from the
+    file descriptor: the workers' lines may arrive together, and a buffered readline would
+    keep the second where select() cannot see it."""
     assert proc.proc is not None and proc.proc.stdout is not None
+    fd = proc.proc.stdout.fileno()
     deadline = time.monotonic() + timeout
-    while select.select([proc.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-        line = proc.proc.stdout.readline().decode()
-        if not line or line.startswith(prefix):
-            if line:
-                return line
-            break
-    raise AssertionError(f"no line starting with {prefix!r} within {timeout}s")
+    pending, found = b"", []
+    while len(found) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise AssertionError(f"{len(found)} of {count} lines starting with {prefix!r} within {timeout}s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise AssertionError(f"the router closed its output after {found}")
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        found += [line.decode() for line in lines if line.decode().startswith(prefix)]
+    return found
 
 
 def test_limits_are_split_and_reloads_reach_every_worker(cluster: Cluster, tmp_path: Path) -> None:
@@ -383,8 +391,8 @@ def test_limits_are_split_and_reloads_reach_every_worker(cluster: Cluster, tmp_p
         # SIGHUP to the supervisor: every worker reloads and says so.
         write_toml(path, {**config, "pool_size": 6})
         workers.proc.proc.send_signal(signal.SIGHUP)
-        for _ in range(WORKERS):
-            assert '"pool_size"' in read_line(workers.proc, "reloaded:")
+        for line in read_lines(workers.proc, "reloaded:", WORKERS):
+            assert '"pool_size"' in line
         holder.close()
         other.close()
     finally:
