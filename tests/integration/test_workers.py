@@ -399,6 +399,28 @@ def test_limits_are_split_and_reloads_reach_every_worker(cluster: Cluster, tmp_p
         workers.proc.stop()
 
 
+def test_a_killed_supervisor_takes_its_workers_with_it(cluster: Cluster, tmp_path: Path) -> None:
+    import shutil
+
+    workers = start_workers(cluster, tmp_path)
+    pids, runtime = workers.pids(), workers.runtime_dir()
+    try:
+        workers.proc.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+        workers.proc.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_for(lambda: all(gone(pid) for pid in pids.values()), 20, "the workers to exit")
+        assert _refused(workers.proc)
+    finally:
+        workers.proc.stop()
+        shutil.rmtree(runtime, ignore_errors=True)  # the supervisor could not remove it
+
+
 def test_a_worker_that_cannot_start_stops_the_router(cluster: Cluster, tmp_path: Path) -> None:
     with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody can join it
         taken.bind(("127.0.0.1", 0))
