@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from router.backend.server import ServerConnection
 from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
+from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager
 from router.pools.pool import Pool
@@ -30,6 +31,7 @@ from router.stats.queries import QueryStats
 from router.tenants import TenantManager, TenantPaused, asyncpg_ssl
 from router.topology.catalog import ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
+from router.workers.shares import WorkerSlot
 
 log = logging.getLogger("pgrouter")
 
@@ -104,7 +106,9 @@ class DatabaseRoute:
 
 
 class Router:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerSlot | None = None) -> None:
+        # One of several worker processes (router/workers/): ``settings`` are its share already.
+        self.worker = worker
         self.settings = settings
         self.statements = StatementRegistry()
         # Statement classification (pglast), cached by text; session statements use it today,
@@ -144,6 +148,9 @@ class Router:
         self.error_classes: dict[str, int] = {}
         # Exchanges run again after "cached plan must not change result type" (reprepare).
         self.reprepared = 0
+        self.cancel_outcomes: dict[CancelOutcome, int] = dict.fromkeys(CancelOutcome, 0)
+        self.cancel_relay: CancelRelay | None = None  # with a tenant registry (Redis)
+        self.control = None  # a worker's control socket (router/workers/control.py)
 
     def _configure_query_stats(self, settings: Settings) -> None:
         if settings.query_stats_max == 0:
@@ -182,12 +189,22 @@ class Router:
         if self.splits:
             await asyncio.gather(*(split.start() for split in self.splits.values()))
         await self.tenants.start()
+        if self.tenants.store is not None:
+            self.cancel_relay = CancelRelay(self.tenants.store, self.cancel_relayed)
+            self.cancel_relay.start()
+        if self.worker is not None:
+            from router.workers.control import ControlServer
+
+            self.control = ControlServer(self, self.worker)
+            await self.control.start()
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             self.settings.listen_host,
             self.settings.listen_port,
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
+            # Workers share the port: the kernel spreads new connections between them.
+            reuse_port=True if self.worker is not None else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.settings.listen_host, self.port)
@@ -212,6 +229,10 @@ class Router:
         for split in self.splits.values():
             await split.stop()
         await self.catalogs.stop()
+        if self.control is not None:
+            await self.control.stop()
+        if self.cancel_relay is not None:
+            await self.cancel_relay.stop()
         await self.tenants.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -242,6 +263,8 @@ class Router:
         Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
         included), limits, lag thresholds, the log level and the client TLS certificate. Anything
         else (listen address, clusters, databases, users, registry...) needs a restart."""
+        if self.worker is not None:
+            settings = self.worker.settings_for(settings)
         old = self.settings
         applied: list[str] = []
         live = {
@@ -297,6 +320,17 @@ class Router:
         log.info("reloaded: applied %s; needs a restart: %s", applied or "nothing", restart or "nothing")
         return {"applied": applied, "restart_required": restart}
 
+    def reload_file(self) -> dict[str, list[str]] | dict[str, str]:
+        """Re-read the settings file and ``reload()`` it (a worker's sibling asked)."""
+        from router.config import load_settings
+
+        try:
+            settings = load_settings(self.config_path)
+        except (OSError, ValueError) as exc:
+            log.error("reload failed, settings unchanged: %s", exc)
+            return {"error": f"configuration not reloaded: {exc}"}
+        return self.reload(settings)
+
     def spawn(self, coro) -> asyncio.Task:
         """Run a background coroutine owned by the router (cancelled at stop, errors logged)."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -319,12 +353,16 @@ class Router:
         return True
 
     def register_client(self, client: ClientConnection) -> tuple[int, int]:
-        while True:
-            pid = new_cancel_key() & 0x7FFFFFFF
-            if pid and pid not in self.clients:
-                break
+        # A worker's process ids are ≡ its index (mod workers): a sibling receiving a
+        # CancelRequest knows whose it is (frontend/cancel.py).
+        index, count = (self.worker.index, self.worker.count) if self.worker is not None else (0, 1)
+        pid = issue_pid(index, count, self.clients.__contains__)
         self.clients[pid] = client
         return pid, new_cancel_key()
+
+    def share(self, total: int) -> int:
+        """This process's part of a limit set for the whole router (a tenant's pool size)."""
+        return total if self.worker is None else self.worker.part(total)
 
     def note_pinned(self, client: ClientConnection) -> None:
         if client.pins:
@@ -341,13 +379,36 @@ class Router:
         if self.clients.get(client.cancel_pid) is client:
             del self.clients[client.cancel_pid]
 
-    def cancel(self, pid: int, key: int) -> None:
-        """A CancelRequest: cancel what that client runs now, if anything; else ignore it,
-        as PostgreSQL does for a key it does not know."""
+    def cancel(self, pid: int, key: int, *, from_sibling: bool = False) -> None:
+        """A CancelRequest: cancel what that client runs now, if anything. A key another worker
+        issued goes to it; one nobody here issued, to the other instances (frontend/cancel.py);
+        else it is ignored, as PostgreSQL does for a key it does not know."""
         client = self.clients.get(pid)
-        if client is None or not client.matches_cancel_key(key):
+        if client is not None and client.matches_cancel_key(key):
+            outcome = CancelOutcome.LOCAL
+            self._cancel_client(client)
+        elif not from_sibling and self.worker is not None and self.worker.owner_of(pid) != self.worker.index:
+            from router.workers.control import forward_cancel
+
+            outcome = CancelOutcome.FORWARDED
+            self.spawn(forward_cancel(self.worker, self.worker.owner_of(pid), pid, key))
+        elif self.cancel_relay is not None:
+            outcome = CancelOutcome.RELAYED
+            self.spawn(self.cancel_relay.publish(pid, key))
+        else:
+            outcome = CancelOutcome.UNKNOWN
             log.info("ignoring CancelRequest with unknown key")
-            return
+        self.cancel_outcomes[outcome] += 1
+
+    def cancel_relayed(self, pid: int, key: int) -> None:
+        """A CancelRequest another instance relayed: cancel it if the key is ours, else
+        ignore it quietly (every instance hears every relayed key)."""
+        client = self.clients.get(pid)
+        if client is not None and client.matches_cancel_key(key):
+            self.cancel_outcomes[CancelOutcome.LOCAL] += 1
+            self._cancel_client(client)
+
+    def _cancel_client(self, client: ClientConnection) -> None:
         server = client.server
         if server is None or server.pending == 0:
             return

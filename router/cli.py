@@ -18,14 +18,30 @@ def _run(args: argparse.Namespace) -> int:
     from router.logs import setup_logging
 
     settings = load_settings(args.config)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, args.worker)
+    worker = None
+    if args.worker is None and settings.workers > 1:
+        from router.workers.supervisor import supervise
+
+        return supervise(args.config, settings)
+    if args.worker is not None:  # started by the supervisor
+        from pathlib import Path
+
+        from router.workers.shares import WorkerSlot
+        from router.workers.supervisor import die_with_supervisor
+
+        die_with_supervisor()
+        worker = WorkerSlot(
+            args.worker, args.worker_count, Path(args.worker_dir), args.worker_port, settings.listen_port
+        )
+        settings = worker.settings_for(settings)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
         uvloop = None
 
     async def main() -> None:
-        router = Router(settings)
+        router = Router(settings, worker)
         router.config_path = args.config
         await router.start()
         print(f"pgrouter listening on {settings.listen_host}:{router.port}", flush=True)
@@ -408,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the router")
     run.add_argument("--config", "-c", help="TOML configuration file")
+    # Given by the supervisor to the worker processes it starts (router/workers/).
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    run.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=_run)
     hp = sub.add_parser("hash-password", help="print the stored form of a client password")
     hp.add_argument("--method", choices=["scram-sha-256", "md5"], default="scram-sha-256")

@@ -263,7 +263,7 @@ class TenantManager:
             server_password=(
                 tenant.server_password.get_secret_value() if tenant.server_password else None
             ),
-            pool_size=tenant.pool.size,
+            pool_size=self.router.share(tenant.pool.size),  # this worker's part
             pool_mode=tenant.pool.mode,
             query_wait_timeout=tenant.limits.query_wait_timeout,
             server_tls=tenant.cluster.tls,
@@ -302,11 +302,12 @@ class TenantManager:
     def attach(self, client: ClientConnection, pool: Pool) -> None:
         tenant = client.tenant
         clients = self.clients.setdefault(tenant.tenant_id, set())
-        if len(clients) >= tenant.limits.max_client_conn:
+        cap = self.router.share(tenant.limits.max_client_conn)  # this worker's part
+        if len(clients) >= cap:
             raise RouterError(
                 SQLState.TOO_MANY_CONNECTIONS,
                 f'sorry, too many clients already for tenant "{tenant.tenant_id}" '
-                f"(max_client_conn {tenant.limits.max_client_conn})",
+                f"(max_client_conn {cap})",
             )
         clients.add(client)
         tenant_id = tenant.tenant_id
@@ -330,6 +331,8 @@ class TenantManager:
         rate = tenant.limits.statements_per_second
         if rate is None:
             return
+        if self.router.worker is not None:
+            rate /= self.router.worker.count  # each worker its part of the tenant's rate
         bucket = self.rates.get(tenant.tenant_id)
         if bucket is None or bucket.rate != rate:
             bucket = self.rates[tenant.tenant_id] = RateLimit(rate)
@@ -385,7 +388,7 @@ class TenantManager:
         paused = await self.store.pause(tenant_id, expected_version=expected_version)
         self.apply(paused)
         try:
-            if not await self.wait_idle(tenant_id, self.settings.tenant_drop_timeout):
+            if not await self.wait_idle(tenant_id, self.settings.tenant_drop_timeout, every_worker=True):
                 raise MoveTimeout(
                     f'tenant "{tenant_id}" still has transactions running after '
                     f"{self.settings.tenant_drop_timeout:g}s; not moved"
@@ -403,14 +406,24 @@ class TenantManager:
     def in_flight(self, tenant_id: str) -> int:
         return sum(1 for c in self.clients.get(tenant_id, ()) if c.server is not None)
 
-    async def wait_idle(self, tenant_id: str, timeout: float) -> bool:
-        """Wait until none of the tenant's clients is in a transaction; False on timeout."""
+    async def wait_idle(self, tenant_id: str, timeout: float, *, every_worker: bool = False) -> bool:
+        """Wait until none of the tenant's clients is in a transaction; False on timeout.
+        ``every_worker``: in the other worker processes too (router/workers/), which pause the
+        tenant at once when asked."""
         deadline = time.monotonic() + timeout
-        while self.in_flight(tenant_id):
+        while self.in_flight(tenant_id) or (every_worker and await self._in_flight_in_siblings(tenant_id)):
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.02)
         return True
+
+    async def _in_flight_in_siblings(self, tenant_id: str) -> int:
+        worker = self.router.worker
+        if worker is None:
+            return 0
+        from router.workers.control import pause_siblings
+
+        return await pause_siblings(worker, tenant_id)
 
     async def drop(self, tenant_id: str, timeout: float) -> int:
         """A deleted tenant: let transactions finish (up to ``timeout``), then disconnect its

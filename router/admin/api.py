@@ -269,7 +269,12 @@ def tenant_routes() -> APIRouter:
             if tenant is None:
                 raise
             stale = True
-        here = json_safe(manager.status(tenant_id))
+        here = manager.status(tenant_id)
+        if manager.router.worker is not None:  # worker 0 of several: every worker's clients
+            from router.admin.aggregate import all_workers_status
+
+            here = await all_workers_status(manager.router.worker, here, tenant_id)
+        here = json_safe(here)
         here.update(tenant=TenantView.of(tenant), record_stale=stale)
         return TenantStatusView.model_validate(here)
 

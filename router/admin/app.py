@@ -108,7 +108,12 @@ def create_app(
         dependencies=[] if settings.metrics_public else [Depends(require_token)],
     )
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(registry)
+        if router.worker is not None:  # worker 0 of several: every worker's, merged
+            from router.admin.aggregate import all_workers_metrics
+
+            text = await all_workers_metrics(router.worker, text)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
         "/reload",
@@ -125,7 +130,14 @@ def create_app(
             settings = load_settings(router.config_path)
         except (OSError, ValueError) as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"configuration not reloaded: {exc}") from exc
-        return router.reload(settings)
+        result = router.reload(settings)
+        if router.worker is not None:  # the other workers re-read the file too
+            from router.workers.control import reload_siblings
+
+            failed = [a["error"] for a in (await reload_siblings(router.worker)).values() if "error" in a]
+            if failed:
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "; ".join(failed))
+        return result
 
     return app
 

@@ -119,6 +119,14 @@ class RouterCollector(Collector):
             value=len(router.pinned_clients),
         )
         yield from self._measured()
+        cancels = CounterMetricFamily(
+            "pgrouter_cancel_requests_total",
+            "CancelRequests received, by what became of them (README \"Multi-core\")",
+            labels=["outcome"],
+        )
+        for outcome, n in router.cancel_outcomes.items():
+            cancels.add_metric([str(outcome)], n)
+        yield cancels
         classifier = router.classifier
         yield CounterMetricFamily(
             "pgrouter_classifier_cache_hits_total",

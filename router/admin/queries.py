@@ -47,11 +47,20 @@ def _stats(router: Router) -> QueryStats:
     return stats
 
 
-def _view(stats: QueryStats, entries) -> QueryStatsView:
+async def _view(router: Router, stats: QueryStats, limit: int, tenant: str | None = None) -> QueryStatsView:
+    if router.worker is None:
+        entries, evicted, slow = stats.top(limit, tenant=tenant), stats.evicted, stats.slow_queries
+    else:  # worker 0 of several: every worker's statistics, merged
+        from router.admin.aggregate import all_workers_queries
+
+        entries, evicted, slow = await all_workers_queries(
+            router.worker, stats.top(tenant=tenant), stats.evicted, stats.slow_queries, tenant
+        )
+        entries = entries[:limit]
     return QueryStatsView(
         max_entries=stats.max_entries,
-        evicted=stats.evicted,
-        slow_queries=stats.slow_queries,
+        evicted=evicted,
+        slow_queries=slow,
         queries=[QueryStatView(**entry.as_dict()) for entry in entries],
     )
 
@@ -74,18 +83,17 @@ def query_routes() -> APIRouter:
 
     @routes.get("/queries", responses=ERROR_RESPONSES, summary="Query statistics of all tenants")
     async def all_queries(request: Request, limit: Limit = 100) -> QueryStatsView:
-        stats = _stats(request.app.state.router)
-        return _view(stats, stats.top(limit))
+        router = request.app.state.router
+        return await _view(router, _stats(router), limit)
 
     @routes.get(
         "/tenants/{tenant_id}/queries", responses=ERROR_RESPONSES, summary="Query statistics of one tenant"
     )
     async def tenant_queries(tenant_id: str, request: Request, limit: Limit = 100) -> QueryStatsView:
         router = request.app.state.router
-        stats = _stats(router)
-        entries = stats.top(limit, tenant=tenant_id)
-        if not entries and not await _known_tenant(router, tenant_id):
+        view = await _view(router, _stats(router), limit, tenant_id)
+        if not view.queries and not await _known_tenant(router, tenant_id):
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown tenant {tenant_id!r}")
-        return _view(stats, entries)
+        return view
 
     return routes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +58,16 @@ class Subscription:
     # the connection is dead even if TCP has not noticed (a partition sends no reset).
     PING_INTERVAL = 1.0
 
-    def __init__(self, connection: RedisConnection, channel: str) -> None:
+    def __init__(
+        self,
+        connection: RedisConnection,
+        channel: str,
+        parse: Callable[[str | bytes], Any] | None = None,
+    ) -> None:
         self._connection = connection
         self.channel = channel
+        # What a message becomes (raises ValueError on a malformed one); invalidations by default.
+        self._parse = parse or Invalidation.parse
         self._pubsub: Any = None
         self._last_heard = 0.0
         self._last_ping = 0.0
@@ -90,8 +98,8 @@ class Subscription:
             except REDIS_DOWN_ERRORS:
                 pass  # the connection is gone already; there is nothing left to close
 
-    async def next(self, timeout: float) -> Invalidation | None:
-        """The next invalidation, or None after ``timeout`` seconds (at most PING_INTERVAL)
+    async def next(self, timeout: float) -> Any:
+        """The next invalidation (or what ``parse`` made of the message), or None after ``timeout`` seconds (at most PING_INTERVAL)
         without one."""
         with self._connection.reaching_redis():
             message = await self._pubsub.get_message(timeout=min(timeout, self.PING_INTERVAL))
@@ -106,7 +114,7 @@ class Subscription:
         if message is None or message["type"] != "message":
             return None  # a PONG, or nothing yet
         try:
-            return Invalidation.parse(message["data"])
+            return self._parse(message["data"])
         except ValueError:
             log.warning("ignored a malformed message on %s: %r", self.channel, message)
             return None

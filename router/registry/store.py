@@ -132,6 +132,15 @@ class RedisStore:
         """A subscription to this registry's invalidations (``async with`` it)."""
         return Subscription(self._connection, self.channel)
 
+    def subscribe_to(self, name: str, parse: Callable[[str | bytes], Any]) -> Subscription:
+        """A subscription to another channel under this registry's prefix (``{prefix}name``)."""
+        return Subscription(self._connection, f"{self.prefix}{name}", parse)
+
+    async def publish(self, name: str, message: str) -> None:
+        """Publish on ``{prefix}name``. Raises RegistryUnavailable when Redis is down."""
+        with self._reaching_redis():
+            await self.client.publish(f"{self.prefix}{name}", message)
+
     # -- reads ----------------------------------------------------------------------------
 
     async def ping(self) -> None:

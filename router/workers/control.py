@@ -1,0 +1,218 @@
+"""Each worker's control socket: a Unix socket in the supervisor's runtime directory, through
+which the workers reach one another.
+
+One request per connection: a command byte, its payload, end of stream; the reply (if any) is
+everything the worker writes back before it closes.
+
+    C + CancelRequest (16 bytes, as the client sent it)   a cancel for a key this worker issued
+    M                                                      reply: this worker's /metrics text
+    R                                                      re-read the settings file; reply: JSON
+    P + tenant id                                          pause the tenant here (a move drains
+                                                           it); reply: its transactions running
+    Q [+ tenant id]                                        reply: this worker's query statistics
+                                                           (JSON, every entry, exact seconds)
+    S + tenant id                                          reply: the tenant's clients, pools and
+                                                           nodes here (JSON, TenantManager.status)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import generate_latest
+
+from router.protocol.errors import ProtocolError
+from router.protocol.startup import CancelRequest, build_cancel_request, parse_startup_packet
+from router.workers.shares import WorkerSlot
+
+if TYPE_CHECKING:
+    from router.app import Router
+
+log = logging.getLogger("pgrouter.workers")
+
+CANCEL = b"C"
+METRICS = b"M"
+RELOAD = b"R"
+PAUSE = b"P"
+QUERIES = b"Q"
+STATUS = b"S"
+# A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
+# should not wait on it.
+REQUEST_TIMEOUT = 2.0
+MAX_REQUEST = 128  # bytes; the largest request is a command byte and a tenant id (63 bytes)
+
+
+class ControlServer:
+    """The worker's end: answers its siblings. ``start()``/``stop()`` by the Router."""
+
+    def __init__(self, router: Router, slot: WorkerSlot) -> None:
+        from router.admin.metrics import metrics_registry
+
+        self.router = router
+        self.slot = slot
+        self.path = slot.control_socket(slot.index)
+        self.registry = metrics_registry(
+            router, max_tenant_labels=router.settings.metrics_max_tenant_labels
+        )
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # left by a worker of this index that died
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await reader.read(MAX_REQUEST + 1)
+                while len(request) <= MAX_REQUEST and (more := await reader.read(MAX_REQUEST)):
+                    request += more
+                reply = self._answer(request)
+                if reply:
+                    writer.write(reply)
+                    await writer.drain()
+        except (OSError, TimeoutError, ProtocolError, UnicodeDecodeError) as exc:
+            log.warning("control socket: request failed: %s", exc)
+        finally:
+            writer.close()
+
+    def _answer(self, request: bytes) -> bytes:
+        command, payload = request[:1], request[1:]
+        if command == CANCEL:
+            packet = parse_startup_packet(payload)
+            if not isinstance(packet, CancelRequest):
+                raise ProtocolError("control socket: C needs a CancelRequest")
+            self.router.cancel(packet.process_id, packet.secret_key, from_sibling=True)
+            return b""
+        if command == METRICS and not payload:
+            return generate_latest(self.registry)
+        if command == RELOAD and not payload:
+            return json.dumps(self.router.reload_file()).encode()
+        if command == PAUSE and payload:
+            tenant_id = payload.decode()
+            tenants = self.router.tenants
+            tenants.pause(tenant_id)  # at once: the registry's own message may still be on its way
+            return str(tenants.in_flight(tenant_id)).encode()
+        if command == QUERIES:
+            stats = self.router.query_stats
+            if stats is None:
+                return json.dumps({"evicted": 0, "slow_queries": 0, "queries": []}).encode()
+            entries = stats.top(tenant=payload.decode() or None)
+            return json.dumps(
+                {
+                    "evicted": stats.evicted,
+                    "slow_queries": stats.slow_queries,
+                    "queries": [dataclasses.asdict(entry) for entry in entries],
+                }
+            ).encode()
+        if command == STATUS and payload:
+            return json.dumps(self.router.tenants.status(payload.decode())).encode()
+        raise ProtocolError(f"control socket: unknown request {request[:8]!r}")
+
+
+async def request(path: Path, payload: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:
+    """Send one request to a worker's control socket; its reply."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+            return await reader.read()
+        finally:
+            writer.close()
+
+
+async def forward_cancel(slot: WorkerSlot, owner: int, pid: int, key: int) -> None:
+    """Hand a CancelRequest to the worker that issued its key."""
+    try:
+        await request(slot.control_socket(owner), CANCEL + build_cancel_request(pid, key))
+    except (OSError, TimeoutError) as exc:
+        log.warning("could not forward a CancelRequest to worker %d: %s", owner, exc)
+
+
+async def sibling_metrics(slot: WorkerSlot) -> list[str | None]:
+    """Every other worker's /metrics text, by worker index (None: it did not answer)."""
+
+    async def one(index: int) -> str | None:
+        try:
+            return (await request(slot.control_socket(index), METRICS)).decode()
+        except (OSError, TimeoutError) as exc:
+            log.warning("worker %d did not answer a metrics request: %s", index, exc)
+            return None
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return list(await asyncio.gather(*(one(i) for i in others)))
+
+
+async def reload_siblings(slot: WorkerSlot) -> dict[int, dict]:
+    """Ask every other worker to re-read the settings file; their answers by index."""
+
+    async def one(index: int) -> dict:
+        try:
+            return json.loads(await request(slot.control_socket(index), RELOAD))
+        except (OSError, TimeoutError, ValueError) as exc:
+            return {"error": f"worker {index} did not reload: {exc}"}
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    answers = await asyncio.gather(*(one(i) for i in others))
+    return dict(zip(others, answers, strict=True))
+
+
+async def pause_siblings(slot: WorkerSlot, tenant_id: str) -> int:
+    """Pause ``tenant_id`` in every other worker; how many of its transactions still run there
+    (a worker that does not answer counts as busy: a move must not go ahead on a guess)."""
+
+    async def one(index: int) -> int:
+        try:
+            return int(await request(slot.control_socket(index), PAUSE + tenant_id.encode()))
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("worker %d did not answer a pause request: %s", index, exc)
+            return 1
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return sum(await asyncio.gather(*(one(i) for i in others)))
+
+
+async def sibling_queries(slot: WorkerSlot, tenant_id: str | None) -> list[dict | None]:
+    """Every other worker's query statistics (``tenant_id``'s only, if given), as sent by
+    ``QUERIES``; None for a worker that did not answer."""
+
+    async def one(index: int) -> dict | None:
+        try:
+            return json.loads(await request(slot.control_socket(index), QUERIES + (tenant_id or "").encode()))
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("worker %d did not answer a query statistics request: %s", index, exc)
+            return None
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return list(await asyncio.gather(*(one(i) for i in others)))
+
+
+async def sibling_statuses(slot: WorkerSlot, tenant_id: str) -> list[dict | None]:
+    """Every other worker's view of a tenant (TenantManager.status); None: no answer."""
+
+    async def one(index: int) -> dict | None:
+        try:
+            return json.loads(await request(slot.control_socket(index), STATUS + tenant_id.encode()))
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("worker %d did not answer a tenant status request: %s", index, exc)
+            return None
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return list(await asyncio.gather(*(one(i) for i in others)))

@@ -1,0 +1,556 @@
+"""`workers = 2`: a real `pgrouter run` whose two worker processes share the client port
+(SO_REUSEPORT). Which worker holds a connection is read from the operating system (the process
+that owns the accepted socket), never from the router's own word."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.frontend.cancel import CancelOutcome
+from router.protocol import messages as m
+from router.protocol.startup import build_cancel_request
+from router.registry.crypto import generate_key
+from tests.cluster import Cluster, free_port
+from tests.conftest import router_config
+from tests.harness import RouterProcess, write_toml
+from tests.rawclient import RawClient
+
+WORKERS = 2
+
+
+class Workers:
+    """A supervised router and what the operating system says about its workers."""
+
+    def __init__(self, proc: RouterProcess, admin_port: int) -> None:
+        self.proc = proc
+        self.admin_port = admin_port
+        assert proc.proc is not None and proc.port is not None
+        self.port = proc.port
+        self.supervisor = psutil.Process(proc.proc.pid)
+
+    def pids(self) -> dict[int, int]:
+        """Worker index -> pid."""
+        found = {}
+        for child in self.supervisor.children():
+            try:
+                argv = child.cmdline()
+            except psutil.Error:  # exited meanwhile
+                continue
+            if "--worker" in argv:
+                found[int(argv[argv.index("--worker") + 1])] = child.pid
+        return found
+
+    def runtime_dir(self) -> Path:
+        argv = psutil.Process(self.pids()[0]).cmdline()
+        return Path(argv[argv.index("--worker-dir") + 1])
+
+    def worker_of(self, client_port: int, timeout: float = 10.0) -> int:
+        """The worker whose process holds the router's end of the client's connection from
+        ``client_port``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, pid in self.pids().items():
+                try:
+                    conns = psutil.Process(pid).net_connections(kind="tcp")
+                except psutil.NoSuchProcess:
+                    continue
+                if any(c.laddr and c.raddr and c.laddr.port == self.port and c.raddr.port == client_port for c in conns):
+                    return index
+            time.sleep(0.02)
+        raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+    def worker_metrics(self, index: int) -> str:
+        """One worker's own /metrics, from its control socket."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.runtime_dir() / f"worker-{index}.sock"))
+            sock.sendall(b"M")
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def metrics(self) -> str:
+        return self.admin_get("/metrics").decode()
+
+    def admin_get(self, path: str) -> bytes:
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}")
+        request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.read()
+
+
+ADMIN_TOKEN = "workers-token"
+
+
+def start_workers(cluster: Cluster, tmp_path: Path, **overrides) -> Workers:
+    admin_port = free_port()
+    config = router_config(
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token=ADMIN_TOKEN, pool_size=4, **overrides
+    )
+    proc = RouterProcess(write_toml(tmp_path / "router.toml", config)).start()
+    return Workers(proc, admin_port)
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    # With replicas: their monitors run in every worker, and /metrics must not add them up.
+    handle = start_workers(cluster, tmp_path_factory.mktemp("workers"), split=True)
+    yield handle
+    handle.proc.stop()
+
+
+def client_port(conn: psycopg.Connection) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        return sock.getsockname()[1]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def sleeping(cluster: Cluster, marker: str) -> bool:
+    """Whether the statement holding ``marker`` runs on some node (a read may go to a replica)."""
+    running = 0
+    for node in (cluster.primary, *cluster.replicas):
+        with psycopg.connect(node.dsn("postgres"), autocommit=True) as direct:
+            running += direct.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
+                " AND pid <> pg_backend_pid()",
+                (f"%{marker}%",),
+            ).fetchone()[0]
+    return running == 1
+
+
+def connection_on(workers: Workers, wanted: int | None = None, avoid: int | None = None) -> tuple[socket.socket, int]:
+    """A TCP connection to the router that worker ``wanted`` (or any but ``avoid``) accepted.
+    SO_REUSEPORT picks the worker by a hash of the addresses: new connections until one fits."""
+    for _ in range(200):
+        sock = socket.create_connection(("127.0.0.1", workers.port), timeout=10)
+        index = workers.worker_of(sock.getsockname()[1])
+        if (wanted is None or index == wanted) and index != avoid:
+            return sock, index
+        sock.close()
+    raise AssertionError(f"200 connections and none on worker {wanted} / off worker {avoid}")
+
+
+def test_both_workers_serve_clients_on_one_port(workers: Workers) -> None:
+    assert sorted(workers.pids()) == list(range(WORKERS))
+    seen: dict[int, int] = {}
+    conns = []
+    try:
+        for _ in range(100):
+            conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
+            conns.append(conn)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            index = workers.worker_of(client_port(conn))
+            seen[index] = seen.get(index, 0) + 1
+            # The BackendKeyData process id names the worker that issued it.
+            assert conn.info.backend_pid % WORKERS == index
+            if len(seen) == WORKERS and len(conns) >= 10:
+                break
+        assert sorted(seen) == list(range(WORKERS)), f"connections by worker: {seen}"
+        # Every worker counts its own clients; /metrics on worker 0 shows them all.
+        def clients() -> float:
+            text = workers.metrics()
+            return sum(
+                sample(text, "pgrouter_client_connections", tenant="", state=state)
+                for state in ("active", "idle", "waiting")
+            )
+
+        wait_for(lambda: clients() == len(conns), 10, f"{len(conns)} clients in /metrics")
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _run_sleep(client: RawClient, sql: str, outcome: list) -> None:
+    client.send(m.query(sql))
+    replies = client.recv_until(b"Z")
+    errors = [m.parse_error_fields(body)["C"] for t, body in replies if t == b"E"]
+    outcome.append(errors[0] if errors else "finished")
+
+
+def test_a_cancel_through_the_other_worker_cancels_the_query(workers: Workers, cluster: Cluster) -> None:
+    before = workers.metrics()
+    victim = RawClient(workers.port)
+    owner = workers.worker_of(victim.sock.getsockname()[1])
+    pid, key = next(m.parse_backend_key_data(body) for t, body in victim.login_trust() if t == b"K")
+    assert pid % WORKERS == owner
+    outcome: list = []
+    sql = "SELECT pg_sleep(30) /* cancel-through-sibling */"
+    thread = threading.Thread(target=_run_sleep, args=(victim, sql, outcome))
+    thread.start()
+    wait_for(lambda: sleeping(cluster, "cancel-through-sibling"), 10, "the query to run")
+    started = time.monotonic()
+    canceller, via = connection_on(workers, avoid=owner)
+    canceller.sendall(build_cancel_request(pid, key))
+    thread.join(10)
+    assert outcome == ["57014"], f"{outcome} (cancel sent through worker {via}, query on {owner})"
+    assert time.monotonic() - started < 5
+    canceller.close()
+    # The cancelled client carries on.
+    victim.send(m.query("SELECT 1"))
+    assert not [t for t, _ in victim.recv_until(b"Z") if t == b"E"]
+    victim.close()
+    after = workers.metrics()
+
+    def grew(outcome: str) -> float:
+        name = "pgrouter_cancel_requests_total"
+        return sample(after, name, outcome=outcome) - sample(before, name, outcome=outcome)
+
+    assert grew("forwarded") == 1  # by the worker that received it...
+    assert grew("local") == 1  # ...to the one that cancelled
+
+
+def test_an_unknown_cancel_key_is_ignored(workers: Workers) -> None:
+    before = workers.metrics()
+    conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
+    owner = workers.worker_of(client_port(conn))
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(conn.execute("SELECT pg_sleep(1), 5").fetchone()[1]))
+    thread.start()
+    pid = conn.info.backend_pid
+    # Wrong keys for the running client, through its worker and through the other one, and
+    # a process id that no client has.
+    for wanted, cancel in [(owner, (pid, 1)), (1 - owner, (pid, 2)), (owner, (pid ^ 2, 3))]:
+        sock, _ = connection_on(workers, wanted=wanted)
+        sock.sendall(build_cancel_request(*cancel))
+        assert sock.recv(1) == b""  # closed without an answer, as by PostgreSQL
+        sock.close()
+    thread.join(10)
+    assert result == [5]
+    conn.close()
+    after = workers.metrics()
+    name = "pgrouter_cancel_requests_total"
+    assert sample(after, name, outcome="unknown") - sample(before, name, outcome="unknown") == 3
+    assert sample(after, name, outcome="local") == sample(before, name, outcome="local")
+
+
+def test_metrics_are_the_sum_over_workers(workers: Workers) -> None:
+    conns, served = [], set()
+    while len(served) < WORKERS:  # until each worker ran some transactions
+        assert len(conns) < 100, f"100 connections, all on workers {served}"
+        conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
+        conns.append(conn)
+        for _ in range(3):
+            conn.execute("SELECT 1")
+        served.add(workers.worker_of(client_port(conn)))
+    own = [workers.worker_metrics(i) for i in range(WORKERS)]
+    merged = workers.metrics()
+    name = "pgrouter_transaction_duration_seconds_count"
+    parts = [sample(text, name) for text in own]
+    assert all(part > 0 for part in parts), parts  # both served some
+    assert sample(merged, name) == sum(parts)
+    assert sample(merged, "pgrouter_workers") == WORKERS
+    assert sample(merged, "pgrouter_workers_reporting") == WORKERS
+    # GET /queries: one statement run on both workers is one entry with every call.
+    for conn in conns:
+        conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'workers'")
+
+    def marker() -> dict | None:
+        answer = json.loads(workers.admin_get("/queries?limit=1000"))
+        shown = "SELECT count(*) FROM pg_namespace WHERE nspname = $1"  # constants redacted
+        return next((q for q in answer["queries"] if q["query"] == shown), None)
+
+    wait_for(lambda: (marker() or {}).get("calls") == len(conns), 10, f"{len(conns)} calls in /queries")
+    assert sum(marker()["roles"].values()) == len(conns)
+    for conn in conns:
+        conn.close()
+    # Measurements of the same node are not added up: a node is up (1), not "2".
+    for part in own:
+        assert sample(part, "pgrouter_node_up", role="primary") == 1
+    assert sample(merged, "pgrouter_node_up", role="primary") == 1
+    assert sample(merged, "pgrouter_node_up", role="replica") == 1
+
+
+def test_a_bad_control_request_gets_no_answer(workers: Workers) -> None:
+    for garbage in [b"X", b"P\xff\xfe", b"C" + b"\x00" * 16, b"M" * 500]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(workers.runtime_dir() / "worker-1.sock"))
+            sock.sendall(garbage)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+    assert "pgrouter_client_connections" in workers.worker_metrics(1)  # still answering
+
+
+def test_a_worker_that_dies_is_restarted_and_sigterm_exits_zero(cluster: Cluster, tmp_path: Path) -> None:
+    workers = start_workers(cluster, tmp_path, shutdown_timeout=20)
+    try:
+        before = workers.pids()
+        os.kill(before[1], signal.SIGKILL)  # a crash, not a shutdown
+        wait_for(lambda: workers.pids().get(1) not in (None, before[1]), 20, "worker 1 to be restarted")
+        wait_for(lambda: (workers.runtime_dir() / "worker-1.sock").exists(), 20, "worker 1 to listen again")
+        sock, _ = connection_on(workers, wanted=1)  # it serves clients again
+        sock.close()
+        with psycopg.connect(workers.proc.dsn("carol"), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        # A transaction in flight on some worker: SIGTERM lets it finish, then all exit 0.
+        busy = psycopg.connect(workers.proc.dsn("carol"))
+        busy.execute("SELECT 1")
+        runtime = workers.runtime_dir()
+        pids = workers.pids()
+        workers.proc.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refused(workers.proc), 10, "the listeners to close")
+        assert workers.proc.proc.poll() is None, "the router exited with a transaction running"
+        assert busy.execute("SELECT 41 + 1").fetchone() == (42,)
+        busy.commit()
+        busy.close()
+        assert workers.proc.proc.wait(20) == 0
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids.values())
+        assert not runtime.exists()
+    finally:
+        workers.proc.stop()
+
+
+def psycopg_on(workers: Workers, index: int, **kwargs) -> psycopg.Connection:
+    """A psycopg connection that worker ``index`` accepted."""
+    for _ in range(200):
+        conn = psycopg.connect(workers.proc.dsn("carol"), **kwargs)
+        if workers.worker_of(client_port(conn)) == index:
+            return conn
+        conn.close()
+    raise AssertionError(f"200 connections and none on worker {index}")
+
+
+def read_lines(proc: RouterProcess, prefix: str, count: int, timeout: float = 10.0) -> list[str]:
+    """The next ``count`` lines of the router's stdout starting with ``prefix``. Read from the
+    file descriptor: the workers' lines may arrive together, and a buffered readline would
+    keep the second where select() cannot see it."""
+    assert proc.proc is not None and proc.proc.stdout is not None
+    fd = proc.proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    pending, found = b"", []
+    while len(found) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise AssertionError(f"{len(found)} of {count} lines starting with {prefix!r} within {timeout}s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise AssertionError(f"the router closed its output after {found}")
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        found += [line.decode() for line in lines if line.decode().startswith(prefix)]
+    return found
+
+
+def test_limits_are_split_and_reloads_reach_every_worker(cluster: Cluster, tmp_path: Path) -> None:
+    import urllib.request
+
+    admin_port = free_port()
+    config = router_config(
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token="reload-token", pool_size=2,
+        query_wait_timeout=0.5,
+    )  # fmt: skip
+    path = write_toml(tmp_path / "router.toml", config)
+    workers = Workers(RouterProcess(path).start(), admin_port)
+    try:
+        # pool_size = 2 over two workers: one server connection each. A transaction holds
+        # worker 1's; another client of worker 1 waits, then gets 53300.
+        holder = psycopg_on(workers, 1)
+        holder.execute("SELECT 1")
+        other = psycopg_on(workers, 1, autocommit=True)
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            other.execute("SELECT 2")
+        # POST /reload on worker 0: worker 1 re-reads the file too and gets its larger share.
+        write_toml(path, {**config, "pool_size": 4})
+        request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/reload", method="POST")
+        request.add_header("Authorization", "Bearer reload-token")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert json.loads(reply.read())["applied"] == ["pool_size"]
+        assert other.execute("SELECT 3").fetchone() == (3,)
+        holder.commit()
+        # SIGHUP to the supervisor: every worker reloads and says so.
+        write_toml(path, {**config, "pool_size": 6})
+        workers.proc.proc.send_signal(signal.SIGHUP)
+        for line in read_lines(workers.proc, "reloaded:", WORKERS):
+            assert '"pool_size"' in line
+        holder.close()
+        other.close()
+    finally:
+        workers.proc.stop()
+
+
+def test_a_killed_supervisor_takes_its_workers_with_it(cluster: Cluster, tmp_path: Path) -> None:
+    import shutil
+
+    workers = start_workers(cluster, tmp_path)
+    pids, runtime = workers.pids(), workers.runtime_dir()
+    try:
+        workers.proc.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+        workers.proc.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_for(lambda: all(gone(pid) for pid in pids.values()), 20, "the workers to exit")
+        assert _refused(workers.proc)
+    finally:
+        workers.proc.stop()
+        shutil.rmtree(runtime, ignore_errors=True)  # the supervisor could not remove it
+
+
+def test_a_worker_that_cannot_start_stops_the_router(cluster: Cluster, tmp_path: Path) -> None:
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody can join it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = router_config(cluster, workers=WORKERS, listen_port=port)
+        proc = RouterProcess(write_toml(tmp_path / "router.toml", config))
+        with pytest.raises(RuntimeError, match="did not start"):
+            proc.start()
+        assert proc.proc is not None and proc.proc.wait(20) == 1
+        assert "workers did not start" in proc.log_path.read_text()
+
+
+def _refused(proc: RouterProcess) -> bool:
+    try:
+        psycopg.connect(proc.dsn("carol"), connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return True
+    return False
+
+
+def test_a_cancel_for_another_instance_goes_through_redis(start_router, cluster: Cluster) -> None:
+    """Two router instances sharing a registry: a CancelRequest that reaches the one that did
+    not issue the key is relayed over Redis to the one that did."""
+    import uuid
+
+    registry = {
+        "redis_url": cluster.redis_url,
+        "secret_key": f"k1:{generate_key()}",
+        "registry_prefix": f"cancel-relay-{uuid.uuid4().hex[:8]}:",
+    }
+    issuer, other = start_router(**registry), start_router(**registry)
+    for router in (issuer, other):
+        router.wait_for(lambda r: r.cancel_relay.subscribed.is_set(), what="the relay subscribed")
+    victim = RawClient(issuer.port)
+    pid, key = next(m.parse_backend_key_data(body) for t, body in victim.login_trust() if t == b"K")
+    outcome: list = []
+    thread = threading.Thread(target=_run_sleep, args=(victim, "SELECT pg_sleep(30) /* relayed */", outcome))
+    thread.start()
+    wait_for(lambda: sleeping(cluster, "relayed"), 10, "the query to run")
+    for wrong in [(pid, key ^ 1), (pid ^ 1, key)]:  # relayed too, and ignored by everyone
+        raw = RawClient(other.port)
+        raw.send(build_cancel_request(*wrong))
+        assert raw.is_closed()
+    assert sleeping(cluster, "relayed")
+    raw = RawClient(other.port)
+    raw.send(build_cancel_request(pid, key))
+    assert raw.is_closed()
+    thread.join(10)
+    assert outcome == ["57014"]
+    victim.close()
+    assert other.call(lambda r: r.cancel_outcomes[CancelOutcome.RELAYED]) == 3
+    assert issuer.call(lambda r: r.cancel_outcomes[CancelOutcome.LOCAL]) == 1
+
+
+def test_a_tenant_move_waits_for_transactions_on_every_worker(cluster: Cluster, tmp_path: Path) -> None:
+    """POST /tenants/{id}/move is served by worker 0, but the tenant's clients may be on any
+    worker: a transaction running on worker 1 holds the move back (409 at the deadline), and
+    once it is done the move goes through and worker 1's client follows the tenant."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    from router.registry.crypto import Keyring
+    from router.registry.models import TenantCreate
+    from router.registry.store import RedisStore
+
+    databases = ["workers_move_from", "workers_move_to"]
+    for db in databases:
+        if cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'") != "1":
+            cluster.psql(f"CREATE DATABASE {db} OWNER pgr_scram")
+    secret_key, prefix = f"k1:{generate_key()}", f"workers-move-{uuid.uuid4().hex[:8]}:"
+
+    async def create() -> None:
+        store = RedisStore.from_url(cluster.redis_url, Keyring.from_specs(secret_key), prefix=prefix)
+        try:
+            await store.create(
+                TenantCreate(
+                    tenant_id="mover",
+                    cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port}},
+                    database=databases[0], server_user="pgr_scram", server_password="scram-pw",
+                    users=[{"name": "mo", "password": "mo-pw"}],
+                )  # fmt: skip
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(create())
+    admin_port = free_port()
+    config = router_config(
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token=ADMIN_TOKEN,
+        redis_url=cluster.redis_url, secret_key=secret_key, registry_prefix=prefix,
+        tenant_drop_timeout=1,
+    )  # fmt: skip
+    workers = Workers(RouterProcess(write_toml(tmp_path / "router.toml", config)).start(), admin_port)
+
+    def on_worker_1() -> psycopg.Connection:
+        for _ in range(200):
+            conn = psycopg.connect(f"postgresql://mo:mo-pw@127.0.0.1:{workers.port}/mover")
+            if workers.worker_of(client_port(conn)) == 1:
+                return conn
+            conn.close()
+        raise AssertionError("200 connections and none on worker 1")
+
+    def move() -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{admin_port}/tenants/mover/move", method="POST",
+            data=json.dumps({"database": databases[1]}).encode(),
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        client = on_worker_1()
+        assert client.execute("SELECT current_database()").fetchone() == (databases[0],)  # in a transaction now
+        # GET /tenants/{id}/status, served by worker 0, counts worker 1's client and pool.
+        status = json.loads(workers.admin_get("/tenants/mover/status"))
+        assert status["clients"] == {"total": 1, "active": 1, "waiting": 0}
+        assert [stats["active"] for stats in status["pools"].values()] == [1]
+        assert move() == 409  # worker 1's transaction is still running
+        assert client.execute("SELECT current_database()").fetchone() == (databases[0],)
+        client.commit()
+        assert move() == 200
+        with client.transaction():
+            assert client.execute("SELECT current_database()").fetchone() == (databases[1],)
+        client.close()
+    finally:
+        workers.proc.stop()
