@@ -41,6 +41,24 @@ def test_each_client_gets_its_own_backend_key(router):
     assert len(keys) == 5
 
 
+def _wait_running(cluster, sql: str, count: int = 1, timeout: float = 10.0) -> None:
+    """Until ``count`` backends run ``sql``: a cancel that reaches a backend before it has
+    started the query is dropped by PostgreSQL, so "sent to the server" is not enough."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = 0
+        for node in (cluster.primary, *cluster.replicas):
+            with psycopg.connect(node.dsn("postgres"), autocommit=True) as direct:
+                running += direct.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = %s",
+                    (sql,),
+                ).fetchone()[0]
+        if running >= count:
+            return
+        assert time.monotonic() < deadline, f"{sql!r} not running on {count} backends"
+        time.sleep(0.02)
+
+
 def _run_sleep(conn, outcome: list) -> None:
     try:
         conn.execute("SELECT pg_sleep(20)")
@@ -49,7 +67,7 @@ def _run_sleep(conn, outcome: list) -> None:
         outcome.append(exc.sqlstate)
 
 
-def test_cancel_reaches_the_running_query_and_nothing_else(start_router):
+def test_cancel_reaches_the_running_query_and_nothing_else(start_router, cluster):
     router = start_router(pool_size=3)
     victim = psycopg.connect(router.dsn("carol"), autocommit=True)
     bystander = psycopg.connect(router.dsn("carol"), autocommit=True)
@@ -62,6 +80,8 @@ def test_cancel_reaches_the_running_query_and_nothing_else(start_router):
     )
     t2.start()
     router.wait_for(lambda r: sum(s.pending for p in r.pools.pools.values() for s in p.servers) == 2, what="both queries running")
+    _wait_running(cluster, "SELECT pg_sleep(20)")
+    _wait_running(cluster, "SELECT pg_sleep(1.5), 7")
     started = time.monotonic()
     # cancel_safe(): the libpq call behind cancel() holds the GIL while it waits, which would
     # starve the in-process router thread.
@@ -77,14 +97,15 @@ def test_cancel_reaches_the_running_query_and_nothing_else(start_router):
     bystander.close()
 
 
-def test_cancel_with_unknown_key_is_ignored(start_router):
+def test_cancel_with_unknown_key_is_ignored(start_router, cluster):
     router = start_router(pool_size=2)
     conn = psycopg.connect(router.dsn("carol"), autocommit=True)
     pid = conn.info.backend_pid
     result: list = []
-    t = threading.Thread(target=lambda: result.append(conn.execute("SELECT pg_sleep(1), 5").fetchone()[1]))
+    t = threading.Thread(target=lambda: result.append(conn.execute("SELECT pg_sleep(2), 5").fetchone()[1]))
     t.start()
     router.wait_for(lambda r: any(s.pending for p in r.pools.pools.values() for s in p.servers), what="query running")
+    _wait_running(cluster, "SELECT pg_sleep(2), 5")
     for wrong in [(pid, 12345), (pid ^ 1, 12345)]:
         raw = RawClient(router.port)
         raw.send(build_cancel_request(*wrong))
@@ -101,7 +122,7 @@ def test_cancel_when_idle_does_nothing(router):
     conn.close()
 
 
-def test_server_held_during_a_cancel_goes_back_to_the_pool(start_router):
+def test_server_held_during_a_cancel_goes_back_to_the_pool(start_router, cluster):
     """A server connection is kept out of the pool while a cancel for it is in flight (so the
     signal cannot hit another client's query), and returns once the cancel is done."""
     router = start_router(pool_size=1)
@@ -111,6 +132,7 @@ def test_server_held_during_a_cancel_goes_back_to_the_pool(start_router):
         t = threading.Thread(target=_run_sleep, args=(conn, outcome))
         t.start()
         router.wait_for(lambda r: any(s.pending for p in r.pools.pools.values() for s in p.servers), what="query running")
+        _wait_running(cluster, "SELECT pg_sleep(20)")
         conn.cancel_safe()
         t.join(10)
         assert outcome == ["57014"]
