@@ -500,7 +500,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self._watch_for_writes(data, start)
             self._send(server, data, start, syncs, rewrite)
             return
-        data, start = self._drop_orphan_copy_data(data, start)
+        if self._dropping_copy or (not start and data and data[0] in _COPY):
+            data, start = self._drop_orphan_copy_data(data, start)
         if not data:
             return
         if rewrite & _NEEDS_REWRITE and syncs == 1 and start == 0 and not self._held:
@@ -713,7 +714,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         server.link(self)
         if self._write_paused:
             server.pause_reading_for_client()
-        if self.rewrite_statements or self.tenant_guard is not None:
+        if (self.rewrite_statements or self.tenant_guard is not None) and server.session_key != self.session.key:
             prelude = self.session.prelude(server.session_key)
             if prelude:
                 # Another client's settings off, this client's on; replies are dropped.
@@ -795,7 +796,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         )
         server.last_sent = sent
         st.sent_z += syncs
-        server.write(sent)
+        server.transport.write(sent)
         if rewrite & _FORGET_PREPARED:
             st.forget_all()
         # Whatever SETs this chunk carries, the server will carry too; after a RESET it carries
