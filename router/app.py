@@ -21,7 +21,7 @@ from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
 from router.routing.classify import ClassifierCache
 from router.routing.functions import FunctionCatalog
-from router.routing.route import RouteReason, VerdictCache, decide, held_verdict
+from router.routing.route import PLAIN_READ, RouteReason, VerdictCache, decide, held_verdict
 from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
 from router.session import StatementRegistry
@@ -36,6 +36,8 @@ from router.workers.shares import WorkerSlot
 log = logging.getLogger("pgrouter")
 
 LISTEN_BACKLOG = 1024
+_REPLICA_READ = ("replica", RouteReason.READ)
+_Q = ord("Q")
 # Transaction durations (pgrouter_transaction_duration_seconds), from 100 µs to a minute.
 TRANSACTION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -509,6 +511,30 @@ class Router:
         route.current_catalog()
         if client.pool_mode is PoolMode.SESSION:
             return route.pool(split.primary())
+        held = client._held
+        if (
+            len(held) == 1
+            and client.deferred_begin is None
+            and client.session_target is None
+            and not client.read_only_session
+            and not client.pins
+        ):
+            # The commonest transaction: a lone plain SELECT, autocommit, in a session with
+            # nothing that steers it. decide() would say (replica, read); this skips the scan.
+            data, start, syncs, _ = held[0]
+            if (
+                not start
+                and syncs == 1
+                and data[0] == _Q
+                and len(data) == 1 + int.from_bytes(data[1:5])
+                and route.verdicts.verdict(data[5:-1]) is PLAIN_READ
+            ):
+                node, _why = split.replica(client)
+                if node is not None:
+                    split.decisions[_REPLICA_READ] += 1
+                    node.in_flight += 1
+                    client.replica_node = node
+                    return route.pool(node)
         first, combined, client.last_unnamed = held_verdict(
             client._held, route.verdicts.verdict, client.statement_sql, client.last_unnamed
         )

@@ -53,6 +53,7 @@ _COMMAND_COMPLETE = ord("C")
 _N = ord("N")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
+_DATA_ROW = ord("D")
 
 
 def _cut(cuts: list | None, pos: int, replacement: bytes, end: int = -1) -> list:
@@ -178,6 +179,9 @@ class ServerConnection(asyncio.Protocol):
                 break
             t = data[pos]
             length = _unpack_len(data, pos + 1)[0]
+            if t == _DATA_ROW:  # most messages of most results: nothing to look at
+                pos += 1 + length
+                continue
             if t == _Z:
                 if pos + 6 > n:
                     # ReadyForQuery whose status byte has not arrived: hold it back.
