@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING
 
 from router.config import PoolMode
 from router.frontend.login import CLOSED, READY, STARTUP, LoginMixin
-from router.protocol import messages as m
-from router.protocol.errors import ProtocolError, RouterError, SQLState
-from router.routing.route import decide, held_verdict
-from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
-from router.session import (
+from router.prepared import (
     ClientStatement,
-    SessionSettings,
     local_parse_reply,
     rewrite_for_server,
     statements_used,
 )
+from router.protocol import messages as m
+from router.protocol.errors import ProtocolError, RouterError, SQLState
+from router.routing.route import decide, held_verdict
+from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
+from router.session import SessionSettings
 from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 _Q, _S, _F, _X, _H = ord("Q"), ord("S"), ord("F"), ord("X"), ord("H")
 # Extended-protocol messages: until a Sync follows them the server may still owe replies.
 _EXTENDED = frozenset(b"PBEDCH")
-# Messages that name a prepared statement, rewritten in transaction mode (router/session.py).
+# Messages that name a prepared statement, rewritten in transaction mode (router/prepared.py).
 _NAMED = frozenset(b"PBDC")
 _P_, _B_, _C_, _D_, _E_ = ord("P"), ord("B"), ord("C"), ord("D"), ord("E")
 # What a chunk needs on its way to a server (bits): reply counting for an unnamed Parse or

@@ -29,8 +29,8 @@ from router.protocol import messages as m
 from tests.clients.conftest import assert_pool_idle, client_env
 from tests.rawclient import RawClient
 
-# The frontend message builders of the unit tests of router/session.py.
-from tests.unit.test_session import (
+# The frontend message builders of the unit tests of router/prepared.py.
+from tests.unit.test_prepared import (
     FLUSH,
     SYNC,
     bind,

@@ -1,4 +1,4 @@
-"""Named prepared statements under transaction pooling (router/session.py), sans-I/O.
+"""Named prepared statements under transaction pooling (router/prepared.py), sans-I/O.
 
 Frontend messages go in as bytes; what comes out (rewritten messages, the reply queues, the
 local answer to Parse+Sync) is checked exactly. Then a property test runs random message
@@ -21,8 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.protocol.errors import ProtocolError
-from router.session import (
+from router.prepared import (
     ACTION,
     AS_PARSE_COMPLETE,
     CLOSE_REPLY,
@@ -42,6 +41,7 @@ from router.session import (
     rewrite_for_server,
     statements_used,
 )
+from router.protocol.errors import ProtocolError
 
 # --- Frontend message builders (independent of the router's own codec) ---------------------------
 
