@@ -28,6 +28,16 @@ skips to the next Sync (PostgreSQL docs, 55.2.3 "Extended Query"), so the entrie
 segment get no reply: they are dropped and what they changed is put back. A failed or
 skipped Parse or Close never counts. The same counting is what the server connection's hot
 path consults.
+
+What the server will hold can be made certain before the replies come (a Close then a Parse
+of a statement whose fate is open); what a client's name means cannot. In a pipeline, a Parse
+or Close of a name in one segment may fail or be skipped after an error, and that decides
+what a later segment's Parse, Bind or Describe of the name does: succeed or 42P05, run or
+26000, and with which text. So such a message waits, with everything after it, until the
+server has answered what was sent before (``ServerStatements.wait_from``; the client
+connection sends the rest on the ReadyForQuery that settles it). Pipelines that use a name
+prepared in an earlier segment of the same pipeline pay a round trip; everything else is
+rewritten at once.
 """
 
 from __future__ import annotations
@@ -131,7 +141,10 @@ class ServerStatements:
     failed or skipped Parse or Close never counts.
     """
 
-    __slots__ = ("prepared", "ops", "sent_z", "recv_z", "max_prepared", "validated", "error_segment")
+    __slots__ = (
+        "prepared", "ops", "sent_z", "recv_z", "max_prepared", "validated", "error_segment",
+        "wait_from",
+    )
 
     def __init__(
         self, max_prepared: int = DEFAULT_MAX_PREPARED, validated: set[bytes] | None = None
@@ -147,6 +160,9 @@ class ServerStatements:
         # messages still sent into it get no replies and are not queued.
         self.error_segment = -1
         self.max_prepared = max_prepared
+        # Set by ``rewrite_for_server``: where in its chunk the messages begin that must wait
+        # for every reply owed before they can be rewritten (-1: none).
+        self.wait_from = -1
 
     def on_error(self) -> None:
         """An ErrorResponse: the requests of the failing segment that have not been answered
@@ -263,23 +279,11 @@ class ServerStatements:
             return 1
         return -1
 
-    def _parsed_for(self, stmt: ClientStatement, segment: int) -> bool:
-        """Whether the client has ``stmt`` by a Parse of an earlier segment, not answered yet,
-        that is still the last request about its server statement: then the server has the
-        statement exactly when the client has it."""
-        ops = self.ops
-        last = None
-        for op in ops:
-            if op[NAME] == stmt.server_name:
-                last = op
-        return last is not None and last[SEGMENT] < segment and last[CLIENT_NEW] is stmt
-
-    def ensure(self, stmt: ClientStatement, segment: int, out: list, client_parse: bool = False) -> None:
+    def ensure(self, stmt: ClientStatement, segment: int, out: list) -> None:
         """Have ``stmt`` prepared for a Bind/Describe of ``segment``: its Parse goes first
         (reply swallowed) unless the server surely has it. When that depends on an earlier
         segment still unanswered, a Close goes first: it could have been skipped, and a Parse
-        of a name the server has fails. ``client_parse``: for the stand-in of a client's Parse
-        of a name it has, which must fail exactly when the client has the name."""
+        of a name the server has fails."""
         name = stmt.server_name
         seen = self.prepared.get(name)
         if seen is not None and (seen == segment or seen < self.recv_z):
@@ -287,8 +291,6 @@ class ServerStatements:
             return
         sure = self._sure(name, segment)
         if sure < 0:
-            if client_parse and self._parsed_for(stmt, segment):
-                return
             self._close(stmt.server_name, segment, out)
         self._parse(stmt.server_name, stmt.parse_message, segment, SWALLOW, out)
 
@@ -343,6 +345,20 @@ def _cstring_end(data: bytes, start: int, end: int) -> int:
     return nul
 
 
+def _pending_in_earlier_segment(
+    ops: deque, client_statements: dict, name: bytes, segment: int
+) -> bool:
+    """Whether a Parse or Close of the client's ``name`` sent in a segment before ``segment``
+    is still unanswered: whether it takes effect, fails or is skipped decides what a message
+    of ``segment`` naming it means (the caller has checked that ``ops`` starts earlier)."""
+    for op in ops:
+        if op[SEGMENT] >= segment:
+            return False
+        if op[CLIENT] is client_statements and op[CLIENT_NAME] == name:
+            return True
+    return False
+
+
 def _name_end(data: bytes, pos: int, end: int) -> int:
     """Where the name of the Describe/Close at ``pos`` ends: its NUL must be the last byte."""
     if _cstring_end(data, pos + 6, end) != end - 1:
@@ -363,13 +379,19 @@ def rewrite_for_server(
     a trailing incomplete message (the caller only lets through incomplete messages of types
     that need no rewriting). Updates the server's bookkeeping; does not count sent Syncs (the
     caller adds them to ``server.sent_z`` afterwards).
+
+    A message whose meaning depends on a reply still owed (see the module doc) stops the
+    rewriting: ``server.wait_from`` is set to its offset, and only what precedes it is
+    returned. The caller sends the rest once nothing is owed.
     """
     out: list[bytes] = []
     run = 0  # start of the current stretch copied verbatim
     pos = start
     n = len(data)
+    stop = n  # where the returned bytes end: before a message that waits, else the end
     segment = server.sent_z
     ops = server.ops
+    server.wait_from = -1
     while pos + 5 <= n:
         t = data[pos]
         end = pos + 1 + _unpack_len(data, pos + 1)[0]
@@ -386,6 +408,11 @@ def rewrite_for_server(
                 ops.append((segment, PARSE_REPLY, FORWARD, None, None, None, None, None, None))
             else:
                 client_name = data[pos + 5 : name_end]
+                if ops and ops[0][SEGMENT] < segment and _pending_in_earlier_segment(
+                    ops, client_statements, client_name, segment
+                ):
+                    stop = pos
+                    break
                 body = data[name_end + 1 : end]  # query text, NUL, parameter types
                 server_name = registry.name_for(body)
                 message = frame(b"P", server_name + b"\0" + body)
@@ -396,9 +423,9 @@ def rewrite_for_server(
                     # PostgreSQL answers 42P05 (or the text's own error, which it finds
                     # first): so does the server, to a Parse of the name it has for the
                     # client's statement; a Close follows in case the Parse succeeds after
-                    # all (the statement was skipped after an error), or the name would mean
+                    # all (the server no longer had the statement), or the name would mean
                     # another text there.
-                    server.ensure(old, segment, out, client_parse=True)
+                    server.ensure(old, segment, out)
                     out.append(frame(b"P", old.server_name + b"\0" + body))
                     ops.append((
                         segment, PARSE_REPLY, DUPLICATE, None, None, client_statements, client_name,
@@ -423,7 +450,13 @@ def rewrite_for_server(
             portal_end = _cstring_end(data, pos + 5, end)
             stmt_end = _cstring_end(data, portal_end + 1, end)
             if stmt_end > portal_end + 1:
-                stmt = client_statements.get(data[portal_end + 1 : stmt_end])
+                client_name = data[portal_end + 1 : stmt_end]
+                if ops and ops[0][SEGMENT] < segment and _pending_in_earlier_segment(
+                    ops, client_statements, client_name, segment
+                ):
+                    stop = pos
+                    break
+                stmt = client_statements.get(client_name)
                 if stmt is not None:
                     out.append(data[run:pos])
                     run = end
@@ -436,7 +469,13 @@ def rewrite_for_server(
                     )
         elif t == _D:
             if end - pos > 7 and data[pos + 5] == _STATEMENT:
-                stmt = client_statements.get(data[pos + 6 : _name_end(data, pos, end)])
+                client_name = data[pos + 6 : _name_end(data, pos, end)]
+                if ops and ops[0][SEGMENT] < segment and _pending_in_earlier_segment(
+                    ops, client_statements, client_name, segment
+                ):
+                    stop = pos
+                    break
+                stmt = client_statements.get(client_name)
                 if stmt is not None:
                     out.append(data[run:pos])
                     run = end
@@ -449,18 +488,21 @@ def rewrite_for_server(
                 out.append(data[run:pos])
                 run = end
                 out.append(NOOP_CLOSE)
+                # Recorded even when the client has no such name (as far as the router
+                # knows yet): an earlier request still unanswered may give it one.
                 ops.append((
-                    segment, CLOSE_REPLY, FORWARD, None, None,
-                    client_statements if prev is not None else None, client_name, None, prev,
+                    segment, CLOSE_REPLY, FORWARD, None, None, client_statements, client_name, None, prev,
                 ))
             else:
                 ops.append((segment, CLOSE_REPLY, FORWARD, None, None, None, None, None, None))
         elif t == _S or t == _Q or t == _F:
             segment += 1
         pos = end
+    if stop < n:
+        server.wait_from = stop
     if not out:
-        return data
-    out.append(data[run:])
+        return data if stop == n else data[:stop]
+    out.append(data[run:stop])
     return b"".join(out)
 
 
