@@ -17,6 +17,7 @@ from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager
 from router.pools.pool import Pool
+from router.prepared import StatementRegistry
 from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
 from router.routing.classify import ClassifierCache
@@ -24,7 +25,6 @@ from router.routing.functions import FunctionCatalog
 from router.routing.route import PLAIN_READ, RouteReason, VerdictCache, decide, held_verdict
 from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
-from router.session import StatementRegistry
 from router.splitting import SplitCluster
 from router.stats.histogram import FastHistogram
 from router.stats.queries import QueryStats

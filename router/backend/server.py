@@ -18,6 +18,14 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from router.config import ChannelBinding
+from router.prepared import (
+    AS_PARSE_COMPLETE,
+    DUPLICATE,
+    PARSE_COMPLETE,
+    SWALLOW,
+    ServerStatements,
+    statements_used,
+)
 from router.protocol import messages as m
 from router.protocol.auth import (
     SCRAM_SHA_256_PLUS,
@@ -30,14 +38,6 @@ from router.protocol.auth import (
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import MessageReader
 from router.protocol.startup import build_ssl_request, build_startup_message
-from router.session import (
-    AS_PARSE_COMPLETE,
-    DUPLICATE,
-    PARSE_COMPLETE,
-    SWALLOW,
-    ServerStatements,
-    statements_used,
-)
 
 if TYPE_CHECKING:
     from router.frontend.client import ClientConnection

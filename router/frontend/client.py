@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING
 
 from router.config import PoolMode
 from router.frontend.login import CLOSED, READY, STARTUP, LoginMixin
-from router.protocol import messages as m
-from router.protocol.errors import ProtocolError, RouterError, SQLState
-from router.routing.route import decide, held_verdict
-from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
-from router.session import (
+from router.prepared import (
     ClientStatement,
-    SessionSettings,
     local_parse_reply,
     rewrite_for_server,
     statements_used,
 )
+from router.protocol import messages as m
+from router.protocol.errors import ProtocolError, RouterError, SQLState
+from router.routing.route import decide, held_verdict
+from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
+from router.session import SessionSettings
 from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 _Q, _S, _F, _X, _H = ord("Q"), ord("S"), ord("F"), ord("X"), ord("H")
 # Extended-protocol messages: until a Sync follows them the server may still owe replies.
 _EXTENDED = frozenset(b"PBEDCH")
-# Messages that name a prepared statement, rewritten in transaction mode (router/session.py).
+# Messages that name a prepared statement, rewritten in transaction mode (router/prepared.py).
 _NAMED = frozenset(b"PBDC")
 _P_, _B_, _C_, _D_, _E_ = ord("P"), ord("B"), ord("C"), ord("D"), ord("E")
 # What a chunk needs on its way to a server (bits): reply counting for an unnamed Parse or
@@ -171,6 +171,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # Named prepared statements: the client's names mapped to router-owned ones.
         self.statements: dict[bytes, ClientStatement] = {}
         self.rewrite_statements = False
+        # Chunks waiting until the server has answered everything sent before them: they name
+        # a statement whose Parse or Close in an earlier segment is unanswered (see
+        # router/prepared.py). None: nothing waits.
+        self._after_replies: list[tuple[bytes, int, int, int]] | None = None
+        self._after_replies_bytes = 0
         # Why this client keeps its server connection between transactions (empty: it does not).
         self.pins: set[str] = set()
         self.session = SessionSettings({})
@@ -762,6 +767,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         return (data[pos:] if pos else data), 0
 
     def _send(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> None:
+        if self._after_replies is not None:
+            self._wait_for_replies(data, start, syncs, rewrite)
+            return
         now = 0.0
         if not server.tx_t0:
             server.tx_t0 = now = perf_counter()
@@ -786,6 +794,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             except ProtocolError as exc:
                 self._protocol_violation(exc.message)
                 return
+            if st.wait_from >= 0:
+                data, syncs, rewrite = self._split_for_replies(server, data, syncs, rewrite)
+                if not data:
+                    return  # all of it waits
         # A lone exchange naming a statement, outside a transaction: it may run again once
         # (reprepare). Anything else sent meanwhile disarms it.
         server.retry_data = (
@@ -802,6 +814,50 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # Whatever SETs this chunk carries, the server will carry too; after a RESET it carries
         # its own defaults, which match no client's key, so the next transaction re-primes it.
         server.session_key = _UNKNOWN_SETTINGS if rewrite & _SETTINGS_RESET else self.session.key
+
+    def _split_for_replies(
+        self, server: ServerConnection, data: bytes, syncs: int, rewrite: int
+    ) -> tuple[bytes, int, int]:
+        """``rewrite_for_server`` stopped at a message that must wait for the replies owed
+        (``server.stmts.wait_from``). The rest of the chunk waits; returns the part that goes
+        now, its Sync count and flags. Forgetting the server's statements (DISCARD ALL) is
+        left to the rest: it happens once the whole chunk is sent, as for any chunk."""
+        cut = server.stmts.wait_from
+        rest = data[cut:]
+        rest_syncs = _sync_points(rest)
+        self._after_replies = [(rest, 0, rest_syncs, rewrite)]
+        self._after_replies_bytes = len(rest)
+        if rest_syncs and self.router.query_stats is not None:
+            # The call just counted for this chunk ends at a ReadyForQuery of the rest only
+            # when the rest is sent; until then the part sent now is a call of its own.
+            sql, t0, _, role = server.calls[-1]
+            if rest_syncs < syncs:
+                server.calls[-1] = (sql, t0, syncs - rest_syncs, role)
+            else:
+                server.calls.pop()
+                self._call_sql, self._call_t0 = sql, t0
+        return data[:cut], syncs - rest_syncs, rewrite & ~_FORGET_PREPARED
+
+    def _wait_for_replies(self, data: bytes, start: int, syncs: int, rewrite: int) -> None:
+        """A chunk behind one that waits for the server's replies: it waits too, in order."""
+        self._after_replies.append((data, start, syncs, rewrite))
+        self._after_replies_bytes += len(data)
+        if self._after_replies_bytes > MAX_HELD_BYTES and not self._read_paused_while_waiting:
+            self._read_paused_while_waiting = True
+            self.transport.pause_reading()
+
+    def _send_after_replies(self, server: ServerConnection) -> None:
+        """Everything sent has been answered, so what waited can be rewritten knowing how the
+        earlier Parses and Closes ended (it may stop at another such message and wait again)."""
+        waiting, self._after_replies = self._after_replies, None
+        self._after_replies_bytes = 0
+        for data, start, syncs, rewrite in waiting:
+            if self.state == _CLOSED:
+                return
+            self._send(server, data, start, syncs, rewrite)
+        if self._after_replies is None and self._read_paused_while_waiting:
+            self._read_paused_while_waiting = False
+            self.transport.resume_reading()
 
     def reprepare(self, server: ServerConnection, data: bytes) -> bool:
         """The server answered "cached plan must not change result type" (DDL changed the
@@ -885,6 +941,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def server_ready(self, server: ServerConnection) -> None:
         """Called by the linked server after a ReadyForQuery with nothing else outstanding."""
+        if self._after_replies is not None:
+            self._send_after_replies(server)
+            return
         if (
             server.tx_status == m.IDLE
             and self.pool_mode is PoolMode.TRANSACTION
@@ -929,6 +988,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
     def server_lost(self, server: ServerConnection) -> None:
         """The linked server connection broke: the transaction's fate is unknown."""
         self.server = None
+        self._after_replies = None  # a replica's read retried elsewhere resends its chunks
         self._call_t0 = 0.0
         reason = server.closing_reason or "server closed the connection unexpectedly"
         if not server.forwarded and self._retry_read(reason, attached=True):
@@ -1016,6 +1076,19 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def matches_cancel_key(self, key: int) -> bool:
         return hmac.compare_digest(self.cancel_key.to_bytes(4, "big"), key.to_bytes(4, "big"))
+
+
+def _sync_points(data: bytes) -> int:
+    """The ReadyForQuery replies ``data`` earns: its Sync, Query and FunctionCall messages
+    (counted by header, as ``data_received`` counts them, a trailing partial one too)."""
+    pos = count = 0
+    n = len(data)
+    while pos + 5 <= n:
+        t = data[pos]
+        if t == _S or t == _Q or t == _F:
+            count += 1
+        pos += 1 + _unpack_len(data, pos + 1)[0]
+    return count
 
 
 def _describes_before_execute(data: bytes) -> bool:

@@ -82,7 +82,7 @@ class Pool:
         validated_statements: set[bytes] | None = None,
     ) -> None:
         self.key = key
-        # Shared with the router's StatementRegistry (router/session.py).
+        # Shared with the router's StatementRegistry (router/prepared.py).
         self.validated_statements = validated_statements if validated_statements is not None else set()
         self.name = f"{key.dbname}/{key.user}@{key.host}:{key.port}"
         self.password = password

@@ -1,4 +1,4 @@
-"""Named prepared statements under transaction pooling (router/session.py), sans-I/O.
+"""Named prepared statements under transaction pooling (router/prepared.py), sans-I/O.
 
 Frontend messages go in as bytes; what comes out (rewritten messages, the reply queues, the
 local answer to Parse+Sync) is checked exactly. Then a property test runs random message
@@ -21,8 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.protocol.errors import ProtocolError
-from router.session import (
+from router.prepared import (
     ACTION,
     AS_PARSE_COMPLETE,
     CLOSE_REPLY,
@@ -42,6 +41,7 @@ from router.session import (
     rewrite_for_server,
     statements_used,
 )
+from router.protocol.errors import ProtocolError
 
 # --- Frontend message builders (independent of the router's own codec) ---------------------------
 
@@ -508,6 +508,61 @@ def test_on_error_keeps_later_segments_and_a_statement_prepared_earlier():
     assert set(s.server.prepared) == {s.name(Q1), s.name(Q2)}
 
 
+# --- Messages that wait for the replies owed ----------------------------------------------------
+
+# (earlier segment, later segment, whether the client has "a" before): the later one names "a",
+# whose Parse or Close in the earlier segment may yet fail or be skipped.
+WAITS = [
+    pytest.param(parse(b"a", Q1), parse(b"a", Q2), False, id="parse-after-parse"),
+    pytest.param(parse(b"a", Q1), bind(b"", b"a") + execute(), False, id="bind-after-parse"),
+    pytest.param(parse(b"a", Q1), describe(b"S", b"a"), False, id="describe-after-parse"),
+    pytest.param(close(b"S", b"a"), bind(b"", b"a") + execute(), True, id="bind-after-close"),
+    pytest.param(close(b"S", b"a"), parse(b"a", Q2), True, id="parse-after-close"),
+    pytest.param(close(b"S", b"a"), parse(b"a", Q2), False, id="parse-after-close-of-nothing"),
+    pytest.param(parse(b"a", Q2), describe(b"S", b"a"), True, id="describe-after-parse-42P05"),
+]
+
+
+@pytest.mark.parametrize(("earlier", "later", "had"), WAITS)
+def test_a_message_naming_a_statement_with_a_request_unanswered_in_an_earlier_segment_waits(
+    earlier, later, had
+):
+    s = Session()
+    if had:
+        s.rewrite(parse(b"a", Q1) + SYNC)
+        s.answered()
+        s.server.sent_z = s.server.recv_z = 1
+    first = bind(b"", b"x") + earlier + SYNC  # "x": a statement the client does not have
+    out = s.rewrite(first + later + SYNC + parse(b"b", Q3) + SYNC)
+    assert s.server.wait_from == len(first)
+    # What goes out is the first segment (rewritten), and only its requests are queued.
+    assert out.endswith(SYNC) and sync_points(out) == 1
+    assert {op[SEGMENT] for op in s.server.ops} <= {s.server.sent_z}
+    # Once everything sent is answered, the rest goes.
+    s.server.sent_z += 1
+    s.answered()
+    s.server.recv_z = s.server.sent_z
+    s.rewrite(later + SYNC + parse(b"b", Q3) + SYNC)
+    assert s.server.wait_from == -1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(parse(b"a", Q1) + bind(b"", b"a") + describe(b"S", b"a") + SYNC, id="same-segment"),
+        pytest.param(parse(b"a", Q1) + SYNC + close(b"S", b"a") + SYNC, id="close"),
+        pytest.param(parse(b"a", Q1) + SYNC + parse(b"b", Q1) + bind(b"", b"c") + SYNC, id="other-names"),
+        pytest.param(parse(b"", Q1) + SYNC + bind(b"", b"") + SYNC, id="unnamed"),
+    ],
+)
+def test_messages_whose_meaning_is_known_when_sent_do_not_wait(data):
+    s = Session()
+    name = s.registry.name_for(parse_body(Q2))
+    s.client[b"c"] = ClientStatement(name, parse(name, Q2))
+    s.rewrite(data)
+    assert s.server.wait_from == -1
+
+
 # --- local_parse_reply ---------------------------------------------------------------------------
 
 ONE = b"1\x00\x00\x00\x04"
@@ -751,10 +806,9 @@ class SimClient:
     direct: FakeServer = field(default_factory=FakeServer)  # its own connection to PostgreSQL
     expected: bytearray = field(default_factory=bytearray)  # what that connection answered
     seen: bytearray = field(default_factory=bytearray)  # what the router answered
-    # The names the router maps for it once it has read the replies so far: the client's
-    # messages change it as sent, a turn's end puts the direct connection's truth back.
-    names: set[bytes] = field(default_factory=set)
     linked: bool = False  # holds a server connection
+    # What waits until the server has answered everything sent (ServerStatements.wait_from).
+    waiting: bytes = b""
 
     def say_directly(self, data: bytes) -> None:
         self.direct.receive(data)
@@ -779,7 +833,11 @@ class Simulation:
 
     def send(self, client: SimClient, server: int, data: bytes) -> None:
         """One chunk from the client through the router. Without a server connection, a chunk
-        of named Parses of validated statements and a Sync is answered by the router."""
+        of named Parses of validated statements and a Sync is answered by the router. Behind
+        a message that waits for the replies owed, everything waits."""
+        if client.waiting:
+            client.waiting += data
+            return
         if not client.linked and sync_points(data) == 1:
             reply = local_parse_reply(data, 0, client.statements, self.registry)
             if reply is not None:
@@ -788,12 +846,19 @@ class Simulation:
         client.linked = True
         fake, stmts = self.servers[server]
         fake.receive(rewrite_for_server(data, 0, client.statements, self.registry, stmts))
+        if stmts.wait_from >= 0:
+            data, client.waiting = data[: stmts.wait_from], data[stmts.wait_from :]
         stmts.sent_z += sync_points(data)
 
     def deliver(self, client: SimClient, server: int) -> None:
-        """The router reads what the server sent so far; with nothing owed it lets go."""
+        """The router reads what the server sent so far; with nothing owed it sends what
+        waited for that, or else lets go."""
         fake, stmts = self.servers[server]
         client.seen += router_replies(stmts, fake.take_output())
+        while stmts.sent_z == stmts.recv_z and client.waiting:
+            waiting, client.waiting = client.waiting, b""
+            self.send(client, server, waiting)
+            client.seen += router_replies(stmts, fake.take_output())
         if stmts.sent_z == stmts.recv_z:
             client.linked = False
 
@@ -832,9 +897,8 @@ BAD_TEXT = (b"SELEC 1", ())  # a syntax error: its Parse fails
 PARAMS = [[b"7"], [b"8"], [], [b"7", b"8"]]
 USED_NAMES = [*NAMES, NEVER_PREPARED]
 
-# Every message the property test sends, by kind: (kind, name, message); the kind says which
-# rule of ``in_scope`` applies. Drawn from these lists rather than built per example: it keeps
-# hypothesis's generation cheap.
+# Every message the property test sends, by kind: (kind, name, message). Drawn from these lists
+# rather than built per example: it keeps hypothesis's generation cheap.
 PARSES = [("parse", n, parse(n, *t)) for n in NAMES for t in TEXTS]
 OPS_BY_KIND = {
     "parse": PARSES,
@@ -889,31 +953,6 @@ CLIENT = SERVER = st.integers(0, 1)
 TURNS = st.lists(st.tuples(CLIENT, SERVER, SEGMENTS), min_size=1, max_size=8)
 
 
-def in_scope(client: SimClient, kind: str, name: bytes, pipelined: bool, careful: bool) -> bool:
-    """Whether the router promises the direct connection's answer to this message, given what
-    the client sent before. The router decides how to rewrite a message when it is sent, from
-    what it expects the requests still unanswered to do; in a pipeline that may be wrong, so
-    these are left out:
-    - pipelined, a failing Parse (a later Parse of the same name cannot know the outcome);
-    - a Bind/Describe of a name that exists for only one of the two (the router's view before
-      it has read an error);
-    - when ``careful``, any named statement skipped after an error: while the router has not
-      read the error, pipelined segments rely on what it injected or closed, and with a small
-      max_prepared an eviction's Close may be among the skipped messages."""
-    direct = client.direct
-    if kind == "parse-bad" and pipelined:
-        return False
-    if kind in ("parse", "parse-bad"):
-        return not (careful and direct.skipping)
-    if kind == "use" and name != NEVER_PREPARED:
-        if (name in direct.statements) != (name in client.names):
-            return False
-        return not (careful and direct.skipping)
-    if kind == "close" and name:
-        return not (careful and direct.skipping)
-    return True
-
-
 PROPERTY = settings(
     max_examples=400,
     deadline=None,
@@ -928,23 +967,17 @@ def test_router_answers_what_a_direct_connection_answers(turns, max_prepared, pi
     """Two clients take turns on two server connections. In a turn a client sends its sync
     segments in chunks cut at random. Request-response: it reads every reply before sending
     its next segment. Pipelined: the router reads the server's replies only at some segment
-    ends. Every byte a client sees must be what its own direct connection answered, and after
-    each turn the router's bookkeeping must match the servers."""
+    ends. Every byte a client sees must be what its own direct connection answered (failing and
+    skipped Parses and Closes in a pipeline included), and after each turn the router's
+    bookkeeping must match the servers."""
     sim = Simulation(max_prepared)
-    careful = pipelined or max_prepared < len(TEXTS)
     for client_index, server, segments in turns:
         client = sim.clients[client_index]
         chunk = bytearray()
         for ops, end in segments:
-            for kind, name, msg in ops:
-                if not in_scope(client, kind, name, pipelined, careful):
-                    continue
-                client.say_directly(msg)  # in_scope reads the direct connection's state
+            for _kind, _name, msg in ops:
+                client.say_directly(msg)
                 chunk += msg
-                if kind in ("parse", "parse-bad"):
-                    client.names.add(name)
-                elif kind == "close" and name:
-                    client.names.discard(name)
                 if data.draw(st.booleans(), label="cut after message"):
                     sim.send(client, server, bytes(chunk))
                     chunk.clear()
@@ -962,7 +995,6 @@ def test_router_answers_what_a_direct_connection_answers(turns, max_prepared, pi
         client.assert_same_answers()
         sim.assert_settled()
         assert set(client.statements) == {name for name in client.direct.statements if name}
-        client.names = set(client.statements)
 
 
 # --- Scripted sessions: errors mid-pipeline, a name prepared twice ------------------------------
@@ -1088,6 +1120,52 @@ def test_parse_of_an_existing_name_reports_the_clients_name():
 def test_bind_of_a_statement_whose_parse_was_skipped():
     """A named Parse skipped after an error gives the client no name (26000 on its Bind)."""
     run_scripted(bind(b"", b"zz") + parse(b"a", *A) + SYNC, bind(b"", b"a") + execute() + SYNC)
+
+
+def run_pipelined(setup: bytes, *segments: bytes) -> SimClient:
+    """One client, two server connections: ``setup`` request-response on server 0, then the
+    segments in one write on server 1, then each segment again on server 0."""
+    sim = Simulation(clients=1, servers=2)
+    client = sim.run(0, 0, [setup] if setup else [])
+    data = b"".join(segments)
+    client.say_directly(data)
+    sim.send(client, 1, data)
+    sim.deliver(client, 1)
+    client.assert_same_answers()
+    sim.run(0, 0, segments)
+    client.assert_same_answers()
+    sim.assert_settled()
+    return client
+
+
+def test_pipelined_parse_of_a_name_whose_earlier_parse_failed():
+    """The failed Parse never created a: the next segment's Parse of it succeeds, and a means
+    that statement from then on."""
+    client = run_pipelined(
+        b"",
+        parse(b"a", *BAD_TEXT) + SYNC,
+        parse(b"a", *A) + bind(b"", b"a") + execute() + SYNC,
+        bind(b"", b"a") + execute() + SYNC,
+    )
+    assert split(bytes(client.seen))[:9] == [
+        *[split(SYNTAX_ERROR)[0], READY],
+        *[reply(b"1"), reply(b"2"), result(A), READY],
+        *[reply(b"2"), result(A), READY],
+    ]
+
+
+@pytest.mark.parametrize("skipped", [True, False], ids=["close-skipped", "close-done"])
+def test_pipelined_use_of_a_name_after_its_close(skipped):
+    """A Close skipped after an error never happened: a still exists in later segments."""
+    client = run_pipelined(
+        parse(b"a", *A) + SYNC,
+        (bind(b"", b"zz") if skipped else b"") + close(b"S", b"a") + SYNC,
+        bind(b"", b"a") + execute() + SYNC,
+        parse(b"a", *B) + SYNC,
+        describe(b"S", b"a") + SYNC,
+    )
+    kinds = b"".join(t for t, _ in split(bytes(client.seen)))
+    assert kinds.startswith(b"1Z" + (b"EZ2CZEZtnZ" if skipped else b"3ZEZ1ZtnZ"))
 
 
 # --- Re-prepare after DDL (the sans-I/O parts) ---------------------------------------------------
