@@ -54,6 +54,9 @@ _N = ord("N")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
 _DATA_ROW = ord("D")
+# An ErrorResponse split across reads is held back until whole, up to this size (PostgreSQL's
+# are well under it; a larger one passes through in pieces, judged by what arrived).
+MAX_HELD_ERROR = 64 * 1024
 
 
 def _cut(cuts: list | None, pos: int, replacement: bytes, end: int = -1) -> list:
@@ -202,6 +205,13 @@ class ServerConnection(asyncio.Protocol):
                 if self.calls:
                     self._finish_call()
             elif t == _E:
+                if pos + 1 + length > n and length <= MAX_HELD_ERROR:
+                    # Only a whole ErrorResponse can be judged (stale plan, duplicate name,
+                    # shutdown, SQLSTATE): hold it back like a split header.
+                    self._head = data[pos:]
+                    data = data[:pos]
+                    n = pos
+                    break
                 if not self.forwarded and _shutting_down(data, pos, length) and client.replica_node is not None:
                     self._retry_elsewhere(data, pos, length)
                     return

@@ -908,11 +908,6 @@ class SplitErrorsProxy:
             sock.close()
 
 
-@pytest.mark.xfail(
-    reason="BUG: an ErrorResponse split across reads is forwarded as it comes, before it is "
-    "recognised as a stale plan (router/backend/server.py data_received needs the whole "
-    "message; holding an incomplete one back is left to the hot-path work in that file)",
-)
 def test_reprepare_when_the_stale_plan_error_arrives_in_two_reads(start_router, primary, table):
     proxy = SplitErrorsProxy(primary.info.host, primary.info.port)
     try:
