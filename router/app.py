@@ -65,7 +65,8 @@ class DatabaseRoute:
         self.dbname = dbname
         self.user = user
         self.split = split
-        # Function volatilities of this database, read from its primary (catalog.py).
+        # Function volatilities of this database, read from the cluster's current primary
+        # (catalog.py; the configured one only until the topology knows better).
         self.catalog_key = (split.name, primary_pool.key.dbname)
         router.catalogs.register(
             self.catalog_key,
@@ -77,6 +78,7 @@ class DatabaseRoute:
                 password=db.server_password,
                 ssl=split.ssl,
             ),
+            locate=split.catalog_node,
         )
         self.catalog = router.catalogs.get(self.catalog_key)
         self.primary_pool = primary_pool
