@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,13 @@ import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from router.registry.connect import REDIS_DOWN_ERRORS, RedisConnection
+from router.registry.errors import RegistryUnavailable
 
 log = logging.getLogger(__name__)
+
+# Subscriber reconnection: first retry after RECONNECT_MIN s, doubling up to RECONNECT_MAX s.
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,3 +123,28 @@ class Subscription:
         except ValueError:
             log.warning("ignored a malformed message on %s: %r", self.channel, message)
             return None
+
+
+async def follow(
+    subscribe: Callable[[], Subscription],
+    on_connected: Callable[[], Awaitable[None]],
+    on_message: Callable[[Any], Awaitable[None]],
+    on_lost: Callable[[Exception], None],
+) -> None:
+    """Follow a channel for good: subscribe, await ``on_connected``, hand every message to
+    ``on_message``; when Redis goes away, call ``on_lost`` and subscribe again after a delay
+    that doubles from RECONNECT_MIN to RECONNECT_MAX (reset by each successful subscribe)."""
+    delay = RECONNECT_MIN
+    while True:
+        try:
+            async with subscribe() as subscription:
+                await on_connected()
+                delay = RECONNECT_MIN
+                while True:
+                    message = await subscription.next(timeout=Subscription.PING_INTERVAL)
+                    if message is not None:
+                        await on_message(message)
+        except RegistryUnavailable as exc:
+            on_lost(exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECONNECT_MAX)
