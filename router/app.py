@@ -28,6 +28,7 @@ from router.session import StatementRegistry
 from router.splitting import SplitCluster
 from router.stats.histogram import FastHistogram
 from router.stats.queries import QueryStats
+from router.tasks import cancel_and_wait
 from router.tenants import TenantManager, TenantPaused, asyncpg_ssl
 from router.topology.catalog import ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
@@ -236,10 +237,8 @@ class Router:
         if self.cancel_relay is not None:
             await self.cancel_relay.stop()
         await self.tenants.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # What killed a task was logged by _task_done; here only its end matters.
+        await asyncio.gather(*(cancel_and_wait(task) for task in list(self._tasks)), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -78,20 +78,27 @@ class Subscription:
         self._last_ping = 0.0
 
     async def __aenter__(self) -> Subscription:
-        with self._connection.reaching_redis():
-            client = self._connection.client
-            if isinstance(client, RedisCluster):
-                await client.initialize()  # its pub/sub needs the slot map; a no-op once done
-            self._pubsub = client.pubsub()
-            await self._pubsub.subscribe(self.channel)
-            # Wait for the confirmation: once it is here the server delivers every later
-            # publish to us, so a registry version read after this misses nothing.
-            while True:
-                message = await self._pubsub.get_message(timeout=self._connection.socket_timeout)
-                if message is None:
-                    raise rex.TimeoutError("no SUBSCRIBE confirmation")
-                if message["type"] == "subscribe":
-                    break
+        try:
+            with self._connection.reaching_redis():
+                client = self._connection.client
+                if isinstance(client, RedisCluster):
+                    await client.initialize()  # its pub/sub needs the slot map; a no-op once done
+                self._pubsub = client.pubsub()
+                await self._pubsub.subscribe(self.channel)
+                # Wait for the confirmation: once it is here the server delivers every later
+                # publish to us, so a registry version read after this misses nothing.
+                while True:
+                    message = await self._pubsub.get_message(timeout=self._connection.socket_timeout)
+                    if message is None:
+                        raise rex.TimeoutError("no SUBSCRIBE confirmation")
+                    if message["type"] == "subscribe":
+                        break
+        except BaseException:
+            # `async with` calls __aexit__ only after a successful __aenter__: without this, a
+            # pub/sub connection that was opened but never confirmed (or a cancel) would stay
+            # checked out of the pool, one more per reconnection attempt, until close().
+            await self.__aexit__()
+            raise
         self._last_heard = self._last_ping = asyncio.get_running_loop().time()
         return self
 
@@ -133,7 +140,9 @@ async def follow(
 ) -> None:
     """Follow a channel for good: subscribe, await ``on_connected``, hand every message to
     ``on_message``; when Redis goes away, call ``on_lost`` and subscribe again after a delay
-    that doubles from RECONNECT_MIN to RECONNECT_MAX (reset by each successful subscribe)."""
+    that doubles from RECONNECT_MIN to RECONNECT_MAX (reset by each successful subscribe).
+    Only a cancel ends it: stop its task with router.tasks.cancel_and_wait, which cancels
+    again when redis-py has lost a cancel (Python 3.11's wait_for; see there)."""
     delay = RECONNECT_MIN
     while True:
         try:
