@@ -28,6 +28,7 @@ from router.routing.verdict import Target as NodeKind
 from router.splitting import SplitCluster
 from router.stats.histogram import FastHistogram
 from router.stats.queries import QueryStats
+from router.tasks import cancel_and_wait
 from router.tenants import TenantManager, TenantPaused, asyncpg_ssl
 from router.topology.catalog import ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
@@ -67,7 +68,8 @@ class DatabaseRoute:
         self.dbname = dbname
         self.user = user
         self.split = split
-        # Function volatilities of this database, read from its primary (catalog.py).
+        # Function volatilities of this database, read from the cluster's current primary
+        # (catalog.py; the configured one only until the topology knows better).
         self.catalog_key = (split.name, primary_pool.key.dbname)
         router.catalogs.register(
             self.catalog_key,
@@ -79,6 +81,7 @@ class DatabaseRoute:
                 password=db.server_password,
                 ssl=split.ssl,
             ),
+            locate=split.catalog_node,
         )
         self.catalog = router.catalogs.get(self.catalog_key)
         self.primary_pool = primary_pool
@@ -236,10 +239,8 @@ class Router:
         if self.cancel_relay is not None:
             await self.cancel_relay.stop()
         await self.tenants.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # What killed a task was logged by _task_done; here only its end matters.
+        await asyncio.gather(*(cancel_and_wait(task) for task in list(self._tasks)), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -103,6 +103,22 @@ class SplitCluster:
             hint="Retry the transaction: writes resume once a primary answers.",
         )
 
+    def catalog_node(self) -> tuple[str, int]:
+        """Where function catalogs of this cluster's databases are read (topology/catalog.py):
+        the node the topology considers primary now, so that a failover moves the reads with it.
+
+        Why the primary and not any reachable node, although a replica's pg_proc is a physical
+        copy of it: a replica may lag, and a catalog reload is often asked for because a
+        function was just created or altered (42883, or the refresh timer after a deploy); the
+        primary is the one node certain to have it. While no primary answers (it is down, a
+        failover is under way) the last one is named: the load fails, the catalog in use is
+        kept and the load is retried soon (FunctionCatalogs' retry_interval). Nothing is lost
+        meanwhile: without a primary nobody can change pg_proc. Before the first check the
+        configured primary is trusted, as for writes (``primary()``).
+        """
+        node = self.topology.primary or self.topology.designated_primary or self.configured_primary
+        return node.address
+
     def replica(self, client: ClientConnection) -> tuple[NodeState | None, RouteReason | None]:
         """An eligible replica for ``client``'s read, or (None, why not)."""
         min_lsn = None

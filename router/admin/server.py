@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from router.admin.app import create_app
+from router.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -103,9 +104,7 @@ class AdminServer:
             async with asyncio.timeout(GRACEFUL_STOP + 5.0):
                 await asyncio.shield(task)
         except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         except Exception:
             return  # _log_if_failed logged it when it happened
 

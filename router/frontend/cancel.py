@@ -24,9 +24,8 @@ import secrets
 from collections.abc import Callable
 from enum import StrEnum
 
-from router.registry.cache import RECONNECT_MAX, RECONNECT_MIN
 from router.registry.errors import RegistryUnavailable
-from router.registry.invalidation import Subscription
+from router.registry.invalidation import follow
 from router.registry.store import RedisStore
 from router.tasks import cancel_and_wait
 
@@ -95,22 +94,23 @@ class CancelRelay:
             log.warning("could not relay a CancelRequest: %s", exc)
 
     async def _follow(self) -> None:
-        delay = RECONNECT_MIN
-        while True:
-            try:
-                async with self.store.subscribe_to(RELAY_CHANNEL, decode_relayed) as subscription:
-                    self.subscribed.set()
-                    delay = RECONNECT_MIN
-                    while True:
-                        message = await subscription.next(timeout=Subscription.PING_INTERVAL)
-                        if message is not None:
-                            self.apply(*message)
-            except RegistryUnavailable as exc:
-                if self.subscribed.is_set():
-                    log.warning("cancel relay lost Redis, reconnecting: %s", exc)
-                self.subscribed.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+        await follow(
+            lambda: self.store.subscribe_to(RELAY_CHANNEL, decode_relayed),
+            self._connected,
+            self._relayed,
+            self._lost,
+        )
+
+    async def _connected(self) -> None:
+        self.subscribed.set()
+
+    async def _relayed(self, message: tuple[int, int]) -> None:
+        self.apply(*message)
+
+    def _lost(self, exc: Exception) -> None:
+        if self.subscribed.is_set():
+            log.warning("cancel relay lost Redis, reconnecting: %s", exc)
+        self.subscribed.clear()
 
 
 def _log_if_failed(task: asyncio.Task) -> None:

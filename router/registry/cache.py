@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from router.registry.errors import RegistryError, RegistryUnavailable, TenantNotFound
-from router.registry.invalidation import Invalidation, Subscription
+from router.registry.invalidation import Invalidation, follow
 from router.registry.models import Tenant
 from router.registry.store import RedisStore
 from router.tasks import cancel_and_wait
@@ -39,9 +39,6 @@ DEFAULT_NEGATIVE_TTL = 5.0
 MAX_NEGATIVE_ENTRIES = 10_000
 # Reads of one tenant before giving up caching it, when writes keep racing them.
 FILL_ATTEMPTS = 3
-# Subscriber reconnection: first retry after RECONNECT_MIN s, doubling up to RECONNECT_MAX s.
-RECONNECT_MIN = 0.05
-RECONNECT_MAX = 2.0
 
 OnChange = Callable[[str, Tenant | None], None]
 
@@ -309,25 +306,18 @@ class TenantCache:
             self._synced.clear()  # however it ends, nobody vouches for the entries any more
 
     async def _follow(self) -> None:
-        delay = RECONNECT_MIN
-        while True:
-            try:
-                async with self._store.subscribe() as subscription:
-                    await self._resync()
-                    self._synced.set()
-                    self._fetch_failed = False
-                    delay = RECONNECT_MIN
-                    log.info("tenant cache following %s", self._store.channel)
-                    while True:
-                        message = await subscription.next(timeout=Subscription.PING_INTERVAL)
-                        if message is not None:
-                            await self._apply(message)
-            except RegistryUnavailable as exc:
-                if self._synced.is_set():
-                    log.warning("tenant cache lost the registry, serving cached tenants: %s", exc)
-                self._synced.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+        await follow(self._store.subscribe, self._connected, self._apply, self._lost)
+
+    async def _connected(self) -> None:
+        await self._resync()
+        self._synced.set()
+        self._fetch_failed = False
+        log.info("tenant cache following %s", self._store.channel)
+
+    def _lost(self, exc: Exception) -> None:
+        if self._synced.is_set():
+            log.warning("tenant cache lost the registry, serving cached tenants: %s", exc)
+        self._synced.clear()
 
 
 def _differs(old: Tenant, new: Tenant) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,13 @@ import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from router.registry.connect import REDIS_DOWN_ERRORS, RedisConnection
+from router.registry.errors import RegistryUnavailable
 
 log = logging.getLogger(__name__)
+
+# Subscriber reconnection: first retry after RECONNECT_MIN s, doubling up to RECONNECT_MAX s.
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,20 +78,27 @@ class Subscription:
         self._last_ping = 0.0
 
     async def __aenter__(self) -> Subscription:
-        with self._connection.reaching_redis():
-            client = self._connection.client
-            if isinstance(client, RedisCluster):
-                await client.initialize()  # its pub/sub needs the slot map; a no-op once done
-            self._pubsub = client.pubsub()
-            await self._pubsub.subscribe(self.channel)
-            # Wait for the confirmation: once it is here the server delivers every later
-            # publish to us, so a registry version read after this misses nothing.
-            while True:
-                message = await self._pubsub.get_message(timeout=self._connection.socket_timeout)
-                if message is None:
-                    raise rex.TimeoutError("no SUBSCRIBE confirmation")
-                if message["type"] == "subscribe":
-                    break
+        try:
+            with self._connection.reaching_redis():
+                client = self._connection.client
+                if isinstance(client, RedisCluster):
+                    await client.initialize()  # its pub/sub needs the slot map; a no-op once done
+                self._pubsub = client.pubsub()
+                await self._pubsub.subscribe(self.channel)
+                # Wait for the confirmation: once it is here the server delivers every later
+                # publish to us, so a registry version read after this misses nothing.
+                while True:
+                    message = await self._pubsub.get_message(timeout=self._connection.socket_timeout)
+                    if message is None:
+                        raise rex.TimeoutError("no SUBSCRIBE confirmation")
+                    if message["type"] == "subscribe":
+                        break
+        except BaseException:
+            # `async with` calls __aexit__ only after a successful __aenter__: without this, a
+            # pub/sub connection that was opened but never confirmed (or a cancel) would stay
+            # checked out of the pool, one more per reconnection attempt, until close().
+            await self.__aexit__()
+            raise
         self._last_heard = self._last_ping = asyncio.get_running_loop().time()
         return self
 
@@ -118,3 +130,30 @@ class Subscription:
         except ValueError:
             log.warning("ignored a malformed message on %s: %r", self.channel, message)
             return None
+
+
+async def follow(
+    subscribe: Callable[[], Subscription],
+    on_connected: Callable[[], Awaitable[None]],
+    on_message: Callable[[Any], Awaitable[None]],
+    on_lost: Callable[[Exception], None],
+) -> None:
+    """Follow a channel for good: subscribe, await ``on_connected``, hand every message to
+    ``on_message``; when Redis goes away, call ``on_lost`` and subscribe again after a delay
+    that doubles from RECONNECT_MIN to RECONNECT_MAX (reset by each successful subscribe).
+    Only a cancel ends it: stop its task with router.tasks.cancel_and_wait, which cancels
+    again when redis-py has lost a cancel (Python 3.11's wait_for; see there)."""
+    delay = RECONNECT_MIN
+    while True:
+        try:
+            async with subscribe() as subscription:
+                await on_connected()
+                delay = RECONNECT_MIN
+                while True:
+                    message = await subscription.next(timeout=Subscription.PING_INTERVAL)
+                    if message is not None:
+                        await on_message(message)
+        except RegistryUnavailable as exc:
+            on_lost(exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECONNECT_MAX)

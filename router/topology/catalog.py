@@ -30,6 +30,11 @@ created after the load read pg_proc); and a load is never started less than
 ``min_reload_interval`` after the previous one, so a client that keeps calling a function that
 does not exist costs one catalog query per interval, not one per call.
 
+Where a catalog is read from. ``register`` takes the connection parameters, and optionally a
+``locate`` callable asked before every load for the node to read from: a cluster's primary
+changes at a failover, and a catalog read only from the configured primary would then fail
+for good (the router passes the topology's current primary; see SplitCluster.catalog_node).
+
 A load that fails (database unreachable, authentication refused, timeout) is logged and the
 database keeps the catalog it had, the built-in one until a load succeeds: an unknown function
 goes to the primary, which is the safe direction.
@@ -41,8 +46,8 @@ import asyncio
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -79,6 +84,8 @@ DEFAULT_MIN_RELOAD_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENT_LOADS = 4
 
 Row = tuple[str, str, str]  # (nspname, proname, provolatile)
+# The node to read a database's pg_proc from, as (host, port), asked before each load.
+Locate = Callable[[], tuple[str, int]]
 
 _BUILTIN_ROWS: tuple[Row, ...] = tuple(builtin_rows())
 
@@ -106,6 +113,7 @@ class CatalogStats:
     last_error: str | None  # of the last load, None when it succeeded
     loading: bool  # a load is running
     pending: bool  # invalidate() was called since the running or last load started
+    source: tuple[str, int] | None  # the node the running or last load reads from
 
 
 async def fetch_function_rows(
@@ -169,6 +177,8 @@ class _Database:
     key: Hashable
     params: ConnectParams
     catalog: FunctionCatalog
+    locate: Locate | None = None  # replaces params' host and port at each load
+    source: tuple[str, int] | None = None
     digest: bytes | None = None  # of the rows `catalog` was built from; None: the built-in one
     invalidated: asyncio.Event = field(default_factory=asyncio.Event)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)  # set by the first success
@@ -232,16 +242,19 @@ class FunctionCatalogs:
 
     # -- databases ----------------------------------------------------------------------
 
-    def register(self, key: Hashable, params: ConnectParams) -> None:
+    def register(self, key: Hashable, params: ConnectParams, locate: Locate | None = None) -> None:
         """Track a database: load its catalog at once in the background (at ``start()`` if not
-        started yet). Registering a known key with other parameters reloads it from there."""
+        started yet). Registering a known key with other parameters reloads it from there.
+        ``locate``, when given, is asked before each load for the node (host, port) to read
+        from instead of ``params``' own (the current primary of a cluster that fails over)."""
         db = self._databases.get(key)
         if db is not None:
+            db.locate = locate
             if db.params != params:
                 db.params = params
                 db.invalidated.set()
             return
-        db = self._databases[key] = _Database(key, params, self.builtin)
+        db = self._databases[key] = _Database(key, params, self.builtin, locate)
         if self._started:
             self._spawn(db)
 
@@ -264,6 +277,7 @@ class FunctionCatalogs:
             last_error=db.last_error,
             loading=db.loading,
             pending=db.invalidated.is_set(),
+            source=db.source,
         )
 
     async def wait_loaded(self, key: Hashable, timeout: float | None = None) -> FunctionCatalog:
@@ -325,7 +339,12 @@ class FunctionCatalogs:
             db.attempts += 1
             db.loading = True
             try:
-                rows = await fetch_function_rows(db.params, self.load_timeout)
+                params = db.params
+                if db.locate is not None:
+                    host, port = db.locate()
+                    params = replace(params, host=host, port=port)
+                db.source = (params.host, params.port)
+                rows = await fetch_function_rows(params, self.load_timeout)
                 digest = rows_digest(rows)
                 if digest != db.digest:
                     self._install(db, digest, rows)
@@ -374,8 +393,7 @@ class FunctionCatalogs:
             log.error(
                 "function catalog of %s (%s:%d/%s) not loaded, keeping the %s one: %s",
                 db.key,
-                db.params.host,
-                db.params.port,
+                *(db.source or (db.params.host, db.params.port)),
                 db.params.database,
                 "built-in" if db.digest is None else "previous",
                 error,

@@ -338,3 +338,22 @@ async def test_failed_reload_keeps_previous_catalog(
     await eventually(lambda: catalogs.stats(key).failures >= 1, "a failed reload")
     assert catalogs.get(key) is loaded
     assert route("select f_stable()", catalogs.get(key)) == REPLICA
+
+
+async def test_locate_names_the_node_at_each_load(
+    cluster: Cluster, database: str, make_catalogs
+) -> None:
+    # As for a cluster that failed over: the configured node is gone, locate() names another.
+    catalogs = make_catalogs(refresh_interval=600)
+    key = ("primary", database)
+    dead = replace(params_for(cluster, database), port=free_port())
+    where = [(dead.host, dead.port)]
+    catalogs.register(key, dead, locate=lambda: where[-1])
+    await eventually(lambda: catalogs.stats(key).failures >= 1, "a failed load from the dead node")
+    assert catalogs.stats(key).source == (dead.host, dead.port)
+
+    where.append((cluster.primary.host, cluster.primary.port))
+    catalogs.invalidate(key)
+    loaded = await catalogs.wait_loaded(key, timeout=DEADLINE)
+    assert catalogs.stats(key).source == where[-1]
+    assert route("select f_stable()", loaded) == REPLICA
