@@ -223,14 +223,9 @@ class LoginMixin:
         self.db_route = target.route
         self.startup_read_only = startup_read_only(self.startup_params)
         self.read_only_session = self.startup_read_only
-        params = dict(await self.pool.learn_server_params())
-        # A dedicated server would echo the client's own application_name.
-        if "application_name" in self.startup_params:
-            params["application_name"] = self.startup_params["application_name"]
+        status = await self.pool.login_parameter_status(self.startup_params.get("application_name"))
         self.cancel_pid, self.cancel_key = self.router.register_client(self)
-        out = bytearray()
-        for name, value in params.items():
-            out += m.parameter_status(name, value)
+        out = bytearray(status)
         out += m.backend_key_data(self.cancel_pid, self.cancel_key)
         out += m.ready_for_query(m.IDLE)
         if self.state == CLOSED:

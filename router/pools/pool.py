@@ -18,6 +18,7 @@ from typing import Protocol
 from router.admin.metrics import observe_pool_wait
 from router.backend.server import ServerConnection
 from router.config import ChannelBinding, PoolMode
+from router.protocol import messages as m
 from router.protocol.errors import RouterError, SQLState
 
 log = logging.getLogger("pgrouter.pool")
@@ -94,6 +95,7 @@ class Pool:
         self.connecting = 0
         # ParameterStatus values of a real server connection, sent to clients at login.
         self.server_params: dict[str, str] | None = None
+        self._status_block: bytes | None = None  # server_params as ParameterStatus messages
         self._tasks: set[asyncio.Task] = set()
         # Called when a server of this pool answers 42883 (undefined_function), if set.
         self.on_undefined_function = None
@@ -278,6 +280,21 @@ class Pool:
             self.release(server)
         assert self.server_params is not None
         return self.server_params
+
+    async def login_parameter_status(self, application_name: str | None) -> bytes:
+        """The ParameterStatus messages a client gets at login: the server's set, built once
+        per pool, with the client's own application_name when it sent one (a dedicated server
+        would echo it)."""
+        params = await self.learn_server_params()
+        if self._status_block is None:
+            self._status_block = b"".join(
+                m.parameter_status(name, value) for name, value in params.items() if name != "application_name"
+            )
+        if application_name is None:
+            application_name = params.get("application_name")
+        if application_name is None:
+            return self._status_block
+        return self._status_block + m.parameter_status("application_name", application_name)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
