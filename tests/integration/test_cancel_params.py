@@ -31,6 +31,20 @@ def test_parameter_status_values_are_the_servers_own(router, cluster):
             assert routed.info.parameter_status(name) == direct.info.parameter_status(name), name
 
 
+def test_each_client_sees_its_own_application_name(router, cluster):
+    """The ParameterStatus set is built once per pool; application_name is each client's own,
+    as a dedicated server would echo it. A client that sent none sees what its session has."""
+    for name in ("alpha", "beta"):
+        with psycopg.connect(cluster.primary.dsn("app"), application_name=name) as direct, psycopg.connect(
+            router.dsn("carol"), application_name=name
+        ) as routed:
+            seen = routed.info.parameter_status("application_name")
+            assert seen == direct.info.parameter_status("application_name") == name
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as routed:
+        shown = routed.execute("SHOW application_name").fetchone()[0]
+        assert routed.info.parameter_status("application_name") == shown
+
+
 def test_each_client_gets_its_own_backend_key(router):
     keys = set()
     for _ in range(5):

@@ -140,6 +140,30 @@ def test_volatile_user_function_goes_to_primary_stable_to_replica(
             assert conn.execute("SELECT split_vol(), pg_is_in_recovery()").fetchone() == (1, False)
 
 
+def test_plain_selects_route_like_any_read(split_router: RouterThread, cluster: Cluster) -> None:
+    """A lone plain SELECT (no parentheses, quotes or comments: what pgbench -S sends) takes a
+    shortcut past the classifier; what steers a session must still steer it. The view tells
+    where each one ran without a function call in the statement itself."""
+    cluster.psql("CREATE OR REPLACE VIEW split_whereami AS SELECT inet_server_port() AS port", dbname="app")
+    cluster.wait_replay()
+    plain = "SELECT port FROM split_whereami;"
+
+    def ports(*lines: str) -> list[int]:
+        out = subprocess.run(
+            ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", split_router.dsn("carol"), "-f", "-"],
+            input="\n".join(lines), capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.split()
+        return [int(line) for line in out if line.isdigit()]
+
+    reads = ports(*[plain] * 20)
+    assert len(reads) == 20 and set(reads) <= replica_ports(cluster), reads
+    primary = cluster.primary.port
+    assert ports("BEGIN;", plain, "COMMIT;") == [primary]  # conservative: BEGIN runs on the primary
+    assert ports("SET pgrouter.target = primary;", plain, plain) == [primary, primary]
+    # A session advisory lock pins the client to its (primary) server connection.
+    assert ports("SELECT pg_advisory_lock(4711);", plain, "SELECT pg_advisory_unlock(4711);") == [primary]
+
+
 def test_session_target_and_read_only_session(split_router: RouterThread, cluster: Cluster) -> None:
     cluster.psql("CREATE OR REPLACE FUNCTION split_unknown() RETURNS int LANGUAGE sql AS 'SELECT 1'", dbname="app")
     cluster.wait_replay()
