@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 from pglast import parser
 
 from router.stats.histogram import FastHistogram
-from router.stats.queries import FOLD_AT, FingerprintCache, QueryStats, fingerprint, redact
+from router.stats.queries import (
+    FOLD_AT,
+    FingerprintCache,
+    QueryStats,
+    cache_key,
+    fingerprint,
+    redact,
+)
 
 # Texts that differ only in constants share a fingerprint; the others do not.
 SAME_SHAPE = [
@@ -41,6 +48,47 @@ def test_different_statements_have_different_fingerprints(a: str, b: str) -> Non
     assert fingerprint(a) != fingerprint(b)
     cache = FingerprintCache()
     assert cache(a) != cache(b)
+
+
+# The fold's cache key: texts with equal keys must have equal fingerprints.
+SAME_KEY = [
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 1;", "SELECT abalance FROM pgbench_accounts WHERE aid = 7;"),
+    ("UPDATE t SET v = v + 1.5 WHERE id = 30", "UPDATE t SET v = v + 9.2 WHERE id = 41"),
+    ("SELECT * FROM t LIMIT 10 OFFSET 20", "SELECT * FROM t LIMIT 99 OFFSET 50"),
+    ("SELECT 'a 1', -3", "SELECT 'a 2', -4"),
+]
+OWN_KEY = [  # a digit after an identifier character or in quotes: the text is its own key
+    ("SELECT * FROM t1", "SELECT * FROM t2"),
+    ("SELECT * FROM t WHERE x = $1 AND y = $2", "SELECT * FROM t WHERE x = $2 AND y = $1"),
+    ('SELECT "col 1" FROM t', 'SELECT "col 2" FROM t'),
+    ("SELECT 1e5", "SELECT 1e6"),
+    ("1SELECT", "2SELECT"),
+    ("SELECT x'1f'", "SELECT x'2f'"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), SAME_KEY)
+def test_texts_that_differ_in_numbers_share_a_cache_key(a: str, b: str) -> None:
+    assert cache_key(a.encode()) == cache_key(b.encode())
+    assert fingerprint(a) == fingerprint(b)
+
+
+@pytest.mark.parametrize(("a", "b"), OWN_KEY)
+def test_digits_that_may_not_be_constants_keep_the_exact_text(a: str, b: str) -> None:
+    assert cache_key(a.encode()) == a.encode()
+    assert cache_key(a.encode()) != cache_key(b.encode())
+
+
+_PIECES = ["SELECT ", "a", "t1", " FROM t", " WHERE x = ", "1", "23", "$1", "'s 1'", '"c 1"', "1e5",
+           ".5", " + ", ", ", "-", "(", ")", ";", " /* 7 */ ", "\u00e91", "x'1f'", "U&\"d0\"", "9"]
+
+
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=12), st.randoms(use_true_random=False))
+def test_equal_cache_keys_mean_equal_fingerprints(pieces: list[str], rnd) -> None:
+    a = "".join(pieces)
+    b = "".join(rnd.choice("0123456789") if c.isdigit() else c for c in a)
+    if cache_key(a.encode()) == cache_key(b.encode()):
+        assert fingerprint(a) == fingerprint(b)
 
 
 def test_the_fingerprint_is_libpg_querys() -> None:
