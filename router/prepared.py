@@ -143,7 +143,7 @@ class ServerStatements:
 
     __slots__ = (
         "prepared", "ops", "sent_z", "recv_z", "max_prepared", "validated", "error_segment",
-        "wait_from",
+        "wait_from", "uncounted_z",
     )
 
     def __init__(
@@ -163,6 +163,9 @@ class ServerStatements:
         # Set by ``rewrite_for_server``: where in its chunk the messages begin that must wait
         # for every reply owed before they can be rewritten (-1: none).
         self.wait_from = -1
+        # Chunks of unnamed Parses/Closes ending at a Sync go out unqueued; their replies all
+        # come before this ReadyForQuery, and nothing is queued until it has arrived.
+        self.uncounted_z = 0
 
     def on_error(self) -> None:
         """An ErrorResponse: the requests of the failing segment that have not been answered
@@ -391,6 +394,12 @@ def rewrite_for_server(
     stop = n  # where the returned bytes end: before a message that waits, else the end
     segment = server.sent_z
     ops = server.ops
+    if server.uncounted_z > server.recv_z:
+        # Replies to unqueued Parses/Closes are still on their way: a request queued now
+        # would be matched with one of them. Wait for them (one round trip, only for such
+        # pipelines).
+        server.wait_from = start
+        return data[:start]
     server.wait_from = -1
     while pos + 5 <= n:
         t = data[pos]

@@ -51,8 +51,8 @@ _NAMED = frozenset(b"PBDC")
 _P_, _B_, _C_, _D_, _E_ = ord("P"), ord("B"), ord("C"), ord("D"), ord("E")
 # What a chunk needs on its way to a server (bits): reply counting for an unnamed Parse or
 # Close, rewriting for a named statement, forgetting the server's prepared statements,
-# settings reset to the server's defaults.
-_COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET = 1, 2, 4, 8
+# settings reset to the server's defaults, and (with reply counting only) ends with a Sync.
+_COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET, _ENDS_SYNCED = 1, 2, 4, 8, 16
 _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
 # SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
 # them, which transaction pooling does not keep: refused in transaction mode (README).
@@ -350,7 +350,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             pos += 1 + length
         self._skip = pos - n
         if data:
-            self._forward(data, start, syncs, (_NEEDS_REWRITE if rewrite else parse_or_close) | forget)
+            if rewrite:
+                flags = _NEEDS_REWRITE | forget
+            elif parse_or_close:
+                flags = _COUNT_REPLIES | forget | (_ENDS_SYNCED if not self.unsynced and not self._skip else 0)
+            else:
+                flags = forget
+            self._forward(data, start, syncs, flags)
         if self._release_after_message and not self._skip:
             self._release_after_message = False
             server = self.server
@@ -788,7 +794,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # Every Parse/Close is counted: an uncounted ParseComplete still in flight would be
         # matched to the next counted one (pipelines mixing unnamed and named statements).
         sent = data
-        if rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES):
+        if rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES | _ENDS_SYNCED) == _COUNT_REPLIES | _ENDS_SYNCED:
+            # Only unnamed Parses/Closes, every segment closed by a Sync of this chunk (what
+            # pgbench -M extended sends): their replies need no queue, provided nothing
+            # queued is sent before they have all come back (rewrite_for_server waits).
+            st.uncounted_z = st.sent_z + syncs
+        elif rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES):
             try:
                 sent = rewrite_for_server(data, start, self.statements, self.router.statements, st)
             except ProtocolError as exc:

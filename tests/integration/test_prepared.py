@@ -736,6 +736,38 @@ def test_later_writes_wait_behind_a_use_that_waits(start_router, cluster):
     assert_calls_settled(router)
 
 
+def wait_until_running(primary: psycopg.Connection, sql: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while primary.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = %s", (sql,)
+    ).fetchone()[0] == 0:
+        assert time.monotonic() < deadline, f"{sql} never started"
+        time.sleep(0.01)
+
+
+def test_named_parse_waits_for_the_replies_of_an_unqueued_pipeline(start_router, cluster, primary):
+    """An unnamed Parse ... Sync chunk (pgbench -M extended) goes out without queueing the
+    replies it expects. A named Parse arriving while those are still on their way (pg_sleep
+    holds them in the server's buffer) must not be queued ahead of them: the reply the router
+    turns into this Parse's ParseComplete (a Close, as the server has the text already) would
+    be matched with the earlier chunk's ParseComplete instead, and the client would get a
+    CloseComplete for its Parse."""
+    router = start_router(pool_size=1)
+    sleep = "SELECT pg_sleep(0.3)"
+    results = []
+    for raw in (direct(cluster), connect(router)):
+        assert kinds(exchange(raw, parse(b"s0", b"SELECT 'x'") + SYNC)) == "1Z"
+        raw.send(parse(b"", sleep.encode()) + bind(b"", b"") + execute() + SYNC)
+        wait_until_running(primary, sleep)
+        raw.send(parse(b"s1", b"SELECT 'x'") + bind(b"", b"s1") + execute() + SYNC)
+        results.append(raw.recv_until(b"Z") + raw.recv_until(b"Z"))
+    expected, replies = results
+    assert kinds(expected) == "12DCZ" + "12DCZ"
+    assert answers(replies) == answers(expected)
+    assert_settled(router)
+    assert_calls_settled(router)
+
+
 # --- Re-prepare after DDL: "cached plan must not change result type" ------------------------------
 
 
