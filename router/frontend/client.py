@@ -277,8 +277,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         n = len(data)
                         length = len(_REFUSE_TENANT_SETTING) - 1
                         end = pos + 1 + length
+                # _SESSION_SQL's words are among _SPECIAL_START's: one regex pass for most.
+                special = self.rewrite_statements and _SPECIAL_START.match(data, pos + 5, pos + 69)
                 if self.rewrite_statements and (
-                    _SPECIAL_START.match(data, pos + 5, pos + 69)
+                    special
                     or data.find(b"advisory", pos + 5, end) >= 0
                     or data.find(b"ADVISORY", pos + 5, end) >= 0
                 ):
@@ -290,7 +292,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         break
                     if _PIN_SQL.search(data, pos + 5, end):
                         self._track_pins(data, pos + 5, end)
-                if self.rewrite_statements and _SESSION_SQL.match(data, pos + 5, pos + 69):
+                if special and _SESSION_SQL.match(data, pos + 5, pos + 69):
                     # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE.
                     if _SQL_PREPARED.match(data, pos + 5, min(end, pos + 69)):
                         # Refused by substitution: the server raises the error, so it lands

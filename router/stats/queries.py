@@ -8,9 +8,9 @@ named statement a Bind uses) carries; its rows are the sum of its CommandComplet
 The hot path only appends a tuple to a list (``record``). Folding those into per-fingerprint
 entries happens in batches, when the list is long or someone reads the statistics: a statement
 text's fingerprint (pglast, libpg_query's fingerprint: constants and parameter numbers do not
-change it) is cached by text, and texts that differ only in literals share one cache entry
-after a cheap literal-stripping pass, so ``pgbench -S -M simple`` (a new literal every query)
-does not pay a parse per query.
+change it) is cached by the text with its digits zeroed (``cache_key``, one bytes.translate),
+then by the text with its literals stripped (a regex pass, on a miss only), so
+``pgbench -S -M simple`` (a new number every query) pays neither a parse nor a regex per query.
 
 Memory is bounded: at most ``max_entries`` fingerprints are kept, the ones with the largest total
 time. When the table grows a quarter past that, the rest are dropped (and counted as evicted).
