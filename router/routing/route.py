@@ -33,6 +33,7 @@ from router.routing.verdict import (
     Target,
     Verdict,
 )
+from router.sqlkey import cache_key
 
 _unpack_len = struct.Struct("!I").unpack_from
 _Q, _P, _B = ord("Q"), ord("P"), ord("B")
@@ -72,7 +73,8 @@ class VerdictCache:
     """Verdicts of Query/Parse texts as bytes, for one function catalog.
 
     In front of the classifier's own LRU (keyed by decoded text): a hit here skips the decode.
-    FIFO-bounded; a catalog change (``reset``) starts it afresh.
+    Keyed by ``cache_key`` (router/sqlkey.py), so texts that differ only in numbers share an
+    entry. FIFO-bounded; a catalog change (``reset``) starts it afresh.
     """
 
     def __init__(
@@ -89,24 +91,31 @@ class VerdictCache:
         self.encoding = encoding
 
     def verdict(self, sql: bytes) -> Verdict:
-        found = self._entries.get(sql)
+        entries = self._entries
+        found = entries.get(sql)  # the same text again: extended protocol, prepared
         if found is not None:
             return found
+        key = cache_key(sql)  # texts that differ only in numbers (router/sqlkey.py)
+        if key is not sql:
+            found = entries.get(key)
+            if found is not None:
+                return found
         if _PLAIN_SELECT.match(sql):
-            if _FOR_OR_INTO.search(sql) is None:
-                return _READ
+            verdict = _READ if _FOR_OR_INTO.search(sql) is None else None
         elif _PLAIN_WRITE.match(sql):
-            return _WRITE
-        try:
-            text = sql.decode(self.encoding)
-        except UnicodeDecodeError:
-            return Verdict(Target.PRIMARY, Reason.UNPARSABLE)
-        verdict = self._classify(text).verdict
+            verdict = _WRITE
+        else:
+            verdict = None
+        if verdict is None:
+            try:
+                text = sql.decode(self.encoding)
+            except UnicodeDecodeError:
+                return Verdict(Target.PRIMARY, Reason.UNPARSABLE)
+            verdict = self._classify(text).verdict
         if len(sql) <= self.max_text:
-            entries = self._entries
             if len(entries) >= self.maxsize:
                 del entries[next(iter(entries))]
-            entries[sql] = verdict
+            entries[key] = verdict
         return verdict
 
     def classification(self, sql: bytes) -> Classification | None:

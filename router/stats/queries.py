@@ -8,7 +8,7 @@ named statement a Bind uses) carries; its rows are the sum of its CommandComplet
 The hot path only appends a tuple to a list (``record``). Folding those into per-fingerprint
 entries happens in batches, when the list is long or someone reads the statistics: a statement
 text's fingerprint (pglast, libpg_query's fingerprint: constants and parameter numbers do not
-change it) is cached by the text with its digits zeroed (``cache_key``, one bytes.translate),
+change it) is cached by the text with its digits zeroed (router/sqlkey.py, one bytes.translate),
 then by the text with its literals stripped (a regex pass, on a miss only), so
 ``pgbench -S -M simple`` (a new number every query) pays neither a parse nor a regex per query.
 
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from pglast import parser
 
+from router.sqlkey import cache_key
+
 log = logging.getLogger("pgrouter.queries")
 
 # Fold the pending calls once this many have piled up.
@@ -34,25 +36,6 @@ FOLD_AT = 2048
 MAX_QUERY_CHARS = 2000
 # Fingerprints of statement texts, cached by text (cleared when it grows past this).
 MAX_FINGERPRINT_CACHE = 10_000
-
-# The fold's first cache key: the undecoded text with every digit turned into 0, so texts
-# that differ only in the digits of their numeric constants (pgbench -S -M simple: a new aid
-# every query) share one entry for the price of a bytes.translate, not a regex pass. Digits
-# next to an identifier character (t1, $1, 1e5, 2abc) are not constants, or may not be, and
-# neither are digits in a quoted identifier ("col 1"): such a text is keyed as it is. Bytes
-# >= 0x80 count as identifier characters.
-_ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
-_IDENT = bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") + 1)) + b"_$" + bytes(range(0x80, 0x100))
-_CLASSES = bytes.maketrans(b"0123456789" + _IDENT, b"0" * 10 + b"a" * len(_IDENT))
-
-
-def cache_key(sql: bytes) -> bytes:
-    """Equal keys mean the texts differ at most in digits that lie outside identifiers."""
-    classes = sql.translate(_CLASSES)
-    if b"a0" in classes or b"0a" in classes or b'"' in sql:
-        return sql
-    return sql.translate(_ZERO_DIGITS)
-
 
 # Literals: quoted strings (with '' inside), E'' strings, numbers. Used only to share the
 # fingerprint cache between texts that differ in literals; the fingerprint itself is pglast's.

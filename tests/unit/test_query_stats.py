@@ -8,12 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pglast import parser
 
+from router.sqlkey import cache_key
 from router.stats.histogram import FastHistogram
 from router.stats.queries import (
     FOLD_AT,
     FingerprintCache,
     QueryStats,
-    cache_key,
     fingerprint,
     redact,
 )
