@@ -22,7 +22,14 @@ from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
 from router.routing.classify import ClassifierCache
 from router.routing.functions import FunctionCatalog
-from router.routing.route import PLAIN_READ, RouteReason, VerdictCache, decide, held_verdict
+from router.routing.route import (
+    PLAIN_READ,
+    RouteReason,
+    VerdictCache,
+    decide,
+    held_verdict,
+    lone_statement_sql,
+)
 from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
 from router.splitting import SplitCluster
@@ -520,16 +527,14 @@ class Router:
             and not client.read_only_session
             and not client.pins
         ):
-            # The commonest transaction: a lone plain SELECT, autocommit, in a session with
-            # nothing that steers it. decide() would say (replica, read); this skips the scan.
+            # The commonest transaction: a lone plain SELECT (a Query, or an unnamed Parse to
+            # Sync), autocommit, in a session with nothing that steers it. decide() would say
+            # (replica, read); this skips the scan.
             data, start, syncs, _ = held[0]
-            if (
-                not start
-                and syncs == 1
-                and data[0] == _Q
-                and len(data) == 1 + int.from_bytes(data[1:5])
-                and route.verdicts.verdict(data[5:-1]) is PLAIN_READ
-            ):
+            sql = lone_statement_sql(data) if not start and syncs == 1 else None
+            if sql is not None and route.verdicts.verdict(sql) is PLAIN_READ:
+                if data[0] != _Q:
+                    client.last_unnamed = PLAIN_READ  # what a later unnamed Bind runs
                 node, _why = split.replica(client)
                 if node is not None:
                     split.decisions[_REPLICA_READ] += 1

@@ -37,6 +37,8 @@ from router.sqlkey import cache_key
 
 _unpack_len = struct.Struct("!I").unpack_from
 _Q, _P, _B = ord("Q"), ord("P"), ord("B")
+_D, _E = ord("D"), ord("E")
+_SYNC = b"S\x00\x00\x00\x04"
 
 
 class RouteReason(StrEnum):
@@ -112,6 +114,8 @@ class VerdictCache:
             except UnicodeDecodeError:
                 return Verdict(Target.PRIMARY, Reason.UNPARSABLE)
             verdict = self._classify(text).verdict
+            if verdict == _READ:
+                verdict = _READ  # one object: callers test ``is PLAIN_READ`` for the fast route
         if len(sql) <= self.max_text:
             if len(entries) >= self.maxsize:
                 del entries[next(iter(entries))]
@@ -130,6 +134,37 @@ class VerdictCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def lone_statement_sql(data: bytes) -> bytes | None:
+    """The SQL of a chunk that runs one statement and nothing else, the commonest
+    transaction: a whole Query message, or exactly Parse, Bind, [Describe,] Execute, Sync, all
+    unnamed (pgbench -M extended, psycopg). None for anything else (the caller scans it)."""
+    try:
+        n = len(data)
+        end = 1 + _unpack_len(data, 1)[0]
+        t = data[0]
+        if t == _Q:
+            return data[5 : end - 1] if end == n else None
+        if t != _P or data[5] != 0:
+            return None
+        sql_end = data.index(b"\0", 6, end)
+        pos = end
+        if data[pos] != _B or data[pos + 5] != 0 or data[pos + 6] != 0:  # portal, statement
+            return None
+        pos += 1 + _unpack_len(data, pos + 1)[0]
+        if data[pos] == _D:
+            if data[pos + 6] != 0:  # a named portal or statement
+                return None
+            pos += 1 + _unpack_len(data, pos + 1)[0]
+        if data[pos] != _E or data[pos + 5] != 0:
+            return None
+        pos += 1 + _unpack_len(data, pos + 1)[0]
+        if pos + 5 != n or data[pos:] != _SYNC:
+            return None
+        return data[6:sql_end]
+    except (IndexError, ValueError, struct.error):  # truncated: not this shape
+        return None
 
 
 def held_verdict(

@@ -164,6 +164,26 @@ def test_plain_selects_route_like_any_read(split_router: RouterThread, cluster: 
     assert ports("SELECT pg_advisory_lock(4711);", plain, "SELECT pg_advisory_unlock(4711);") == [primary]
 
 
+def test_unnamed_extended_reads_route_like_any_read(split_router: RouterThread, cluster: Cluster) -> None:
+    """psycopg without prepared statements sends Parse, Bind, Describe, Execute, Sync, all
+    unnamed (so does pgbench -M extended): a lone read of that shape takes the same shortcut
+    as a plain SELECT, and what steers a session must still steer it."""
+    cluster.psql("CREATE OR REPLACE VIEW split_whereami AS SELECT inet_server_port() AS port", dbname="app")
+    cluster.wait_replay()
+    plain = "SELECT port FROM split_whereami WHERE %s = 1"
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True, prepare_threshold=None) as conn:
+        reads = [conn.execute(plain, (1,)).fetchone()[0] for _ in range(20)]
+        assert set(reads) <= replica_ports(cluster), reads
+        with conn.transaction():
+            assert conn.execute(plain, (1,)).fetchone()[0] == cluster.primary.port
+        conn.execute("SET pgrouter.target = primary")
+        assert conn.execute(plain, (1,)).fetchone()[0] == cluster.primary.port
+        conn.execute("SET pgrouter.target = auto")
+        conn.execute("SELECT pg_advisory_lock(4712)")
+        assert conn.execute(plain, (1,)).fetchone()[0] == cluster.primary.port  # pinned
+        conn.execute("SELECT pg_advisory_unlock(4712)")
+
+
 def test_session_target_and_read_only_session(split_router: RouterThread, cluster: Cluster) -> None:
     cluster.psql("CREATE OR REPLACE FUNCTION split_unknown() RETURNS int LANGUAGE sql AS 'SELECT 1'", dbname="app")
     cluster.wait_replay()

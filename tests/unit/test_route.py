@@ -18,9 +18,11 @@ from router.routing.route import (
     decide,
     held_verdict,
     is_plain_select,
+    lone_statement_sql,
 )
 from router.routing.verdict import Reason, StatementKind, Target, Verdict
 from router.sqlkey import cache_key
+from tests.unit import test_prepared as wire
 
 CATALOG = FunctionCatalog.builtin()
 
@@ -237,3 +239,67 @@ def test_plain_write_fast_path(sql: str) -> None:
 def test_select_mentioning_for_is_not_fast() -> None:
     assert not is_plain_select(b"SELECT a FROM t FOR UPDATE")
     assert not is_plain_select(b"SELECT a INTO b FROM t")
+
+
+# --- The lone-statement shortcut (Router.pool_for_transaction) ----------------------------------
+
+_SQL = b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+_BIND = wire.bind(b"", b"", [b"7"])
+LONE = [
+    (wire.query(b"SELECT 1"), b"SELECT 1"),
+    (wire.parse(b"", _SQL) + _BIND + wire.describe(b"P", b"") + wire.execute() + wire.SYNC, _SQL),  # pgbench -M extended
+    (wire.parse(b"", _SQL) + _BIND + wire.execute() + wire.SYNC, _SQL),
+    (wire.parse(b"", _SQL, [23]) + _BIND + wire.describe(b"S", b"") + wire.execute() + wire.SYNC, _SQL),
+]
+NOT_LONE = [
+    wire.query(b"SELECT 1") + wire.query(b"SELECT 2"),  # two Queries
+    wire.query(b"SELECT 1")[:-1],  # truncated
+    wire.parse(b"s1", _SQL) + wire.bind(b"", b"s1") + wire.execute() + wire.SYNC,  # a named statement
+    wire.parse(b"", _SQL) + wire.bind(b"p", b"") + wire.execute(b"p") + wire.SYNC,  # a named portal
+    wire.parse(b"", _SQL) + wire.bind(b"", b"s1") + wire.execute() + wire.SYNC,  # binds another statement
+    wire.parse(b"", _SQL) + _BIND + wire.describe(b"S", b"s1") + wire.execute() + wire.SYNC,
+    wire.parse(b"", _SQL) + _BIND + wire.execute() + wire.SYNC + wire.query(b"DELETE FROM t"),  # more after Sync
+    wire.parse(b"", _SQL) + _BIND + wire.execute() + wire.query(b"DELETE FROM t"),
+    wire.parse(b"", _SQL) + _BIND + wire.execute() + wire.FLUSH,  # no Sync
+    wire.parse(b"", _SQL) + _BIND + wire.execute() + wire.SYNC + wire.SYNC,
+    wire.parse(b"", _SQL) + _BIND + wire.execute(),
+    wire.parse(b"", _SQL) + wire.SYNC,  # no Bind
+    wire.parse(b"", _SQL) + wire.parse(b"", b"DELETE FROM t") + _BIND + wire.execute() + wire.SYNC,
+    _BIND + wire.execute() + wire.SYNC,  # runs an earlier Parse
+]
+
+
+@pytest.mark.parametrize(("data", "sql"), LONE)
+def test_lone_statement_sql(data: bytes, sql: bytes) -> None:
+    assert lone_statement_sql(data) == sql
+
+
+@pytest.mark.parametrize("data", NOT_LONE)
+def test_not_a_lone_statement(data: bytes) -> None:
+    assert lone_statement_sql(data) is None
+
+
+_MESSAGES = st.sampled_from(
+    [wire.query(b"SELECT 1"), wire.query(b"DELETE FROM t"), wire.parse(b"", _SQL), wire.parse(b"", b"DELETE FROM t"),
+     wire.parse(b"s", _SQL), _BIND, wire.bind(b"", b"s"), wire.bind(b"p", b""), wire.describe(b"P", b""),
+     wire.describe(b"S", b"s"), wire.execute(), wire.execute(b"p"), wire.SYNC, wire.FLUSH]
+)
+
+
+@given(st.lists(_MESSAGES, max_size=7), st.integers(min_value=0, max_value=200))
+def test_lone_statement_sql_agrees_with_the_full_scan(messages: list[bytes], cut: int) -> None:
+    """Whatever the chunk (whole messages or cut short), the shortcut only answers when the
+    chunk runs exactly one statement, and then says what the full scan says."""
+    data = b"".join(messages)
+    data = data[: len(data) - cut] if cut < len(data) else data
+    sql = lone_statement_sql(data)
+    if sql is None:
+        return
+    seen: list[bytes] = []
+    first, combined, _ = held_verdict(
+        [(data, 0, 1, 0)], lambda text: seen.append(text) or verdict(text.decode()), lambda name: None, None
+    )
+    assert seen == [sql]
+    assert first == combined == verdict(sql.decode())
+    assert data.endswith(wire.SYNC) or data[0] == ord("Q")
+    assert data.count(b"S\x00\x00\x00\x04") <= 1
