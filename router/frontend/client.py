@@ -793,8 +793,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self._call_t0 = 0.0
         # Unnamed Parse/Close replies need counting only while a rewritten one's reply is owed.
         st = server.stmts
-        # Every Parse/Close is counted: an uncounted ParseComplete still in flight would be
-        # matched to the next counted one (pipelines mixing unnamed and named statements).
+        # Parses/Closes are counted (queued until their replies come), except in chunks of
+        # unnamed ones that end with a Sync; while those replies are on their way nothing
+        # counted is sent, or a ParseComplete would be matched to the wrong request.
         sent = data
         if rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES | _ENDS_SYNCED) == _COUNT_REPLIES | _ENDS_SYNCED:
             # Only unnamed Parses/Closes, every segment closed by a Sync of this chunk (what

@@ -50,7 +50,7 @@ def test_different_statements_have_different_fingerprints(a: str, b: str) -> Non
     assert cache(a) != cache(b)
 
 
-# The fold's cache key: texts with equal keys must have equal fingerprints.
+# The cache key of texts (router/sqlkey.py): texts with equal keys must have equal fingerprints.
 SAME_KEY = [
     ("SELECT abalance FROM pgbench_accounts WHERE aid = 1;", "SELECT abalance FROM pgbench_accounts WHERE aid = 7;"),
     ("UPDATE t SET v = v + 1.5 WHERE id = 30", "UPDATE t SET v = v + 9.2 WHERE id = 41"),
