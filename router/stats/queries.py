@@ -180,13 +180,17 @@ class QueryStats:
         fingerprint_of = self._fingerprints
         by_key = self._by_key
         for tenant, sql_bytes, seconds, rows, sqlstate, role, _node in pending:
-            key = cache_key(sql_bytes)
-            fp = by_key.get(key)
+            # The exact text first: a statement run again (extended protocol, prepared) is
+            # its own key when it has $n parameters, and skips computing one.
+            fp = by_key.get(sql_bytes)
             if fp is None:
-                fp = fingerprint_of.by_shape(sql_bytes.decode(self.encoding, "replace"))
-                if len(by_key) >= MAX_FINGERPRINT_CACHE:
-                    by_key.clear()
-                by_key[key] = fp
+                key = cache_key(sql_bytes)
+                fp = by_key.get(key)
+                if fp is None:
+                    fp = fingerprint_of.by_shape(sql_bytes.decode(self.encoding, "replace"))
+                    if len(by_key) >= MAX_FINGERPRINT_CACHE:
+                        by_key.clear()
+                    by_key[key] = fp
             key = (tenant, fp)
             entry = entries.get(key)
             if entry is None:
