@@ -204,9 +204,12 @@ class LoginMixin:
                 raise failed  # trust cannot reach here for an unknown tenant; kept for safety
             self.tenant = self.tenant_login.tenant
             self.user = self.tenant_login.user
-        self.transport.write(m.auth_ok())
+        # AuthenticationOk goes out with the ParameterStatus block (_finish_login): one write
+        # and one wakeup of the client instead of two, per connection.
 
-    async def _finish_login(self) -> None:
+    async def _session_start(self) -> bytes:
+        """Set the client up for its database; returns AuthenticationOk, the ParameterStatus
+        block, BackendKeyData and ReadyForQuery, to go out in one write."""
         await self.router.prepare_tenant(self)
         target = self.router.resolve_database(self)  # raises 3D000 for an unknown database
         self.pool_mode = target.pool_mode
@@ -225,12 +228,24 @@ class LoginMixin:
         self.read_only_session = self.startup_read_only
         status = await self.pool.login_parameter_status(self.startup_params.get("application_name"))
         self.cancel_pid, self.cancel_key = self.router.register_client(self)
-        out = bytearray(status)
+        out = bytearray(m.auth_ok())
+        out += status
         out += m.backend_key_data(self.cancel_pid, self.cancel_key)
         out += m.ready_for_query(m.IDLE)
+        return bytes(out)
+
+    async def _finish_login(self) -> None:
+        try:
+            greeting = await self._session_start()
+        except BaseException:
+            # What PostgreSQL sends after authentication too: AuthenticationOk, then the
+            # error (an unknown database, a tenant that cannot start).
+            if self.state != CLOSED and not self.transport.is_closing():
+                self.transport.write(m.auth_ok())
+            raise
         if self.state == CLOSED:
             return
-        self.transport.write(bytes(out))
+        self.transport.write(greeting)
         self.state = READY
         log.debug("client %s@%s/%s logged in", self.user, self.peer, self.database)
         rest = bytes(self._buf)

@@ -9,6 +9,7 @@ import trustme
 
 from tests.cluster import SERVER_USERS
 from tests.conftest import CLIENT_USERS
+from tests.rawclient import RawClient
 
 
 @pytest.mark.parametrize("user", sorted(CLIENT_USERS))
@@ -35,6 +36,28 @@ def test_unknown_database_is_3d000(router):
     with pytest.raises(psycopg.OperationalError) as exc:
         psycopg.connect(router.dsn("carol", dbname="nope"))
     assert 'database "nope" does not exist' in str(exc.value)
+
+
+def test_unknown_database_comes_after_authentication_ok(router):
+    """As from PostgreSQL: authentication succeeds, then the database is looked up."""
+    raw = RawClient(router.port)
+    raw.startup("carol", "nope")
+    assert raw.recv_message() == (b"R", b"\0\0\0\0")  # AuthenticationOk
+    fields = raw.error_and_close()
+    assert fields["C"] == "3D000"
+
+
+def test_authentication_ok_comes_with_the_session_greeting(start_router):
+    """AuthenticationOk, ParameterStatus, BackendKeyData and ReadyForQuery go out in one write:
+    one wakeup of the client per login. The first login to a pool waits for a server
+    connection, so an AuthenticationOk written on its own would reach the client first."""
+    router = start_router()
+    raw = RawClient(router.port)
+    raw.startup("carol", "app")
+    first = raw.sock.recv(65536)
+    assert first.startswith(b"R\0\0\0\x08\0\0\0\0"), first
+    assert first.endswith(b"Z\0\0\0\x05I"), first
+    raw.close()
 
 
 @pytest.mark.parametrize("server_user", ["pgr_scram", "pgr_md5", "pgr_password", "pgr_trust"])
