@@ -1,29 +1,76 @@
-"""A cache key for statement texts that differ only in numbers. No I/O.
+"""Caches of what the router derives from statement texts, where texts that differ only in
+numbers share an entry. No I/O.
 
 ``pgbench -S -M simple`` sends a new text every query (a new aid); so do applications that
 put constants in their SQL. What the router derives from a text (its routing verdict, its
-statistics fingerprint) does not change with the value of a numeric constant, so caches keyed
-by ``cache_key`` answer such texts for the price of a ``bytes.translate``, where the regex
+statistics fingerprint) does not change with the value of a numeric constant, so a cache keyed
+by ``cache_key`` answers such texts for the price of a ``bytes.translate``, where the regex
 passes they would otherwise need cost several times more.
 
-Every digit becomes 0, unless some digit is next to an identifier character (t1, $1, 1e5,
-x'1f', 2abc: not constants, or not surely) or the text has a double quote (a quoted identifier
-may hold "col 1"): such a text is its own key. Bytes >= 0x80 count as identifier characters.
-Digits in string literals and comments are zeroed too; neither routing nor fingerprints look
-at their values.
+``cache_key``: every digit becomes 0, unless some digit is next to an identifier character
+(t1, $1, 1e5, x'1f', 2abc: not constants, or not surely) or the text has a double quote (a
+quoted identifier may hold "col 1"): such a text is its own key. Bytes >= 0x80 count as
+identifier characters. Digits in string literals and comments are zeroed too; neither routing
+nor fingerprints look at their values.
 """
 
 from __future__ import annotations
+
+from typing import Generic, TypeVar
 
 _ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _IDENT = bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") + 1)) + b"_$" + bytes(range(0x80, 0x100))
 _CLASSES = bytes.maketrans(b"0123456789" + _IDENT, b"0" * 10 + b"a" * len(_IDENT))
 
+V = TypeVar("V")
+
+
+def _numbers_only(zeroed: bytes) -> bool:
+    """Whether the digits of a text (given with its digits zeroed: adjacency is the same) can
+    all be numeric constants, so that the zeroed text is a safe key."""
+    classes = zeroed.translate(_CLASSES)
+    # find(), not ``in``: bytes.__contains__ goes through the buffer protocol, twice as slow.
+    return classes.find(b"a0") < 0 and classes.find(b"0a") < 0 and zeroed.find(b'"') < 0
+
 
 def cache_key(sql: bytes) -> bytes:
     """Equal keys mean the texts differ at most in digits that lie outside identifiers."""
-    classes = sql.translate(_CLASSES)
-    # find(), not ``in``: bytes.__contains__ goes through the buffer protocol, twice as slow.
-    if classes.find(b"a0") >= 0 or classes.find(b"0a") >= 0 or sql.find(b'"') >= 0:
-        return sql
-    return sql.translate(_ZERO_DIGITS)
+    zeroed = sql.translate(_ZERO_DIGITS)
+    return zeroed if _numbers_only(zeroed) else sql
+
+
+class TextCache(Generic[V]):
+    """Values by ``cache_key`` of a text, each of two dicts bounded to ``maxsize`` (the oldest
+    entry goes first).
+
+    Lookups skip computing the key: a text seen before is found as it is, and a new text by its
+    zeroed form, which was judged a safe key (``_numbers_only``) once, when it was stored.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._exact: dict[bytes, V] = {}  # texts that are their own key
+        self._zeroed: dict[bytes, V] = {}  # zeroed texts that are safe keys
+
+    def get(self, sql: bytes) -> V | None:
+        value = self._exact.get(sql)
+        if value is None:
+            # A zeroed text is stored only when it is a safe key, so a hit here is one.
+            value = self._zeroed.get(sql.translate(_ZERO_DIGITS))
+        return value
+
+    def put(self, sql: bytes, value: V) -> None:
+        zeroed = sql.translate(_ZERO_DIGITS)
+        if _numbers_only(zeroed):
+            _store(self._zeroed, zeroed, value, self.maxsize)
+        else:
+            _store(self._exact, sql, value, self.maxsize)
+
+    def __len__(self) -> int:
+        return len(self._exact) + len(self._zeroed)
+
+
+def _store(entries: dict, key: bytes, value: object, maxsize: int) -> None:
+    if key not in entries and len(entries) >= maxsize:
+        del entries[next(iter(entries))]
+    entries[key] = value

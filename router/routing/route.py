@@ -33,7 +33,7 @@ from router.routing.verdict import (
     Target,
     Verdict,
 )
-from router.sqlkey import cache_key
+from router.sqlkey import TextCache
 
 _unpack_len = struct.Struct("!I").unpack_from
 _Q, _P, _B = ord("Q"), ord("P"), ord("B")
@@ -75,8 +75,8 @@ class VerdictCache:
     """Verdicts of Query/Parse texts as bytes, for one function catalog.
 
     In front of the classifier's own LRU (keyed by decoded text): a hit here skips the decode.
-    Keyed by ``cache_key`` (router/sqlkey.py), so texts that differ only in numbers share an
-    entry. FIFO-bounded; a catalog change (``reset``) starts it afresh.
+    A ``TextCache`` (router/sqlkey.py): texts that differ only in numbers share an entry.
+    FIFO-bounded; a catalog change (``reset``) starts it afresh.
     """
 
     def __init__(
@@ -87,21 +87,16 @@ class VerdictCache:
         encoding: str = "utf-8",
     ) -> None:
         self._classify = classify
-        self._entries: dict[bytes, Verdict] = {}
+        self._entries: TextCache[Verdict] = TextCache(maxsize)
         self.maxsize = maxsize
         self.max_text = max_text
         self.encoding = encoding
 
     def verdict(self, sql: bytes) -> Verdict:
         entries = self._entries
-        found = entries.get(sql)  # the same text again: extended protocol, prepared
+        found = entries.get(sql)
         if found is not None:
             return found
-        key = cache_key(sql)  # texts that differ only in numbers (router/sqlkey.py)
-        if key is not sql:
-            found = entries.get(key)
-            if found is not None:
-                return found
         if _PLAIN_SELECT.match(sql):
             verdict = _READ if _FOR_OR_INTO.search(sql) is None else None
         elif _PLAIN_WRITE.match(sql):
@@ -117,9 +112,7 @@ class VerdictCache:
             if verdict == _READ:
                 verdict = _READ  # one object: callers test ``is PLAIN_READ`` for the fast route
         if len(sql) <= self.max_text:
-            if len(entries) >= self.maxsize:
-                del entries[next(iter(entries))]
-            entries[key] = verdict
+            entries.put(sql, verdict)
         return verdict
 
     def classification(self, sql: bytes) -> Classification | None:
@@ -130,7 +123,7 @@ class VerdictCache:
             return None
 
     def reset(self) -> None:
-        self._entries = {}
+        self._entries = TextCache(self.maxsize)
 
     def __len__(self) -> int:
         return len(self._entries)

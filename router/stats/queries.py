@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from pglast import parser
 
-from router.sqlkey import cache_key
+from router.sqlkey import TextCache
 
 log = logging.getLogger("pgrouter.queries")
 
@@ -152,9 +152,9 @@ class QueryStats:
         self.slow_queries = 0
         self._pending: list[Call] = []
         self._fingerprints = FingerprintCache()
-        # Fingerprints by ``cache_key`` of the undecoded text: a statement run again, or with
-        # other numbers in it, skips decoding and the text cache. Cleared with the same bound.
-        self._by_key: dict[bytes, str] = {}
+        # Fingerprints of undecoded texts (router/sqlkey.py): a statement run again, or with
+        # other numbers in it, skips decoding and the text cache.
+        self._by_key: TextCache[str] = TextCache(MAX_FINGERPRINT_CACHE)
         self._slow_log = slow_log or _log_slow
 
     # --- hot path --------------------------------------------------------------------
@@ -180,17 +180,10 @@ class QueryStats:
         fingerprint_of = self._fingerprints
         by_key = self._by_key
         for tenant, sql_bytes, seconds, rows, sqlstate, role, _node in pending:
-            # The exact text first: a statement run again (extended protocol, prepared) is
-            # its own key when it has $n parameters, and skips computing one.
             fp = by_key.get(sql_bytes)
             if fp is None:
-                key = cache_key(sql_bytes)
-                fp = by_key.get(key)
-                if fp is None:
-                    fp = fingerprint_of.by_shape(sql_bytes.decode(self.encoding, "replace"))
-                    if len(by_key) >= MAX_FINGERPRINT_CACHE:
-                        by_key.clear()
-                    by_key[key] = fp
+                fp = fingerprint_of.by_shape(sql_bytes.decode(self.encoding, "replace"))
+                by_key.put(sql_bytes, fp)
             key = (tenant, fp)
             entry = entries.get(key)
             if entry is None:
