@@ -54,6 +54,8 @@ _N = ord("N")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
 _DATA_ROW = ord("D")
+# The replies data_received looks at; every branch of its scan is one of these.
+_WATCHED = frozenset((_Z, _E, _N, _COMMAND_COMPLETE, _PARSE_COMPLETE, _CLOSE_COMPLETE))
 # An ErrorResponse split across reads is held back until whole, up to this size (PostgreSQL's
 # are well under it; a larger one passes through in pieces, judged by what arrived).
 MAX_HELD_ERROR = 64 * 1024
@@ -170,6 +172,7 @@ class ServerConnection(asyncio.Protocol):
         n = len(data)
         pos = self._skip
         ready = False
+        now = 0.0
         cuts: list | None = None
         # Replies to the router's own settings prelude are dropped up to their ReadyForQuery.
         swallow_from = 0 if self.swallow_z else -1
@@ -182,7 +185,7 @@ class ServerConnection(asyncio.Protocol):
                 break
             t = data[pos]
             length = _unpack_len(data, pos + 1)[0]
-            if t == _DATA_ROW:  # most messages of most results: nothing to look at
+            if t == _DATA_ROW or t not in _WATCHED:  # most messages: nothing to look at
                 pos += 1 + length
                 continue
             if t == _Z:
@@ -203,7 +206,8 @@ class ServerConnection(asyncio.Protocol):
                     continue
                 ready = True
                 if self.calls:
-                    self._finish_call()
+                    now = perf_counter()
+                    self._finish_call(now)
             elif t == _E:
                 if pos + 1 + length > n and length <= MAX_HELD_ERROR:
                     # Only a whole ErrorResponse can be judged (stale plan, duplicate name,
@@ -273,7 +277,7 @@ class ServerConnection(asyncio.Protocol):
             client.transport.write(data)
         if ready and st.recv_z == st.sent_z:
             if self.tx_status == _IDLE and self.tx_t0:
-                client.router.transaction_durations.observe(perf_counter() - self.tx_t0)
+                client.router.transaction_durations.observe((now or perf_counter()) - self.tx_t0)
                 self.tx_t0 = 0.0
             client.server_ready(self)
 
@@ -285,8 +289,9 @@ class ServerConnection(asyncio.Protocol):
         for name in statements_used(self.last_sent):
             registry.retire(name)
 
-    def _finish_call(self) -> None:
-        """A ReadyForQuery ends the oldest call (or one of its Sync segments)."""
+    def _finish_call(self, now: float) -> None:
+        """A ReadyForQuery (at ``now``, perf_counter) ends the oldest call (or one of its Sync
+        segments)."""
         calls = self.calls
         sql, t0, syncs, role = calls[0]
         if syncs > 1:
@@ -301,7 +306,7 @@ class ServerConnection(asyncio.Protocol):
         if sql is None or stats is None:
             return
         tenant = client.tenant.tenant_id if client.tenant is not None else client.database
-        stats.record(tenant, sql, perf_counter() - t0, rows, error, role, self.node)
+        stats.record(tenant, sql, now - t0, rows, error, role, self.node)
 
     def _retry_elsewhere(self, data: bytes, pos: int, length: int) -> None:
         """The server is shutting down and has told this client nothing yet: close without

@@ -160,16 +160,17 @@ class Pool:
         if server.cancels_in_flight:
             server.release_after_cancel = True  # Router._send_cancel releases it when done
             return
+        now = time.monotonic()
         lifetime = self.settings.lifetime
-        if lifetime and time.monotonic() - server.created_at > lifetime:
+        if lifetime and now - server.created_at > lifetime:
             server.close("server_lifetime reached")
             return
         if self.waiters:
             waiter, deadline = self.waiters.popleft()
-            observe_pool_wait(time.monotonic() - deadline + self.settings.query_wait_timeout)
+            observe_pool_wait(now - deadline + self.settings.query_wait_timeout)
             waiter.server_assigned(server)
             return
-        server.idle_since = time.monotonic()
+        server.idle_since = now
         self.idle.append(server)
 
     def forget(self, server: ServerConnection) -> None:
