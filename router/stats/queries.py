@@ -43,6 +43,16 @@ MAX_FINGERPRINT_CACHE = 10_000
 _LITERALS = re.compile(
     r"(?=[\d'eEbBxXnN])(?:(?:[eEbBxXnN])?'(?:[^']|'')*'|(?<![\w$])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\b)"
 )
+# The same with double-quoted identifiers matched first and kept as they are: "col 1" and
+# "col 2" are different columns, and a ' inside "it's" starts no string.
+_LITERALS_OR_IDENTIFIERS = re.compile(r'("(?:[^"]|"")*")|' + _LITERALS.pattern)
+
+
+def _shape(sql: str) -> str:
+    """``sql`` with its literals replaced by ?: texts of one shape share a fingerprint."""
+    if '"' not in sql:
+        return _LITERALS.sub("?", sql)
+    return _LITERALS_OR_IDENTIFIERS.sub(lambda match: match.group(1) or "?", sql)
 
 
 @dataclass(slots=True)
@@ -84,7 +94,7 @@ def redact(sql: str) -> str:
     try:
         text = parser.normalize(sql)
     except Exception:  # ParseError, or anything the C library reports: fall back to the pattern
-        text = _LITERALS.sub("?", sql)
+        text = _shape(sql)
     text = " ".join(text.split())
     return text if len(text) <= MAX_QUERY_CHARS else text[: MAX_QUERY_CHARS - 1] + "…"
 
@@ -95,7 +105,7 @@ def fingerprint(sql: str) -> str:
     try:
         return parser.fingerprint(sql)
     except Exception:  # ParseError: an unparsable statement still gets a stable identity
-        stripped = " ".join(_LITERALS.sub("?", sql).split())
+        stripped = " ".join(_shape(sql).split())
         return "x" + hashlib.blake2b(stripped.encode(), digest_size=8).hexdigest()
 
 
@@ -120,7 +130,7 @@ class FingerprintCache:
     def by_shape(self, sql: str) -> str:
         """The fingerprint through the literal-stripped cache only (callers that cache by
         text themselves)."""
-        shape = _LITERALS.sub("?", sql)
+        shape = _shape(sql)
         fp = self._by_shape.get(shape)
         if fp is None:
             fp = fingerprint(sql)

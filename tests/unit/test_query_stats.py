@@ -33,6 +33,9 @@ DIFFERENT_SHAPE = [
     ("SELECT a FROM t", "SELECT a FROM u"),
     ("SELECT a FROM t WHERE x = 1", "SELECT a FROM t WHERE y = 1"),
     ("DELETE FROM t", "TRUNCATE t"),
+    # Quoted identifiers are not literals, whatever they hold.
+    ('SELECT "col 1" FROM t', 'SELECT "col 2" FROM t'),
+    ('SELECT "a\'b", \'c\' FROM t', 'SELECT "a\'x", \'c\' FROM t'),
 ]
 
 
@@ -48,6 +51,14 @@ def test_different_statements_have_different_fingerprints(a: str, b: str) -> Non
     assert fingerprint(a) != fingerprint(b)
     cache = FingerprintCache()
     assert cache(a) != cache(b)
+
+
+@given(st.lists(st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                        min_size=1, max_size=12), min_size=2, max_size=2, unique=True))
+def test_quoted_identifiers_are_never_taken_for_literals(names: list[str]) -> None:
+    a, b = (f'SELECT "{name.replace(chr(34), chr(34) * 2)}", 1 FROM t' for name in names)
+    cache = FingerprintCache()
+    assert (cache(a) == cache(b)) == (fingerprint(a) == fingerprint(b))
 
 
 # The cache key of texts (router/sqlkey.py): texts with equal keys must have equal fingerprints.
