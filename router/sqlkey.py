@@ -8,14 +8,22 @@ by ``cache_key`` answers such texts for the price of a ``bytes.translate``, wher
 passes they would otherwise need cost several times more.
 
 ``cache_key``: every digit becomes 0, unless some digit is next to an identifier character
-(t1, $1, 1e5, x'1f', 2abc: not constants, or not surely) or the text has a double quote (a
-quoted identifier may hold "col 1"): such a text is its own key. Bytes >= 0x80 count as
-identifier characters. Digits in string literals and comments are zeroed too; neither routing
-nor fingerprints look at their values.
+(t1, $1, 1e5, x'1f', 2abc: not constants, or not surely) or inside a double-quoted identifier
+("col 1"): such a text is its own key. Bytes >= 0x80 count as identifier characters. Digits in
+string literals and comments are zeroed too; neither routing nor fingerprints look at their
+values.
+
+Where the quoted identifiers of a text are is known only by lexing it, so a text with a double
+quote gets a zeroed key only when a simple lexer (``_QUOTES_WITHOUT_DIGITS``) accounts for every
+quote in it: no backslash (E'' escapes), no dollar quoting, no nested comment, where a lexer
+this simple could mistake a quoted name for a string or comment. ORMs quote every name
+(``SELECT "auth_user"."id" ... WHERE "auth_user"."id" = 5``): without this, each new constant
+would cost a parse.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Generic, TypeVar
 
 _ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
@@ -25,12 +33,23 @@ _CLASSES = bytes.maketrans(b"0123456789" + _IDENT, b"0" * 10 + b"a" * len(_IDENT
 V = TypeVar("V")
 
 
+# A whole zeroed text, lexed: other characters, 'strings', "identifiers" without a digit, --
+# comments (to a line end, \n or \r as PostgreSQL's lexer has it) and unnested /* comments */.
+# '' and "" inside a string or name lex as two adjacent ones. Backslashes and dollar signs match
+# nothing, so a text with either (E'\'', $$...$$) is not taken apart here.
+_QUOTES_WITHOUT_DIGITS = re.compile(
+    rb"""(?:[^'"\\$/-]++|'[^'\\]*+'|"[^"0]*+"|--[^\n\r]*+|/\*(?:[^*/]++|\*(?!/)|/(?!\*))*+\*/|/(?!\*)|-(?!-))*+"""
+)
+
+
 def _numbers_only(zeroed: bytes) -> bool:
     """Whether the digits of a text (given with its digits zeroed: adjacency is the same) can
     all be numeric constants, so that the zeroed text is a safe key."""
     classes = zeroed.translate(_CLASSES)
     # find(), not ``in``: bytes.__contains__ goes through the buffer protocol, twice as slow.
-    return classes.find(b"a0") < 0 and classes.find(b"0a") < 0 and zeroed.find(b'"') < 0
+    if classes.find(b"a0") >= 0 or classes.find(b"0a") >= 0:
+        return False
+    return zeroed.find(b'"') < 0 or _QUOTES_WITHOUT_DIGITS.fullmatch(zeroed) is not None
 
 
 def cache_key(sql: bytes) -> bytes:

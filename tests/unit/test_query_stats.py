@@ -67,6 +67,11 @@ SAME_KEY = [
     ("UPDATE t SET v = v + 1.5 WHERE id = 30", "UPDATE t SET v = v + 9.2 WHERE id = 41"),
     ("SELECT * FROM t LIMIT 10 OFFSET 20", "SELECT * FROM t LIMIT 99 OFFSET 50"),
     ("SELECT 'a 1', -3", "SELECT 'a 2', -4"),
+    # Quoted names without digits (as ORMs write every name), strings and comments holding quotes.
+    ('SELECT "auth_user"."id" FROM "auth_user" WHERE "auth_user"."id" = 5 LIMIT 21',
+     'SELECT "auth_user"."id" FROM "auth_user" WHERE "auth_user"."id" = 7 LIMIT 29'),
+    ("""SELECT "a""b", 'x"y', 'it''s' /* "q" */ FROM t WHERE v = 1 -- it's\n""",
+     """SELECT "a""b", 'x"y', 'it''s' /* "q" */ FROM t WHERE v = 2 -- it's\n"""),
 ]
 OWN_KEY = [  # a digit after an identifier character or in quotes: the text is its own key
     ("SELECT * FROM t1", "SELECT * FROM t2"),
@@ -75,6 +80,12 @@ OWN_KEY = [  # a digit after an identifier character or in quotes: the text is i
     ("SELECT 1e5", "SELECT 1e6"),
     ("1SELECT", "2SELECT"),
     ("SELECT x'1f'", "SELECT x'2f'"),
+    # Where a simple lexer could take a quoted name for a string or a comment: own keys.
+    ('SELECT 1 -- c\r, "col 1"', 'SELECT 1 -- c\r, "col 2"'),  # \r ends a -- comment
+    ("""SELECT E'\\'', "col 1", E'\\''""", """SELECT E'\\'', "col 2", E'\\''"""),
+    ("""SELECT 1 /* /* */ ' */ "col 1" -- '""", """SELECT 1 /* /* */ ' */ "col 2" -- '"""),
+    ('SELECT $$x$$, "c" FROM t WHERE v = 1', 'SELECT $$x$$, "c" FROM t WHERE v = 2'),
+    ('SELECT "c" FROM t WHERE v = 1 AND w = "x 2"', 'SELECT "c" FROM t WHERE v = 1 AND w = "x 3"'),
 ]
 
 
@@ -91,7 +102,8 @@ def test_digits_that_may_not_be_constants_keep_the_exact_text(a: str, b: str) ->
 
 
 _PIECES = ["SELECT ", "a", "t1", " FROM t", " WHERE x = ", "1", "23", "$1", "'s 1'", '"c 1"', "1e5",
-           ".5", " + ", ", ", "-", "(", ")", ";", " /* 7 */ ", "\u00e91", "x'1f'", "U&\"d0\"", "9"]
+           ".5", " + ", ", ", "-", "(", ")", ";", " /* 7 */ ", "\u00e91", "x'1f'", "U&\"d0\"", "9",
+           '"q"', "'\"'", " -- c'\n", "\r", "E'\\''", "$$ 1 $$", "/*", "*/"]
 
 
 @given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=12), st.randoms(use_true_random=False))

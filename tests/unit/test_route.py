@@ -209,11 +209,17 @@ def test_texts_that_differ_only_in_numbers_share_a_verdict() -> None:
     for i in range(10):  # plain reads skip the parser, and are cached by key too
         assert cache.verdict(b"SELECT abalance FROM pgbench_accounts WHERE aid = %d" % i) is PLAIN_READ
     assert len(calls) == 1 and len(cache) == 2
+    # An ORM's text, every name quoted: parsed once too, though no regex could call it plain.
+    orm = 'SELECT "auth_user"."id" FROM "auth_user" WHERE "auth_user"."id" = %d AND "auth_user"."name" = \'x\' LIMIT 21'
+    for i in (5, 7, 9):
+        assert cache.verdict((orm % i).encode()).target is R
+    assert calls[1:] == [orm % 5] and len(cache) == 3
 
 
 _PIECES = ["SELECT ", "a", "t1", " FROM t", " WHERE x = ", "1", "23", "$1", "'s 1'", '"c 1"', "1e5",
            ".5", " + ", ", ", "(", ")", ";", " /* 7 */ ", "f()", "nextval('s1')", " FOR UPDATE",
-           "/* pgrouter: primary */ ", "INSERT INTO t VALUES (", "LIMIT 3", "9"]
+           "/* pgrouter: primary */ ", "INSERT INTO t VALUES (", "LIMIT 3", "9",
+           '"q"', "'\"'", " -- c'\n", "\r", "E'\\''", "$$ 1 $$", "/*", "*/"]
 
 
 @given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=10), st.randoms(use_true_random=False))
