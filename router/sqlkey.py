@@ -19,6 +19,16 @@ quote in it: no backslash (E'' escapes), no dollar quoting, no nested comment, w
 this simple could mistake a quoted name for a string or comment. ORMs quote every name
 (``SELECT "auth_user"."id" ... WHERE "auth_user"."id" = 5``): without this, each new constant
 would cost a parse.
+
+``shape_key``: the text with its string and numeric constants replaced by ``?``, for texts that
+differ in string constants too (``WHERE email = 'a@b.c'``, as drivers that inline parameters
+send them), or whose digits rule the zeroed key out (``FROM t1 WHERE id = 5``). It lexes the
+text the same careful way and gives up (None) where that lexer could go wrong. A ``TextCache``
+made with ``shapes=True`` looks there third, after the exact text and the zeroed one.
+
+A value that depends on a constant (routing: ``EXPLAIN (ANALYZE 0)``, ``SET
+transaction_read_only = 1``) must be stored with ``put(..., exact=True)``: found by its own
+text only.
 """
 
 from __future__ import annotations
@@ -42,6 +52,36 @@ _QUOTES_WITHOUT_DIGITS = re.compile(
 )
 
 
+# What shape_key looks at: quoted names and comments (kept, and skipped so that what they hold
+# is not taken for constants), constants (replaced), and what this lexer does not handle.
+# The lookahead lets the engine skip, at C speed, the positions where no lexeme starts.
+_IDENT_CHAR = rb"[A-Za-z0-9_$\x80-\xff]"
+_LEXEMES = re.compile(
+    rb"""(?=[-"'/.0-9\\$])(?:(?P<keep>"[^"]*+"|--[^\n\r]*+|/\*(?:[^*/]++|\*(?!/)|/(?!\*))*+\*/)"""
+    rb"|(?P<constant>'[^'\\]*+'|(?<!" + _IDENT_CHAR + rb")(?<!\.)(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?(?!"
+    + _IDENT_CHAR + rb"))"
+    rb"""|(?P<other>['"\\]|\$(?![0-9])|/\*))"""
+)
+
+
+def shape_key(sql: bytes) -> bytes | None:
+    """``sql`` with its constants replaced by ?, or None when it holds what the lexer does not
+    take apart: a backslash, dollar quoting, a nested or unterminated comment, an unterminated
+    quote (see the module docstring). Quoted names and comments are kept whole."""
+    pieces = []
+    pos = 0
+    for match in _LEXEMES.finditer(sql):
+        kind = match.lastgroup
+        if kind == "constant":
+            pieces.append(sql[pos : match.start()])
+            pieces.append(b"?")
+            pos = match.end()
+        elif kind == "other":
+            return None
+    pieces.append(sql[pos:])
+    return b"".join(pieces)
+
+
 def _numbers_only(zeroed: bytes) -> bool:
     """Whether the digits of a text (given with its digits zeroed: adjacency is the same) can
     all be numeric constants, so that the zeroed text is a safe key."""
@@ -59,33 +99,54 @@ def cache_key(sql: bytes) -> bytes:
 
 
 class TextCache(Generic[V]):
-    """Values by ``cache_key`` of a text, each of two dicts bounded to ``maxsize`` (the oldest
-    entry goes first).
+    """Values by ``cache_key`` of a text (and, with ``shapes``, by ``shape_key``), each of the
+    dicts bounded to ``maxsize`` (the oldest entry goes first).
 
     Lookups skip computing the key: a text seen before is found as it is, and a new text by its
-    zeroed form, which was judged a safe key (``_numbers_only``) once, when it was stored.
+    zeroed form, which was judged a safe key (``_numbers_only``) once, when it was stored; then
+    by its shape.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, shapes: bool = False) -> None:
         self.maxsize = maxsize
         self._exact: dict[bytes, V] = {}  # texts that are their own key
         self._zeroed: dict[bytes, V] = {}  # zeroed texts that are safe keys
+        self._shapes: dict[bytes, V] | None = {} if shapes else None
 
     def get(self, sql: bytes) -> V | None:
         value = self._exact.get(sql)
         if value is None:
             # A zeroed text is stored only when it is a safe key, so a hit here is one.
-            value = self._zeroed.get(sql.translate(_ZERO_DIGITS))
+            zeroed = sql.translate(_ZERO_DIGITS)
+            value = self._zeroed.get(zeroed)
+            if value is None and self._shapes:
+                shape = shape_key(sql)
+                if shape is not None:
+                    value = self._shapes.get(shape)
+                    if value is not None and _numbers_only(zeroed):
+                        # Texts like this one (other numbers, as many digits) are found by
+                        # the cheaper key from now on.
+                        _store(self._zeroed, zeroed, value, self.maxsize)
         return value
 
-    def put(self, sql: bytes, value: V) -> None:
+    def put(self, sql: bytes, value: V, *, exact: bool = False) -> None:
+        """Store ``value`` for ``sql`` and the texts that share its keys; with ``exact``, for
+        ``sql`` alone (a value that depends on the constants)."""
+        if exact:
+            _store(self._exact, sql, value, self.maxsize)
+            return
         zeroed = sql.translate(_ZERO_DIGITS)
         if _numbers_only(zeroed):
             _store(self._zeroed, zeroed, value, self.maxsize)
         else:
             _store(self._exact, sql, value, self.maxsize)
+        if self._shapes is not None:
+            shape = shape_key(sql)
+            if shape is not None:
+                _store(self._shapes, shape, value, self.maxsize)
 
     def __len__(self) -> int:
+        """Texts and zeroed texts stored (shapes index the same values a second way)."""
         return len(self._exact) + len(self._zeroed)
 
 

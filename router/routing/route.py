@@ -67,15 +67,27 @@ _FOR_OR_INTO = re.compile(rb"(?i)\b(?:for|into)\b")
 # A statement that starts with one of these words writes, whatever follows (a leading comment,
 # which could be a hint, does not match).
 _PLAIN_WRITE = re.compile(rb"(?i)\s*(?:insert|update|delete|merge)\s")
+_EXPLAIN = re.compile(rb"(?i)explain")
 _READ = PLAIN_READ = Verdict(Target.REPLICA, Reason.READ)  # what a plain SELECT gets, unparsed
 _WRITE = Verdict(Target.PRIMARY, Reason.WRITE)
+
+
+def _constants_may_matter(sql: bytes, classification: Classification) -> bool:
+    """Whether the verdict of ``sql`` could change with the value of a constant in it, so that
+    it may not be shared with texts that differ in constants: EXPLAIN (ANALYZE 0) runs nothing,
+    (ANALYZE 1) runs its statement; SET transaction_read_only = 0 or 1; and, to be safe, every
+    statement that is not a plain one (transaction control, settings)."""
+    return any(info.verdict.kind is not StatementKind.PLAIN for info in classification.statements) or (
+        _EXPLAIN.search(sql) is not None
+    )
 
 
 class VerdictCache:
     """Verdicts of Query/Parse texts as bytes, for one function catalog.
 
     In front of the classifier's own LRU (keyed by decoded text): a hit here skips the decode.
-    A ``TextCache`` (router/sqlkey.py): texts that differ only in numbers share an entry.
+    A ``TextCache`` (router/sqlkey.py): texts that differ only in constants share an entry,
+    unless a constant may change the verdict (``_constants_may_matter``).
     FIFO-bounded; a catalog change (``reset``) starts it afresh.
     """
 
@@ -87,7 +99,7 @@ class VerdictCache:
         encoding: str = "utf-8",
     ) -> None:
         self._classify = classify
-        self._entries: TextCache[Verdict] = TextCache(maxsize)
+        self._entries: TextCache[Verdict] = TextCache(maxsize, shapes=True)
         self.maxsize = maxsize
         self.max_text = max_text
         self.encoding = encoding
@@ -103,16 +115,19 @@ class VerdictCache:
             verdict = _WRITE
         else:
             verdict = None
+        exact = False
         if verdict is None:
             try:
                 text = sql.decode(self.encoding)
             except UnicodeDecodeError:
                 return Verdict(Target.PRIMARY, Reason.UNPARSABLE)
-            verdict = self._classify(text).verdict
+            classification = self._classify(text)
+            verdict = classification.verdict
             if verdict == _READ:
                 verdict = _READ  # one object: callers test ``is PLAIN_READ`` for the fast route
+            exact = _constants_may_matter(sql, classification)
         if len(sql) <= self.max_text:
-            entries.put(sql, verdict)
+            entries.put(sql, verdict, exact=exact)
         return verdict
 
     def classification(self, sql: bytes) -> Classification | None:
@@ -123,7 +138,7 @@ class VerdictCache:
             return None
 
     def reset(self) -> None:
-        self._entries = TextCache(self.maxsize)
+        self._entries = TextCache(self.maxsize, shapes=True)
 
     def __len__(self) -> int:
         return len(self._entries)

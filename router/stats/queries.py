@@ -164,7 +164,7 @@ class QueryStats:
         self._fingerprints = FingerprintCache()
         # Fingerprints of undecoded texts (router/sqlkey.py): a statement run again, or with
         # other numbers in it, skips decoding and the text cache.
-        self._by_key: TextCache[str] = TextCache(MAX_FINGERPRINT_CACHE)
+        self._by_key: TextCache[str] = TextCache(MAX_FINGERPRINT_CACHE, shapes=True)
         self._slow_log = slow_log or _log_slow
 
     # --- hot path --------------------------------------------------------------------

@@ -230,6 +230,67 @@ def test_equal_cache_keys_mean_equal_verdicts(pieces: list[str], rnd) -> None:
         assert verdict(a) == verdict(b), (a, b)
 
 
+# Texts for the cache's own property: constants (digits anywhere, string literals) vary.
+_PLAIN_KINDS = (StatementKind.PLAIN, StatementKind.MULTIPLE)
+_STRINGS = ["'s 1'", "'on'", "'off'", "'x\"y'", "'it''s'", "'1'", "'0'"]
+_CACHE_PIECES = _PIECES + _STRINGS + [
+    "EXPLAIN (ANALYZE 1) ", "EXPLAIN (ANALYZE ", ") ", " DELETE FROM t", "SET transaction_read_only = ",
+    "SET LOCAL transaction_read_only TO ", "BEGIN", "; ", "SELECT set_config(", "'transaction_read_only'",
+    '"c"', " t2", "f(", "E'\\''", "$$ 1 $$", " -- c'\n", "\r", "/* ", " */", "date", "0x1f", " LIMIT ",
+]
+
+
+@given(st.lists(st.sampled_from(_CACHE_PIECES), min_size=1, max_size=10), st.randoms(use_true_random=False))
+def test_the_verdict_cache_answers_what_the_classifier_would(pieces: list[str], rnd) -> None:
+    """Store one text, ask for another that differs in constants (or in digits of names):
+    whatever the cache answers, through whichever key, is the classifier's target and kind.
+    Texts the parser rejects are left out: the no-parse paths call `SELECT SELECT` a read and
+    `INSERT INTO t VALUES (` a write, and either fails with a syntax error wherever it runs."""
+    a = "".join(pieces)
+    other = "".join(rnd.choice(_STRINGS) if piece in _STRINGS else piece for piece in pieces)
+    b = "".join(rnd.choice("0123456789") if c.isdigit() else c for c in other)
+    cache = VerdictCache(lambda sql: classify(sql, CATALOG))
+    for sql in (a, b):
+        found, expected = cache.verdict(sql.encode()), verdict(sql)
+        if expected.reason is not Reason.UNPARSABLE:
+            assert found.target is expected.target, (a, b)
+            # The no-parse write path says PLAIN for `DELETE FROM t; SELECT 1` (MULTIPLE).
+            assert found.kind in _PLAIN_KINDS if expected.kind in _PLAIN_KINDS else found.kind is expected.kind
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        ("EXPLAIN (ANALYZE 0) DELETE FROM t", "EXPLAIN (ANALYZE 1) DELETE FROM t"),
+        ("EXPLAIN (ANALYZE 'off') DELETE FROM t", "EXPLAIN (ANALYZE 'on') DELETE FROM t"),
+        ("SET transaction_read_only = 1", "SET transaction_read_only = 0"),
+        ("SET transaction_read_only = 'on'", "SET transaction_read_only = 'of'"),
+    ],
+)
+def test_a_constant_that_changes_the_verdict_is_not_shared(first: str, then: str) -> None:
+    assert verdict(first).target is R and verdict(then).target is P
+    cache = VerdictCache(lambda sql: classify(sql, CATALOG))
+    assert cache.verdict(first.encode()).target is R
+    assert cache.verdict(then.encode()).target is P  # once went to a replica
+
+
+def test_texts_that_differ_in_string_constants_share_a_verdict() -> None:
+    calls = []
+
+    def classify_text(sql: str):
+        calls.append(sql)
+        return classify(sql, CATALOG)
+
+    cache = VerdictCache(classify_text)
+    orm = 'SELECT "u"."id" FROM "u" WHERE "u"."email" = %s AND "u"."org" = %d'
+    for email, org in (("'a@b.c'", 5), ("'someone@else.org'", 1234), ("''", 7)):
+        assert cache.verdict((orm % (email, org)).encode()).target is R
+    assert calls == [orm % ("'a@b.c'", 5)]
+    for i in (1, 22, 333):  # a digit in a name rules out the zeroed key, not the shape
+        assert cache.verdict(b"SELECT a, f() FROM t1 WHERE id = %d" % i).target is P
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize(
     "sql",
     ["INSERT INTO t VALUES (1)", "update t set a = 1", " DELETE FROM t", "MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE",
