@@ -184,6 +184,29 @@ def test_unnamed_extended_reads_route_like_any_read(split_router: RouterThread, 
         conn.execute("SELECT pg_advisory_unlock(4712)")
 
 
+def test_inlined_constants_are_classified_once(split_router: RouterThread, cluster: Cluster) -> None:
+    """A driver that binds parameters on the client side (psycopg's ClientCursor, like psycopg2)
+    sends a new text for every value; with every name quoted, as ORMs write them, those texts
+    still share one verdict: the parser runs once, and the reads land on replicas. A constant
+    that changes the verdict (EXPLAIN ANALYZE 0 or 1) is not shared."""
+    cluster.psql('CREATE TABLE IF NOT EXISTS "split_users" ("id" int, "email" text)', dbname="app")
+    cluster.wait_replay()
+    query = 'SELECT inet_server_port() FROM "split_users" RIGHT JOIN (SELECT 1) AS "one" ON "split_users"."email" = %s AND "split_users"."id" = %s'
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
+        conn.execute(query, ("first@example.com", 1))
+        # Verdicts made before the database's function catalog is read are made again after.
+        split_router.wait_for(lambda r: all(r.catalogs.stats(route.catalog_key).loads for route in r.db_routes.values()),
+                              what="the function catalog")
+        conn.execute(query, ("second@example.com", 2))
+        misses = split_router.call(lambda r: r.classifier.misses)
+        ports = [conn.execute(query, (f"user{i}@example.com", i)).fetchone()[0] for i in range(30)]
+        assert split_router.call(lambda r: r.classifier.misses) == misses, "a new constant cost a parse"
+        assert set(ports) <= replica_ports(cluster), ports
+        conn.execute('EXPLAIN (ANALYZE 0) DELETE FROM "split_users" WHERE false')
+        # Runs the DELETE: on a replica it would fail as a write in a read-only transaction.
+        conn.execute('EXPLAIN (ANALYZE 1) DELETE FROM "split_users" WHERE false')
+
+
 def test_session_target_and_read_only_session(split_router: RouterThread, cluster: Cluster) -> None:
     cluster.psql("CREATE OR REPLACE FUNCTION split_unknown() RETURNS int LANGUAGE sql AS 'SELECT 1'", dbname="app")
     cluster.wait_replay()

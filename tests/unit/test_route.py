@@ -174,14 +174,19 @@ def test_fast_path_never_sends_a_primary_statement_to_a_replica(words: list[str]
         assert v.target is R or v.reason is Reason.UNPARSABLE, (sql, v)
 
 
-def test_verdict_cache_is_bounded_and_resettable() -> None:
-    calls = []
+def _counting_cache(**options) -> tuple[VerdictCache, list[str]]:
+    """A VerdictCache over the real classifier, and the texts it had to classify."""
+    calls: list[str] = []
 
     def classify_text(sql: str):
         calls.append(sql)
         return classify(sql, CATALOG)
 
-    cache = VerdictCache(classify_text, maxsize=3)
+    return VerdictCache(classify_text, **options), calls
+
+
+def test_verdict_cache_is_bounded_and_resettable() -> None:
+    cache, calls = _counting_cache(maxsize=3)
     for i in range(10):
         assert cache.verdict(f"SELECT c{i}, f()".encode()).target is P
     assert len(cache) == 3
@@ -196,13 +201,7 @@ def test_verdict_cache_is_bounded_and_resettable() -> None:
 
 
 def test_texts_that_differ_only_in_numbers_share_a_verdict() -> None:
-    calls = []
-
-    def classify_text(sql: str):
-        calls.append(sql)
-        return classify(sql, CATALOG)
-
-    cache = VerdictCache(classify_text)
+    cache, calls = _counting_cache()
     for i in (1, 5, 9, 3):
         assert cache.verdict(f"SELECT a, f() FROM t WHERE id = {i}".encode()).target is P
     assert calls == ["SELECT a, f() FROM t WHERE id = 1"]  # one parse for all four
@@ -275,13 +274,7 @@ def test_a_constant_that_changes_the_verdict_is_not_shared(first: str, then: str
 
 
 def test_texts_that_differ_in_string_constants_share_a_verdict() -> None:
-    calls = []
-
-    def classify_text(sql: str):
-        calls.append(sql)
-        return classify(sql, CATALOG)
-
-    cache = VerdictCache(classify_text)
+    cache, calls = _counting_cache()
     orm = 'SELECT "u"."id" FROM "u" WHERE "u"."email" = %s AND "u"."org" = %d'
     for email, org in (("'a@b.c'", 5), ("'someone@else.org'", 1234), ("''", 7)):
         assert cache.verdict((orm % (email, org)).encode()).target is R
