@@ -32,9 +32,11 @@ from tests.harness import RouterProcess, write_toml
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool) -> RouterProcess:
+def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool,
+                   workers: int = 1) -> RouterProcess:
     """`pgrouter run` configured like PgBouncer: one transaction pool as postgres; with
-    ``split``, read/write splitting over the cluster's replicas too (a pool per node)."""
+    ``split``, read/write splitting over the cluster's replicas too (a pool per node); with
+    ``workers`` > 1, that many processes sharing the port and the pool size."""
     replicas = [{"host": HOST, "port": r.port} for r in cluster.replicas] if split else []
     config = {
         "listen_host": HOST,
@@ -48,8 +50,11 @@ def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool)
         "databases": {"app": {"cluster": "bench", "server_user": "postgres"}},
         "users": {"bench": {"auth": "trust"}},
     }
-    name = "router-split.toml" if split else "router.toml"
-    return RouterProcess(write_toml(workdir / name, config))
+    name = "router-split" if split else "router"
+    if workers > 1:
+        config["workers"] = workers
+        name += f"-x{workers}"
+    return RouterProcess(write_toml(workdir / f"{name}.toml", config))
 
 
 def environment(cluster: Cluster) -> dict:
@@ -100,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="standbys in the cluster, used by router-split (default 2; 0 drops "
                    "the router-split target)")
     p.add_argument("--workloads", help="comma-separated subset (default: all)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="router processes (`workers`) of both router targets (default 1)")
     args = p.parse_args(argv)
     names = [w.name for w in WORKLOADS]
     args.workloads = args.workloads.split(",") if args.workloads else names
@@ -132,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
             bouncer = PgBouncer(workdir / "pgbouncer", args.pool_size)
             stack.callback(bouncer.stop)
             bouncer.start(cluster.primary.port)
-            router = router_process(workdir, cluster, args.pool_size, split=False)
+            router = router_process(workdir, cluster, args.pool_size, split=False, workers=args.workers)
             stack.callback(router.stop)
             router.start()
             targets = [Target("direct", cluster.primary.port, "postgres"),
                        Target("pgbouncer", bouncer.port, "bench", bouncer.log),
                        Target("router", router.port, "bench", router.log_path)]
             if cluster.replicas:
-                split = router_process(workdir, cluster, args.pool_size, split=True)
+                split = router_process(workdir, cluster, args.pool_size, split=True, workers=args.workers)
                 stack.callback(split.stop)
                 split.start()
                 targets.append(Target("router-split", split.port, "bench", split.log_path))
