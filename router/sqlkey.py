@@ -123,9 +123,10 @@ class TextCache(Generic[V]):
                 shape = shape_key(sql)
                 if shape is not None:
                     value = self._shapes.get(shape)
-                    if value is not None and _numbers_only(zeroed):
+                    if value is not None and sql.find(b"'") < 0 and _numbers_only(zeroed):
                         # Texts like this one (other numbers, as many digits) are found by
-                        # the cheaper key from now on.
+                        # the cheaper key from now on. Not with a string in it: its zeroed key
+                        # would serve that string only, and crowd out the others.
                         _store(self._zeroed, zeroed, value, self.maxsize)
         return value
 
