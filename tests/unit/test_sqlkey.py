@@ -92,3 +92,18 @@ def test_an_exact_value_is_found_by_its_own_text_only() -> None:
     cache.put(b"SET transaction_read_only = 1", "read only", exact=True)
     assert cache.get(b"SET transaction_read_only = 1") == "read only"
     assert cache.get(b"SET transaction_read_only = 0") is None
+
+
+def test_a_shape_hit_adds_a_zeroed_key_only_for_a_text_without_strings() -> None:
+    cache: TextCache[str] = TextCache(maxsize=100, shapes=True)
+    cache.put(b"SELECT v FROM t1 WHERE id = 5", "by id")  # t1: no zeroed key, a shape
+    cache.put(b"SELECT v FROM t WHERE a = 5 AND b = 'x'", "by string")
+    assert len(cache) == 2
+    assert cache.get(b"SELECT v FROM t WHERE a = 50 AND b = 'y'") == "by string"
+    assert cache.get(b"SELECT v FROM t WHERE a = 51 AND b = 'z'") == "by string"
+    assert len(cache) == 2  # one zeroed entry per string value would crowd out the rest
+    assert cache.get(b"SELECT v FROM t WHERE a = 50") is None
+    cache.put(b"SELECT v FROM t WHERE a = 5", "by number")
+    assert cache.get(b"SELECT v FROM t WHERE a = 50") == "by number"  # by shape, then...
+    assert len(cache) == 4  # ...its zeroed key, for the next text with two digits
+    assert cache.get(b"SELECT v FROM t WHERE a = 77") == "by number"
