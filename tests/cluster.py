@@ -385,6 +385,10 @@ class Cluster:
         # synchronous_commit=off a just-committed transaction's commit record may not be
         # written yet, and waiting for the write position would return before it is replayed.
         lsn = self.psql("SELECT pg_current_wal_insert_lsn()")
+        # When the last record ended at a page boundary the insert position lies past the next
+        # page's header (…0018), where no replayed record ends until another is written: write
+        # one, so that the wait cannot outlast an idle primary.
+        self.psql("SELECT pg_logical_emit_message(false, 'pgrouter-tests', 'wait_replay')")
         sql = f"SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= '{lsn}'"
         for replica in self.replicas:
             if replica.is_running():

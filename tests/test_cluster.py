@@ -47,6 +47,33 @@ def test_row_reaches_replicas_after_wait_replay(cluster):
         assert cluster.psql("SELECT v FROM harness_t", replica) == "hello"
 
 
+def _insert_offset(cluster) -> int:
+    """Where in its 8 KiB WAL page the primary will insert the next record."""
+    return int(cluster.psql("SELECT pg_current_wal_insert_lsn()").split("/")[1], 16) % 8192
+
+
+def test_wait_replay_when_the_last_record_ends_a_page(cluster):
+    """With the last record ending exactly at a page boundary, the insert position lies past
+    the next page's header (…0018) and no replayed record ends there until another is written:
+    wait_replay must still return on an idle primary (it once waited out its timeout)."""
+    emit = "SELECT pg_logical_emit_message(false, 'harness', repeat('a', {}))"
+    offset = _insert_offset(cluster)
+    cluster.psql(emit.format(100))
+    overhead = _insert_offset(cluster) - offset - 100  # a message record's size beyond its text
+    adjust = 0
+    for _ in range(200):
+        offset = _insert_offset(cluster)
+        if offset == 24:  # SizeOfXLogShortPHD: the page before ended with a record
+            break
+        if offset < 200 and offset != 24:
+            adjust += offset - 24  # the last aim overshot the boundary by this much
+        size = 8192 - offset - overhead - adjust
+        cluster.psql(emit.format(size if 0 <= size <= 4000 else 3000))
+    else:
+        pytest.fail("could not end a record at a page boundary")
+    cluster.wait_replay(timeout=5)
+
+
 def test_pgbench_tables_on_replicas(cluster):
     assert cluster.psql("SELECT count(*) FROM pgbench_accounts", cluster.replicas[0],
                         dbname="app") == "100000"
