@@ -67,7 +67,7 @@ _FOR_OR_INTO = re.compile(rb"(?i)\b(?:for|into)\b")
 # A statement that starts with one of these words writes, whatever follows (a leading comment,
 # which could be a hint, does not match).
 _PLAIN_WRITE = re.compile(rb"(?i)\s*(?:insert|update|delete|merge)\s")
-_EXPLAIN = re.compile(rb"(?i)explain")
+_EXPLAIN = re.compile(rb"(?i)\bexplain\b")
 _READ = PLAIN_READ = Verdict(Target.REPLICA, Reason.READ)  # what a plain SELECT gets, unparsed
 _WRITE = Verdict(Target.PRIMARY, Reason.WRITE)
 

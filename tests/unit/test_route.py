@@ -282,6 +282,9 @@ def test_texts_that_differ_in_string_constants_share_a_verdict() -> None:
     for i in (1, 22, 333):  # a digit in a name rules out the zeroed key, not the shape
         assert cache.verdict(b"SELECT a, f() FROM t1 WHERE id = %d" % i).target is P
     assert len(calls) == 2
+    for i in (4, 55):  # only the keyword EXPLAIN keeps a text to its exact entry
+        assert cache.verdict(b"SELECT explained_at FROM t WHERE note = 'n%d'" % i).target is R
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize(
