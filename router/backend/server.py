@@ -238,8 +238,9 @@ class ServerConnection(asyncio.Protocol):
                 if code > 0 and code + 7 <= n:
                     sqlstate = data[code + 2 : code + 7].decode("ascii", "replace")
                     client.router.count_error(sqlstate)
-                    self.call_error = sqlstate
-                else:
+                    if not self.swallow_z:  # a failed prelude statement is not the call's error
+                        self.call_error = sqlstate
+                elif not self.swallow_z:
                     self.call_error = "?????"  # the code lies past this read
                 if data.find(b"C42883\0", pos + 5, pos + 1 + length) >= 0:
                     hook = self.pool.on_undefined_function
@@ -248,7 +249,9 @@ class ServerConnection(asyncio.Protocol):
             elif t == _N and not self.forwarded and client.replica_node is not None and _shutting_down(data, pos, length):
                 self._retry_elsewhere(data, pos, length)
                 return
-            elif t == _COMMAND_COMPLETE and self.calls:
+            elif t == _COMMAND_COMPLETE and self.calls and not self.swallow_z:
+                # (Not while swallowing: the router's own prelude, such as the set_config()
+                # replaying a startup parameter, answers "SELECT 1" that is no client's row.)
                 end = pos + length  # the tag's NUL
                 if end < n:
                     space = data.rfind(b" ", pos + 5, end)

@@ -87,6 +87,29 @@ def test_calls_are_counted_per_tenant_and_fingerprint(start_admin: Callable[...,
     assert _queries(admin, "/tenants/app/queries")["queries"][0]["tenant"] == "app"
 
 
+def test_rows_exclude_the_replay_of_session_settings(start_admin: Callable[..., AdminAPI]) -> None:
+    """Two clients with different startup settings take turns on one server connection, so
+    each transaction first replays the client's settings (a set_config() SELECT per setting,
+    whose replies are dropped): those are not the call's rows."""
+    admin = start_admin(pool_size=1)
+    handle = admin.handle
+    dsn = handle.dsn("alice", "alice-pw", "app")
+    with (psycopg.connect(dsn, autocommit=True, application_name="first") as a,
+          psycopg.connect(dsn, autocommit=True, application_name="second", options="-c work_mem=8MB") as b):
+        for _ in range(3):
+            for conn in (a, b):
+                assert len(conn.execute("SELECT generate_series(1, 3)", prepare=False).fetchall()) == 3
+        assert b.execute("SHOW work_mem").fetchone()[0] == "8MB"  # the replay did run
+    series = _entry(_queries(admin), "SELECT generate_series(1, 3)", "app")
+    assert series["calls"] == 6 and series["rows"] == 6 * 3
+    # A setting the server refuses on replay (its error is dropped with the rest of the
+    # replay): the client's own statement still succeeds, and is not counted as an error.
+    with psycopg.connect(dsn, autocommit=True, options="-c work_mem=bogus") as bogus:
+        assert bogus.execute("SELECT 2 + 2", prepare=False).fetchone() == (4,)
+    sum_ = _entry(_queries(admin), "SELECT 2 + 2", "app")
+    assert sum_["calls"] == 1 and sum_["errors"] == 0 and sum_["rows"] == 1
+
+
 def test_query_endpoints_need_the_token_and_a_known_tenant(start_admin: Callable[..., AdminAPI]) -> None:
     admin = start_admin()
     assert admin.get("/queries", token=None).status_code == 401
