@@ -96,6 +96,11 @@ _SPECIAL_START = re.compile(
 # one of these; only those are parsed. A DISCARD ALL / DEALLOCATE ALL later in a
 # multi-statement query is not seen (DISCARD ALL cannot run there anyway).
 _SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute)\b")
+# A SET/RESET/DISCARD that does not start the Query: after another statement (;) or a comment.
+# (Also matches `UPDATE t /* x */ SET ...` or a ';set' in a string: the text is then parsed,
+# once per text, and found to change nothing.)
+_LATER_SESSION_SQL = re.compile(rb"(?i)(?:;|\*/|--[^\n]*\n)\s*(?:set|reset|discard)\b")
+_COMMENT_START = frozenset(b"/-")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
 
@@ -279,8 +284,23 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         end = pos + 1 + length
                 # _SESSION_SQL's words are among _SPECIAL_START's: one regex pass for most.
                 special = self.rewrite_statements and _SPECIAL_START.match(data, pos + 5, pos + 69)
+                session_first = special and _SESSION_SQL.match(data, pos + 5, pos + 69)
+                # A SET/RESET/DISCARD after another statement or a comment changes the session
+                # too: unseen, it would stay on the server connection for the next client.
+                # Only after a ';' (not the last character) or a leading comment can one be:
+                # one find() for most queries, the pattern for few.
+                session_later = (
+                    self.rewrite_statements
+                    and not session_first
+                    and (
+                        data.find(b";", pos + 5, end - 2) >= 0
+                        or (pos + 5 < n and data[pos + 5] in _COMMENT_START)
+                    )
+                    and _LATER_SESSION_SQL.search(data, pos + 5, end) is not None
+                )
                 if self.rewrite_statements and (
                     special
+                    or session_later
                     or data.find(b"advisory", pos + 5, end) >= 0
                     or data.find(b"ADVISORY", pos + 5, end) >= 0
                 ):
@@ -292,7 +312,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         break
                     if _PIN_SQL.search(data, pos + 5, end):
                         self._track_pins(data, pos + 5, end)
-                if special and _SESSION_SQL.match(data, pos + 5, pos + 69):
+                if session_first:
                     # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE.
                     if _SQL_PREPARED.match(data, pos + 5, min(end, pos + 69)):
                         # Refused by substitution: the server raises the error, so it lands
@@ -302,6 +322,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         length = len(_REFUSE_SQL_PREPARED) - 1
                     else:
                         forget |= self._track_session_statements(data[pos + 5 : end - 1])
+                elif session_later:
+                    forget |= self._track_session_statements(data[pos + 5 : end - 1])
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
                     self.unsynced = True

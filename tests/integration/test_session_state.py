@@ -47,6 +47,26 @@ def test_a_set_follows_its_client_and_not_the_server(start_router, setting, stat
         assert a.execute(f"SHOW {setting}").fetchone()[0] == default
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT 1; SET search_path = pg_catalog",  # after another statement
+        "/* app: x */ SET search_path = pg_catalog",  # after a comment
+        "-- app: x\nSET search_path = pg_catalog",
+        "BEGIN; SET search_path = pg_catalog; COMMIT",
+    ],
+)
+def test_a_set_that_does_not_start_the_query_is_seen_too(start_router, statement):
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a, psycopg.connect(
+        router.dsn("carol"), autocommit=True
+    ) as b:
+        a.execute(statement, prepare=False)
+        assert backend_pid(b) == backend_pid(a)
+        assert b.execute("SHOW search_path").fetchone() == ('"$user", public',)  # no leak
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)  # and a keeps it
+
+
 def test_settings_follow_a_client_to_another_server_connection(start_router):
     router = start_router(pool_size=2)
     a = psycopg.connect(router.dsn("carol"), autocommit=True)
