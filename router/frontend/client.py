@@ -349,12 +349,22 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                                 # No in-order way to fail one Parse of a pipeline: close.
                                 self.fail(_tenant_setting_error(self.settings.tenant_setting))
                                 return
+                        query_start = data.find(b"\0", pos + 5, end) + 1
+                        special_parse = _SPECIAL_START.match(data, query_start, end)
                         if (
                             data.find(b"advisory", pos + 5, end) >= 0
                             or data.find(b"ADVISORY", pos + 5, end) >= 0
-                            or _SPECIAL_START.match(data, data.find(b"\0", pos + 5, end) + 1, end)
+                            or special_parse
                         ) and _PIN_SQL.search(data, pos + 5, end):
                             self._track_pins(data, pos + 5, end)
+                        if (special_parse and _SESSION_SQL.match(data, query_start, end)) or (
+                            data[query_start] in _COMMENT_START
+                            and _LATER_SESSION_SQL.search(data, query_start, end) is not None
+                        ):
+                            # A SET sent with the extended protocol (JDBC, asyncpg's fetch):
+                            # noted when parsed, as the Query's are when they arrive.
+                            query_end = data.index(b"\0", query_start, end)
+                            forget |= self._track_session_statements(data[query_start:query_end])
                     elif t == _B_:
                         if data[pos + 5] or data[pos + 6]:
                             rewrite = True

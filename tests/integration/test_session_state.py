@@ -3,6 +3,9 @@ follow it to every server connection it uses, and never leak to another client."
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import psycopg
 import pytest
 
@@ -65,6 +68,32 @@ def test_a_set_that_does_not_start_the_query_is_seen_too(start_router, statement
         assert backend_pid(b) == backend_pid(a)
         assert b.execute("SHOW search_path").fetchone() == ('"$user", public',)  # no leak
         assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)  # and a keeps it
+
+
+def test_a_set_sent_with_the_extended_protocol_is_seen(start_router):
+    """JDBC sends every statement with Parse/Bind/Execute; so do psycopg's prepared statements
+    and asyncpg's fetch(). Such a SET must follow its client and stay away from others."""
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a, psycopg.connect(
+        router.dsn("carol"), autocommit=True
+    ) as b:
+        a.execute("SET search_path = pg_catalog", prepare=True)
+        assert backend_pid(b) == backend_pid(a)
+        assert b.execute("SHOW search_path").fetchone() == ('"$user", public',)
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+
+    async def with_asyncpg() -> tuple[str, str]:
+        a = await asyncpg.connect(router.dsn("carol"))
+        b = await asyncpg.connect(router.dsn("carol"))
+        try:
+            await a.fetch("/* app */ SET TimeZone = 'Asia/Tokyo'")
+            return await b.fetchval("SHOW TimeZone"), await a.fetchval("SHOW TimeZone")
+        finally:
+            await a.close()
+            await b.close()
+
+    other, own = asyncio.run(with_asyncpg())
+    assert other != "Asia/Tokyo" and own == "Asia/Tokyo"
 
 
 def test_settings_follow_a_client_to_another_server_connection(start_router):
