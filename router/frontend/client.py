@@ -288,19 +288,20 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 # A SET/RESET/DISCARD after another statement or a comment changes the session
                 # too: unseen, it would stay on the server connection for the next client.
                 # Only after a ';' (not the last character) or a leading comment can one be:
-                # one find() for most queries, the pattern for few.
-                session_later = (
+                # one find() for most queries, the pattern for few. Such a query is also looked
+                # at for what pins (SELECT 1; LISTEN ch).
+                later = (
                     self.rewrite_statements
                     and not session_first
                     and (
                         data.find(b";", pos + 5, end - 2) >= 0
                         or (pos + 5 < n and data[pos + 5] in _COMMENT_START)
                     )
-                    and _LATER_SESSION_SQL.search(data, pos + 5, end) is not None
                 )
+                session_later = later and _LATER_SESSION_SQL.search(data, pos + 5, end) is not None
                 if self.rewrite_statements and (
                     special
-                    or session_later
+                    or later
                     or data.find(b"advisory", pos + 5, end) >= 0
                     or data.find(b"ADVISORY", pos + 5, end) >= 0
                 ):
@@ -355,6 +356,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             data.find(b"advisory", pos + 5, end) >= 0
                             or data.find(b"ADVISORY", pos + 5, end) >= 0
                             or special_parse
+                            or data[query_start] in _COMMENT_START
                         ) and _PIN_SQL.search(data, pos + 5, end):
                             self._track_pins(data, pos + 5, end)
                         if (special_parse and _SESSION_SQL.match(data, query_start, end)) or (

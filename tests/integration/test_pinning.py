@@ -26,6 +26,15 @@ def test_listen_gets_notifications_between_transactions(start_router, cluster):
     listener.close()
 
 
+def test_a_later_listen_pins_too(start_router):
+    router = start_router(pool_size=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as listener:
+        listener.execute("SELECT 1; LISTEN pgrouter_later", prepare=False)
+        assert pinned(router) == 1
+        listener.execute("UNLISTEN *")
+        assert pinned(router) == 0
+
+
 def test_advisory_lock_pins_and_dying_client_releases_it(start_router):
     router = start_router(pool_size=2)
     holder = psycopg.connect(router.dsn("carol"), autocommit=True)
@@ -73,8 +82,12 @@ def test_xact_advisory_lock_does_not_pin(router):
         ("CREATE TEMP TABLE pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
         ("BEGIN; DECLARE pin_c CURSOR WITH HOLD FOR SELECT 1 AS x; COMMIT", "FETCH pin_c"),
         ("SET ROLE pgr_trust", "SELECT current_user = 'pgr_trust'"),
+        # Not the first statement of the query, or after a comment: seen too.
+        ("SELECT 1; CREATE TEMP TABLE pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
+        ("/* app */ CREATE TEMP TABLE pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
+        ("SELECT 1; SET ROLE pgr_trust", "SELECT current_user = 'pgr_trust'"),
     ],
-    ids=["temp-table", "with-hold-cursor", "set-role"],
+    ids=["temp-table", "with-hold-cursor", "set-role", "later-temp-table", "comment-temp-table", "later-set-role"],
 )
 def test_session_objects_pin_until_discard_all(start_router, setup, check):
     router = start_router(pool_size=1, query_wait_timeout=1)
