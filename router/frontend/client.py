@@ -93,8 +93,8 @@ _SPECIAL_START = re.compile(
     rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin)\b"
 )
 # Statements that change session state (or name SQL-level prepared statements) start with
-# one of these; only those are parsed. A DISCARD ALL / DEALLOCATE ALL later in a
-# multi-statement query is not seen (DISCARD ALL cannot run there anyway).
+# one of these; only those are parsed (and, below, those with a SET/RESET/DISCARD later on). A
+# DEALLOCATE ALL later in a multi-statement query is not seen.
 _SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute)\b")
 # A SET/RESET/DISCARD that does not start the Query: after another statement (;) or a comment.
 # (Also matches `UPDATE t /* x */ SET ...` or a ';set' in a string: the text is then parsed,
