@@ -14,11 +14,11 @@ string literals and comments are zeroed too; neither routing nor fingerprints lo
 values.
 
 Where the quoted identifiers of a text are is known only by lexing it, so a text with a double
-quote gets a zeroed key only when a simple lexer (``_QUOTES_WITHOUT_DIGITS``) accounts for every
-quote in it: no backslash (E'' escapes), no dollar quoting, no nested comment, where a lexer
-this simple could mistake a quoted name for a string or comment. ORMs quote every name
-(``SELECT "auth_user"."id" ... WHERE "auth_user"."id" = 5``): without this, each new constant
-would cost a parse.
+quote gets a zeroed key only when a simple lexer (``_LEXEMES``, shared with ``shape_key``)
+accounts for every quote in it: no backslash (E'' escapes), no dollar quoting, no nested
+comment, where a lexer this simple could mistake a quoted name for a string or comment. ORMs
+quote every name (``SELECT "auth_user"."id" ... WHERE "auth_user"."id" = 5``): without this,
+each new constant would cost a parse.
 
 ``shape_key``: the text with its string and numeric constants replaced by ``?``, for texts that
 differ in string constants too (``WHERE email = 'a@b.c'``, as drivers that inline parameters
@@ -41,15 +41,6 @@ _IDENT = bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") +
 _CLASSES = bytes.maketrans(b"0123456789" + _IDENT, b"0" * 10 + b"a" * len(_IDENT))
 
 V = TypeVar("V")
-
-
-# A whole zeroed text, lexed: other characters, 'strings', "identifiers" without a digit, --
-# comments (to a line end, \n or \r as PostgreSQL's lexer has it) and unnested /* comments */.
-# '' and "" inside a string or name lex as two adjacent ones. Backslashes and dollar signs match
-# nothing, so a text with either (E'\'', $$...$$) is not taken apart here.
-_QUOTES_WITHOUT_DIGITS = re.compile(
-    rb"""(?:[^'"\\$/-]++|'[^'\\]*+'|"[^"0]*+"|--[^\n\r]*+|/\*(?:[^*/]++|\*(?!/)|/(?!\*))*+\*/|/(?!\*)|-(?!-))*+"""
-)
 
 
 # What shape_key looks at: quoted names and comments (kept, and skipped so that what they hold
@@ -89,7 +80,14 @@ def _numbers_only(zeroed: bytes) -> bool:
     # find(), not ``in``: bytes.__contains__ goes through the buffer protocol, twice as slow.
     if classes.find(b"a0") >= 0 or classes.find(b"0a") >= 0:
         return False
-    return zeroed.find(b'"') < 0 or _QUOTES_WITHOUT_DIGITS.fullmatch(zeroed) is not None
+    if zeroed.find(b'"') < 0:
+        return True
+    # Quoted names: shape_key's lexer must take the text apart, and find no digit in a name.
+    for match in _LEXEMES.finditer(zeroed):
+        kind = match.lastgroup
+        if kind == "other" or (kind == "keep" and zeroed[match.start()] == 0x22 and b"0" in match.group()):
+            return False
+    return True
 
 
 def cache_key(sql: bytes) -> bytes:
