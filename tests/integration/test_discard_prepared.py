@@ -7,14 +7,21 @@ import psycopg
 import pytest
 
 
+@pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
 @pytest.mark.parametrize("statement", ["DISCARD ALL", "deallocate   all", "DEALLOCATE PREPARE ALL"])
-def test_statements_survive_a_clients_discard_all(start_router, statement):
+def test_statements_survive_a_clients_discard_all(start_router, statement, extended):
     router = start_router(pool_size=1)
     with psycopg.connect(router.dsn("carol"), autocommit=True, prepare_threshold=0) as conn:
         query = "SELECT %s::int * 2"
         assert conn.execute(query, (1,)).fetchone() == (2,)
         assert conn.execute(query, (2,)).fetchone() == (4,)  # prepared now, on the one server
-        conn.execute(statement, prepare=False)
+        if extended:
+            # Pipeline mode sends it as an unnamed Parse/Bind/Execute/Sync (JDBC's way): the
+            # router sees it when parsed.
+            with conn.pipeline():
+                conn.execute(statement, prepare=False)
+        else:
+            conn.execute(statement, prepare=False)  # a simple Query
         assert conn.execute(query, (3,)).fetchone() == (6,)
         assert conn.execute(query, (4,)).fetchone() == (8,)
 
