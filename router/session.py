@@ -111,12 +111,23 @@ class SessionSettings:
         self._sets = dict(self._startup)
         self._changed()
 
-    def prelude(self, server_key: frozenset | None) -> list[str]:
-        """The statements that make a server carrying ``server_key`` carry ours (each sent as
-        its own Query, so one that fails cannot stop the others)."""
-        if server_key == self.key:
+    def snapshot(self) -> tuple[dict[str, str], frozenset | None]:
+        """The settings as they are now, for ``restore`` when a transaction that changed
+        them rolls back (PostgreSQL undoes its SETs then)."""
+        return dict(self._sets), self.key
+
+    def restore(self, snapshot: tuple[dict[str, str], frozenset | None]) -> None:
+        self._sets, self.key = dict(snapshot[0]), snapshot[1]
+
+    def prelude(
+        self, server_key: frozenset | None, snapshot: tuple[dict[str, str], frozenset | None] | None = None
+    ) -> list[str]:
+        """The statements that make a server carrying ``server_key`` carry ours, or those of
+        ``snapshot`` (each sent as its own Query, so one that fails cannot stop the others)."""
+        sets, key = (self._sets, self.key) if snapshot is None else snapshot
+        if server_key == key:
             return []
-        return ["RESET ALL", *self._sets.values()]
+        return ["RESET ALL", *sets.values()]
 
 
 def startup_read_only(startup_params: dict[str, str]) -> bool:

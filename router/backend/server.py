@@ -208,6 +208,8 @@ class ServerConnection(asyncio.Protocol):
                 if self.calls:
                     now = perf_counter()
                     self._finish_call(now)
+                if client.settings_undo is not None:
+                    client.settings_settled(self, self.tx_status)
             elif t == _E:
                 if pos + 1 + length > n and length <= MAX_HELD_ERROR:
                     # Only a whole ErrorResponse can be judged (stale plan, duplicate name,
@@ -242,6 +244,8 @@ class ServerConnection(asyncio.Protocol):
                         self.call_error = sqlstate
                 elif not self.swallow_z:
                     self.call_error = "?????"  # the code lies past this read
+                if not self.swallow_z and client.settings_undo is not None:
+                    client.settings_undo[3] = True  # its transaction will roll back
                 if data.find(b"C42883\0", pos + 5, pos + 1 + length) >= 0:
                     hook = self.pool.on_undefined_function
                     if hook is not None:
@@ -249,14 +253,24 @@ class ServerConnection(asyncio.Protocol):
             elif t == _N and not self.forwarded and client.replica_node is not None and _shutting_down(data, pos, length):
                 self._retry_elsewhere(data, pos, length)
                 return
-            elif t == _COMMAND_COMPLETE and self.calls and not self.swallow_z:
+            elif t == _COMMAND_COMPLETE and not self.swallow_z:
                 # (Not while swallowing: the router's own prelude, such as the set_config()
                 # replaying a startup parameter, answers "SELECT 1" that is no client's row.)
                 end = pos + length  # the tag's NUL
-                if end < n:
+                if self.calls and end < n:
                     space = data.rfind(b" ", pos + 5, end)
                     if space > 0 and data[space + 1 : end].isdigit():
                         self.call_rows += int(data[space + 1 : end])
+                undo = client.settings_undo
+                if undo is not None and end < n:
+                    # COMMIT keeps the transaction's setting changes; the tag of a ROLLBACK
+                    # (or of a COMMIT that rolled back a failed transaction) undoes them,
+                    # unless a later COMMIT shows it was a ROLLBACK TO SAVEPOINT.
+                    tag = data[pos + 5 : end]
+                    if tag == b"COMMIT":
+                        client.settings_undo = None
+                    elif tag == b"ROLLBACK":
+                        undo[3] = True
             elif st.ops and (t == _PARSE_COMPLETE or t == _CLOSE_COMPLETE):
                 op = st.ops.popleft()
                 action = op[2]

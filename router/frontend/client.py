@@ -184,6 +184,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # Why this client keeps its server connection between transactions (empty: it does not).
         self.pins: set[str] = set()
         self.session = SessionSettings({})
+        # What the tracked SET/RESET/DISCARDs of the current transaction replaced, until it
+        # ends: [settings snapshot, read_only_session, session_target, failed]. A transaction
+        # that rolls back undoes them on the server, so the router puts them back too
+        # (settings_settled). None: no tracked change is pending.
+        self.settings_undo: list | None = None
         self._dropping_copy = False
         self._release_after_message = False
         self._waiting_on: Pool | None = None
@@ -473,6 +478,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return 0
         classification = self.router.classifier.classify(sql, self.router.functions)
         session = self.session
+        if self.settings_undo is None:
+            self.settings_undo = [session.snapshot(), self.read_only_session, self.session_target, False]
         flags = 0
         for info in classification.statements:
             kind = info.verdict.kind
@@ -501,6 +508,23 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             elif kind is StatementKind.DEALLOCATE_ALL:
                 flags |= _FORGET_PREPARED
         return flags
+
+    def settings_settled(self, server: ServerConnection, status: int) -> None:
+        """The server's ReadyForQuery while tracked setting changes are pending: once it is
+        idle the transaction that ran them is over, and if it rolled back (an error, or a
+        ROLLBACK, noted in ``settings_undo`` by the server connection) they are undone, on
+        the server connection that ran them and here alike.
+
+        Approximate where PostgreSQL is finer: a SET undone by ROLLBACK TO SAVEPOINT is kept
+        when the transaction commits, and of pipelined transactions the first to end settles
+        the changes of all (README, "Session state")."""
+        if status != _IDLE:
+            return
+        undo, self.settings_undo = self.settings_undo, None
+        if undo is not None and undo[3]:
+            self.session.restore(undo[0])
+            self.read_only_session, self.session_target = undo[1], undo[2]
+            server.session_key = self.session.key
 
     def _hold_back(self, data: bytes, pos: int, need: int) -> None:
         self._partial = [data[pos:]]
@@ -625,6 +649,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         kind = info.verdict.kind
         in_tx = self.deferred_begin is not None
         if kind is StatementKind.ROUTER_TARGET:
+            # The router's own setting, answered here: no server's rollback can undo it (the
+            # undo snapshot was taken for this Query: nothing else is held or running).
+            self.settings_undo = None
             if info.value not in ROUTER_TARGET_VALUES:
                 out = m.error_response(
                     SQLState.INVALID_PARAMETER_VALUE,
@@ -761,14 +788,18 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         server.link(self)
         if self._write_paused:
             server.pause_reading_for_client()
-        if (self.rewrite_statements or self.tenant_guard is not None) and server.session_key != self.session.key:
-            prelude = self.session.prelude(server.session_key)
+        # The settings the server must carry before this transaction's own statements run:
+        # without the SETs it holds (tracked on arrival, they are in self.session already).
+        undo = self.settings_undo
+        before = self.session.key if undo is None else undo[0][1]
+        if (self.rewrite_statements or self.tenant_guard is not None) and server.session_key != before:
+            prelude = self.session.prelude(server.session_key, None if undo is None else undo[0])
             if prelude:
                 # Another client's settings off, this client's on; replies are dropped.
                 server.write(b"".join(m.query(sql) for sql in prelude))
                 server.stmts.sent_z += len(prelude)
                 server.swallow_z += len(prelude)
-                server.session_key = self.session.key
+                server.session_key = before
         begin = self.deferred_begin
         if begin is not None:
             # The BEGIN the router answered: its reply was given, so it is swallowed.

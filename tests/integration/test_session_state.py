@@ -153,3 +153,114 @@ def test_failed_set_does_not_break_the_client(start_router):
             a.execute("SET TimeZone = 'Not/AZone'")
         assert b.execute("SELECT 1").fetchone() == (1,)  # the server went to b meanwhile
         assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+
+
+def _search_path_everywhere(router_dsn: str, run) -> set[str]:
+    """Run ``run(a)`` on client a, then read a's search_path on each server connection of a
+    pool of two: two holders keep both busy and free one at a time, so a runs on that one."""
+    a = psycopg.connect(router_dsn, autocommit=True)
+    holders = [psycopg.connect(router_dsn, autocommit=True) for _ in range(2)]
+    try:
+        run(a)
+        seen, pids = set(), set()
+        for holder in holders:
+            holder.execute("BEGIN")
+            backend_pid(holder)
+        for holder in holders:
+            holder.execute("COMMIT")  # one server connection idle: a's next queries run there
+            pids.add(backend_pid(a))
+            seen.add(a.execute("SHOW search_path").fetchone()[0])
+            holder.execute("BEGIN")
+            backend_pid(holder)
+        assert len(pids) == 2
+        return seen
+    finally:
+        for conn in (a, *holders):
+            conn.close()
+
+
+def _explicit_rollback(a) -> None:
+    a.execute("BEGIN")
+    a.execute("SET search_path = pg_catalog")
+    a.execute("ROLLBACK")
+
+
+def _error_then_rollback(a) -> None:
+    a.execute("BEGIN")
+    a.execute("SET search_path = pg_catalog")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        a.execute("SELECT 1/0")
+    a.execute("COMMIT")  # of a failed transaction: rolls back
+
+
+def _failed_implicit_transaction(a) -> None:
+    # One Query without BEGIN is one implicit transaction: the error undoes the SET.
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        a.execute("SET search_path = pg_catalog; SELECT 1/0", prepare=False)
+
+
+def _failed_extended(a) -> None:
+    a.execute("BEGIN")
+    a.execute("SET search_path = pg_catalog", prepare=True)
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        a.execute("SELECT %s / 0", (1,))
+    a.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        _explicit_rollback,
+        lambda a: a.execute("BEGIN; SET search_path = pg_catalog; ROLLBACK", prepare=False),
+        _error_then_rollback,
+        _failed_implicit_transaction,
+        _failed_extended,
+    ],
+    ids=["rollback", "rollback-one-query", "error-then-commit", "implicit-transaction", "extended"],
+)
+def test_a_set_undone_by_rollback_is_forgotten(start_router, run):
+    """PostgreSQL undoes a SET whose transaction rolls back; the router must forget it too, or
+    the client sees its default on the server connection that ran it and the SET's value on
+    every other one."""
+    router = start_router(pool_size=2)
+    assert _search_path_everywhere(router.dsn("carol"), run) == {'"$user", public'}
+
+
+def _committed_then_error(a) -> None:
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        a.execute("BEGIN; SET search_path = pg_catalog; COMMIT; SELECT 1/0", prepare=False)
+
+
+def _savepoint_recovered(a) -> None:
+    a.execute("BEGIN")
+    a.execute("SET search_path = pg_catalog")
+    a.execute("SAVEPOINT s")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        a.execute("SELECT 1/0")
+    a.execute("ROLLBACK TO SAVEPOINT s")
+    a.execute("COMMIT")
+
+
+@pytest.mark.parametrize("run", [_committed_then_error, _savepoint_recovered], ids=["committed-then-error", "savepoint"])
+def test_a_set_whose_transaction_commits_is_kept(start_router, run):
+    router = start_router(pool_size=2)
+    assert _search_path_everywhere(router.dsn("carol"), run) == {"pg_catalog"}
+
+
+def test_statements_before_a_set_in_one_query_do_not_see_it(start_router):
+    """The settings a server connection gets before a client's transaction are the client's
+    settings before that transaction: a SET later in the same Query takes effect where the
+    client put it, not ahead of the statements before it."""
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a, psycopg.connect(
+        router.dsn("carol"), autocommit=True
+    ) as b:
+        a.execute("SET TimeZone = 'Asia/Tokyo'")
+        b.execute("SELECT 1")  # the server connection now carries b's settings: a's are replayed
+        cur = a.execute(
+            "SELECT current_setting('TimeZone'), current_setting('search_path');"
+            " SET search_path = pg_catalog",
+            prepare=False,
+        )
+        assert cur.fetchone() == ("Asia/Tokyo", '"$user", public')
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)

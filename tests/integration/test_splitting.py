@@ -234,6 +234,26 @@ def test_session_target_and_read_only_session(split_router: RouterThread, cluste
     assert cluster.psql("SELECT count(*) FROM pg_settings WHERE name = 'pgrouter.target'") == "0"
 
 
+def test_session_routing_survives_errors_and_follows_rollbacks(split_router: RouterThread, cluster: Cluster) -> None:
+    """SET pgrouter.target is the router's own: a later failed statement does not undo it. A
+    SET default_transaction_read_only that PostgreSQL undoes (its transaction rolled back) no
+    longer routes the session's transactions."""
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SET pgrouter.target = primary")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        for _ in range(10):
+            assert conn.execute(WHERE).fetchone()[0] is False
+        conn.execute("SET pgrouter.target = auto")
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute("SET default_transaction_read_only = on")
+        conn.execute("ROLLBACK")
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("off",)
+        with conn.transaction():  # read-write again: the primary
+            assert conn.execute(WHERE).fetchone()[0] is False
+
+
 def test_first_statement_routing(start_router, cluster: Cluster) -> None:
     router = start_router(split=True, transaction_routing="first_statement")
     wait_replicas_eligible(router)

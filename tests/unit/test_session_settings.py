@@ -105,3 +105,21 @@ def test_query_prefilters(sql, session, refused):
     data = sql.encode()
     assert bool(_SESSION_SQL.match(data)) is session
     assert bool(_SQL_PREPARED.match(data)) is refused
+
+
+def test_a_snapshot_restores_settings_and_key():
+    s = SessionSettings({"application_name": "app"})
+    before = s.snapshot()
+    s.set("search_path", "SET search_path = x")
+    s.reset("application_name")
+    changed = s.key
+    assert changed != before[1]
+    # The prelude for the settings before the change, while the change itself is pending.
+    assert s.prelude(None, before) == ["RESET ALL", set_config_sql("application_name", "app")]
+    assert s.prelude(before[1], before) == []
+    s.restore(before)
+    assert s.key == before[1]
+    assert s.prelude(None) == ["RESET ALL", set_config_sql("application_name", "app")]
+    # The snapshot is a copy: restoring does not tie the session to it.
+    s.set("search_path", "SET search_path = y")
+    assert before[0] == {"application_name": set_config_sql("application_name", "app")}
