@@ -30,7 +30,7 @@ from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.routing.route import decide, held_verdict
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
-from router.session import SessionSettings
+from router.session import SessionSettings, set_config_sql
 from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
@@ -86,9 +86,9 @@ _PIN_SQL = re.compile(
     rb"|set\s+(?:session\s+)?role|set\s+session\s+authorization"
     rb"|reset\s+role|reset\s+session\s+authorization|discard\s+all)\b)"
 )
-# Cheap first look on the hot path: a Query whose text starts with one of these words, or
-# mentions advisory locks, is examined with the patterns above and below. (A LISTEN or
-# CREATE TEMP later in a multi-statement query, or a mixed-case Pg_Advisory_Lock, is missed.)
+# Cheap first look on the hot path: a Query whose text starts with one of these words, holds
+# more than one statement, starts with a comment, or mentions advisory locks or set_config (in
+# any case), is examined with the patterns above and below.
 _SPECIAL_START = re.compile(
     rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin)\b"
 )
@@ -304,12 +304,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     )
                 )
                 session_later = later and _LATER_SESSION_SQL.search(data, pos + 5, end) is not None
-                if self.rewrite_statements and (
-                    special
-                    or later
-                    or data.find(b"advisory", pos + 5, end) >= 0
-                    or data.find(b"ADVISORY", pos + 5, end) >= 0
-                ):
+                configs = False
+                if self.rewrite_statements:
+                    # What else may change the session or pin, in any spelling: one lowered
+                    # copy costs about what a find() per spelling would. set_config(name,
+                    # value, false) changes the session as a SET does.
+                    low = data[pos + 5 : end].lower()
+                    configs = not session_first and not session_later and low.find(b"set_config") >= 0
+                    look = special or later or configs or low.find(b"advisory") >= 0
+                else:
+                    look = False
+                if look:
                     # Might change session state or pin: look closer, at the whole message.
                     if end > n:
                         self._hold_back(data, pos, 1 + length)
@@ -328,7 +333,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         length = len(_REFUSE_SQL_PREPARED) - 1
                     else:
                         forget |= self._track_session_statements(data[pos + 5 : end - 1])
-                elif session_later:
+                elif session_later or configs:
                     forget |= self._track_session_statements(data[pos + 5 : end - 1])
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
@@ -357,16 +362,20 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                                 return
                         query_start = data.find(b"\0", pos + 5, end) + 1
                         special_parse = _SPECIAL_START.match(data, query_start, end)
+                        low = data[query_start:end].lower()
                         if (
-                            data.find(b"advisory", pos + 5, end) >= 0
-                            or data.find(b"ADVISORY", pos + 5, end) >= 0
+                            low.find(b"advisory") >= 0
                             or special_parse
                             or data[query_start] in _COMMENT_START
                         ) and _PIN_SQL.search(data, pos + 5, end):
                             self._track_pins(data, pos + 5, end)
-                        if (special_parse and _SESSION_SQL.match(data, query_start, end)) or (
-                            data[query_start] in _COMMENT_START
-                            and _LATER_SESSION_SQL.search(data, query_start, end) is not None
+                        if (
+                            (special_parse and _SESSION_SQL.match(data, query_start, end))
+                            or (
+                                data[query_start] in _COMMENT_START
+                                and _LATER_SESSION_SQL.search(data, query_start, end) is not None
+                            )
+                            or low.find(b"set_config") >= 0
                         ):
                             # A SET sent with the extended protocol (JDBC, asyncpg's fetch):
                             # noted when parsed, as the Query's are when they arrive.
@@ -507,6 +516,16 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self.session_target = _ROUTER_TARGETS[info.value]
             elif kind is StatementKind.DEALLOCATE_ALL:
                 flags |= _FORGET_PREPARED
+        for name, value, local in classification.set_config_calls:
+            if local is True:
+                continue  # transaction-scoped, like SET LOCAL
+            if name is None or value is None or local is None:
+                # Known only when it runs (a parameter, an expression): only the server
+                # connection that ran it has it, so the client keeps that one.
+                self.pins.add("set_config")
+                self.router.note_pinned(self)
+            else:
+                session.set(name, set_config_sql(name, value))
         return flags
 
     def settings_settled(self, server: ServerConnection, status: int) -> None:

@@ -100,6 +100,7 @@ def classify(sql: str, functions: FunctionCatalog) -> Classification:
         hint=hint,
         set_config_names=tuple(sorted(expressions.set_config_names)),
         set_config_dynamic=expressions.set_config_dynamic,
+        set_config_calls=expressions.calls_in_order(),
         fingerprint=print_,
     )
 

@@ -67,13 +67,21 @@ class ExpressionScan:
     quotes, so the check has no false negatives, and a false positive would only cost a walk.
     """
 
-    __slots__ = ("functions", "active", "set_config_names", "set_config_dynamic")
+    __slots__ = ("functions", "active", "set_config_names", "set_config_dynamic", "set_config_calls")
 
     def __init__(self, functions: FunctionCatalog, tree_json: str) -> None:
         self.functions = functions
         self.active = any(marker in tree_json for marker in _MARKER_KEYS)
         self.set_config_names: set[str] = set()
         self.set_config_dynamic = False
+        # (position in the text, (lowercased name, value, is_local)) per call; None where the
+        # argument is not a constant. The walk is depth-first: sort by position for the order
+        # PostgreSQL runs them in (calls_in_order).
+        self.set_config_calls: list[tuple[int, tuple[str | None, str | None, bool | None]]] = []
+
+    def calls_in_order(self) -> tuple[tuple[str | None, str | None, bool | None], ...]:
+        """The set_config() calls met so far, in the order of the text."""
+        return tuple(call for _, call in sorted(self.set_config_calls, key=lambda item: item[0]))
 
     def strongest_finding(self, tree: object) -> Reason | None:
         """The strongest reason found anywhere in ``tree`` to need the primary, if any."""
@@ -109,20 +117,61 @@ class ExpressionScan:
         name = parts[-1] if parts else ""
         schema = parts[-2] if len(parts) > 1 else None  # database.schema.f(): schema
         if name.lower() == "set_config" and (schema is None or schema.lower() == CATALOG_SCHEMA):
-            self._note_set_config(call.get("args", ()))
+            self._note_set_config(call.get("args", ()), call.get("location", 0))
         return self.functions.check(name, schema)
 
-    def _note_set_config(self, args: list) -> None:
-        first = args[0] if args else None
-        for arg in args:  # set_config(setting_name => 'x', ...)
+    def _note_set_config(self, args: list, location: int) -> None:
+        # set_config(setting_name, new_value, is_local). Named arguments are taken too,
+        # though PostgreSQL's set_config (no argument names in pg_proc) rejects them.
+        values: dict[str, dict | None] = dict.fromkeys(_SET_CONFIG_ARGS)
+        for position, arg in enumerate(args):
             named = arg.get("NamedArgExpr")
-            if named is not None and named.get("name") == "setting_name":
-                first = named.get("arg")
-        name = string_constant(first)
+            if named is not None:
+                if named.get("name") in values:
+                    values[named["name"]] = named.get("arg")
+            elif position < len(_SET_CONFIG_ARGS):
+                values[_SET_CONFIG_ARGS[position]] = arg
+        name = string_constant(values["setting_name"])
         if name is None:
             self.set_config_dynamic = True
         else:
-            self.set_config_names.add(name.lower())
+            name = name.lower()
+            self.set_config_names.add(name)
+        call = (name, string_constant(values["new_value"]), bool_constant(values["is_local"]))
+        self.set_config_calls.append((location, call))
+
+
+_SET_CONFIG_ARGS = ("setting_name", "new_value", "is_local")
+
+
+def bool_constant(node: dict | None) -> bool | None:
+    """The value of a boolean constant (true, false, 'off'::bool, ...); None otherwise."""
+    const = node.get("A_Const") if node is not None else None
+    if const is not None and "boolval" in const:
+        return bool(const["boolval"].get("boolval", False))  # false is stored as {}
+    text = string_constant(node)
+    return parse_bool(text) if text is not None else None
+
+
+def parse_bool(value: str) -> bool | None:
+    """PostgreSQL's parse_bool (utils/adt/bool.c): true/false/yes/no/on/off/1/0, and unique
+    prefixes of the words; None when invalid."""
+    text = value.lower()
+    if not text:
+        return None
+    if "true".startswith(text) or "yes".startswith(text):
+        return True
+    if "false".startswith(text) or "no".startswith(text):
+        return False
+    if text == "on":
+        return True
+    if len(text) >= 2 and "off".startswith(text):  # "o" alone is ambiguous
+        return False
+    if text == "1":
+        return True
+    if text == "0":
+        return False
+    return None
 
 
 def string_value(node: dict) -> str:

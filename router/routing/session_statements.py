@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from pglast.parser import ParseError, scan
 
-from router.routing.expressions import ExpressionScan, integer_constant, string_constant
+from router.routing.expressions import ExpressionScan, integer_constant, parse_bool, string_constant
 from router.routing.verdict import (
     ROUTER_TARGET_GUC,
     Reason,
@@ -147,27 +147,6 @@ def router_target_primary(sql: str) -> StatementInfo | None:
         return None
     text = sql[tokens[0].start : tokens[-1].end + 1].rstrip(";").rstrip()
     return _session(Kind.ROUTER_TARGET, text, ROUTER_TARGET_GUC, "primary")
-
-
-def parse_bool(value: str) -> bool | None:
-    """PostgreSQL's parse_bool (utils/adt/bool.c): true/false/yes/no/on/off/1/0, and unique
-    prefixes of the words; None when invalid."""
-    text = value.lower()
-    if not text:
-        return None
-    if "true".startswith(text) or "yes".startswith(text):
-        return True
-    if "false".startswith(text) or "no".startswith(text):
-        return False
-    if text == "on":
-        return True
-    if len(text) >= 2 and "off".startswith(text):  # "o" alone is ambiguous
-        return False
-    if text == "1":
-        return True
-    if text == "0":
-        return False
-    return None
 
 
 def _control(kind: StatementKind, text: str, name: str | None = None) -> StatementInfo:

@@ -179,6 +179,8 @@ class Classification:
     set_config_names   lowercased GUC names passed as string constants to set_config(), in
                        order of appearance, without duplicates
     set_config_dynamic some set_config() call has a non-constant name argument
+    set_config_calls   (lowercased name, value, is_local) of every set_config() call, in
+                       order; None for an argument that is not a constant
     fingerprint        pglast fingerprint of the whole text (comments and constants do not
                        change it); None when the text cannot be parsed or is empty
     """
@@ -188,6 +190,7 @@ class Classification:
     hint: Target | None = None
     set_config_names: tuple[str, ...] = ()
     set_config_dynamic: bool = False
+    set_config_calls: tuple[tuple[str | None, str | None, bool | None], ...] = ()
     fingerprint: str | None = None
 
     @property

@@ -105,3 +105,13 @@ def test_session_objects_pin_until_discard_all(start_router, setup, check):
     assert other.execute("SELECT current_user, to_regclass('pin_t')").fetchone() == ("postgres", None)
     conn.close()
     other.close()
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["query", "parse"])
+def test_an_advisory_lock_in_any_case_pins(start_router, prepare):
+    router = start_router(pool_size=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as holder:
+        holder.execute("SELECT Pg_Advisory_Lock(4343)", prepare=prepare)
+        assert pinned(router) == 1
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        assert pinned(router) == 0

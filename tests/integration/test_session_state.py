@@ -199,6 +199,12 @@ def _failed_implicit_transaction(a) -> None:
         a.execute("SET search_path = pg_catalog; SELECT 1/0", prepare=False)
 
 
+def _set_config_rolled_back(a) -> None:
+    a.execute("BEGIN")
+    a.execute("SELECT set_config('search_path', 'pg_catalog', false)")
+    a.execute("ROLLBACK")
+
+
 def _failed_extended(a) -> None:
     a.execute("BEGIN")
     a.execute("SET search_path = pg_catalog", prepare=True)
@@ -215,8 +221,9 @@ def _failed_extended(a) -> None:
         _error_then_rollback,
         _failed_implicit_transaction,
         _failed_extended,
+        _set_config_rolled_back,
     ],
-    ids=["rollback", "rollback-one-query", "error-then-commit", "implicit-transaction", "extended"],
+    ids=["rollback", "rollback-one-query", "error-then-commit", "implicit-transaction", "extended", "set_config"],
 )
 def test_a_set_undone_by_rollback_is_forgotten(start_router, run):
     """PostgreSQL undoes a SET whose transaction rolls back; the router must forget it too, or
@@ -264,3 +271,59 @@ def test_statements_before_a_set_in_one_query_do_not_see_it(start_router):
         )
         assert cur.fetchone() == ("Asia/Tokyo", '"$user", public')
         assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+
+
+def pinned(router) -> int:
+    return router.call(lambda r: len(r.pinned_clients))
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT set_config('search_path', 'pg_catalog', false)",
+        "SELECT 1, pg_catalog.set_config('search_path', 'pg_catalog', 'off')",
+        "select SET_CONFIG('search_path', 'pg_catalog', false)",
+        "select Set_Config('search_path', 'pg_catalog', false)",
+    ],
+)
+@pytest.mark.parametrize("prepare", [False, True], ids=["query", "parse"])
+def test_set_config_of_the_session_is_tracked_like_a_set(start_router, statement, prepare):
+    """set_config(name, value, false) with constants is a SET by another name: replayed for
+    its client, reset for the others."""
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a, psycopg.connect(
+        router.dsn("carol"), autocommit=True
+    ) as b:
+        a.execute(statement, prepare=prepare)
+        assert backend_pid(b) == backend_pid(a)
+        assert b.execute("SHOW search_path").fetchone() == ('"$user", public',)  # no leak
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)  # and a keeps it
+        assert pinned(router) == 0
+
+
+def test_set_config_with_a_parameter_pins_its_client(start_router):
+    """The value of set_config('app.tenant', $1, false) is known only to the server that ran
+    it: the client keeps that server connection, and no other client gets it."""
+    router = start_router(pool_size=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a, psycopg.connect(
+        router.dsn("carol"), autocommit=True
+    ) as b:
+        a.execute("SELECT set_config('app.tenant', %s, false)", ("acme",))
+        assert pinned(router) == 1
+        for _ in range(4):
+            assert a.execute("SELECT current_setting('app.tenant', true)").fetchone() == ("acme",)
+            assert b.execute("SELECT current_setting('app.tenant', true)").fetchone()[0] in (None, "")
+        a.execute("DISCARD ALL")
+        assert pinned(router) == 0
+
+
+def test_transaction_scoped_set_config_changes_nothing(start_router):
+    """set_config(..., true), PostgREST's way, lasts one transaction: nothing to track or pin."""
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a:
+        with a.transaction():
+            a.execute("SELECT set_config('search_path', %s, true)", ("pg_catalog",))
+            assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+        assert a.execute("SHOW search_path").fetchone() == ('"$user", public',)
+        assert pinned(router) == 0
+        assert router.call(lambda r: next(iter(r.clients.values())).session.key) is None

@@ -878,6 +878,38 @@ def test_set_config_names(sql, names, dynamic):
     assert (result.set_config_names, result.set_config_dynamic) == (names, dynamic)
 
 
+@pytest.mark.parametrize(
+    "sql, calls",
+    [
+        ("SELECT set_config('App.Tenant', '42', false)", (("app.tenant", "42", False),)),
+        ("SELECT set_config('a.b', 'x', true)", (("a.b", "x", True),)),
+        ("SELECT set_config('a.b', 'x'::text, 'off')", (("a.b", "x", False),)),
+        ("SELECT set_config('a.b', 'x', 'yes'::boolean)", (("a.b", "x", True),)),
+        ("SELECT set_config('a.b', $1, false)", (("a.b", None, False),)),
+        ("SELECT set_config('a.b', 'x', $1)", (("a.b", "x", None),)),
+        ("SELECT set_config('a.b', 'x', 'maybe')", (("a.b", "x", None),)),
+        ("SELECT set_config($1, 'x', false)", ((None, "x", False),)),
+        ("SELECT set_config(setting_name => 'a.b', new_value => 'x', is_local => false)", (("a.b", "x", False),)),
+        (
+            "SELECT set_config('a.b', '1', false); SELECT set_config('c.d', '2', true)",
+            (("a.b", "1", False), ("c.d", "2", True)),
+        ),
+        ("SELECT set_config('a.b', '1')", (("a.b", "1", None),)),  # wrong arity: unknown
+        (  # in the order they run: the last one wins
+            "SELECT set_config('a.b', '1', false), set_config('a.b', '2', false), (SELECT set_config('a.b', '3', false))",
+            (("a.b", "1", False), ("a.b", "2", False), ("a.b", "3", False)),
+        ),
+        ("EXPLAIN SELECT set_config('a.b', '1', false)", ()),  # not run
+        ("SELECT 'set_config(''a.b'', ''1'', false)'", ()),
+        ("SELECT 1", ()),
+    ],
+)
+def test_set_config_calls(sql, calls):
+    """What the router replays for a client (a constant call with is_local false), ignores
+    (is_local true) or cannot know (None somewhere: the client is pinned)."""
+    assert classify(sql, CATALOG).set_config_calls == calls
+
+
 # --- fingerprints --------------------------------------------------------------------------
 
 
