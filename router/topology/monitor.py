@@ -16,8 +16,11 @@ position, not pg_current_wal_insert_lsn():
     A replica cannot be more stale than that window because of it, and no replica can have that
     WAL yet anyway. Read-your-writes needs the opposite bound (an LSN that includes a session's
     own commit), so each primary sample also carries pg_current_wal_insert_lsn(), which counts
-    every record inserted, written or not (ClusterTopology.primary_insert_lsn); its page-boundary
-    quirk above only makes a session read from the primary until the next write moves it on.
+    every record inserted, written or not (ClusterTopology.primary_insert_lsn), with its
+    page-boundary quirk above taken off (lsn.replay_target): otherwise a session whose write
+    left the WAL at a page or segment boundary (a WAL switch, as after pg_basebackup or each
+    archive_timeout, with a write that logged nothing itself) would read from the primary until
+    some other write moved the WAL on, which on a quiet primary takes up to 15 s or more.
 
 A round's duration is bounded by connect_timeout + check_timeout per node, all nodes in parallel;
 a node that does not answer within them counts as a failed check (see cluster.py for when failed
@@ -39,7 +42,7 @@ import asyncpg
 from router.config import ClusterConfig, NodeAddress
 from router.tasks import cancel_and_wait
 from router.topology.cluster import Address, ClusterTopology, NodeState
-from router.topology.lsn import parse_lsn
+from router.topology.lsn import parse_lsn, replay_target
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,18 @@ APPLICATION_NAME = "pgrouter-topology"
 # pg_is_in_recovery() is evaluated once (FROM), so both CASEs agree; the functions that error in
 # the wrong state (pg_current_wal_lsn() in recovery, pg_is_wal_replay_paused() outside it) are
 # only reached in the right one, because CASE does not evaluate branches it does not take.
+# The insert position is read once (LATERAL), with where it lies in its WAL segment
+# (pg_walfile_name_offset, primaries only) and the page size: see replay_target in lsn.py.
 SAMPLE_SQL = """
 SELECT r,
        (CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
        extract(epoch FROM pg_last_xact_replay_timestamp())::float8,
        CASE WHEN r THEN pg_is_wal_replay_paused() ELSE false END,
-       (CASE WHEN r THEN NULL ELSE pg_current_wal_insert_lsn() END)::text
-FROM pg_is_in_recovery() AS r
+       i.lsn::text,
+       CASE WHEN i.lsn IS NULL THEN NULL ELSE (pg_walfile_name_offset(i.lsn)).file_offset END,
+       current_setting('wal_block_size')::int
+FROM pg_is_in_recovery() AS r,
+     LATERAL (SELECT CASE WHEN r THEN NULL ELSE pg_current_wal_insert_lsn() END AS lsn) AS i
 """
 
 # What a node can throw at a check; anything else is a bug here and stops the monitor loudly.
@@ -283,14 +291,18 @@ class TopologyMonitor:
             )
             self._connections[node] = conn
         async with asyncio.timeout(self._check_timeout):
-            in_recovery, lsn, replay_ts, paused, insert_lsn = await conn.fetchrow(SAMPLE_SQL)
+            in_recovery, lsn, replay_ts, paused, insert_lsn, segment_offset, block_size = await conn.fetchrow(
+                SAMPLE_SQL
+            )
         return Sample(
             in_recovery=in_recovery,
             lsn=parse_lsn(lsn) if lsn is not None else None,
             replay_ts=replay_ts,
             paused=paused,
             at=time.time(),
-            insert_lsn=parse_lsn(insert_lsn) if insert_lsn is not None else None,
+            insert_lsn=(
+                replay_target(parse_lsn(insert_lsn), segment_offset, block_size) if insert_lsn is not None else None
+            ),
         )
 
     def _drop(self, node: NodeState) -> None:

@@ -7,17 +7,21 @@ stopped, is last. Waits are polls with deadlines on the router's own state.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
 from router.config import Settings
-from tests.cluster import Cluster
+from router.topology import TopologyMonitor
+from router.topology.lsn import LONG_PAGE_HEADER, parse_lsn
+from tests.cluster import HOST, Cluster
 from tests.conftest import router_config
 from tests.harness import RouterThread
 
@@ -177,6 +181,36 @@ def test_read_your_writes(make_router, split_cluster: Cluster) -> None:
             assert on_replica > 0, "reads never went back to the caught-up replica"
     finally:
         replay(split_cluster, 0, paused=False)
+
+
+def test_read_your_writes_target_after_a_wal_switch(split_cluster: Cluster) -> None:
+    """After a WAL switch (pg_basebackup, archive_timeout) the primary's insert position lies
+    past the new segment's page header, where no replica's replay position ends until another
+    record is written. The monitor's sample must name the boundary itself as the position a
+    session's reads wait for, or a session whose write logged nothing would read from the
+    primary until the WAL moved on (15 s and more on a quiet primary)."""
+
+    async def sample_right_after_a_switch() -> tuple[int, int]:
+        monitor = TopologyMonitor([(HOST, split_cluster.primary.port)], dbname="app")
+        conn = await asyncpg.connect(host=HOST, port=split_cluster.primary.port, user="postgres", database="app")
+        try:
+            segment = int(await conn.fetchval("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'"))
+            for _ in range(50):  # the bgwriter soon logs a record past the header: race it
+                # (pg_switch_wal returns the end of the switch record, in the finished segment.)
+                switched = parse_lsn(await conn.fetchval("SELECT pg_switch_wal()::text"))
+                next_segment = (switched // segment + 1) * segment
+                sample = await monitor._sample(monitor.topology.nodes[0])
+                # The insert position only moves on: still past the header now, so it was then.
+                if parse_lsn(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")) == next_segment + LONG_PAGE_HEADER:
+                    return next_segment, sample.insert_lsn
+            raise AssertionError("never sampled the insert position right after a WAL switch")
+        finally:
+            await conn.close()
+            for node_conn in monitor._connections.values():
+                await node_conn.close()
+
+    next_segment, sampled = asyncio.run(sample_right_after_a_switch())
+    assert sampled == next_segment  # where a replica that has replayed everything stands
 
 
 def test_without_read_your_writes_the_lagging_replica_serves_stale_reads(

@@ -17,6 +17,7 @@ from router.topology import (
     format_lsn,
     parse_lsn,
 )
+from router.topology.lsn import replay_target
 
 P, R1, R2 = ("10.0.0.1", 5432), ("10.0.0.2", 5432), ("10.0.0.3", 5432)
 T0 = 1_700_000_000.0  # an epoch time; samples below are offsets from it
@@ -68,6 +69,24 @@ def test_lsn_round_trip(text, value):
 def test_lsn_rejects_garbage(text):
     with pytest.raises(ValueError):
         parse_lsn(text)
+
+
+@pytest.mark.parametrize(
+    "insert, offset, target",
+    [
+        ("0/3000028", 0x28, "0/3000000"),  # a new segment after a WAL switch: long header
+        ("1/A0000028", 0x28, "1/A0000000"),
+        ("0/3002018", 0x2018, "0/3002000"),  # the last record filled its page: short header
+        ("0/3002030", 0x2030, "0/3002030"),  # a record ends there: as it is
+        ("0/3000050", 0x50, "0/3000050"),
+        ("0/3002028", 0x2028, "0/3002028"),  # +40 on a page that is not a segment's first
+    ],
+)
+def test_replay_target_takes_a_page_header_off(insert, offset, target):
+    """A replica that has replayed everything stops at the page boundary, not past the next
+    page's header where the primary's insert position points."""
+    assert format_lsn(replay_target(parse_lsn(insert), offset, 8192)) == target
+
 
 
 # -- discovery and eligibility ---------------------------------------------------------
