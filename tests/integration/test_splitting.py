@@ -7,6 +7,7 @@ Nothing here pauses, stops or promotes a node; tests that do are in test_splitti
 from __future__ import annotations
 
 import subprocess
+import time
 from collections import Counter
 
 import asyncpg
@@ -279,3 +280,27 @@ def test_conservative_begin_stays_on_primary(split_router: RouterThread) -> None
         conn.execute("COMMIT")
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert split_router.call(lambda r: sum(r.splits["main"].decisions.values())) == routed
+
+
+def test_session_settings_follow_the_client_to_every_node(split_router: RouterThread, cluster: Cluster) -> None:
+    """A session's SETs and set_config() calls are replayed on replicas too: its reads see them
+    wherever they land, and a rolled-back one nowhere."""
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SET search_path = pg_catalog, public")
+        conn.execute("SELECT set_config('app.tenant', 'acme', false)")
+        with conn.transaction():
+            conn.execute("SELECT set_config('app.tenant', 'other', false)")
+            conn.execute("ROLLBACK")  # ends the block: psycopg's own ROLLBACK is then a no-op warning
+        # set_config() may write (its statement went to the primary): read-your-writes keeps
+        # the reads there until the replicas have replayed it, then they spread.
+        replicas = set()
+        deadline = time.monotonic() + 30
+        while replicas != replica_ports(cluster):
+            assert time.monotonic() < deadline, f"reads reached only replicas {replicas}"
+            in_recovery, port, path, tenant = conn.execute(
+                "SELECT pg_is_in_recovery(), inet_server_port(), current_setting('search_path'),"
+                " current_setting('app.tenant', true)"
+            ).fetchone()
+            assert (path, tenant) == ("pg_catalog, public", "acme"), (in_recovery, port)
+            if in_recovery:
+                replicas.add(port)
