@@ -245,7 +245,7 @@ class ServerConnection(asyncio.Protocol):
                 elif not self.swallow_z:
                     self.call_error = "?????"  # the code lies past this read
                 if not self.swallow_z and client.settings_undo is not None:
-                    client.settings_undo[3] = True  # its transaction will roll back
+                    client.settings_undo.failed = True  # its transaction will roll back
                 if data.find(b"C42883\0", pos + 5, pos + 1 + length) >= 0:
                     hook = self.pool.on_undefined_function
                     if hook is not None:
@@ -270,7 +270,7 @@ class ServerConnection(asyncio.Protocol):
                     if tag == b"COMMIT":
                         client.settings_undo = None
                     elif tag == b"ROLLBACK":
-                        undo[3] = True
+                        undo.failed = True
             elif st.ops and (t == _PARSE_COMPLETE or t == _CLOSE_COMPLETE):
                 op = st.ops.popleft()
                 action = op[2]

@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import struct
+from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -141,6 +142,17 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
 
+@dataclass(slots=True)
+class SettingsUndo:
+    """A client's session state before the tracked setting changes of its current transaction,
+    and whether that transaction is known to roll back (an error, a ROLLBACK tag)."""
+
+    snapshot: tuple[dict[str, str], frozenset | None]  # SessionSettings.snapshot()
+    read_only_session: bool
+    session_target: Target | None
+    failed: bool = False
+
+
 class ClientConnection(LoginMixin, asyncio.Protocol):
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -185,10 +197,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.pins: set[str] = set()
         self.session = SessionSettings({})
         # What the tracked SET/RESET/DISCARDs of the current transaction replaced, until it
-        # ends: [settings snapshot, read_only_session, session_target, failed]. A transaction
-        # that rolls back undoes them on the server, so the router puts them back too
-        # (settings_settled). None: no tracked change is pending.
-        self.settings_undo: list | None = None
+        # ends. A transaction that rolls back undoes them on the server, so the router puts
+        # them back too (settings_settled). None: no tracked change is pending.
+        self.settings_undo: SettingsUndo | None = None
         self._dropping_copy = False
         self._release_after_message = False
         self._waiting_on: Pool | None = None
@@ -488,7 +499,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         classification = self.router.classifier.classify(sql, self.router.functions)
         session = self.session
         if self.settings_undo is None:
-            self.settings_undo = [session.snapshot(), self.read_only_session, self.session_target, False]
+            self.settings_undo = SettingsUndo(session.snapshot(), self.read_only_session, self.session_target)
         flags = 0
         for info in classification.statements:
             kind = info.verdict.kind
@@ -540,9 +551,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if status != _IDLE:
             return
         undo, self.settings_undo = self.settings_undo, None
-        if undo is not None and undo[3]:
-            self.session.restore(undo[0])
-            self.read_only_session, self.session_target = undo[1], undo[2]
+        if undo is not None and undo.failed:
+            self.session.restore(undo.snapshot)
+            self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
             server.session_key = self.session.key
 
     def _hold_back(self, data: bytes, pos: int, need: int) -> None:
@@ -810,9 +821,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # The settings the server must carry before this transaction's own statements run:
         # without the SETs it holds (tracked on arrival, they are in self.session already).
         undo = self.settings_undo
-        before = self.session.key if undo is None else undo[0][1]
+        before = self.session.key if undo is None else undo.snapshot[1]
         if (self.rewrite_statements or self.tenant_guard is not None) and server.session_key != before:
-            prelude = self.session.prelude(server.session_key, None if undo is None else undo[0])
+            prelude = self.session.prelude(server.session_key, None if undo is None else undo.snapshot)
             if prelude:
                 # Another client's settings off, this client's on; replies are dropped.
                 server.write(b"".join(m.query(sql) for sql in prelude))

@@ -98,8 +98,6 @@ def classify(sql: str, functions: FunctionCatalog) -> Classification:
         verdict=combine(infos),
         statements=infos,
         hint=hint,
-        set_config_names=tuple(sorted(expressions.set_config_names)),
-        set_config_dynamic=expressions.set_config_dynamic,
         set_config_calls=expressions.calls_in_order(),
         fingerprint=print_,
     )

@@ -59,7 +59,7 @@ _LEAF_NODES = frozenset(
 
 
 class ExpressionScan:
-    """Scans the statements of one message; accumulates the set_config() names it meets.
+    """Scans the statements of one message; accumulates the set_config() calls it meets.
 
     ``active`` is False when the message's JSON text holds none of the node types the scan
     looks for: then there is nothing to find and ``strongest_finding`` returns at once (most
@@ -67,13 +67,11 @@ class ExpressionScan:
     quotes, so the check has no false negatives, and a false positive would only cost a walk.
     """
 
-    __slots__ = ("functions", "active", "set_config_names", "set_config_dynamic", "set_config_calls")
+    __slots__ = ("functions", "active", "set_config_calls")
 
     def __init__(self, functions: FunctionCatalog, tree_json: str) -> None:
         self.functions = functions
         self.active = any(marker in tree_json for marker in _MARKER_KEYS)
-        self.set_config_names: set[str] = set()
-        self.set_config_dynamic = False
         # (position in the text, (lowercased name, value, is_local)) per call; None where the
         # argument is not a constant. The walk is depth-first: sort by position for the order
         # PostgreSQL runs them in (calls_in_order).
@@ -132,12 +130,11 @@ class ExpressionScan:
             elif position < len(_SET_CONFIG_ARGS):
                 values[_SET_CONFIG_ARGS[position]] = arg
         name = string_constant(values["setting_name"])
-        if name is None:
-            self.set_config_dynamic = True
-        else:
-            name = name.lower()
-            self.set_config_names.add(name)
-        call = (name, string_constant(values["new_value"]), bool_constant(values["is_local"]))
+        call = (
+            name.lower() if name is not None else None,
+            string_constant(values["new_value"]),
+            bool_constant(values["is_local"]),
+        )
         self.set_config_calls.append((location, call))
 
 

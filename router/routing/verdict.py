@@ -176,11 +176,9 @@ class Classification:
     statements         one entry per statement, in order; () when the message is empty; one
                        PLAIN entry holding the whole text when it cannot be parsed
     hint               the target named by a leading ``/* pgrouter: ... */`` hint, if any
-    set_config_names   lowercased GUC names passed as string constants to set_config(), in
-                       order of appearance, without duplicates
-    set_config_dynamic some set_config() call has a non-constant name argument
     set_config_calls   (lowercased name, value, is_local) of every set_config() call, in
-                       order; None for an argument that is not a constant
+                       the order of the text; None for an argument that is not a constant
+                       (``set_config_names`` and ``set_config_dynamic`` sum them up)
     fingerprint        pglast fingerprint of the whole text (comments and constants do not
                        change it); None when the text cannot be parsed or is empty
     """
@@ -188,10 +186,18 @@ class Classification:
     verdict: Verdict
     statements: tuple[StatementInfo, ...]
     hint: Target | None = None
-    set_config_names: tuple[str, ...] = ()
-    set_config_dynamic: bool = False
     set_config_calls: tuple[tuple[str | None, str | None, bool | None], ...] = ()
     fingerprint: str | None = None
+
+    @property
+    def set_config_names(self) -> tuple[str, ...]:
+        """The constant names passed to set_config(), sorted, without duplicates."""
+        return tuple(sorted({name for name, _, _ in self.set_config_calls if name is not None}))
+
+    @property
+    def set_config_dynamic(self) -> bool:
+        """Whether some set_config() call has a name that is not a constant."""
+        return any(name is None for name, _, _ in self.set_config_calls)
 
     @property
     def kinds(self) -> tuple[StatementKind, ...]:
