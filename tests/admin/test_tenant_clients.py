@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import select
 from collections.abc import Iterator
 
@@ -19,6 +20,10 @@ from tests.cluster import Cluster
 def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
     with concurrent.futures.ThreadPoolExecutor(2) as executor:
         yield executor
+
+
+def _note_message(messages: list[str], diag: psycopg.errors.Diagnostic) -> None:
+    messages.append(diag.message_primary or "")
 
 
 def _status(admin: AdminAPI, tenant_id: str) -> dict:
@@ -58,7 +63,7 @@ def test_delete_lets_a_transaction_finish_then_disconnects(
         assert not deleting.done()
         notices: dict[int, list[str]] = {id(idle): [], id(busy): []}
         for conn in (idle, busy):
-            conn.add_notice_handler(lambda diag, key=id(conn): notices[key].append(diag.message_primary or ""))
+            conn.add_notice_handler(functools.partial(_note_message, notices[id(conn)]))
         busy.commit()
         assert deleting.result(timeout=10).status_code == 204
         for conn in (idle, busy):
