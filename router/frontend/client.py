@@ -115,6 +115,12 @@ _REFUSE_TENANT_SETTING = _refusal(
     "permission denied: the router sets the tenant setting; clients may not change it",
 )
 _SETTING_KINDS = frozenset({StatementKind.SET_SESSION, StatementKind.SET_LOCAL, StatementKind.RESET})
+# Who the session runs as: RESET ALL leaves these alone (PostgreSQL marks them
+# GUC_NO_RESET_ALL), so the settings prelude cannot take them off a server connection. A
+# client that changes one, in any spelling (SET "role", SET session_authorization,
+# set_config('role', ...)), is pinned instead, like SET ROLE. Each is a pin of its own:
+# RESET ROLE leaves a SET SESSION AUTHORIZATION in force.
+_IDENTITY_PINS = {"role": "role", "session_authorization": "session authorization"}
 
 
 def _tenant_setting_error(name: str) -> RouterError:
@@ -483,8 +489,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 pins.clear()
             elif word.startswith(b"reset"):
                 pins.discard("role")
+                if word.endswith(b"authorization"):
+                    # The session user back to the login one resets the role too.
+                    pins.discard("session authorization")
             else:
-                pins.add("role")
+                pins.add("session authorization" if word.endswith(b"authorization") else "role")
         self.router.note_pinned(self)
 
     def _track_session_statements(self, sql_bytes: bytes) -> int:
@@ -503,7 +512,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         flags = 0
         for info in classification.statements:
             kind = info.verdict.kind
-            if kind is StatementKind.SET_SESSION and info.name:
+            if info.name in _IDENTITY_PINS and kind in (StatementKind.SET_SESSION, StatementKind.RESET):
+                self._track_identity(info.name, None if kind is StatementKind.RESET else info.value)
+            elif kind is StatementKind.SET_SESSION and info.name:
                 session.set(info.name, info.text)
             elif kind is StatementKind.SET_DEFAULT_READ_ONLY:
                 session.set("default_transaction_read_only", info.text)
@@ -535,9 +546,27 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 # connection that ran it has it, so the client keeps that one.
                 self.pins.add("set_config")
                 self.router.note_pinned(self)
+            elif name in _IDENTITY_PINS:
+                self._track_identity(name, value)
             else:
                 session.set(name, set_config_sql(name, value))
         return flags
+
+    def _track_identity(self, name: str, value: str | None) -> None:
+        """SET (``value``) or RESET (None) of role or session_authorization, by whatever
+        spelling: pin or unpin, as for SET ROLE / RESET ROLE."""
+        pins = self.pins
+        if name == "role":
+            if value is None or value.lower() == "none":  # SET ROLE NONE is RESET ROLE
+                pins.discard("role")
+            else:
+                pins.add("role")
+        elif value is None:
+            pins.discard("session authorization")
+            pins.discard("role")
+        else:
+            pins.add("session authorization")
+        self.router.note_pinned(self)
 
     def settings_settled(self, server: ServerConnection, status: int) -> None:
         """The server's ReadyForQuery while tracked setting changes are pending: once it is

@@ -86,8 +86,20 @@ def test_xact_advisory_lock_does_not_pin(router):
         ("SELECT 1; CREATE TEMP TABLE pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
         ("/* app */ CREATE TEMP TABLE pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
         ("SELECT 1; SET ROLE pgr_trust", "SELECT current_user = 'pgr_trust'"),
+        # Who the session runs as, in the spellings that dodge the SET ROLE pattern: RESET ALL
+        # in the settings prelude would not undo them (GUC_NO_RESET_ALL).
+        ('SET "Role" = pgr_trust', "SELECT current_user = 'pgr_trust'"),
+        ("SET session_authorization = pgr_trust", "SELECT session_user = 'pgr_trust'"),
+        ("SELECT set_config('ROLE', 'pgr_trust', false)", "SELECT current_user = 'pgr_trust'"),
+        ("SELECT set_config('session_authorization', 'pgr_trust', false)", "SELECT session_user = 'pgr_trust'"),
+        # RESET ROLE does not undo SET SESSION AUTHORIZATION.
+        ("SET SESSION AUTHORIZATION pgr_trust; RESET ROLE", "SELECT session_user = 'pgr_trust'"),
     ],
-    ids=["temp-table", "with-hold-cursor", "set-role", "later-temp-table", "comment-temp-table", "later-set-role"],
+    ids=[
+        "temp-table", "with-hold-cursor", "set-role", "later-temp-table", "comment-temp-table", "later-set-role",
+        "quoted-role", "session-authorization-guc", "set-config-role", "set-config-session-authorization",
+        "reset-role-after-session-authorization",
+    ],
 )
 def test_session_objects_pin_until_discard_all(start_router, setup, check):
     router = start_router(pool_size=1, query_wait_timeout=1)
@@ -115,3 +127,39 @@ def test_an_advisory_lock_in_any_case_pins(start_router, prepare):
         assert pinned(router) == 1
         holder.execute("SELECT pg_advisory_unlock_all()")
         assert pinned(router) == 0
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET ROLE pgr_trust; SET ROLE NONE",
+        'SET "role" = pgr_trust; RESET "role"',
+        "SET ROLE pgr_trust; RESET SESSION AUTHORIZATION",
+        "SET session_authorization = pgr_trust; SET SESSION AUTHORIZATION DEFAULT",
+    ],
+    ids=["role-none", "reset-quoted-role", "reset-session-authorization", "session-authorization-default"],
+)
+def test_identity_back_to_the_login_unpins(start_router, sql):
+    router = start_router(pool_size=1, query_wait_timeout=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute(sql)
+        assert conn.execute("SELECT current_user, session_user").fetchone() == ("postgres", "postgres")
+        assert pinned(router) == 0
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+            assert other.execute("SELECT current_user").fetchone() == ("postgres",)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ['SET "role" = pgr_trust', "SELECT set_config('role', 'pgr_trust', false)"],
+    ids=["set", "set-config"],
+)
+def test_an_identity_change_by_parse_pins(start_router, sql):
+    router = start_router(pool_size=1, query_wait_timeout=1)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    conn.execute(sql, prepare=True)
+    assert pinned(router) == 1
+    conn.close()
+    router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+        assert other.execute("SELECT current_user").fetchone() == ("postgres",)
