@@ -91,16 +91,16 @@ _PIN_SQL = re.compile(
 # more than one statement, starts with a comment, or mentions advisory locks or set_config (in
 # any case), is examined with the patterns above and below.
 _SPECIAL_START = re.compile(
-    rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin)\b"
+    rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin|do)\b"
 )
-# Statements that change session state (or name SQL-level prepared statements) start with
-# one of these; only those are parsed (and, below, those with a SET/RESET/DISCARD later on). A
-# DEALLOCATE ALL later in a multi-statement query is not seen.
-_SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute)\b")
+# Statements that change session state (or name SQL-level prepared statements, or may hide a
+# SET in a DO block) start with one of these; only those are parsed (and, below, those with a
+# SET/RESET/DISCARD/DO later on). A DEALLOCATE ALL later in a multi-statement query is not seen.
+_SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|do)\b")
 # A SET/RESET/DISCARD that does not start the Query: after another statement (;) or a comment.
 # (Also matches `UPDATE t /* x */ SET ...` or a ';set' in a string: the text is then parsed,
 # once per text, and found to change nothing.)
-_LATER_SESSION_SQL = re.compile(rb"(?i)(?:;|\*/|--[^\n]*\n)\s*(?:set|reset|discard)\b")
+_LATER_SESSION_SQL = re.compile(rb"(?i)(?:;|\*/|--[^\n]*\n)\s*(?:set|reset|discard|do)\b")
 _COMMENT_START = frozenset(b"/-")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
@@ -538,6 +538,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self.session_target = _ROUTER_TARGETS[info.value]
             elif kind is StatementKind.DEALLOCATE_ALL:
                 flags |= _FORGET_PREPARED
+            elif kind is StatementKind.DO_SESSION:
+                # What it sets is known only to the server connection that ran it.
+                self.pins.add("DO block")
+                self.router.note_pinned(self)
         for name, value, local in classification.set_config_calls:
             if local is True:
                 continue  # transaction-scoped, like SET LOCAL

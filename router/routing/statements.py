@@ -8,7 +8,8 @@ Statements that change transaction or session state are in session_statements.py
   anywhere in them. ``SELECT ... INTO`` creates a table (SELECT_INTO).
 * INSERT/UPDATE/DELETE/MERGE: WRITE. CREATE/ALTER/DROP/GRANT/COMMENT/TRUNCATE...: DDL.
   VACUUM/ANALYZE/CLUSTER/REINDEX/REFRESH/CHECKPOINT/LOAD: MAINTENANCE. LOCK: LOCK.
-  CALL and DO: CALL_DO (their bodies are opaque). LISTEN/UNLISTEN/NOTIFY: a standby refuses
+  CALL and DO: CALL_DO (their bodies are opaque; a DO body that may change settings is
+  DO_SESSION). LISTEN/UNLISTEN/NOTIFY: a standby refuses
   all three. Any other statement type: UNKNOWN, so a type added to a later parser goes to
   the primary until someone decides otherwise.
 * EXPLAIN without ANALYZE plans but never executes: a read, whatever it explains. EXPLAIN
@@ -28,6 +29,7 @@ Statements that change transaction or session state are in session_statements.py
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from router.routing.expressions import DML_NODES, ExpressionScan
@@ -42,6 +44,14 @@ from router.routing.verdict import (
 )
 
 Kind = StatementKind
+
+# In a DO body: a statement that starts with SET/RESET/DISCARD (first in the block, after a
+# ';', a block keyword, or an opening quote or parenthesis, as in EXECUTE 'SET ...' or
+# format('SET ...')), or a set_config() call. Generous, like pinning; an UPDATE's SET clause
+# follows a name and does not match.
+_SESSION_IN_BODY = re.compile(
+    r"(?i)set_config|(?:^|[;'(]|\b(?:begin|then|else|loop)\b)\s*(?:set|reset|discard)\b"
+)
 
 _DDL_PREFIXES = ("Create", "Alter", "Drop")  # CreateStmt, AlterTableStmt, DropdbStmt...
 _DDL_OTHERS = frozenset(
@@ -131,6 +141,18 @@ def _call_or_do(body: dict, text: str, expressions: ExpressionScan) -> Statement
     return _primary(Reason.CALL_DO, body, text, expressions)
 
 
+def _do(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    """DO: its body is opaque, but one that may change settings (a SET or RESET statement,
+    in PL/pgSQL or a string it EXECUTEs, or set_config) is marked DO_SESSION."""
+    for arg in body.get("args", ()):
+        elem = arg.get("DefElem", {})
+        if elem.get("defname") == "as":
+            source = (elem.get("arg") or {}).get("String", {}).get("sval", "")
+            if _SESSION_IN_BODY.search(source):
+                return StatementInfo(Verdict(Target.PRIMARY, Reason.CALL_DO, Kind.DO_SESSION), text)
+    return _primary(Reason.CALL_DO, body, text, expressions)
+
+
 def _lock(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
     return StatementInfo(Verdict(Target.PRIMARY, Reason.LOCK), text)
 
@@ -186,7 +208,7 @@ _HANDLERS: dict[str, Callable[[dict, str, ExpressionScan], StatementInfo]] = {
     "ExplainStmt": _explain,
     "CopyStmt": _copy,
     "CallStmt": _call_or_do,
-    "DoStmt": _call_or_do,
+    "DoStmt": _do,
     "LockStmt": _lock,
     "VariableShowStmt": _show,
     "ListenStmt": _listen,

@@ -126,6 +126,7 @@ class StatementKind(Enum):
     ROUTER_TARGET = "router_target"  # SET/RESET pgrouter.target, never sent to a server: value
     DISCARD_ALL = "discard_all"
     DISCARD = "discard"  # DISCARD PLANS / SEQUENCES / TEMP: name = "plans"|"sequences"|"temp"
+    DO_SESSION = "do_session"  # a DO block whose body may change settings: none can be replayed
     # notifications
     LISTEN = "listen"  # name = channel
     UNLISTEN = "unlisten"  # name = channel, None for UNLISTEN *

@@ -163,3 +163,30 @@ def test_an_identity_change_by_parse_pins(start_router, sql):
     router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
     with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
         assert other.execute("SELECT current_user").fetchone() == ("postgres",)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DO $$BEGIN PERFORM set_config('search_path', 'pin_do', false); END$$",
+        "DO $$BEGIN SET search_path = pin_do; END$$",
+        "SELECT 1; DO $$BEGIN EXECUTE 'SET search_path = pin_do'; END$$",
+    ],
+    ids=["set-config", "set", "later-execute"],
+)
+def test_a_do_block_that_may_change_settings_pins(start_router, sql):
+    router = start_router(pool_size=1, query_wait_timeout=1)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    conn.execute(sql)
+    assert pinned(router) == 1
+    assert conn.execute("SHOW search_path").fetchone() == ("pin_do",)
+    conn.close()
+    router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+        assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)
+
+
+def test_a_do_block_that_only_writes_does_not_pin(router):
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("DO $$BEGIN UPDATE pg_temp_nonexistent_never SET a = 1; EXCEPTION WHEN OTHERS THEN NULL; END$$")
+        assert pinned(router) == 0

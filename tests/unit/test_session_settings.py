@@ -99,6 +99,8 @@ def test_pin_patterns(sql, pins):
         ("PREPARE TRANSACTION 'x'", True, False),
         ("SELECT 1", False, False),
         ("settle", False, False),
+        ("DO $$BEGIN SET x.y = 1; END$$", True, False),
+        ("double_it()", False, False),
     ],
 )
 def test_query_prefilters(sql, session, refused):
