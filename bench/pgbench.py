@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.cluster import HOST, Cluster
 
-TARGETS = ("direct", "pgbouncer", "router", "router-split")
+TARGETS = ("direct", "pgbouncer", "router", "router-split", "floor")
 # At -T pgbench still waits for the transactions in flight, so a proxy that stops answering
 # would hang it; past this margin the run is killed and reported as FAILED instead.
 RUN_TIMEOUT_MARGIN = 60.0

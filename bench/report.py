@@ -48,7 +48,7 @@ def print_table(runs: list[Run]) -> None:
             else:
                 row += ["FAILED", "", "", ""]
             row.append(_ratio(c, get["direct"]) if target != "direct" else "")
-            row.append(_ratio(c, get["pgbouncer"]) if target.startswith("router") else "")
+            row.append(_ratio(c, get["pgbouncer"]) if target.startswith("router") or target == "floor" else "")
             row.append(_ratio(c, get["router"]) if target == "router-split" else "")
             added = _added_us(c, get["direct"]) if workload == LATENCY_WORKLOAD else None
             added = None if target == "direct" else added

@@ -26,10 +26,37 @@ from pathlib import Path
 from bench.pgbench import WORKLOADS, Run, Target, describe, run_pgbench
 from bench.pgbouncer import PGBOUNCER, PgBouncer
 from bench.report import print_table, summarize
-from tests.cluster import HOST, Cluster
+from tests.cluster import HOST, Cluster, free_port
 from tests.harness import RouterProcess, write_toml
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+class FloorProcess:
+    """bench/floor.py as a subprocess on a free port."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.port = log, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, server_port: int, timeout: float = 15.0) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench.floor", str(self.port), str(server_port)],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while b"listening" not in self.log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bench.floor did not start:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool,
@@ -105,6 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="standbys in the cluster, used by router-split (default 2; 0 drops "
                    "the router-split target)")
     p.add_argument("--workloads", help="comma-separated subset (default: all)")
+    p.add_argument("--floor", action="store_true",
+                   help="add the floor target: a bare Python/uvloop byte pipe (bench/floor.py)")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes (`workers`) of both router targets (default 1)")
     args = p.parse_args(argv)
@@ -150,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(split.stop)
                 split.start()
                 targets.append(Target("router-split", split.port, "bench", split.log_path))
+            if args.floor:
+                floor = FloorProcess(workdir / "floor.log")
+                stack.callback(floor.stop)
+                floor.start(cluster.primary.port)
+                targets.append(Target("floor", floor.port, "postgres", floor.log))
             env = environment(cluster)
             runs, interrupted = run_rounds(cluster, targets, args)
     except BaseException:
