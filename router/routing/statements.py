@@ -8,10 +8,10 @@ Statements that change transaction or session state are in session_statements.py
   anywhere in them. ``SELECT ... INTO`` creates a table (SELECT_INTO).
 * INSERT/UPDATE/DELETE/MERGE: WRITE. CREATE/ALTER/DROP/GRANT/COMMENT/TRUNCATE...: DDL.
   VACUUM/ANALYZE/CLUSTER/REINDEX/REFRESH/CHECKPOINT/LOAD: MAINTENANCE. LOCK: LOCK.
-  CALL and DO: CALL_DO (their bodies are opaque; a DO body that may change settings is
-  DO_SESSION). LISTEN/UNLISTEN/NOTIFY: a standby refuses
-  all three. Any other statement type: UNKNOWN, so a type added to a later parser goes to
-  the primary until someone decides otherwise.
+  CALL and DO: CALL_DO (their bodies are opaque; a DO body that may change settings is kind
+  DO_SESSION). LISTEN/UNLISTEN/NOTIFY: a standby refuses all three. Any other statement type:
+  UNKNOWN, so a type added to a later parser goes to the primary until someone decides
+  otherwise.
 * EXPLAIN without ANALYZE plans but never executes: a read, whatever it explains. EXPLAIN
   ANALYZE runs the statement, so it gets the explained statement's verdict.
 * COPY ... FROM writes. COPY ... TO STDOUT of a table is a read; of a query, the query's
@@ -137,7 +137,7 @@ def _copy(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
     return StatementInfo(verdict, text)
 
 
-def _call_or_do(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+def _call(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
     return _primary(Reason.CALL_DO, body, text, expressions)
 
 
@@ -207,7 +207,7 @@ _HANDLERS: dict[str, Callable[[dict, str, ExpressionScan], StatementInfo]] = {
     "SelectStmt": _select,
     "ExplainStmt": _explain,
     "CopyStmt": _copy,
-    "CallStmt": _call_or_do,
+    "CallStmt": _call,
     "DoStmt": _do,
     "LockStmt": _lock,
     "VariableShowStmt": _show,
