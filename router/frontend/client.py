@@ -240,6 +240,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._call_sql: bytes | None = None
         self._call_t0 = 0.0
         self.last_parse_sql: bytes | None = None  # the last unnamed Parse's text
+        # Named statements whose text pins or changes settings: (text, pins?, settings?) by
+        # name. A driver runs a prepared statement again with a Bind alone (psycopg after
+        # prepare_threshold runs, asyncpg's statement cache), so each Bind is noted again.
+        self._effects_by_statement: dict[bytes, tuple[bytes, bool, bool]] = {}
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -380,27 +384,38 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         query_start = data.find(b"\0", pos + 5, end) + 1
                         special_parse = _SPECIAL_START.match(data, query_start, end)
                         low = data[query_start:end].lower()
-                        if (
+                        pins = (
                             low.find(b"advisory") >= 0
                             or special_parse
                             or data[query_start] in _COMMENT_START
-                        ) and _PIN_SQL.search(data, pos + 5, end):
+                        ) and _PIN_SQL.search(data, pos + 5, end) is not None
+                        if pins:
                             self._track_pins(data, pos + 5, end)
-                        if (
+                        settings = (
                             (special_parse and _SESSION_SQL.match(data, query_start, end))
                             or (
                                 data[query_start] in _COMMENT_START
                                 and _LATER_SESSION_SQL.search(data, query_start, end) is not None
                             )
                             or low.find(b"set_config") >= 0
-                        ):
+                        )
+                        if settings:
                             # A SET sent with the extended protocol (JDBC, asyncpg's fetch):
                             # noted when parsed, as the Query's are when they arrive.
                             query_end = data.index(b"\0", query_start, end)
                             forget |= self._track_session_statements(data[query_start:query_end])
+                        if data[pos + 5]:
+                            name = data[pos + 5 : query_start - 1]
+                            if pins or settings:
+                                sql = data[query_start : data.index(b"\0", query_start, end)]
+                                self._effects_by_statement[name] = (sql, pins, bool(settings))
+                            elif self._effects_by_statement:
+                                self._effects_by_statement.pop(name, None)
                     elif t == _B_:
                         if data[pos + 5] or data[pos + 6]:
                             rewrite = True
+                        if self._effects_by_statement:
+                            forget |= self._statement_effects_again(data, pos + 5, pos + 1 + length)
                     elif data[pos + 5] == _S and data[pos + 6]:
                         rewrite = True  # Describe/Close of a named statement
                     elif t == _C_:
@@ -495,6 +510,18 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             else:
                 pins.add("session authorization" if word.endswith(b"authorization") else "role")
         self.router.note_pinned(self)
+
+    def _statement_effects_again(self, data: bytes, start: int, end: int) -> int:
+        """A Bind (body ``data[start:end]``) of a named statement whose text pins or changes
+        settings: note them again, as for a Query of that text. Returns the chunk flags."""
+        portal_end = data.index(b"\0", start, end)
+        effects = self._effects_by_statement.get(data[portal_end + 1 : data.index(b"\0", portal_end + 1, end)])
+        if effects is None:
+            return 0
+        sql, pins, settings = effects
+        if pins:
+            self._track_pins(sql, 0, len(sql))
+        return self._track_session_statements(sql) if settings else 0
 
     def _track_session_statements(self, sql_bytes: bytes) -> int:
         """Note the session-level SET/RESET/DISCARD of a Query (replayed by ``SessionSettings``

@@ -190,3 +190,20 @@ def test_a_do_block_that_only_writes_does_not_pin(router):
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         conn.execute("DO $$BEGIN UPDATE pg_temp_nonexistent_never SET a = 1; EXCEPTION WHEN OTHERS THEN NULL; END$$")
         assert pinned(router) == 0
+
+
+@pytest.mark.parametrize(
+    "pin, unpin",
+    [("SELECT pg_advisory_lock(4545)", "SELECT pg_advisory_unlock_all()"), ("LISTEN pin_again", "UNLISTEN *")],
+    ids=["advisory-lock", "listen"],
+)
+def test_a_prepared_statement_run_again_pins_again(start_router, pin, unpin):
+    """A driver runs a prepared statement again with a Bind alone (prepare=True here; psycopg
+    does it by itself after prepare_threshold runs): the lock it takes pins again."""
+    router = start_router(pool_size=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        for _ in range(2):
+            conn.execute(pin, prepare=True)
+            assert pinned(router) == 1
+            conn.execute(unpin)
+            assert pinned(router) == 0

@@ -273,6 +273,39 @@ def test_statements_before_a_set_in_one_query_do_not_see_it(start_router):
         assert a.execute("SHOW search_path").fetchone() == ("pg_catalog",)
 
 
+def _prepared_set_run_again(a) -> None:
+    # prepare=True: psycopg parses each text once, then runs it again with a Bind alone (as it
+    # does by itself after prepare_threshold runs), so the router sees the third SET's text
+    # only in the first one's Parse.
+    for value in ("pg_catalog", "public", "pg_catalog"):
+        a.execute(f"SET search_path = {value}", prepare=True)
+
+
+def _prepared_set_config_run_again(a) -> None:
+    for value in ("pg_catalog", "public", "pg_catalog"):
+        a.execute(f"SELECT set_config('search_path', '{value}', false)", prepare=True)
+
+
+def _prepared_reset_all_run_again(a) -> None:
+    for _ in range(2):
+        a.execute("SET search_path = pg_catalog")
+        a.execute("RESET ALL", prepare=True)
+
+
+@pytest.mark.parametrize(
+    "run, expected",
+    [
+        (_prepared_set_run_again, "pg_catalog"),
+        (_prepared_set_config_run_again, "pg_catalog"),
+        (_prepared_reset_all_run_again, '"$user", public'),
+    ],
+    ids=["set", "set_config", "reset-all"],
+)
+def test_a_prepared_statement_run_again_changes_settings_again(start_router, run, expected):
+    router = start_router(pool_size=2)
+    assert _search_path_everywhere(router.dsn("carol"), run) == {expected}
+
+
 def pinned(router) -> int:
     return router.call(lambda r: len(r.pinned_clients))
 
