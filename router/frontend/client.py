@@ -115,6 +115,12 @@ _REFUSE_TENANT_SETTING = _refusal(
     "permission denied: the router sets the tenant setting; clients may not change it",
 )
 _SETTING_KINDS = frozenset({StatementKind.SET_SESSION, StatementKind.SET_LOCAL, StatementKind.RESET})
+# Shared mode: code the router cannot read could set the tenant setting under a name built at
+# run time (EXECUTE 'SELECT set_' || 'config(...)'), or carry it as a function's SET clause, so
+# DO, CALL and the creation of functions and procedures are refused whatever they say. These
+# words send a text to the classifier; the statements are told apart there.
+_GUARD_OPAQUE = re.compile(rb"\b(?:do|call|function|procedure)\b")
+_CREATES_ROUTINE = re.compile(r"(?i)\s*create\s+(?:or\s+replace\s+)?(?:function|procedure)\b")
 # Who the session runs as: RESET ALL leaves these alone (PostgreSQL marks them
 # GUC_NO_RESET_ALL), so the settings prelude cannot take them off a server connection. A
 # client that changes one, in any spelling (SET "role", SET session_authorization,
@@ -448,11 +454,18 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
     def _tenant_guard_refuses(self, sql_bytes: bytes, lone: bool) -> bool:
         """Shared mode: does this statement text try to change the tenant setting? SET, SET
         LOCAL and RESET of it and set_config() of it (or of a name computed at run time) are
-        refused; so are DO/CALL bodies that mention either. A lone RESET ALL or DISCARD ALL
-        between transactions passes: the key is put back before the next transaction."""
+        refused; so are every DO, CALL and CREATE FUNCTION/PROCEDURE (``_GUARD_OPAQUE``). A
+        lone RESET ALL or DISCARD ALL between transactions passes: the key is put back before
+        the next transaction."""
         low = sql_bytes.lower()
         guard = self.tenant_guard
-        if guard not in low and b"set_config" not in low and b"reset" not in low and b"discard" not in low:
+        if (
+            guard not in low
+            and b"set_config" not in low
+            and b"reset" not in low
+            and b"discard" not in low
+            and _GUARD_OPAQUE.search(low) is None
+        ):
             return False
         try:
             sql = sql_bytes.decode(self.router.client_text_encoding)
@@ -470,7 +483,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             if kind in (StatementKind.RESET_ALL, StatementKind.DISCARD_ALL):
                 if not lone or len(statements) > 1 or self.server is not None:
                     return True
-            if info.verdict.reason in (Reason.CALL_DO, Reason.UNPARSABLE):
+            if info.verdict.reason in (Reason.CALL_DO, Reason.UNPARSABLE) or _CREATES_ROUTINE.match(info.text):
                 return True
         return False
 

@@ -166,10 +166,20 @@ def test_shared_schema_isolation(start_router, registry, cluster, tenant_dbs) ->
             f"SELECT set_config('app.current_tenant', '{keys['t2']}', false)",
             "SELECT 1; RESET ALL",
             "DO $$ BEGIN PERFORM set_config('app.current_tenant', 'x', false); END $$",
+            # Names built at run time: no text names them, so DO, CALL and the creation of
+            # functions (which could run such code, or carry a SET of the setting) are refused
+            # whatever they say.
+            "DO $$ BEGIN EXECUTE format('SELECT %s(%L, %L, false)', 'set_' || 'config', "
+            f"'app.current_' || 'tenant', '{keys['t2']}'); END $$",
+            "CREATE FUNCTION pg_temp.peek() RETURNS SETOF notes LANGUAGE sql "
+            f"SET app.current_tenant = '{keys['t2']}' AS 'SELECT * FROM notes'",
+            "create or replace procedure pg_temp.p() language plpgsql as $$ begin null; end $$",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c1.execute(sql)
             assert [r[0] for r in c1.execute("SELECT body FROM notes").fetchall()] == ["note of t1"]
+        # Those words elsewhere refuse nothing.
+        assert c1.execute("SELECT 'what do you call a function or a procedure?'").fetchone() is not None
         # ...and a lone RESET ALL / DISCARD ALL between transactions is put right at once.
         c1.execute("RESET ALL")
         assert [r[0] for r in c1.execute("SELECT body FROM notes").fetchall()] == ["note of t1"]
