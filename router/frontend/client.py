@@ -335,9 +335,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 if self.rewrite_statements:
                     # What else may change the session or pin, in any spelling: one lowered
                     # copy costs about what a find() per spelling would. set_config(name,
-                    # value, false) changes the session as a SET does.
+                    # value, false) changes the session as a SET does; spelt with Unicode
+                    # escapes (U&"set\005fconfig") only the parser sees the name.
                     low = data[pos + 5 : end].lower()
-                    configs = not session_first and not session_later and low.find(b"set_config") >= 0
+                    configs = (
+                        not session_first
+                        and not session_later
+                        and (low.find(b"set_config") >= 0 or low.find(b"u&") >= 0)
+                    )
                     look = special or later or configs or low.find(b"advisory") >= 0
                 else:
                     look = False
@@ -404,6 +409,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                                 and _LATER_SESSION_SQL.search(data, query_start, end) is not None
                             )
                             or low.find(b"set_config") >= 0
+                            or low.find(b"u&") >= 0
                         )
                         if settings:
                             # A SET sent with the extended protocol (JDBC, asyncpg's fetch):
@@ -464,6 +470,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             and b"set_config" not in low
             and b"reset" not in low
             and b"discard" not in low
+            and b"u&" not in low  # Unicode escapes: U&"set\005fconfig", U&'app\005f...'
             and _GUARD_OPAQUE.search(low) is None
         ):
             return False

@@ -317,6 +317,7 @@ def pinned(router) -> int:
         "SELECT 1, pg_catalog.set_config('search_path', 'pg_catalog', 'off')",
         "select SET_CONFIG('search_path', 'pg_catalog', false)",
         "select Set_Config('search_path', 'pg_catalog', false)",
+        "SELECT U&\"set\\005fconfig\"('search_path', 'pg_catalog', false)",  # a Unicode escape in the name
     ],
 )
 @pytest.mark.parametrize("prepare", [False, True], ids=["query", "parse"])

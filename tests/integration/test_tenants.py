@@ -174,6 +174,8 @@ def test_shared_schema_isolation(start_router, registry, cluster, tenant_dbs) ->
             "CREATE FUNCTION pg_temp.peek() RETURNS SETOF notes LANGUAGE sql "
             f"SET app.current_tenant = '{keys['t2']}' AS 'SELECT * FROM notes'",
             "create or replace procedure pg_temp.p() language plpgsql as $$ begin null; end $$",
+            # Unicode escapes: neither the function nor the setting is named in the text.
+            f"SELECT U&\"set\\005fconfig\"(U&'app.current\\005ftenant', '{keys['t2']}', false)",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c1.execute(sql)
