@@ -420,7 +420,10 @@ class Router:
 
     def _cancel_client(self, client: ClientConnection) -> None:
         server = client.server
-        if server is None or server.pending == 0:
+        if server is None:
+            client.cancel_waiting()
+            return
+        if server.pending == 0:
             return
         server.cancels_in_flight += 1
         self.spawn(self._send_cancel(server))

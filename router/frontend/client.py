@@ -1104,6 +1104,20 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return self.statement_sql(data[portal_end + 1 : name_end])
         return None
 
+    def cancel_waiting(self) -> None:
+        """A CancelRequest while the client's next statements wait for a server connection
+        (pool full, tenant paused): they never run. They fail with 57014 as a statement
+        cancelled before it started would, instead of running once a server frees up, after
+        the client (a driver's query timeout, psql's ^C) has given up on them."""
+        waiting_on = self._waiting_on
+        if waiting_on is None or not self._held or self.state == _CLOSED:
+            return
+        self._waiting_on = None
+        waiting_on.cancel_wait(self)
+        self._acquire_failed(
+            RouterError(SQLState.QUERY_CANCELED, "canceling statement due to user request", severity="ERROR")
+        )
+
     def _acquire_failed(self, exc: RouterError) -> None:
         if self.state == _CLOSED:
             return

@@ -157,3 +157,36 @@ def test_server_held_during_a_cancel_goes_back_to_the_pool(start_router, cluster
         )
     assert conn.execute("SELECT 1").fetchone() == (1,)
     conn.close()
+
+
+def test_cancel_of_a_client_waiting_for_a_server_fails_its_statement(start_router, cluster):
+    """A cancel while the client's statement waits in the pool queue (a driver's query timeout,
+    psql's ^C): the statement fails with 57014 at once and never runs, rather than running once
+    a server frees up, after the client has given up on it."""
+    cluster.psql("DROP TABLE IF EXISTS cancel_probe; CREATE TABLE cancel_probe (x int)", dbname="app")
+    router = start_router(pool_size=1, query_wait_timeout=60)
+    holder = psycopg.connect(router.dsn("carol"))
+    holder.execute("SELECT 1")  # a transaction holds the only server connection
+    waiter = psycopg.connect(router.dsn("carol"), autocommit=True)
+    outcome: list = []
+
+    def insert() -> None:
+        try:
+            waiter.execute("INSERT INTO cancel_probe VALUES (1)")
+            outcome.append("ran")
+        except errors.QueryCanceled as exc:
+            outcome.append(exc.sqlstate)
+
+    t = threading.Thread(target=insert)
+    t.start()
+    router.wait_for(lambda r: sum(p.stats()["waiting"] for p in r.pools.pools.values()) == 1, what="the insert queued")
+    waiter.cancel_safe()
+    t.join(10)
+    assert outcome == ["57014"]
+    assert router.call(lambda r: sum(p.stats()["waiting"] for p in r.pools.pools.values())) == 0
+    holder.rollback()
+    # The cancelled insert did not run later either: the waiter's next statement runs after
+    # anything it had queued.
+    assert waiter.execute("SELECT count(*) FROM cancel_probe").fetchone() == (0,)
+    holder.close()
+    waiter.close()
