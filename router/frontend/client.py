@@ -83,13 +83,17 @@ _REFUSE_SQL_PREPARED = _refusal(
 # advisory locks (pg_advisory_xact_lock) do not pin.
 _PIN_SQL = re.compile(
     rb"(?i)\b(?:unlisten\s+\*|(?:listen|pg_advisory_unlock_all|pg_(?:try_)?advisory_lock(?:_shared)?"
-    rb"|create\s+(?:(?:global|local)\s+)?temp(?:orary)?\s+table|with\s+hold"
+    # Temporary tables, views and sequences, however made: CREATE TEMP ..., SELECT ... INTO
+    # TEMP, or anything named in the pg_temp schema (CREATE TABLE pg_temp.t).
+    rb"|create\s+(?:or\s+replace\s+)?(?:(?:global|local)\s+)?temp(?:orary)?\s+"
+    rb"(?:table|(?:recursive\s+)?view|sequence)|into\s+temp(?:orary)?|pg_temp\s*\."
+    rb"|with\s+hold"
     rb"|set\s+(?:session\s+)?role|set\s+session\s+authorization"
     rb"|reset\s+role|reset\s+session\s+authorization|discard\s+all)\b)"
 )
 # Cheap first look on the hot path: a Query whose text starts with one of these words, holds
-# more than one statement, starts with a comment, or mentions advisory locks or set_config (in
-# any case), is examined with the patterns above and below.
+# more than one statement, starts with a comment, or mentions advisory locks, temp or set_config
+# (in any case), is examined with the patterns above and below.
 _SPECIAL_START = re.compile(
     rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin|do)\b"
 )
@@ -343,7 +347,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         and not session_later
                         and (low.find(b"set_config") >= 0 or low.find(b"u&") >= 0)
                     )
-                    look = special or later or configs or low.find(b"advisory") >= 0
+                    look = special or later or configs or low.find(b"advisory") >= 0 or low.find(b"temp") >= 0
                 else:
                     look = False
                 if look:
@@ -353,8 +357,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         data = data[:pos]
                         n = pos
                         break
-                    if _PIN_SQL.search(data, pos + 5, end):
-                        self._track_pins(data, pos + 5, end)
+                    # The lowered copy, not data from pos + 5: there the leading \b of the
+                    # pattern would see the length's last byte, a letter or digit for one
+                    # length in four, and miss a LISTEN or CREATE TEMP that starts the text.
+                    if _PIN_SQL.search(low):
+                        self._track_pins(low, 0, len(low))
                 if session_first:
                     # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE.
                     if _SQL_PREPARED.match(data, pos + 5, min(end, pos + 69)):
@@ -397,11 +404,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         low = data[query_start:end].lower()
                         pins = (
                             low.find(b"advisory") >= 0
+                            or low.find(b"temp") >= 0
                             or special_parse
                             or data[query_start] in _COMMENT_START
-                        ) and _PIN_SQL.search(data, pos + 5, end) is not None
+                        ) and _PIN_SQL.search(low) is not None
                         if pins:
-                            self._track_pins(data, pos + 5, end)
+                            self._track_pins(low, 0, len(low))
                         settings = (
                             (special_parse and _SESSION_SQL.match(data, query_start, end))
                             or (
@@ -516,7 +524,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 pins.discard("advisory lock")
             elif b"advisory" in word:
                 pins.add("advisory lock")
-            elif word.startswith(b"create"):
+            elif word.startswith((b"create", b"into", b"pg_temp")):
                 pins.add("temporary table")
             elif word.startswith(b"with"):
                 pins.add("WITH HOLD cursor")

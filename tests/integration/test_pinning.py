@@ -94,11 +94,18 @@ def test_xact_advisory_lock_does_not_pin(router):
         ("SELECT set_config('session_authorization', 'pgr_trust', false)", "SELECT session_user = 'pgr_trust'"),
         # RESET ROLE does not undo SET SESSION AUTHORIZATION.
         ("SET SESSION AUTHORIZATION pgr_trust; RESET ROLE", "SELECT session_user = 'pgr_trust'"),
+        # Temporary views, sequences and tables made without CREATE TEMP TABLE.
+        ("SELECT 1 AS x INTO TEMP pin_t", "SELECT x FROM pin_t"),
+        ("CREATE OR REPLACE TEMP VIEW pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
+        ("CREATE TEMPORARY RECURSIVE VIEW pin_t(x) AS SELECT 1", "SELECT x FROM pin_t"),
+        ("CREATE TEMP SEQUENCE pin_t", "SELECT nextval('pin_t')"),
+        ("CREATE TABLE pg_temp.pin_t AS SELECT 1 AS x", "SELECT x FROM pin_t"),
     ],
     ids=[
         "temp-table", "with-hold-cursor", "set-role", "later-temp-table", "comment-temp-table", "later-set-role",
         "quoted-role", "session-authorization-guc", "set-config-role", "set-config-session-authorization",
-        "reset-role-after-session-authorization",
+        "reset-role-after-session-authorization", "select-into-temp", "or-replace-temp-view",
+        "temp-recursive-view", "temp-sequence", "pg-temp-schema",
     ],
 )
 def test_session_objects_pin_until_discard_all(start_router, setup, check):
@@ -207,3 +214,16 @@ def test_a_prepared_statement_run_again_pins_again(start_router, pin, unpin):
             assert pinned(router) == 1
             conn.execute(unpin)
             assert pinned(router) == 0
+
+
+def test_a_pin_is_seen_whatever_the_length_of_the_query(start_router):
+    """A Query's text follows its 4-byte length: for one length in four its last byte is a
+    letter or digit, which a pattern starting with a word boundary must not take for part of
+    the first word (LISTEN was then missed, or UNLISTEN *)."""
+    router = start_router(pool_size=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        for pad in range(256):
+            conn.execute("LISTEN pin_len" + " " * pad)
+            assert pinned(router) == 1, pad
+            conn.execute("UNLISTEN *" + " " * pad)
+            assert pinned(router) == 0, pad
