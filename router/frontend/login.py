@@ -28,6 +28,7 @@ from router.protocol.startup import (
     parse_startup_packet,
     startup_packet_length,
 )
+from router.routing.expressions import parse_bool
 from router.session import SessionSettings, startup_read_only
 
 log = logging.getLogger("pgrouter.client")
@@ -147,6 +148,15 @@ class LoginMixin:
         }
         if not self.user:
             raise RouterError(SQLState.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+        replication = self.startup_params.get("replication")
+        if replication is not None and parse_bool(replication) is not False:
+            # A walsender speaks its own commands (IDENTIFY_SYSTEM, START_REPLICATION) over
+            # one backend for the whole session: not something a pooled connection can be.
+            raise RouterError(
+                SQLState.FEATURE_NOT_SUPPORTED,
+                "replication connections are not supported by pgrouter",
+                hint="Connect to the PostgreSQL server directly for replication.",
+            )
         if not self.router.admit_client(self):
             raise RouterError(
                 SQLState.TOO_MANY_CONNECTIONS,

@@ -187,3 +187,20 @@ def test_many_bad_clients_at_once_do_not_disturb_others(router):
     assert sorted(set(errors)) == ["08P01"] and len(errors) == 20
     good.close()
     assert_no_leak(router)
+
+
+@pytest.mark.parametrize("value", ["database", "true", "on"])
+def test_replication_connection_is_refused(router, bystander, value):
+    """A walsender connection (replication=...) cannot be pooled: FATAL 0A000 at login, not a
+    normal session that answers IDENTIFY_SYSTEM with a syntax error."""
+    client = RawClient(router.port)
+    client.startup("carol", replication=value)
+    fields = client.error_and_close()
+    assert (fields["S"], fields["C"]) == ("FATAL", "0A000")
+    assert "replication" in fields["M"]
+
+
+def test_replication_off_is_a_normal_login(router):
+    client = RawClient(router.port)
+    client.startup("carol", replication="false")
+    assert client.recv_until(b"Z")[-1] == (b"Z", b"I")
