@@ -70,9 +70,18 @@ def test_unlock_all_unpins(start_router):
         router.wait_for(lambda r: all(p.stats()["active"] == 0 for p in r.pools.pools.values()), what="released")
 
 
-def test_xact_advisory_lock_does_not_pin(router):
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pg_advisory_xact_lock(8)",
+        # A DO block that only writes: an UPDATE's SET clause is no SET statement.
+        "DO $$BEGIN UPDATE no_such_table SET a = 1; EXCEPTION WHEN OTHERS THEN NULL; END$$",
+    ],
+    ids=["xact-advisory-lock", "do-that-only-writes"],
+)
+def test_what_ends_with_its_transaction_does_not_pin(router, sql):
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(8)")
+        conn.execute(sql)
         assert pinned(router) == 0
 
 
@@ -156,47 +165,34 @@ def test_identity_back_to_the_login_unpins(start_router, sql):
             assert other.execute("SELECT current_user").fetchone() == ("postgres",)
 
 
-@pytest.mark.parametrize(
-    "sql",
-    ['SET "role" = pgr_trust', "SELECT set_config('role', 'pgr_trust', false)"],
-    ids=["set", "set-config"],
-)
-def test_an_identity_change_by_parse_pins(start_router, sql):
-    router = start_router(pool_size=1, query_wait_timeout=1)
-    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
-    conn.execute(sql, prepare=True)
-    assert pinned(router) == 1
-    conn.close()
-    router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
-    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
-        assert other.execute("SELECT current_user").fetchone() == ("postgres",)
+_SEARCH_PATH = ("SHOW search_path", "pin_do", '"$user", public')
+_USER = ("SELECT current_user", "pgr_trust", "postgres")
 
 
 @pytest.mark.parametrize(
-    "sql",
+    "sql, prepare, check",
     [
-        "DO $$BEGIN PERFORM set_config('search_path', 'pin_do', false); END$$",
-        "DO $$BEGIN SET search_path = pin_do; END$$",
-        "SELECT 1; DO $$BEGIN EXECUTE 'SET search_path = pin_do'; END$$",
+        # An identity change sent as a Parse.
+        ('SET "role" = pgr_trust', True, _USER),
+        ("SELECT set_config('role', 'pgr_trust', false)", True, _USER),
+        # A DO block that may change settings: what it set only its server connection knows.
+        ("DO $$BEGIN PERFORM set_config('search_path', 'pin_do', false); END$$", False, _SEARCH_PATH),
+        ("DO $$BEGIN SET search_path = pin_do; END$$", False, _SEARCH_PATH),
+        ("SELECT 1; DO $$BEGIN EXECUTE 'SET search_path = pin_do'; END$$", False, _SEARCH_PATH),
     ],
-    ids=["set-config", "set", "later-execute"],
+    ids=["parse-set-role", "parse-set-config-role", "do-set-config", "do-set", "later-do-execute"],
 )
-def test_a_do_block_that_may_change_settings_pins(start_router, sql):
+def test_pinned_until_its_client_leaves(start_router, sql, prepare, check):
+    probe, own, clean = check
     router = start_router(pool_size=1, query_wait_timeout=1)
     conn = psycopg.connect(router.dsn("carol"), autocommit=True)
-    conn.execute(sql)
+    conn.execute(sql, prepare=prepare)
     assert pinned(router) == 1
-    assert conn.execute("SHOW search_path").fetchone() == ("pin_do",)
+    assert conn.execute(probe).fetchone() == (own,)
     conn.close()
     router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
     with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
-        assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)
-
-
-def test_a_do_block_that_only_writes_does_not_pin(router):
-    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
-        conn.execute("DO $$BEGIN UPDATE pg_temp_nonexistent_never SET a = 1; EXCEPTION WHEN OTHERS THEN NULL; END$$")
-        assert pinned(router) == 0
+        assert other.execute(probe).fetchone() == (clean,)
 
 
 @pytest.mark.parametrize(
