@@ -438,6 +438,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             forget |= self._statement_effects_again(data, pos + 5, pos + 1 + length)
                     elif data[pos + 5] == _S and data[pos + 6]:
                         rewrite = True  # Describe/Close of a named statement
+                        if t == _C_ and self._effects_by_statement:
+                            name_end = data.index(b"\0", pos + 6, pos + 1 + length)
+                            self._effects_by_statement.pop(data[pos + 6 : name_end], None)
                     elif t == _C_:
                         parse_or_close = True
             elif t == _X:

@@ -361,3 +361,18 @@ def test_transaction_scoped_set_config_changes_nothing(start_router):
         assert a.execute("SHOW search_path").fetchone() == ('"$user", public',)
         assert pinned(router) == 0
         assert router.call(lambda r: next(iter(r.clients.values())).session.key) is None
+
+
+def test_a_closed_statement_is_forgotten(start_router):
+    """What the router remembers of a client's statements that change settings stays bounded
+    by what the client keeps prepared: a Close drops it (psycopg closes the statements it
+    evicts past prepared_max)."""
+    router = start_router(pool_size=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.prepared_max = 2
+        for i in range(8):
+            conn.execute(f"SET search_path = s{i}", prepare=True)
+        conn.execute("SELECT 1")  # after the evictions' Closes
+        remembered = router.call(lambda r: [len(c._effects_by_statement) for c in r.clients.values()])
+        assert remembered and max(remembered) <= conn.prepared_max + 1
+        assert conn.execute("SHOW search_path").fetchone() == ("s7",)
