@@ -26,15 +26,6 @@ def test_listen_gets_notifications_between_transactions(start_router, cluster):
     listener.close()
 
 
-def test_a_later_listen_pins_too(start_router):
-    router = start_router(pool_size=2)
-    with psycopg.connect(router.dsn("carol"), autocommit=True) as listener:
-        listener.execute("SELECT 1; LISTEN pgrouter_later", prepare=False)
-        assert pinned(router) == 1
-        listener.execute("UNLISTEN *")
-        assert pinned(router) == 0
-
-
 def test_advisory_lock_pins_and_dying_client_releases_it(start_router):
     router = start_router(pool_size=2)
     holder = psycopg.connect(router.dsn("carol"), autocommit=True)
@@ -135,14 +126,6 @@ def test_session_objects_pin_until_discard_all(start_router, setup, check):
     other.close()
 
 
-@pytest.mark.parametrize("prepare", [False, True], ids=["query", "parse"])
-def test_an_advisory_lock_in_any_case_pins(start_router, prepare):
-    router = start_router(pool_size=2)
-    with psycopg.connect(router.dsn("carol"), autocommit=True) as holder:
-        holder.execute("SELECT Pg_Advisory_Lock(4343)", prepare=prepare)
-        assert pinned(router) == 1
-        holder.execute("SELECT pg_advisory_unlock_all()")
-        assert pinned(router) == 0
 
 
 @pytest.mark.parametrize(
@@ -196,17 +179,25 @@ def test_pinned_until_its_client_leaves(start_router, sql, prepare, check):
 
 
 @pytest.mark.parametrize(
-    "pin, unpin",
-    [("SELECT pg_advisory_lock(4545)", "SELECT pg_advisory_unlock_all()"), ("LISTEN pin_again", "UNLISTEN *")],
-    ids=["advisory-lock", "listen"],
+    "pin, unpin, prepare",
+    [
+        # Not the first statement of the query: seen too.
+        ("SELECT 1; LISTEN pgrouter_later", "UNLISTEN *", False),
+        # In any case, as a Query or a Parse.
+        ("SELECT Pg_Advisory_Lock(4343)", "SELECT pg_advisory_unlock_all()", False),
+        ("SELECT Pg_Advisory_Lock(4343)", "SELECT pg_advisory_unlock_all()", True),
+        ("LISTEN pin_again", "UNLISTEN *", True),
+    ],
+    ids=["later-listen", "advisory-lock-query", "advisory-lock-parse", "listen-parse"],
 )
-def test_a_prepared_statement_run_again_pins_again(start_router, pin, unpin):
-    """A driver runs a prepared statement again with a Bind alone (prepare=True here; psycopg
-    does it by itself after prepare_threshold runs): the lock it takes pins again."""
+def test_pinned_then_unpinned(start_router, pin, unpin, prepare):
+    """Each round pins and unpins. With prepare=True the second round runs the prepared
+    statement again with a Bind alone (as psycopg does by itself after prepare_threshold
+    runs): it must pin again."""
     router = start_router(pool_size=2)
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         for _ in range(2):
-            conn.execute(pin, prepare=True)
+            conn.execute(pin, prepare=prepare)
             assert pinned(router) == 1
             conn.execute(unpin)
             assert pinned(router) == 0
