@@ -12,10 +12,10 @@ import ssl
 from dataclasses import dataclass, replace
 
 from router.backend.server import ServerConnection
-from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
+from router.config import DatabaseConfig, PoolMode, ServerTLS, Settings, TransactionRouting
 from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
-from router.pools.manager import PoolManager
+from router.pools.manager import PoolManager, tls_context
 from router.pools.pool import Pool
 from router.prepared import StatementRegistry
 from router.protocol.errors import RouterError, SQLState
@@ -37,7 +37,7 @@ from router.stats.histogram import FastHistogram
 from router.stats.queries import QueryStats
 from router.tasks import cancel_and_wait
 from router.tenants import TenantManager, TenantPaused, asyncpg_ssl
-from router.topology.catalog import ConnectParams, FunctionCatalogs
+from router.topology.catalog import CatalogWatch, ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
 from router.workers.shares import WorkerSlot
 
@@ -478,6 +478,43 @@ class Router:
                 route = self.db_routes[key] = DatabaseRoute(self, db, client.database, client.user, pool, split)
         return Target(db, pool, pool.settings.mode, route)
 
+    def function_catalog(self, client: ClientConnection, target: Target) -> CatalogWatch | None:
+        """Transaction mode: the kept-current function catalog of the database the client's
+        server connections use. A call of a function whose body may change settings pins the
+        client (ClientConnection._track_pins), as the DO block doing it would. Registered at
+        the first login that reached the database (so it exists); None in session mode, and
+        for auth_query tenants (no password to read pg_proc with)."""
+        if target.pool_mode is not PoolMode.TRANSACTION:
+            return None
+        if target.route is not None:
+            return self.catalogs.watch(target.route.catalog_key)
+        tenant = client.tenant
+        if tenant is not None and tenant.auth_query:
+            return None
+        db, pool = target.database, target.pool
+        key = (db.cluster, pool.key.dbname)
+        watch = self.catalogs.watch(key)
+        if watch is None:
+            if tenant is not None:
+                tls = asyncpg_ssl(tenant)
+            else:
+                mode = db.server_tls or self.settings.server_tls
+                if mode is ServerTLS.DISABLE:
+                    tls = False
+                elif mode is ServerTLS.PREFER:
+                    tls = "prefer"
+                else:
+                    tls = tls_context(mode, db.server_tls_ca or self.settings.server_tls_ca)
+            params = ConnectParams(
+                pool.key.host, pool.key.port, pool.key.dbname, pool.key.user, db.server_password, tls
+            )
+            self.catalogs.register(key, params)
+            watch = self.catalogs.watch(key)
+        if pool.on_undefined_function is None:
+            # The function may be new (created since the last read): read the catalog again.
+            pool.on_undefined_function = lambda: self.catalogs.invalidate(key)
+        return watch
+
     def retarget(self, client: ClientConnection) -> None:
         """Point a connected client of a moved tenant at its new cluster/database."""
         tenant = client.tenant
@@ -488,6 +525,7 @@ class Router:
         target = self.resolve_database(client, attach=False)
         client.pool = target.pool
         client.db_route = target.route
+        client.function_catalog = self.function_catalog(client, target)
         self.tenants.note_pool(client, target.pool)
 
     async def prepare_tenant(self, client: ClientConnection) -> None:

@@ -224,6 +224,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._read_paused_while_waiting = False
         # Read/write splitting (Router.pool_for_transaction; None: a single-node database).
         self.db_route = None
+        # Transaction mode: the database's function catalog (Router.function_catalog), for the
+        # functions whose body may change settings; calling one pins. None: not looked at.
+        self.function_catalog = None
         self.session_target: Target | None = None  # SET pgrouter.target
         self.startup_read_only = False
         self.read_only_session = False  # default_transaction_read_only
@@ -347,7 +350,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         and not session_later
                         and (low.find(b"set_config") >= 0 or low.find(b"u&") >= 0)
                     )
-                    look = special or later or configs or low.find(b"advisory") >= 0 or low.find(b"temp") >= 0
+                    functions = self.function_catalog
+                    session_calls = functions.catalog.session_calls if functions is not None else None
+                    look = (
+                        special or later or configs or low.find(b"advisory") >= 0 or low.find(b"temp") >= 0
+                        or session_calls is not None
+                    )
                 else:
                     look = False
                 if look:
@@ -360,7 +368,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     # The lowered copy, not data from pos + 5: there the leading \b of the
                     # pattern would see the length's last byte, a letter or digit for one
                     # length in four, and miss a LISTEN or CREATE TEMP that starts the text.
-                    if _PIN_SQL.search(low):
+                    if _PIN_SQL.search(low) or (session_calls is not None and session_calls.search(low)):
                         self._track_pins(low, 0, len(low))
                 if session_first:
                     # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE.
@@ -402,12 +410,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         query_start = data.find(b"\0", pos + 5, end) + 1
                         special_parse = _SPECIAL_START.match(data, query_start, end)
                         low = data[query_start:end].lower()
+                        functions = self.function_catalog
+                        session_calls = functions.catalog.session_calls if functions is not None else None
                         pins = (
-                            low.find(b"advisory") >= 0
-                            or low.find(b"temp") >= 0
-                            or special_parse
-                            or data[query_start] in _COMMENT_START
-                        ) and _PIN_SQL.search(low) is not None
+                            (
+                                low.find(b"advisory") >= 0
+                                or low.find(b"temp") >= 0
+                                or special_parse
+                                or data[query_start] in _COMMENT_START
+                            )
+                            and _PIN_SQL.search(low) is not None
+                        ) or (session_calls is not None and session_calls.search(low) is not None)
                         if pins:
                             self._track_pins(low, 0, len(low))
                         settings = (
@@ -540,6 +553,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     pins.discard("session authorization")
             else:
                 pins.add("session authorization" if word.endswith(b"authorization") else "role")
+        functions = self.function_catalog
+        if functions is not None:
+            session_calls = functions.catalog.session_calls
+            if session_calls is not None and session_calls.search(data, start, end):
+                # Its body may SET or set_config: what it set only its server connection knows.
+                pins.add("session function")
         self.router.note_pinned(self)
 
     def _statement_effects_again(self, data: bytes, start: int, end: int) -> int:

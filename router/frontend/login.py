@@ -237,6 +237,7 @@ class LoginMixin:
         self.startup_read_only = startup_read_only(self.startup_params)
         self.read_only_session = self.startup_read_only
         status = await self.pool.login_parameter_status(self.startup_params.get("application_name"))
+        self.function_catalog = self.router.function_catalog(self, target)
         self.cancel_pid, self.cancel_key = self.router.register_client(self)
         out = bytearray(m.auth_ok())
         out += status

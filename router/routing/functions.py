@@ -40,6 +40,7 @@ with a ``/* pgrouter: primary */`` hint.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
@@ -236,12 +237,14 @@ _BUILTIN_VOLATILE = (
 class FunctionCatalog:
     """Function name -> volatility, immutable; compared and hashed by identity."""
 
-    __slots__ = ("_volatility", "_shadowed")
+    __slots__ = ("_volatility", "_shadowed", "session_functions", "session_calls")
 
-    def __init__(self, volatility: Mapping[str, str]) -> None:
+    def __init__(self, volatility: Mapping[str, str], session_functions: Iterable[str] = ()) -> None:
         """``volatility`` maps names (``"f"`` or ``"schema.f"``, any case) to 'i', 's' or 'v'.
 
         Qualified entries are also folded into the bare name, keeping the most volatile.
+        ``session_functions`` are the bare names of functions whose body may change session
+        settings (``sets_session`` of ``from_rows``).
         """
         merged: dict[str, str] = {}
         shadowed: set[str] = set()
@@ -260,19 +263,36 @@ class FunctionCatalog:
         self._volatility: Mapping[str, str] = MappingProxyType(merged)
         # bare names a non-pg_catalog schema defines as volatile: the allowlist does not apply
         self._shadowed = frozenset(shadowed)
+        self.session_functions = frozenset(name.lower() for name in session_functions)
+        # What the client hot path runs over a statement's text when the database has such
+        # functions: a call of one by name (bare, qualified or quoted), None when it has none.
+        self.session_calls: re.Pattern[bytes] | None = (
+            re.compile(
+                rb'(?i)\b(?:'
+                + b"|".join(re.escape(name.encode()) for name in sorted(self.session_functions))
+                + rb')"?\s*\('
+            )
+            if self.session_functions
+            else None
+        )
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple[str, str, str]]) -> FunctionCatalog:
-        """From ``(nspname, proname, provolatile)`` rows of pg_proc joined to pg_namespace."""
+    def from_rows(cls, rows: Iterable[tuple]) -> FunctionCatalog:
+        """From ``(nspname, proname, provolatile)`` rows of pg_proc joined to pg_namespace, or
+        ``(nspname, proname, provolatile, sets_session)`` ones, where ``sets_session`` says
+        the function's body may change session settings (a SET in PL/pgSQL, a set_config)."""
         volatility: dict[str, str] = {}
-        for schema, name, provolatile in rows:
+        session_functions: set[str] = set()
+        for schema, name, provolatile, *more in rows:
+            if more and more[0]:
+                session_functions.add(name.lower())
             if provolatile not in _RANK:
                 raise ValueError(f"provolatile of {schema}.{name} is {provolatile!r}")
             key = f"{schema}.{name}".lower()
             old = volatility.get(key)
             if old is None or _RANK[provolatile] > _RANK[old]:
                 volatility[key] = provolatile
-        return cls(volatility)
+        return cls(volatility, session_functions)
 
     @classmethod
     def builtin(cls) -> FunctionCatalog:

@@ -53,6 +53,13 @@ _SESSION_IN_BODY = re.compile(
     r"(?i)set_config|(?:^|[;'(]|\b(?:begin|then|else|loop)\b)\s*(?:set|reset|discard)\b"
 )
 
+
+def body_may_change_session(source: str) -> bool:
+    """Whether a DO block's or a function's source may change session settings (a SET, RESET
+    or DISCARD statement, or a set_config call): the same generous look for both."""
+    return _SESSION_IN_BODY.search(source) is not None
+
+
 _DDL_PREFIXES = ("Create", "Alter", "Drop")  # CreateStmt, AlterTableStmt, DropdbStmt...
 _DDL_OTHERS = frozenset(
     {
@@ -148,7 +155,7 @@ def _do(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
         elem = arg.get("DefElem", {})
         if elem.get("defname") == "as":
             source = (elem.get("arg") or {}).get("String", {}).get("sval", "")
-            if _SESSION_IN_BODY.search(source):
+            if body_may_change_session(source):
                 return StatementInfo(Verdict(Target.PRIMARY, Reason.CALL_DO, Kind.DO_SESSION), text)
     return _primary(Reason.CALL_DO, body, text, expressions)
 

@@ -53,6 +53,7 @@ from typing import Any
 import asyncpg
 
 from router.routing.functions import FunctionCatalog, builtin_rows
+from router.routing.statements import body_may_change_session
 from router.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,16 @@ APPLICATION_NAME = "pgrouter-catalog"
 # Every function of every schema: the classifier does not know the search_path, so a bare name
 # stands for all functions of that name (see functions.py). Ordered, so that the digest of an
 # unchanged catalog is the same from one load to the next. About 3 000 rows on a fresh database.
+# The source of functions not written in C (internal, c) is read too: one whose body may
+# change session settings (routing/statements.py, body_may_change_session) pins the clients
+# that call it, as a DO block that does would.
 CATALOG_SQL = """
-SELECT n.nspname::text, p.proname::text, p.provolatile::text
-FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-ORDER BY 1, 2, 3
+SELECT n.nspname::text, p.proname::text, p.provolatile::text,
+       CASE WHEN l.lanname IN ('internal', 'c') THEN NULL ELSE p.prosrc END
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+ORDER BY 1, 2, 3, 4
 """
 
 # What a database can throw at a load; anything else is a bug here (logged with its traceback).
@@ -83,7 +90,8 @@ DEFAULT_MIN_RELOAD_INTERVAL = 1.0
 # registers thousands; this many connections at a time load them without a connection storm.
 DEFAULT_MAX_CONCURRENT_LOADS = 4
 
-Row = tuple[str, str, str]  # (nspname, proname, provolatile)
+# (nspname, proname, provolatile, sets_session); the built-in rows have no fourth.
+Row = tuple[str, str, str, bool] | tuple[str, str, str]
 # The node to read a database's pg_proc from, as (host, port), asked before each load.
 Locate = Callable[[], tuple[str, int]]
 
@@ -119,8 +127,9 @@ class CatalogStats:
 async def fetch_function_rows(
     params: ConnectParams, timeout: float = DEFAULT_LOAD_TIMEOUT
 ) -> list[Row]:
-    """Every function of the database as ``(nspname, proname, provolatile)`` rows, read over one
-    connection that is closed before returning. Raises what asyncpg raises (LOAD_ERRORS)."""
+    """Every function of the database as ``(nspname, proname, provolatile, sets_session)``
+    rows, read over one connection that is closed before returning. ``sets_session``: the
+    function's body may change session settings. Raises what asyncpg raises (LOAD_ERRORS)."""
     conn = await asyncpg.connect(
         host=params.host,
         port=params.port,
@@ -140,7 +149,10 @@ async def fetch_function_rows(
         await conn.close(timeout=timeout)
     except LOAD_ERRORS:
         conn.terminate()
-    return [(schema, name, volatility) for schema, name, volatility in records]
+    return [
+        (schema, name, volatility, source is not None and body_may_change_session(source))
+        for schema, name, volatility, source in records
+    ]
 
 
 def catalog_from_rows(rows: Iterable[Row]) -> FunctionCatalog:
@@ -167,13 +179,15 @@ async def load_function_catalog(
 def rows_digest(rows: Sequence[Row]) -> bytes:
     """Identifies a set of rows in their query order: equal digests, equal catalogs."""
     h = hashlib.blake2b(digest_size=16)
-    for schema, name, volatility in rows:
-        h.update(f"{schema}\x00{name}\x00{volatility}\n".encode())
+    for schema, name, volatility, *more in rows:
+        h.update(f"{schema}\x00{name}\x00{volatility}\x00{bool(more and more[0])}\n".encode())
     return h.digest()
 
 
 @dataclass(slots=True, eq=False)
 class _Database:
+    """A registered database: what loads it, and its current catalog (see ``watch``)."""
+
     key: Hashable
     params: ConnectParams
     catalog: FunctionCatalog
@@ -189,6 +203,9 @@ class _Database:
     replacements: int = 0
     last_error: str | None = None
     loading: bool = False
+
+
+CatalogWatch = _Database  # what FunctionCatalogs.watch() returns; read only its `catalog`
 
 
 class FunctionCatalogs:
@@ -232,6 +249,12 @@ class FunctionCatalogs:
     def get(self, key: Hashable) -> FunctionCatalog:
         """The current catalog of the database; the built-in one until a load succeeds."""
         return self._current.get(key, self.builtin)
+
+    def watch(self, key: Hashable) -> CatalogWatch | None:
+        """A registered database's handle whose ``catalog`` is always its current catalog (the
+        built-in one until a load succeeds): one attribute read on the hot path instead of a
+        lookup. None for a key never registered."""
+        return self._databases.get(key)
 
     def invalidate(self, key: Hashable) -> None:
         """Reload the database's catalog soon (coalesced and rate-limited; see the module

@@ -182,7 +182,7 @@ async def test_overloads_most_volatile_wins(cluster: Cluster, database: str) -> 
 
 async def test_load_closes_its_connection(cluster: Cluster, database: str) -> None:
     rows = await fetch_function_rows(params_for(cluster, database), timeout=5.0)
-    assert ("public", "f_imm", "i") in rows and ("pg_catalog", "now", "s") in rows
+    assert ("public", "f_imm", "i", False) in rows and ("pg_catalog", "now", "s", False) in rows
     sql = (
         "SELECT count(*) FROM pg_stat_activity "
         f"WHERE application_name = '{APPLICATION_NAME}' AND datname = '{database}'"

@@ -214,3 +214,62 @@ def test_a_pin_is_seen_whatever_the_length_of_the_query(start_router):
             assert pinned(router) == 1, pad
             conn.execute("UNLISTEN *" + " " * pad)
             assert pinned(router) == 0, pad
+
+
+_SESSION_FUNCTIONS = """
+CREATE FUNCTION pin_fn_plpgsql(p text) RETURNS void LANGUAGE plpgsql AS
+  $$BEGIN PERFORM set_config('search_path', p, false); END$$;
+CREATE FUNCTION pin_fn_sql(p text) RETURNS text LANGUAGE sql AS
+  $$SELECT set_config('search_path', p, false)$$;
+CREATE FUNCTION "Pin_Fn_Set"(p text) RETURNS void LANGUAGE plpgsql AS
+  $$BEGIN EXECUTE format('SET search_path = %I', p); END$$;
+CREATE FUNCTION pin_fn_none(p text) RETURNS text LANGUAGE plpgsql AS
+  $$BEGIN RETURN upper(p); END$$;
+"""
+
+
+@pytest.fixture
+def session_functions(cluster):
+    """Functions in database app whose bodies change search_path, and one that changes nothing."""
+    cluster.psql(_SESSION_FUNCTIONS, dbname="app")
+    yield
+    cluster.psql(
+        "DROP FUNCTION pin_fn_plpgsql(text), pin_fn_sql(text), \"Pin_Fn_Set\"(text), pin_fn_none(text)",
+        dbname="app",
+    )
+
+
+def _catalog_loaded(router) -> None:
+    key = ("main", "app")
+    router.wait_for(
+        lambda r: r.catalogs.watch(key) is not None and r.catalogs.stats(key).loads >= 1,
+        what="the function catalog of app loaded",
+    )
+
+
+@pytest.mark.parametrize(
+    "sql, prepare",
+    [
+        ("SELECT pin_fn_plpgsql('pin_fn')", False),
+        ("SELECT pin_fn_plpgsql('pin_fn')", True),
+        ("SELECT pin_fn_sql('pin_fn')", False),
+        ('SELECT 1; SELECT "public"."Pin_Fn_Set" (\'pin_fn\')', False),
+    ],
+    ids=["plpgsql-query", "plpgsql-parse", "sql-function", "quoted-qualified"],
+)
+def test_a_function_that_sets_pins_until_its_client_leaves(start_router, session_functions, sql, prepare):
+    """A function whose body changes settings (set_config, SET in PL/pgSQL or EXECUTEd) is
+    known from pg_proc: calling it pins, as the DO block doing the same would. Without the pin
+    the search_path would stay on the server connection for the next client."""
+    router = start_router(pool_size=1, query_wait_timeout=1)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    _catalog_loaded(router)
+    assert conn.execute("SELECT pin_fn_none('x')").fetchone() == ("X",)
+    assert pinned(router) == 0  # a function that sets nothing does not pin
+    conn.execute(sql, prepare=prepare)
+    assert pinned(router) == 1
+    assert conn.execute("SHOW search_path").fetchone() == ("pin_fn",)
+    conn.close()
+    router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+        assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)

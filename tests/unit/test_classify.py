@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from router.routing.classify import classify
 from router.routing.functions import FunctionCatalog, builtin_rows
+from router.routing.statements import body_may_change_session
 from router.routing.verdict import Classification, Reason, StatementKind, Target
 
 P = Target.PRIMARY
@@ -968,6 +969,59 @@ def test_writer_list_wins_over_catalog_volatility():
     # a user function that happens to be called nextval, schema-qualified, is judged normally
     catalog = FunctionCatalog.from_rows([("app", "nextval", "s")])
     assert catalog.check("nextval", "app") is None
+
+
+@pytest.mark.parametrize(
+    "source, changes",
+    [
+        ("BEGIN PERFORM set_config('app.tenant', p, false); END", True),
+        ("SELECT set_config('search_path', $1, false)", True),
+        ("BEGIN SET search_path = app; END", True),
+        ("BEGIN\n  PERFORM 1;\n  reset ALL;\nEND", True),
+        ("BEGIN EXECUTE 'SET role ' || r; END", True),
+        ("BEGIN EXECUTE format('set %I = %L', k, v); END", True),
+        ("SET search_path = app", True),  # a SQL function's body
+        ("BEGIN IF x THEN DISCARD ALL; END IF; END", True),
+        ("BEGIN UPDATE t SET x = 1; RETURN 1; END", False),  # an UPDATE's SET clause
+        ("BEGIN RETURN upper(p); END", False),
+        ("SELECT settings FROM app.config", False),
+        ("", False),
+    ],
+)
+def test_body_may_change_session(source, changes):
+    assert body_may_change_session(source) is changes
+
+
+def test_catalog_knows_the_functions_that_change_settings():
+    catalog = FunctionCatalog.from_rows(
+        [
+            ("pg_catalog", "lower", "i"),
+            ("app", "set_tenant", "v", True),
+            ("app", "Set_Path", "v", True),  # a quoted name, lowercased like the rest
+            ("app", "set_tenant_name", "v", False),
+            ("app", "plain", "s", False),
+        ]
+    )
+    assert catalog.session_functions == {"set_tenant", "set_path"}
+    calls = catalog.session_calls
+    for sql in (
+        b"select set_tenant(42)",
+        b"SELECT app.SET_TENANT (42)",
+        b'select "app"."Set_Path"(\'x\')',
+        b"select 1; select set_path('x')",
+        b"select x from t where set_tenant(\n1) is null",
+    ):
+        assert calls.search(sql), sql
+    for sql in (
+        b"select set_tenant_name(1)",  # another function whose name starts the same
+        b"select reset_tenant(1)",
+        b"select set_tenant from t",  # a column of that name, not a call
+        b"select plain(1), lower('x')",
+    ):
+        assert not calls.search(sql), sql
+    # Rows without the fourth value (the built-in ones), or none marked: nothing to look for.
+    assert FunctionCatalog.builtin().session_calls is None
+    assert FunctionCatalog.from_rows([("app", "plain", "s", False)]).session_calls is None
 
 
 def test_builtin_catalog_knows_common_functions():
