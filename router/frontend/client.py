@@ -352,12 +352,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     )
                     functions = self.function_catalog
                     session_calls = functions.catalog.session_calls if functions is not None else None
-                    look = (
-                        special or later or configs or low.find(b"advisory") >= 0 or low.find(b"temp") >= 0
-                        or session_calls is not None
-                    )
+                    pin_words = special or later or configs or low.find(b"advisory") >= 0 or low.find(b"temp") >= 0
+                    look = pin_words or session_calls is not None
                 else:
-                    look = False
+                    look = pin_words = False
                 if look:
                     # Might change session state or pin: look closer, at the whole message.
                     if end > n:
@@ -368,7 +366,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     # The lowered copy, not data from pos + 5: there the leading \b of the
                     # pattern would see the length's last byte, a letter or digit for one
                     # length in four, and miss a LISTEN or CREATE TEMP that starts the text.
-                    if _PIN_SQL.search(low) or (session_calls is not None and session_calls.search(low)):
+                    if (pin_words and _PIN_SQL.search(low)) or (session_calls is not None and session_calls.search(low)):
                         self._track_pins(low, 0, len(low))
                 if session_first:
                     # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE.
