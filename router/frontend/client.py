@@ -114,6 +114,13 @@ _IDLE = m.IDLE
 
 # Shared-schema tenants: a statement that would change the tenant setting is replaced by this
 # (the server raises the error, in order, like any other).
+# A transaction whose BEGIN the router answered (split routes) and that failed before reaching
+# a server (its wait for one timed out or was cancelled, an invalid pgrouter.target): the
+# client is told it is aborted ('E'). When it next runs something other than COMMIT/ROLLBACK
+# (answered by the router), the BEGIN goes out followed by this, replies dropped, so the
+# server's transaction is aborted for real and answers 25P02 as PostgreSQL would.
+_ABORT_DEFERRED = _refusal("in_failed_sql_transaction", "the transaction failed before reaching a server")
+_ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"
 _REFUSE_TENANT_SETTING = _refusal(
     "insufficient_privilege",
     "permission denied: the router sets the tenant setting; clients may not change it",
@@ -237,6 +244,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.ryw_round: int | None = None  # read-your-writes token (router/splitting.py)
         self.ryw_lsn: int | None = None
         self.deferred_begin: bytes | None = None  # a BEGIN answered by the router, not yet sent
+        self.deferred_aborted = False  # its transaction failed before reaching a server ('E')
         self._replay: list | None = None  # what the replica got, for one retry elsewhere
         self._replay_bytes = 0
         self._replay_begin: bytes | None = None
@@ -790,6 +798,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             # The router's own setting, answered here: no server's rollback can undo it (the
             # undo snapshot was taken for this Query: nothing else is held or running).
             self.settings_undo = None
+            if self.deferred_aborted:
+                out = m.error_response(SQLState.IN_FAILED_SQL_TRANSACTION, _ABORTED_MESSAGE, severity="ERROR")
+                self.router.count_error(SQLState.IN_FAILED_SQL_TRANSACTION)
+                self.transport.write(out + m.ready_for_query(m.FAILED_TRANSACTION))
+                return True
             if info.value not in ROUTER_TARGET_VALUES:
                 out = m.error_response(
                     SQLState.INVALID_PARAMETER_VALUE,
@@ -798,9 +811,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     hint="Available values: primary, replica, auto.",
                 )
                 self.router.count_error(SQLState.INVALID_PARAMETER_VALUE)
-                if in_tx:  # an error aborts the transaction; it was never sent, so end it
-                    self.deferred_begin = None
-                self.transport.write(out + m.ready_for_query(m.IDLE))
+                # An error aborts the transaction, as on a server.
+                self.deferred_aborted = in_tx
+                self.transport.write(out + m.ready_for_query(m.FAILED_TRANSACTION if in_tx else m.IDLE))
                 return True
             self.session_target = _ROUTER_TARGETS[info.value]
             tag = b"RESET" if data[5:].lstrip()[:5].lower() == b"reset" else b"SET"
@@ -811,6 +824,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             tag = _COMMAND_TAGS.get(kind)
             if tag is None:
                 return False
+            if self.deferred_aborted:
+                tag = b"ROLLBACK"  # COMMIT of a failed transaction rolls it back
+                self.deferred_aborted = False
             self.deferred_begin = None
             self.transport.write(_command_complete(tag) + m.ready_for_query(m.IDLE))
             return True
@@ -945,6 +961,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             server.write(begin)
             server.stmts.sent_z += 1
             server.swallow_z += 1
+            if self.deferred_aborted:
+                # What failed before reaching a server fails the transaction there too.
+                self.deferred_aborted = False
+                server.write(_ABORT_DEFERRED)
+                server.stmts.sent_z += 1
+                server.swallow_z += 1
         if self.replica_node is not None:
             self._replay = list(self._held)
             self._replay_bytes = self._held_bytes
@@ -1154,16 +1176,26 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._held_bytes = 0
         self._unroute()
         self._reroute = False
-        self.deferred_begin = None
         log.warning("client %s@%s/%s: %s", self.user, self.peer, self.database, exc.message)
         self._call_t0 = 0.0
+        undo, self.settings_undo = self.settings_undo, None
+        if undo is not None:
+            # The SETs among the held messages never ran.
+            self.session.restore(undo.snapshot)
+            self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
         if syncs == 0 or exc.severity == "FATAL":
+            self.deferred_begin = None
             self.fail(exc)
             return
         # The held messages were never sent: answer each Sync point as the server would after
-        # an error (one ErrorResponse, then ReadyForQuery for every Sync/Query).
+        # an error (one ErrorResponse, then ReadyForQuery for every Sync/Query). Inside a
+        # transaction whose BEGIN the router answered, the transaction is now aborted.
+        status = m.IDLE
+        if self.deferred_begin is not None:
+            self.deferred_aborted = True
+            status = m.FAILED_TRANSACTION
         out = m.error_response(exc.sqlstate, exc.message, severity="ERROR", detail=exc.detail, hint=exc.hint)
-        out += m.ready_for_query(m.IDLE) * syncs
+        out += m.ready_for_query(status) * syncs
         self.router.count_error(exc.sqlstate)
         self.transport.write(out)
         if self._read_paused_while_waiting:

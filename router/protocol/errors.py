@@ -32,6 +32,7 @@ class SQLState:
     INVALID_PARAMETER_VALUE = "22023"
     INTERNAL_ERROR = "XX000"
     READ_ONLY_TRANSACTION = "25006"
+    IN_FAILED_SQL_TRANSACTION = "25P02"
 
 
 class RouterError(Exception):

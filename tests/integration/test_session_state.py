@@ -179,6 +179,24 @@ def _search_path_everywhere(router_dsn: str, run) -> set[str]:
             conn.close()
 
 
+def test_a_set_that_never_reached_a_server_is_forgotten(start_router):
+    """A SET held while its client waits for a server connection, then failed with 53300 when
+    the wait timed out, never ran: no server connection gets it for that client later."""
+    router = start_router(pool_size=2, query_wait_timeout=1)
+
+    def wait_in_vain(a) -> None:
+        busy = [psycopg.connect(router.dsn("carol")) for _ in range(2)]
+        for conn in busy:
+            conn.execute("SELECT 1")  # a transaction holds each server connection
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            a.execute("SET search_path = never_ran")
+        for conn in busy:
+            conn.rollback()
+            conn.close()
+
+    assert _search_path_everywhere(router.dsn("carol"), wait_in_vain) == {'"$user", public'}
+
+
 def _explicit_rollback(a) -> None:
     a.execute("BEGIN")
     a.execute("SET search_path = pg_catalog")

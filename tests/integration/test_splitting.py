@@ -7,6 +7,7 @@ Nothing here pauses, stops or promotes a node; tests that do are in test_splitti
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections import Counter
 
@@ -280,6 +281,71 @@ def test_conservative_begin_stays_on_primary(split_router: RouterThread) -> None
         conn.execute("COMMIT")
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert split_router.call(lambda r: sum(r.splits["main"].decisions.values())) == routed
+
+
+@pytest.mark.parametrize("end", ["ROLLBACK", "COMMIT"])
+@pytest.mark.parametrize("failure", ["wait timeout", "cancel", "bad pgrouter.target"])
+def test_a_begin_answered_by_the_router_fails_like_a_transaction(start_router, failure, end) -> None:
+    """BEGIN is answered by the router and sent with the transaction's first statement. When
+    that statement fails before reaching a server (no primary connection within
+    query_wait_timeout, a cancel while waiting, an invalid pgrouter.target), the transaction is
+    aborted as on a server: ReadyForQuery 'E', then 25P02 for anything but COMMIT/ROLLBACK
+    (the session's SETs of the failed transaction undone), until COMMIT (answered ROLLBACK) or
+    ROLLBACK ends it. Before, it answered 'I' and the next statements ran outside any
+    transaction."""
+    router = start_router(split=True, pool_size=1, query_wait_timeout=1 if failure == "wait timeout" else 60)
+    wait_replicas_eligible(router)
+    holder = psycopg.connect(router.dsn("carol"))
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    status = psycopg.pq.TransactionStatus
+    try:
+        conn.execute("SET application_name = before_tx")
+        conn.execute("BEGIN")
+        assert conn.info.transaction_status == status.INTRANS
+        if failure == "bad pgrouter.target":
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                conn.execute("SET pgrouter.target = nowhere")
+        else:
+            holder.execute("SELECT 1")  # holds the primary's only connection, in a transaction
+            # One Query, held while it waits; the SET in it never runs.
+            waiting = "SET application_name = in_failed_tx; SELECT 1"
+            if failure == "wait timeout":
+                with pytest.raises(psycopg.errors.TooManyConnections):
+                    conn.execute(waiting)
+            else:
+                outcome: list = []
+
+                def run() -> None:
+                    try:
+                        conn.execute(waiting)
+                        outcome.append("ran")
+                    except psycopg.errors.QueryCanceled as exc:
+                        outcome.append(exc.sqlstate)
+
+                t = threading.Thread(target=run)
+                t.start()
+                router.wait_for(
+                    lambda r: sum(p.stats()["waiting"] for p in r.pools.pools.values()) == 1,
+                    what="the statement queued",
+                )
+                conn.cancel_safe()
+                t.join(10)
+                assert outcome == ["57014"]
+            holder.rollback()  # the primary's connection is free again
+        assert conn.info.transaction_status == status.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SET pgrouter.target = replica")  # answered by the router
+        assert conn.info.transaction_status == status.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 2")  # on the primary, in a transaction that failed there too
+        assert conn.info.transaction_status == status.INERROR
+        assert conn.execute(end).statusmessage == "ROLLBACK"
+        assert conn.info.transaction_status == status.IDLE
+        assert conn.execute("SHOW application_name").fetchone() == ("before_tx",)
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+    finally:
+        conn.close()
+        holder.close()
 
 
 def test_session_settings_follow_the_client_to_every_node(split_router: RouterThread, cluster: Cluster) -> None:
