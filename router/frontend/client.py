@@ -120,6 +120,25 @@ _IDLE = m.IDLE
 # (answered by the router), the BEGIN goes out followed by this, replies dropped, so the
 # server's transaction is aborted for real and answers 25P02 as PostgreSQL would.
 _ABORT_DEFERRED = _refusal("in_failed_sql_transaction", "the transaction failed before reaching a server")
+# SET pgrouter.target sent to a server (see data_received): the same reply, a placeholder
+# reset to its default, nothing else.
+_ROUTER_TARGET_ON_SERVER = m.query("SET pgrouter.target TO DEFAULT")
+
+
+def _refuse_router_target(value: str) -> bytes:
+    # The value is the client's: named only when it is a plain word, so that nothing it holds
+    # ($pgrouter$, quotes) can end the DO block's body and add SQL of its own.
+    named = f': "{value}"' if _PLAIN_WORD.fullmatch(value) else ""
+    return _refusal(
+        "invalid_parameter_value",
+        f'invalid value for parameter "pgrouter.target"{named}',
+        "Available values: primary, replica, auto.",
+    )
+
+
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_]{1,63}")
+
+
 _ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"
 _REFUSE_TENANT_SETTING = _refusal(
     "insufficient_privilege",
@@ -245,6 +264,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.ryw_lsn: int | None = None
         self.deferred_begin: bytes | None = None  # a BEGIN answered by the router, not yet sent
         self.deferred_aborted = False  # its transaction failed before reaching a server ('E')
+        self._lone_router_target: str | None = None  # set by _track_session_statements
         self._replay: list | None = None  # what the replica got, for one retry elsewhere
         self._replay_bytes = 0
         self._replay_begin: bytes | None = None
@@ -385,7 +405,25 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         n = len(data)
                         length = len(_REFUSE_SQL_PREPARED) - 1
                     else:
+                        self._lone_router_target = None
                         forget |= self._track_session_statements(data[pos + 5 : end - 1])
+                        value = self._lone_router_target
+                        if value is not None and not (
+                            # What _forward will hand to _intercept, which answers it.
+                            self.server is None
+                            and self.db_route is not None
+                            and pos == start
+                            and end == n
+                            and not self._held
+                            and self._waiting_on is None
+                        ):
+                            # Inside a transaction (or behind other messages, or without
+                            # replicas) it reaches a server: as a SET PostgreSQL takes (PRIMARY
+                            # is a reserved word), or failing as the router would fail it.
+                            sub = _ROUTER_TARGET_ON_SERVER if value in ROUTER_TARGET_VALUES else _refuse_router_target(value)
+                            data = data[:pos] + sub + data[end:]
+                            n = len(data)
+                            length = len(sub) - 1
                 elif session_later or configs:
                     forget |= self._track_session_statements(data[pos + 5 : end - 1])
             elif t in _EXTENDED:
@@ -615,10 +653,15 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 session.reset_all()
                 self.read_only_session = self.startup_read_only
                 flags |= _SETTINGS_RESET | _FORGET_PREPARED
-            elif kind is StatementKind.ROUTER_TARGET and info.value in ROUTER_TARGET_VALUES:
-                # Answered by the router when it is a lone Query (_intercept); here it rides
-                # along with other statements and reaches the server as a placeholder setting.
-                self.session_target = _ROUTER_TARGETS[info.value]
+            elif kind is StatementKind.ROUTER_TARGET:
+                # Answered by the router when it is a lone Query between transactions
+                # (_intercept); otherwise it reaches a server, a lone one in the form
+                # data_received substitutes, one among other statements as it is (a
+                # placeholder setting that nothing reads).
+                if len(classification.statements) == 1:
+                    self._lone_router_target = info.value
+                if info.value in ROUTER_TARGET_VALUES:
+                    self.session_target = _ROUTER_TARGETS[info.value]
             elif kind is StatementKind.DEALLOCATE_ALL:
                 flags |= _FORGET_PREPARED
             elif kind is StatementKind.DO_SESSION:

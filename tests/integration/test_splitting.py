@@ -236,6 +236,50 @@ def test_session_target_and_read_only_session(split_router: RouterThread, cluste
     assert cluster.psql("SELECT count(*) FROM pg_settings WHERE name = 'pgrouter.target'") == "0"
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "no-replicas"])
+def test_router_target_wherever_a_server_would_see_it(start_router, cluster: Cluster, split: bool) -> None:
+    """SET pgrouter.target inside a transaction (its client holds a server connection), or on
+    a database without replicas, reaches a server: as a SET PostgreSQL accepts, never as the
+    syntax error `= primary` is there (PRIMARY is a reserved word), and an invalid value fails
+    with 22023 as between transactions."""
+    router = start_router(split=split)
+    if split:
+        wait_replicas_eligible(router)
+    status = psycopg.pq.TransactionStatus
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("BEGIN")
+        assert conn.execute(WHERE).fetchone()[0] is False  # holds a primary connection
+        for value in ("primary", "replica", "auto"):
+            assert conn.execute(f"SET pgrouter.target = {value}").statusmessage == "SET"
+        assert conn.execute("SET SESSION pgrouter.target TO primary").statusmessage == "SET"
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        conn.execute("COMMIT")
+        if split:  # set inside a committed transaction: the session's later reads follow it
+            assert conn.execute(WHERE).fetchone()[0] is False
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1")
+            conn.execute("SET pgrouter.target = replica")
+            conn.execute("ROLLBACK")  # undoes it, as PostgreSQL undoes a SET
+            for _ in range(5):
+                assert conn.execute(WHERE).fetchone()[0] is False
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match='"sideways"'):
+            conn.execute("SET pgrouter.target = sideways")
+        assert conn.info.transaction_status == status.INERROR
+        conn.execute("ROLLBACK")
+        # What a client puts in the value stays in the value.
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute("SET pgrouter.target = 'x$pgrouter$; SELECT 1; DO $pgrouter$'")
+        conn.execute("ROLLBACK")
+        assert conn.execute("SET pgrouter.target = primary").statusmessage == "SET"
+        if not split:
+            assert conn.execute("SELECT 3").fetchone() == (3,)
+        conn.execute("RESET pgrouter.target")
+
+
 def test_session_routing_survives_errors_and_follows_rollbacks(split_router: RouterThread, cluster: Cluster) -> None:
     """SET pgrouter.target is the router's own: a later failed statement does not undo it. A
     SET default_transaction_read_only that PostgreSQL undoes (its transaction rolled back) no
