@@ -680,6 +680,15 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self._track_identity(name, value)
             else:
                 session.set(name, set_config_sql(name, value))
+        if classification.pin_calls:
+            # Session advisory locks by name from the parse tree: also spelt with Unicode
+            # escapes, which _track_pins's pattern cannot see.
+            for name in classification.pin_calls:
+                if name == "pg_advisory_unlock_all":
+                    self.pins.discard("advisory lock")
+                else:
+                    self.pins.add("advisory lock")
+            self.router.note_pinned(self)
         return flags
 
     def _track_identity(self, name: str, value: str | None) -> None:

@@ -100,6 +100,7 @@ def classify(sql: str, functions: FunctionCatalog) -> Classification:
         hint=hint,
         set_config_calls=expressions.calls_in_order(),
         fingerprint=print_,
+        pin_calls=expressions.pins_in_order(),
     )
 
 

@@ -58,6 +58,19 @@ _LEAF_NODES = frozenset(
 )
 
 
+# Session-level advisory locks: taking one (even a failed try) pins a transaction-mode client to
+# its server connection, pg_advisory_unlock_all() unpins (frontend/client.py, _track_pins).
+PIN_FUNCTIONS = frozenset(
+    {
+        "pg_advisory_lock",
+        "pg_advisory_lock_shared",
+        "pg_try_advisory_lock",
+        "pg_try_advisory_lock_shared",
+        "pg_advisory_unlock_all",
+    }
+)
+
+
 class ExpressionScan:
     """Scans the statements of one message; accumulates the set_config() calls it meets.
 
@@ -67,7 +80,7 @@ class ExpressionScan:
     quotes, so the check has no false negatives, and a false positive would only cost a walk.
     """
 
-    __slots__ = ("functions", "active", "set_config_calls")
+    __slots__ = ("functions", "active", "set_config_calls", "pin_calls")
 
     def __init__(self, functions: FunctionCatalog, tree_json: str) -> None:
         self.functions = functions
@@ -76,10 +89,18 @@ class ExpressionScan:
         # argument is not a constant. The walk is depth-first: sort by position for the order
         # PostgreSQL runs them in (calls_in_order).
         self.set_config_calls: list[tuple[int, tuple[str | None, str | None, bool | None]]] = []
+        # (position, lowercased name) of calls of the session advisory-lock functions, which
+        # pin a transaction-mode client (PIN_FUNCTIONS): found here by name however it is
+        # spelt (U&"pg_advisory\005flock"), where the client's text pattern sees only words.
+        self.pin_calls: list[tuple[int, str]] = []
 
     def calls_in_order(self) -> tuple[tuple[str | None, str | None, bool | None], ...]:
         """The set_config() calls met so far, in the order of the text."""
         return tuple(call for _, call in sorted(self.set_config_calls, key=lambda item: item[0]))
+
+    def pins_in_order(self) -> tuple[str, ...]:
+        """The PIN_FUNCTIONS calls met so far, in the order of the text."""
+        return tuple(name for _, name in sorted(self.pin_calls))
 
     def strongest_finding(self, tree: object) -> Reason | None:
         """The strongest reason found anywhere in ``tree`` to need the primary, if any."""
@@ -114,8 +135,12 @@ class ExpressionScan:
         parts = [string_value(part) for part in call.get("funcname", ())]
         name = parts[-1] if parts else ""
         schema = parts[-2] if len(parts) > 1 else None  # database.schema.f(): schema
-        if name.lower() == "set_config" and (schema is None or schema.lower() == CATALOG_SCHEMA):
-            self._note_set_config(call.get("args", ()), call.get("location", 0))
+        lowered = name.lower()
+        if schema is None or schema.lower() == CATALOG_SCHEMA:
+            if lowered == "set_config":
+                self._note_set_config(call.get("args", ()), call.get("location", 0))
+            elif lowered in PIN_FUNCTIONS:
+                self.pin_calls.append((call.get("location", 0), lowered))
         return self.functions.check(name, schema)
 
     def _note_set_config(self, args: list, location: int) -> None:

@@ -182,6 +182,8 @@ class Classification:
                        (``set_config_names`` and ``set_config_dynamic`` sum them up)
     fingerprint        pglast fingerprint of the whole text (comments and constants do not
                        change it); None when the text cannot be parsed or is empty
+    pin_calls          lowercased names of the calls of session advisory-lock functions
+                       (expressions.PIN_FUNCTIONS), in the order of the text
     """
 
     verdict: Verdict
@@ -189,6 +191,7 @@ class Classification:
     hint: Target | None = None
     set_config_calls: tuple[tuple[str | None, str | None, bool | None], ...] = ()
     fingerprint: str | None = None
+    pin_calls: tuple[str, ...] = ()
 
     @property
     def set_config_names(self) -> tuple[str, ...]:

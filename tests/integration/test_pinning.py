@@ -187,8 +187,11 @@ def test_pinned_until_its_client_leaves(start_router, sql, prepare, check):
         ("SELECT Pg_Advisory_Lock(4343)", "SELECT pg_advisory_unlock_all()", False),
         ("SELECT Pg_Advisory_Lock(4343)", "SELECT pg_advisory_unlock_all()", True),
         ("LISTEN pin_again", "UNLISTEN *", True),
+        # Spelt with Unicode escapes, which only the parser reads as the function's name.
+        ('SELECT U&"pg_advisory\\005flock"(4343)', 'SELECT U&"pg_advisory\\005funlock_all"()', False),
+        ("SELECT U&\"pg_try_advisory!005flock\" UESCAPE '!' (4343)", "SELECT pg_advisory_unlock_all()", True),
     ],
-    ids=["later-listen", "advisory-lock-query", "advisory-lock-parse", "listen-parse"],
+    ids=["later-listen", "advisory-lock-query", "advisory-lock-parse", "listen-parse", "u&-query", "u&-uescape-parse"],
 )
 def test_pinned_then_unpinned(start_router, pin, unpin, prepare):
     """Each round pins and unpins. With prepare=True the second round runs the prepared

@@ -972,6 +972,24 @@ def test_writer_list_wins_over_catalog_volatility():
 
 
 @pytest.mark.parametrize(
+    "sql, calls",
+    [
+        ("SELECT pg_advisory_lock(1)", ("pg_advisory_lock",)),
+        ('SELECT U&"pg_advisory\\005flock"(1)', ("pg_advisory_lock",)),
+        ("SELECT U&\"pg_try_advisory!005flock_shared\" UESCAPE '!' (1)", ("pg_try_advisory_lock_shared",)),
+        ("SELECT pg_catalog.PG_ADVISORY_UNLOCK_ALL(), pg_advisory_lock(2)", ("pg_advisory_unlock_all", "pg_advisory_lock")),
+        ("SELECT 1; SELECT x FROM t WHERE pg_try_advisory_lock(id)", ("pg_try_advisory_lock",)),
+        ("SELECT pg_advisory_xact_lock(1)", ()),  # transaction-scoped: no pin
+        ("SELECT pg_advisory_unlock(1)", ()),  # one of several: does not unpin
+        ("SELECT app.pg_advisory_lock(1)", ()),  # another schema's function
+        ("SELECT 'pg_advisory_lock(1)'", ()),
+    ],
+)
+def test_pin_calls_come_from_the_parse_tree(sql, calls):
+    assert classify(sql, CATALOG).pin_calls == calls
+
+
+@pytest.mark.parametrize(
     "source, changes",
     [
         ("BEGIN PERFORM set_config('app.tenant', p, false); END", True),
