@@ -12,6 +12,8 @@ Also here: small accessors for constants in that JSON, shared with statements.py
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from router.routing.functions import CATALOG_SCHEMA, FunctionCatalog
 from router.routing.verdict import Reason
 
@@ -80,7 +82,7 @@ class ExpressionScan:
     quotes, so the check has no false negatives, and a false positive would only cost a walk.
     """
 
-    __slots__ = ("functions", "active", "set_config_calls", "pin_calls")
+    __slots__ = ("functions", "active", "set_config_calls", "pin_calls", "runs_once")
 
     def __init__(self, functions: FunctionCatalog, tree_json: str) -> None:
         self.functions = functions
@@ -93,6 +95,14 @@ class ExpressionScan:
         # pin a transaction-mode client (PIN_FUNCTIONS): found here by name however it is
         # spelt (U&"pg_advisory\005flock"), where the client's text pattern sees only words.
         self.pin_calls: list[tuple[int, str]] = []
+        # Positions of the calls that certainly run exactly once (note_select): a set_config()
+        # elsewhere (WHERE, FROM, CASE, an UPDATE) may run any number of times, none included,
+        # so the value it leaves is not known from the text.
+        self.runs_once: set[int] = set()
+
+    def note_select(self, select: dict) -> None:
+        """A top-level SELECT (or the one EXPLAIN ANALYZE runs): note the calls it runs once."""
+        self.runs_once.update(_calls_run_once(select))
 
     def calls_in_order(self) -> tuple[tuple[str | None, str | None, bool | None], ...]:
         """The set_config() calls met so far, in the order of the text."""
@@ -157,13 +167,36 @@ class ExpressionScan:
         name = string_constant(values["setting_name"])
         call = (
             name.lower() if name is not None else None,
-            string_constant(values["new_value"]),
+            string_constant(values["new_value"]) if location in self.runs_once else None,
             bool_constant(values["is_local"]),
         )
         self.set_config_calls.append((location, call))
 
 
 _SET_CONFIG_ARGS = ("setting_name", "new_value", "is_local")
+
+
+# A SELECT with any of these runs its target list once per row, maybe never.
+_PER_ROW_CLAUSES = ("fromClause", "whereClause", "groupClause", "havingClause", "limitCount", "limitOffset", "valuesLists")
+
+
+def _calls_run_once(select: dict) -> Iterator[int]:
+    """Locations of the function calls a SelectStmt certainly runs exactly once: the targets
+    of a SELECT without FROM, WHERE, GROUP BY, HAVING, LIMIT or OFFSET that are a call, or a
+    scalar subquery of that kind (whose targets count the same way)."""
+    if any(select.get(clause) for clause in _PER_ROW_CLAUSES) or select.get("op", "SETOP_NONE") != "SETOP_NONE":
+        return
+    for target in select.get("targetList", ()):
+        value = (target.get("ResTarget") or {}).get("val") or {}
+        call = value.get("FuncCall")
+        if call is not None:
+            yield call.get("location", 0)
+            continue
+        link = value.get("SubLink")
+        if link is not None and link.get("subLinkType") == "EXPR_SUBLINK":
+            inner = (link.get("subselect") or {}).get("SelectStmt")
+            if inner is not None:
+                yield from _calls_run_once(inner)
 
 
 def bool_constant(node: dict | None) -> bool | None:

@@ -112,6 +112,7 @@ def _primary(reason: Reason, body: dict, text: str, expressions: ExpressionScan)
 
 
 def _select(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    expressions.note_select(body)
     finding = expressions.strongest_finding(body)
     if "intoClause" in body:
         return StatementInfo(Verdict(Target.PRIMARY, Reason.SELECT_INTO), text)

@@ -369,6 +369,27 @@ def test_set_config_with_a_parameter_pins_its_client(start_router):
         assert pinned(router) == 0
 
 
+@pytest.mark.parametrize(
+    "sql, value",
+    [
+        ("SELECT set_config('app.tenant', 'never', false) WHERE false", ""),
+        ("SELECT set_config('app.tenant', 'acme', false) FROM (VALUES (1)) AS v", "acme"),
+        ("SELECT CASE WHEN false THEN set_config('app.tenant', 'never', false) END", ""),
+    ],
+    ids=["where-false", "from", "case"],
+)
+def test_a_set_config_that_may_not_run_pins_its_client(start_router, sql, value):
+    """A set_config() that runs once per row (FROM, WHERE) or maybe not at all (CASE) leaves a
+    value the text does not tell: like one with a parameter, it pins its client. It was
+    tracked as if it had run once, and the router replayed a setting the client never made."""
+    router = start_router(pool_size=2)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as a:
+        a.execute(sql)
+        assert pinned(router) == 1
+        for _ in range(4):
+            assert a.execute("SELECT coalesce(current_setting('app.tenant', true), '')").fetchone() == (value,)
+
+
 def test_transaction_scoped_set_config_changes_nothing(start_router):
     """set_config(..., true), PostgREST's way, lasts one transaction: nothing to track or pin."""
     router = start_router(pool_size=1)

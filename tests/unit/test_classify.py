@@ -909,6 +909,17 @@ def test_set_config_names(sql, names, dynamic):
             (("a.b", "1", False), ("a.b", "2", False), ("a.b", "3", False)),
         ),
         ("EXPLAIN SELECT set_config('a.b', '1', false)", ()),  # not run
+        ("EXPLAIN ANALYZE SELECT set_config('a.b', '1', false)", (("a.b", "1", False),)),
+        # Runs any number of times, maybe none: the value it leaves is unknown (pins).
+        ("SELECT set_config('a.b', '1', false) WHERE false", (("a.b", None, False),)),
+        ("SELECT set_config('a.b', '1', false) FROM t", (("a.b", None, False),)),
+        ("SELECT set_config('a.b', '1', false) LIMIT 0", (("a.b", None, False),)),
+        ("SELECT CASE WHEN x THEN set_config('a.b', '1', false) END", (("a.b", None, False),)),
+        ("SELECT coalesce(null, set_config('a.b', '1', false))", (("a.b", None, False),)),
+        ("SELECT set_config('a.b', '1', false) UNION SELECT '2'", (("a.b", None, False),)),
+        ("WITH s AS (SELECT set_config('a.b', '1', false)) SELECT 1", (("a.b", None, False),)),
+        ("UPDATE t SET x = set_config('a.b', '1', false)", (("a.b", None, False),)),
+        ("SELECT (SELECT set_config('a.b', '1', false) WHERE false)", (("a.b", None, False),)),
         ("SELECT 'set_config(''a.b'', ''1'', false)'", ()),
         ("SELECT 1", ()),
     ],
