@@ -123,6 +123,7 @@ _ABORT_DEFERRED = _refusal("in_failed_sql_transaction", "the transaction failed 
 # SET pgrouter.target sent to a server (see data_received): the same reply, a placeholder
 # reset to its default, nothing else.
 _ROUTER_TARGET_ON_SERVER = m.query("SET pgrouter.target TO DEFAULT")
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_]{1,63}")
 
 
 def _refuse_router_target(value: str) -> bytes:
@@ -134,9 +135,6 @@ def _refuse_router_target(value: str) -> bytes:
         f'invalid value for parameter "pgrouter.target"{named}',
         "Available values: primary, replica, auto.",
     )
-
-
-_PLAIN_WORD = re.compile(r"[A-Za-z0-9_]{1,63}")
 
 
 _ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"

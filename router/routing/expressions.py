@@ -74,7 +74,8 @@ PIN_FUNCTIONS = frozenset(
 
 
 class ExpressionScan:
-    """Scans the statements of one message; accumulates the set_config() calls it meets.
+    """Scans the statements of one message; accumulates the set_config() and session
+    advisory-lock calls it meets, and which calls certainly run once (note_select).
 
     ``active`` is False when the message's JSON text holds none of the node types the scan
     looks for: then there is nothing to find and ``strongest_finding`` returns at once (most
