@@ -12,10 +12,10 @@ import ssl
 from dataclasses import dataclass, replace
 
 from router.backend.server import ServerConnection
-from router.config import DatabaseConfig, PoolMode, ServerTLS, Settings, TransactionRouting
+from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
 from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
-from router.pools.manager import PoolManager, tls_context
+from router.pools.manager import PoolManager, asyncpg_tls
 from router.pools.pool import Pool
 from router.prepared import StatementRegistry
 from router.protocol.errors import RouterError, SQLState
@@ -498,13 +498,7 @@ class Router:
             if tenant is not None:
                 tls = asyncpg_ssl(tenant)
             else:
-                mode = db.server_tls or self.settings.server_tls
-                if mode is ServerTLS.DISABLE:
-                    tls = False
-                elif mode is ServerTLS.PREFER:
-                    tls = "prefer"
-                else:
-                    tls = tls_context(mode, db.server_tls_ca or self.settings.server_tls_ca)
+                tls = asyncpg_tls(db.server_tls or self.settings.server_tls, db.server_tls_ca or self.settings.server_tls_ca)
             params = ConnectParams(
                 pool.key.host, pool.key.port, pool.key.dbname, pool.key.user, db.server_password, tls
             )

@@ -30,7 +30,6 @@ from router.config import (
     DatabaseConfig,
     NodeAddress,
     ReplicaFallback,
-    ServerTLS,
 )
 from router.protocol.errors import RouterError, SQLState
 from router.registry.cache import TenantCache
@@ -99,12 +98,9 @@ class Gate:
 
 def asyncpg_ssl(tenant: Tenant):
     """asyncpg's ``ssl`` argument for the tenant's cluster TLS setting."""
-    from router.pools.manager import tls_context
+    from router.pools.manager import asyncpg_tls
 
-    mode = tenant.cluster.tls
-    if mode is ServerTLS.DISABLE:
-        return False
-    return tls_context(mode, tenant.cluster.tls_ca)
+    return asyncpg_tls(tenant.cluster.tls, tenant.cluster.tls_ca)
 
 
 class MoveTimeout(Exception):

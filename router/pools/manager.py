@@ -35,6 +35,16 @@ def tls_context(mode: ServerTLS, ca) -> ssl.SSLContext | None:
     return ctx
 
 
+def asyncpg_tls(mode: ServerTLS, ca):
+    """asyncpg's ``ssl`` argument for a ``server_tls`` mode, for the router's own control
+    connections (lag monitor, function catalogs): as the pools connect."""
+    if mode is ServerTLS.DISABLE:
+        return False
+    if mode is ServerTLS.PREFER:
+        return "prefer"  # an SSLContext would make asyncpg insist on TLS
+    return tls_context(mode, ca)
+
+
 class PoolManager:
     def __init__(self, settings: Settings, validated_statements: set[bytes] | None = None) -> None:
         self.settings = settings
