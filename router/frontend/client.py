@@ -29,7 +29,9 @@ from router.prepared import (
 )
 from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, RouterError, SQLState
+from router.protocol.framing import frame
 from router.routing.route import decide, held_verdict
+from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
 from router.session import SessionSettings, set_config_sql
 from router.tenants import TenantPaused
@@ -63,14 +65,16 @@ _SQL_PREPARED = re.compile(
 def _refusal(errcode: str, message: str, hint: str | None = None) -> bytes:
     """A Query that makes the server raise this error. Substituted for a statement the router
     refuses, the error lands in order and fails an open transaction like any other."""
+    return m.query(_refusal_sql(errcode, message, hint))
+
+
+def _refusal_sql(errcode: str, message: str, hint: str | None = None) -> str:
     quoted = ", ".join(
         f"{key} = '{value.replace(chr(39), chr(39) * 2)}'"
         for key, value in (("MESSAGE", message), ("HINT", hint))
         if value is not None
     )
-    return m.query(
-        f"DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = '{errcode}', {quoted}; END$pgrouter$"
-    )
+    return f"DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = '{errcode}', {quoted}; END$pgrouter$"
 
 
 _REFUSE_SQL_PREPARED = _refusal(
@@ -120,17 +124,14 @@ _IDLE = m.IDLE
 # (answered by the router), the BEGIN goes out followed by this, replies dropped, so the
 # server's transaction is aborted for real and answers 25P02 as PostgreSQL would.
 _ABORT_DEFERRED = _refusal("in_failed_sql_transaction", "the transaction failed before reaching a server")
-# SET pgrouter.target sent to a server (see data_received): the same reply, a placeholder
-# reset to its default, nothing else.
-_ROUTER_TARGET_ON_SERVER = m.query("SET pgrouter.target TO DEFAULT")
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_]{1,63}")
 
 
-def _refuse_router_target(value: str) -> bytes:
+def _refuse_router_target(value: str) -> str:
     # The value is the client's: named only when it is a plain word, so that nothing it holds
     # ($pgrouter$, quotes) can end the DO block's body and add SQL of its own.
     named = f': "{value}"' if _PLAIN_WORD.fullmatch(value) else ""
-    return _refusal(
+    return _refusal_sql(
         "invalid_parameter_value",
         f'invalid value for parameter "pgrouter.target"{named}',
         "Available values: primary, replica, auto.",
@@ -228,6 +229,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # Named prepared statements: the client's names mapped to router-owned ones.
         self.statements: dict[bytes, ClientStatement] = {}
         self.rewrite_statements = False
+        # Session pooling: of all statements, only SET pgrouter.target is looked at.
+        self.session_mode = False
         # Chunks waiting until the server has answered everything sent before them: they name
         # a statement whose Parse or Close in an earlier segment is unanswered (see
         # router/prepared.py). None: nothing waits.
@@ -262,7 +265,6 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.ryw_lsn: int | None = None
         self.deferred_begin: bytes | None = None  # a BEGIN answered by the router, not yet sent
         self.deferred_aborted = False  # its transaction failed before reaching a server ('E')
-        self._lone_router_target: str | None = None  # set by _track_session_statements
         self._replay: list | None = None  # what the replica got, for one retry elsewhere
         self._replay_bytes = 0
         self._replay_begin: bytes | None = None
@@ -347,6 +349,24 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         n = len(data)
                         length = len(_REFUSE_TENANT_SETTING) - 1
                         end = pos + 1 + length
+                if self.session_mode and (
+                    _SESSION_SQL.match(data, pos + 5, pos + 69)
+                    or data.find(b";", pos + 5, end - 2) >= 0
+                    or (pos + 5 < n and data[pos + 5] in _COMMENT_START)
+                ):
+                    # Session pooling: a SET pgrouter.target still never reaches a server as
+                    # written (the router's setting; `= primary` is a syntax error there).
+                    if end > n:
+                        self._hold_back(data, pos, 1 + length)
+                        data = data[:pos]
+                        n = pos
+                        break
+                    targets = self._router_targets(data, pos + 5, end - 1)
+                    if targets is not None:
+                        sub = frame(b"Q", targets.sql.encode(self.router.client_text_encoding) + b"\0")
+                        data = data[:pos] + sub + data[end:]
+                        n = len(data)
+                        length = len(sub) - 1
                 # _SESSION_SQL's words are among _SPECIAL_START's: one regex pass for most.
                 special = self.rewrite_statements and _SPECIAL_START.match(data, pos + 5, pos + 69)
                 session_first = special and _SESSION_SQL.match(data, pos + 5, pos + 69)
@@ -403,27 +423,19 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         n = len(data)
                         length = len(_REFUSE_SQL_PREPARED) - 1
                     else:
-                        self._lone_router_target = None
-                        forget |= self._track_session_statements(data[pos + 5 : end - 1])
-                        value = self._lone_router_target
-                        if value is not None and not (
-                            # What _forward will hand to _intercept, which answers it.
-                            self.server is None
-                            and self.db_route is not None
-                            and pos == start
-                            and end == n
-                            and not self._held
-                            and self._waiting_on is None
-                        ):
-                            # Inside a transaction (or behind other messages, or without
-                            # replicas) it reaches a server: as a SET PostgreSQL takes (PRIMARY
-                            # is a reserved word), or failing as the router would fail it.
-                            sub = _ROUTER_TARGET_ON_SERVER if value in ROUTER_TARGET_VALUES else _refuse_router_target(value)
+                        flags, sub = self._track_query(data, pos, end, pos == start and end == n)
+                        forget |= flags
+                        if sub is not None:
                             data = data[:pos] + sub + data[end:]
                             n = len(data)
                             length = len(sub) - 1
                 elif session_later or configs:
-                    forget |= self._track_session_statements(data[pos + 5 : end - 1])
+                    flags, sub = self._track_query(data, pos, end, False)
+                    forget |= flags
+                    if sub is not None:
+                        data = data[:pos] + sub + data[end:]
+                        n = len(data)
+                        length = len(sub) - 1
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
                     self.unsynced = True
@@ -486,6 +498,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                                 self._effects_by_statement[name] = (sql, pins, bool(settings))
                             elif self._effects_by_statement:
                                 self._effects_by_statement.pop(name, None)
+                        if settings:
+                            # Tracked above from the text as written; sent without its SET
+                            # pgrouter.target (a Bind of it tracks the same text again).
+                            sub = self._parse_without_router_target(data, pos, end)
+                            if sub is not None:
+                                data = data[:pos] + sub + data[end:]
+                                n = len(data)
+                                length = len(sub) - 1
                     elif t == _B_:
                         if data[pos + 5] or data[pos + 6]:
                             rewrite = True
@@ -498,6 +518,18 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             self._effects_by_statement.pop(data[pos + 6 : name_end], None)
                     elif t == _C_:
                         parse_or_close = True
+                elif t == _P_ and self.session_mode:
+                    end = pos + 1 + length
+                    if end > n:
+                        self._hold_back(data, pos, 1 + length)
+                        data = data[:pos]
+                        n = pos
+                        break
+                    sub = self._parse_without_router_target(data, pos, end)
+                    if sub is not None:
+                        data = data[:pos] + sub + data[end:]
+                        n = len(data)
+                        length = len(sub) - 1
             elif t == _X:
                 self._forward(data[:pos], start, syncs, (_NEEDS_REWRITE if rewrite else parse_or_close) | forget)
                 self._terminate()
@@ -615,11 +647,60 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self._track_pins(sql, 0, len(sql))
         return self._track_session_statements(sql) if settings else 0
 
-    def _track_session_statements(self, sql_bytes: bytes) -> int:
+    def _track_query(self, data: bytes, pos: int, end: int, alone: bool) -> tuple[int, bytes | None]:
+        """Note what the Query ``data[pos:end]`` changes in the session (``alone``: nothing
+        else in the chunk). Returns the chunk flags and, when
+        it sets pgrouter.target and will reach a server, the Query to send instead."""
+        body = data[pos + 5 : end - 1]
+        targets = self._router_targets(data, pos + 5, end - 1)
+        if targets is None or (
+            # What _forward will hand to _intercept, which answers it.
+            targets.lone
+            and alone
+            and self.server is None
+            and self.db_route is not None
+            and not self._held
+            and self._waiting_on is None
+            and _INTERCEPT_START.match(data, pos + 5, pos + 69)
+        ):
+            return self._track_session_statements(body), None
+        # It reaches a server (inside a transaction, behind other messages, among other
+        # statements, without replicas): as SETs PostgreSQL takes, failing where the router
+        # would fail it.
+        encoding = self.router.client_text_encoding
+        flags = self._track_session_statements(targets.runs.encode(encoding), list(targets.values))
+        return flags, frame(b"Q", targets.sql.encode(encoding) + b"\0")
+
+    def _router_targets(self, data: bytes, start: int, end: int) -> RouterTargetsOnServer | None:
+        """What to send instead of the statement text ``data[start:end]`` if it sets
+        pgrouter.target (found by PostgreSQL's tokens, so only a text that mentions it is
+        decoded and scanned)."""
+        if data[start:end].lower().find(b"pgrouter") < 0:
+            return None
+        try:
+            return router_targets_for_server(
+                data[start:end].decode(self.router.client_text_encoding), _refuse_router_target
+            )
+        except UnicodeDecodeError:
+            return None
+
+    def _parse_without_router_target(self, data: bytes, pos: int, end: int) -> bytes | None:
+        """The Parse ``data[pos:end]`` with its text's SET pgrouter.target replaced, as a
+        Query's is (its Execute then answers as PostgreSQL would answer the SET), or None."""
+        query_start = data.index(b"\0", pos + 5, end) + 1
+        query_end = data.index(b"\0", query_start, end)
+        targets = self._router_targets(data, query_start, query_end)
+        if targets is None:
+            return None
+        sql = targets.sql.encode(self.router.client_text_encoding)
+        return frame(b"P", data[pos + 5 : query_start] + sql + data[query_end:end])
+
+    def _track_session_statements(self, sql_bytes: bytes, router_targets: list[str] | None = None) -> int:
         """Note the session-level SET/RESET/DISCARD of a Query (replayed by ``SessionSettings``
         on the next server). Returns the chunk flags it calls for: _FORGET_PREPARED when it
         drops the server's prepared statements, _SETTINGS_RESET when the server falls back to
-        its own defaults rather than this client's startup values."""
+        its own defaults rather than this client's startup values. ``router_targets``: what the
+        text's placeholder ``SET pgrouter.target`` statements stand for, in order."""
         try:
             sql = sql_bytes.decode(self.router.client_text_encoding)
         except UnicodeDecodeError:
@@ -653,13 +734,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 flags |= _SETTINGS_RESET | _FORGET_PREPARED
             elif kind is StatementKind.ROUTER_TARGET:
                 # Answered by the router when it is a lone Query between transactions
-                # (_intercept); otherwise it reaches a server, a lone one in the form
-                # data_received substitutes, one among other statements as it is (a
-                # placeholder setting that nothing reads).
-                if len(classification.statements) == 1:
-                    self._lone_router_target = info.value
-                if info.value in ROUTER_TARGET_VALUES:
-                    self.session_target = _ROUTER_TARGETS[info.value]
+                # (_intercept); otherwise it reaches a server as a placeholder (_track_query).
+                if router_targets is None:
+                    value = info.value
+                else:  # a placeholder: it stands for the value the client wrote
+                    value = router_targets.pop(0) if router_targets else None
+                if value in ROUTER_TARGET_VALUES:
+                    self.session_target = _ROUTER_TARGETS[value]
             elif kind is StatementKind.DEALLOCATE_ALL:
                 flags |= _FORGET_PREPARED
             elif kind is StatementKind.DO_SESSION:

@@ -224,6 +224,7 @@ class LoginMixin:
         target = self.router.resolve_database(self)  # raises 3D000 for an unknown database
         self.pool_mode = target.pool_mode
         self.rewrite_statements = self.pool_mode is PoolMode.TRANSACTION
+        self.session_mode = self.pool_mode is PoolMode.SESSION
         self.session = SessionSettings(self.startup_params)
         if self.tenant is not None:
             tenant_sql = self.router.tenants.tenant_setting_sql(self.tenant)

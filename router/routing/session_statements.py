@@ -25,12 +25,14 @@ RESET, DISCARD, DEALLOCATE) and the router's own ``pgrouter.target``. Their targ
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pglast.parser import ParseError, scan
 
 from router.routing.expressions import ExpressionScan, integer_constant, parse_bool, string_constant
 from router.routing.verdict import (
     ROUTER_TARGET_GUC,
+    ROUTER_TARGET_VALUES,
     Reason,
     StatementInfo,
     StatementKind,
@@ -124,6 +126,122 @@ SESSION_HANDLERS: dict[str, Callable[[dict, str, ExpressionScan], StatementInfo]
 }
 
 
+@dataclass(frozen=True, slots=True)
+class RouterTargetSet:
+    """A ``SET [SESSION] pgrouter.target`` or ``RESET pgrouter.target`` found in a text:
+    where it is (``sql[start:end]``, without the semicolon) and the value it asks for
+    (``auto`` for DEFAULT or RESET), lowercased, or as written when it is not one word."""
+
+    start: int
+    end: int
+    value: str
+    reset: bool  # RESET (its command tag is RESET, not SET)
+
+
+_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+
+
+def router_target_sets(sql: str) -> list[RouterTargetSet]:
+    """Every statement of ``sql`` that sets or resets ``pgrouter.target``, from PostgreSQL's
+    own tokens, so it is found where the grammar would refuse the text (``= primary``: PRIMARY
+    is a reserved word) and never inside a string, a comment or a dollar-quoted body. An
+    empty list when there is none or the text does not scan (an unterminated string)."""
+    found = []
+    for statement in _statement_tokens(sql):
+        value = _router_target_value(sql, statement)
+        if value is not None:
+            reset = statement[0].name == "RESET"
+            found.append(RouterTargetSet(statement[0].start, statement[-1].end + 1, value, reset))
+    return found
+
+
+def _statement_tokens(sql: str) -> list[list]:
+    """The tokens of each statement of ``sql`` (comments left out), or none if it does not
+    scan."""
+    try:
+        tokens = scan(sql)
+    except (ParseError, ValueError):
+        return []
+    statements: list[list] = [[]]
+    for token in tokens:
+        if token.name == "ASCII_59":  # ';'
+            statements.append([])
+        elif token.name not in _COMMENTS:
+            statements[-1].append(token)
+    return [statement for statement in statements if statement]
+
+
+def _router_target_value(sql: str, tokens: list) -> str | None:
+    words = [_word(sql, token) for token in tokens]
+    if words[:1] == ["reset"]:
+        return "auto" if words[1:] == ["pgrouter", ".", "target"] else None
+    if words[1:2] == ["session"]:
+        del words[1]
+        tokens = tokens[:1] + tokens[2:]
+    if words[:4] != ["set", "pgrouter", ".", "target"] or words[4:5] not in (["="], ["to"]) or len(words) < 6:
+        return None
+    if len(words) == 6 and (tokens[5].kind != "NO_KEYWORD" or tokens[5].name in ("IDENT", "SCONST")):
+        return "auto" if tokens[5].name == "DEFAULT" else words[5]
+    return sql[tokens[5].start : tokens[-1].end + 1]
+
+
+def _word(sql: str, token) -> str:
+    """A token as PostgreSQL reads it for a setting's name or value: quotes off, lowercased
+    (setting names are case-insensitive, and so are the router's values)."""
+    text = sql[token.start : token.end + 1]
+    if token.name == "SCONST" and text[:1] == "'":
+        text = text[1:-1].replace("''", "'")
+    elif token.name == "IDENT" and text[:1] == '"':
+        text = text[1:-1].replace('""', '"')
+    return text.lower()
+
+
+# What a server gets in place of SET / RESET pgrouter.target: the same command tag, the
+# placeholder setting left at its default, nothing else.
+ROUTER_TARGET_ON_SERVER = "SET pgrouter.target TO DEFAULT"
+ROUTER_TARGET_RESET_ON_SERVER = "RESET pgrouter.target"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterTargetsOnServer:
+    """What goes to a server instead of a text that sets pgrouter.target (never sent as
+    written: ``= primary`` is a syntax error there, PRIMARY being a reserved word)."""
+
+    sql: str  # each such statement replaced by the placeholder, or by the refusal
+    runs: str  # the part the server runs before any refusal: what the session tracks
+    values: tuple[str, ...]  # the valid values set, in order (what the placeholders stand for)
+    lone: bool  # the text is that one statement and nothing else
+
+
+def router_targets_for_server(sql: str, refusal: Callable[[str], str]) -> RouterTargetsOnServer | None:
+    """Each statement of ``sql`` that sets pgrouter.target becomes the placeholder, which
+    PostgreSQL answers as it would the SET. One with a value other than primary, replica or
+    auto becomes ``refusal(value)`` (a statement that fails), and what follows it is left out:
+    PostgreSQL runs nothing of a Query after its first error. None when ``sql`` sets no
+    pgrouter.target."""
+    found = router_target_sets(sql)
+    if not found:
+        return None
+    pieces: list[str] = []
+    values: list[str] = []
+    last = 0
+    runs = None
+    for target in found:
+        pieces.append(sql[last : target.start])
+        if target.value not in ROUTER_TARGET_VALUES:
+            runs = "".join(pieces)
+            pieces.append(refusal(target.value))
+            break
+        pieces.append(ROUTER_TARGET_RESET_ON_SERVER if target.reset else ROUTER_TARGET_ON_SERVER)
+        values.append(target.value)
+        last = target.end
+    else:
+        pieces.append(sql[last:])
+    text = "".join(pieces)
+    lone = len(found) == 1 and not sql[: found[0].start].strip() and not sql[found[0].end :].strip(" \t\n\r\f;")
+    return RouterTargetsOnServer(text, text if runs is None else runs, tuple(values), lone)
+
+
 def router_target_primary(sql: str) -> StatementInfo | None:
     """The statement if ``sql`` is exactly ``SET [SESSION] pgrouter.target {= | TO} primary``.
 
@@ -131,21 +249,10 @@ def router_target_primary(sql: str) -> StatementInfo | None:
     unquoted, while ``replica`` and ``auto`` parse. The session intercepts this statement, so
     it need not be valid SQL. Comments are not tokens, so they may surround it.
     """
-    try:
-        tokens = scan(sql)
-    except (ParseError, ValueError):
+    statements = _statement_tokens(sql)
+    if len(statements) != 1 or _router_target_value(sql, statements[0]) != "primary":
         return None
-    words = [sql[token.start : token.end + 1].lower() for token in tokens]
-    while words and words[-1] == ";":
-        words.pop()
-    if words[1:2] == ["session"]:
-        del words[1]
-    if words[:4] != ["set", "pgrouter", ".", "target"] or words[4:] not in (
-        ["=", "primary"],
-        ["to", "primary"],
-    ):
-        return None
-    text = sql[tokens[0].start : tokens[-1].end + 1].rstrip(";").rstrip()
+    text = sql[statements[0][0].start : statements[0][-1].end + 1]
     return _session(Kind.ROUTER_TARGET, text, ROUTER_TARGET_GUC, "primary")
 
 

@@ -252,6 +252,8 @@ def test_router_target_wherever_a_server_would_see_it(start_router, cluster: Clu
         for value in ("primary", "replica", "auto"):
             assert conn.execute(f"SET pgrouter.target = {value}").statusmessage == "SET"
         assert conn.execute("SET SESSION pgrouter.target TO primary").statusmessage == "SET"
+        assert conn.execute("RESET pgrouter.target").statusmessage == "RESET"
+        assert conn.execute("SET pgrouter.target = primary").statusmessage == "SET"
         assert conn.execute("SELECT 2").fetchone() == (2,)
         conn.execute("COMMIT")
         if split:  # set inside a committed transaction: the session's later reads follow it
@@ -278,6 +280,89 @@ def test_router_target_wherever_a_server_would_see_it(start_router, cluster: Clu
         if not split:
             assert conn.execute("SELECT 3").fetchone() == (3,)
         conn.execute("RESET pgrouter.target")
+
+
+def _placeholder(conn: psycopg.Connection) -> str | None:
+    """pgrouter.target as the server connection running this statement has it: None when
+    never set there, '' when reset to its default (what the router sends)."""
+    return conn.execute("SELECT current_setting('pgrouter.target', true)").fetchone()[0]
+
+
+def test_router_target_among_other_statements(split_router: RouterThread, cluster: Cluster) -> None:
+    """SET pgrouter.target among other statements of one Query, or sent with the extended
+    protocol, is the router's setting too: the server gets a placeholder reset in its place,
+    never the text (`= primary` would be a syntax error there), and an invalid value fails the
+    Query at that statement with 22023, as a server fails an invalid SET."""
+    with psycopg.connect(split_router.dsn("carol"), autocommit=True) as conn:
+        cur = conn.cursor()
+        cur.execute("SET pgrouter.target = primary; SELECT 7")
+        assert cur.statusmessage == "SET"
+        assert cur.nextset() and cur.fetchone() == (7,)
+        for _ in range(5):
+            assert conn.execute(WHERE).fetchone()[0] is False
+        cur.execute("SELECT 1; /* back */ SET pgrouter.target TO 'auto'")
+        for _ in range(5):
+            assert conn.execute(WHERE).fetchone()[0] is True
+        # In one transaction (one server connection): the server never saw `replica`.
+        cur.execute("BEGIN; SELECT 1; SET pgrouter.target = replica; "
+                    "SELECT current_setting('pgrouter.target', true); COMMIT")
+        for _ in range(3):
+            cur.nextset()
+        assert cur.fetchone()[0] == ""
+        conn.execute("SET pgrouter.target = auto")
+        # Fails at that statement: what came before in the Query is rolled back with it, the
+        # rest never runs, the session's target stays what it was. (The refusal ran on the
+        # primary: read-your-writes may keep the next reads there for a moment.)
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match='"sideways"'):
+            cur.execute("SET pgrouter.target = primary; SET pgrouter.target = sideways; SELECT 1/0")
+        deadline = time.monotonic() + 10
+        while not conn.execute(WHERE).fetchone()[0]:
+            assert time.monotonic() < deadline, "the failed Query's SET pgrouter.target = primary was kept"
+        # Extended protocol: a Parse of it.
+        cur.execute("SET pgrouter.target = primary", binary=True)  # Parse/Bind/Execute
+        assert cur.statusmessage == "SET"
+        for _ in range(5):
+            assert conn.execute(WHERE).fetchone()[0] is False
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            cur.execute("SET pgrouter.target = sideways", binary=True)
+        conn.execute("RESET pgrouter.target")
+
+
+async def test_router_target_prepared_by_asyncpg(split_router: RouterThread) -> None:
+    """asyncpg sends a fetch() as a named prepared statement: Parse, then Bind/Execute."""
+    conn = await asyncpg.connect(split_router.dsn("carol", "x"))
+    try:
+        await conn.fetch("SET pgrouter.target = primary")
+        for _ in range(5):
+            assert await conn.fetchval("SELECT pg_is_in_recovery()") is False
+        await conn.fetch("SET pgrouter.target = auto")
+        for _ in range(5):
+            assert await conn.fetchval("SELECT pg_is_in_recovery()") is True
+    finally:
+        await conn.close()
+
+
+def test_router_target_in_session_mode(start_router, cluster: Cluster) -> None:
+    """Session pooling runs everything on the primary, but a SET pgrouter.target still never
+    reaches a server as written: it is answered as a SET, or fails with 22023."""
+    router = start_router(split=True, pool_mode="session")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        for value in ("primary", "replica", "auto", "DEFAULT"):
+            assert conn.execute(f"SET pgrouter.target = {value}").statusmessage == "SET"
+            assert _placeholder(conn) == ""
+        cur = conn.cursor()
+        cur.execute("SELECT 1; SET SESSION pgrouter.target TO primary")
+        assert cur.statusmessage == "SELECT 1" and cur.nextset() and cur.statusmessage == "SET"
+        assert conn.execute("RESET pgrouter.target").statusmessage == "RESET"
+        cur.execute("SET pgrouter.target = primary", binary=True)
+        assert cur.statusmessage == "SET"
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match='"sideways"'):
+            conn.execute("SET pgrouter.target = sideways")
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            cur.execute("SET pgrouter.target = sideways", binary=True)
+        # Only that statement: the text of a string or a function body is the client's.
+        assert conn.execute("SELECT 'SET pgrouter.target = primary'").fetchone() == ("SET pgrouter.target = primary",)
+        assert _placeholder(conn) == ""
 
 
 def test_session_routing_survives_errors_and_follows_rollbacks(split_router: RouterThread, cluster: Cluster) -> None:
