@@ -32,6 +32,7 @@ from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import frame
 from router.routing.route import decide, held_verdict
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
+from router.routing.statements import created_session_functions
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
 from router.session import SessionSettings, set_config_sql
 from router.tenants import TenantPaused
@@ -150,6 +151,7 @@ _SETTING_KINDS = frozenset({StatementKind.SET_SESSION, StatementKind.SET_LOCAL, 
 # words send a text to the classifier; the statements are told apart there.
 _GUARD_OPAQUE = re.compile(rb"\b(?:do|call|function|procedure)\b")
 _CREATES_ROUTINE = re.compile(r"(?i)\s*create\s+(?:or\s+replace\s+)?(?:function|procedure)\b")
+_CREATES_ROUTINE_SQL = re.compile(_CREATES_ROUTINE.pattern.encode())
 # Who the session runs as: RESET ALL leaves these alone (PostgreSQL marks them
 # GUC_NO_RESET_ALL), so the settings prelude cannot take them off a server connection. A
 # client that changes one, in any spelling (SET "role", SET session_authorization,
@@ -231,6 +233,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.rewrite_statements = False
         # Session pooling: of all statements, only SET pgrouter.target is looked at.
         self.session_mode = False
+        # A CREATE FUNCTION/PROCEDURE was sent: read the function catalog again once its
+        # transaction has ended (see _note_created_routines).
+        self._routine_created = False
         # Chunks waiting until the server has answered everything sent before them: they name
         # a statement whose Parse or Close in an earlier segment is unanswered (see
         # router/prepared.py). None: nothing waits.
@@ -414,6 +419,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     # length in four, and miss a LISTEN or CREATE TEMP that starts the text.
                     if (pin_words and _PIN_SQL.search(low)) or (session_calls is not None and session_calls.search(low)):
                         self._track_pins(low, 0, len(low))
+                    if special and functions is not None and _CREATES_ROUTINE_SQL.match(data, pos + 5, pos + 69):
+                        self._note_created_routines(data[pos + 5 : end - 1])
                 if session_first:
                     # Starts with SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE.
                     if _SQL_PREPARED.match(data, pos + 5, min(end, pos + 69)):
@@ -477,6 +484,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         ) or (session_calls is not None and session_calls.search(low) is not None)
                         if pins:
                             self._track_pins(low, 0, len(low))
+                        if special_parse and functions is not None and _CREATES_ROUTINE_SQL.match(data, query_start, end):
+                            self._note_created_routines(data[query_start : data.index(b"\0", query_start, end)])
                         settings = (
                             (special_parse and _SESSION_SQL.match(data, query_start, end))
                             or (
@@ -670,6 +679,21 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         encoding = self.router.client_text_encoding
         flags = self._track_session_statements(targets.runs.encode(encoding), list(targets.values))
         return flags, frame(b"Q", targets.sql.encode(encoding) + b"\0")
+
+    def _note_created_routines(self, sql_bytes: bytes) -> None:
+        """A CREATE FUNCTION/PROCEDURE on its way to the server. If the body may change
+        session settings, calls of the function pin from now on rather than from the next
+        read of pg_proc; and pg_proc is read again once the transaction has ended, when what
+        it created (or not, if it rolled back) is there to read."""
+        self._routine_created = True
+        try:
+            sql = sql_bytes.decode(self.router.client_text_encoding)
+        except UnicodeDecodeError:
+            return
+        watch = self.function_catalog
+        names = created_session_functions(sql, watch.catalog)
+        if names:
+            self.router.catalogs.note_session_functions(watch.key, names)
 
     def _router_targets(self, data: bytes, start: int, end: int) -> RouterTargetsOnServer | None:
         """What to send instead of the statement text ``data[start:end]`` if it sets
@@ -1338,6 +1362,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if self._after_replies is not None:
             self._send_after_replies(server)
             return
+        if self._routine_created and server.tx_status == m.IDLE:
+            self._routine_created = False
+            self.router.catalogs.invalidate(self.function_catalog.key)
         if (
             server.tx_status == m.IDLE
             and self.pool_mode is PoolMode.TRANSACTION

@@ -276,6 +276,11 @@ class FunctionCatalog:
             else None
         )
 
+    def with_session_functions(self, names: Iterable[str]) -> FunctionCatalog:
+        """This catalog with more functions whose body may change session settings (ones
+        just created, before pg_proc is read again)."""
+        return FunctionCatalog(self._volatility, self.session_functions | {name.lower() for name in names})
+
     @classmethod
     def from_rows(cls, rows: Iterable[tuple]) -> FunctionCatalog:
         """From ``(nspname, proname, provolatile)`` rows of pg_proc joined to pg_namespace, or

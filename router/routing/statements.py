@@ -29,10 +29,14 @@ Statements that change transaction or session state are in session_statements.py
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+from pglast.parser import ParseError, parse_sql_json
 
 from router.routing.expressions import DML_NODES, ExpressionScan
+from router.routing.functions import FunctionCatalog
 from router.routing.session_statements import SESSION_HANDLERS, parse_bool
 from router.routing.verdict import (
     SUSPECTED_WRITE_REASONS,
@@ -58,6 +62,72 @@ def body_may_change_session(source: str) -> bool:
     """Whether a DO block's or a function's source may change session settings (a SET, RESET
     or DISCARD statement, or a set_config call): the same generous look for both."""
     return _SESSION_IN_BODY.search(source) is not None
+
+
+def created_routines(sql: str) -> list[tuple[str, str | None]]:
+    """The CREATE [OR REPLACE] FUNCTION / PROCEDURE statements of ``sql``, each as (name as
+    pg_proc will spell it, lowercased; source as pg_proc's prosrc will hold it, None for C
+    and internal ones). For a body in SQL-standard form (BEGIN ATOMIC, RETURN) the source is
+    the whole text. Empty when the text does not parse."""
+    try:
+        tree = json.loads(parse_sql_json(sql))
+    except ParseError:
+        return []
+    routines: list[tuple[str, str | None]] = []
+    for raw in tree.get("stmts", ()):
+        body = raw.get("stmt", {}).get("CreateFunctionStmt")
+        if body is None:
+            continue
+        name = body["funcname"][-1]["String"]["sval"].lower()
+        language, source = "sql", None
+        for option in body.get("options", ()):
+            element = option.get("DefElem", {})
+            arg = element.get("arg", {})
+            if element.get("defname") == "language":
+                language = arg.get("String", {}).get("sval", "").lower()
+            elif element.get("defname") == "as":
+                items = arg.get("List", {}).get("items", ())
+                source = items[0].get("String", {}).get("sval") if items else None
+        if "sql_body" in body:
+            source = sql
+        routines.append((name, None if language in ("c", "internal") else source))
+    return routines
+
+
+def created_session_functions(sql: str, catalog: FunctionCatalog) -> set[str]:
+    """The names of the functions ``sql`` creates whose body may change session settings,
+    itself or by calling a function ``catalog`` knows may."""
+    calls = catalog.session_calls
+    return {
+        name
+        for name, source in created_routines(sql)
+        if source is not None
+        and (body_may_change_session(source) or (calls is not None and calls.search(source.encode()) is not None))
+    }
+
+
+def functions_that_may_change_session(functions: Iterable[tuple[str, str | None]]) -> set[str]:
+    """The names (lowercased) among ``(name, source)`` pairs of the functions whose body may
+    change session settings, itself or by calling one that may, by name, however deep: a
+    wrapper of ``app.set_tenant()`` leaves the setting on the connection just the same.
+    Functions without a source (C, internal) are taken not to."""
+    sources: dict[str, list[str]] = {}
+    for name, source in functions:
+        if source is not None:
+            sources.setdefault(name.lower(), []).append(source)
+    found = {name for name, bodies in sources.items() if any(body_may_change_session(b) for b in bodies)}
+    added = found
+    while added:
+        # A call of one just found, spelt as the client hot path looks for it (a word, an
+        # optional closing quote, a parenthesis).
+        calls = re.compile(r'(?i)\b(?:' + "|".join(re.escape(name) for name in sorted(added)) + r')"?\s*\(')
+        added = {
+            name
+            for name, bodies in sources.items()
+            if name not in found and any(calls.search(body) for body in bodies)
+        }
+        found |= added
+    return found
 
 
 _DDL_PREFIXES = ("Create", "Alter", "Drop")  # CreateStmt, AlterTableStmt, DropdbStmt...

@@ -53,7 +53,7 @@ from typing import Any
 import asyncpg
 
 from router.routing.functions import FunctionCatalog, builtin_rows
-from router.routing.statements import body_may_change_session
+from router.routing.statements import functions_that_may_change_session
 from router.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ APPLICATION_NAME = "pgrouter-catalog"
 # stands for all functions of that name (see functions.py). Ordered, so that the digest of an
 # unchanged catalog is the same from one load to the next. About 3 000 rows on a fresh database.
 # The source of functions not written in C (internal, c) is read too: one whose body may
-# change session settings (routing/statements.py, body_may_change_session) pins the clients
-# that call it, as a DO block that does would.
+# change session settings, or calls one that may (routing/statements.py,
+# functions_that_may_change_session), pins the clients that call it, as a DO block would.
 CATALOG_SQL = """
 SELECT n.nspname::text, p.proname::text, p.provolatile::text,
        CASE WHEN l.lanname IN ('internal', 'c') THEN NULL ELSE p.prosrc END
@@ -129,7 +129,8 @@ async def fetch_function_rows(
 ) -> list[Row]:
     """Every function of the database as ``(nspname, proname, provolatile, sets_session)``
     rows, read over one connection that is closed before returning. ``sets_session``: the
-    function's body may change session settings. Raises what asyncpg raises (LOAD_ERRORS)."""
+    function's body may change session settings, or call a function that may. Raises what
+    asyncpg raises (LOAD_ERRORS)."""
     conn = await asyncpg.connect(
         host=params.host,
         port=params.port,
@@ -149,10 +150,8 @@ async def fetch_function_rows(
         await conn.close(timeout=timeout)
     except LOAD_ERRORS:
         conn.terminate()
-    return [
-        (schema, name, volatility, source is not None and body_may_change_session(source))
-        for schema, name, volatility, source in records
-    ]
+    session = functions_that_may_change_session((name, source) for _, name, _, source in records)
+    return [(schema, name, volatility, name.lower() in session) for schema, name, volatility, _ in records]
 
 
 def catalog_from_rows(rows: Iterable[Row]) -> FunctionCatalog:
@@ -262,6 +261,19 @@ class FunctionCatalogs:
         db = self._databases.get(key)
         if db is not None:
             db.invalidated.set()
+
+    def note_session_functions(self, key: Hashable, names: set[str]) -> None:
+        """Functions whose body may change session settings, just created through the router:
+        calls of them pin from now on, before pg_proc is read again. The next load installs
+        what it reads, whether or not the catalog changed (the CREATE may have rolled back).
+        Call ``invalidate`` once the transaction that created them has ended."""
+        db = self._databases.get(key)
+        if db is None or names <= db.catalog.session_functions:
+            return
+        self._release(db.digest)
+        db.digest = None
+        db.catalog = db.catalog.with_session_functions(names)
+        self._current[key] = db.catalog
 
     # -- databases ----------------------------------------------------------------------
 
@@ -418,7 +430,7 @@ class FunctionCatalogs:
                 db.key,
                 *(db.source or (db.params.host, db.params.port)),
                 db.params.database,
-                "built-in" if db.digest is None else "previous",
+                "built-in" if db.catalog is self.builtin else "previous",
                 error,
             )
 

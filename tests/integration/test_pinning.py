@@ -228,6 +228,8 @@ CREATE FUNCTION "Pin_Fn_Set"(p text) RETURNS void LANGUAGE plpgsql AS
   $$BEGIN EXECUTE format('SET search_path = %I', p); END$$;
 CREATE FUNCTION pin_fn_none(p text) RETURNS text LANGUAGE plpgsql AS
   $$BEGIN RETURN upper(p); END$$;
+CREATE FUNCTION pin_fn_wrapper(p text) RETURNS text LANGUAGE sql AS
+  $$SELECT pin_fn_none(p); SELECT pin_fn_sql(p)$$;
 """
 
 
@@ -237,7 +239,8 @@ def session_functions(cluster):
     cluster.psql(_SESSION_FUNCTIONS, dbname="app")
     yield
     cluster.psql(
-        "DROP FUNCTION pin_fn_plpgsql(text), pin_fn_sql(text), \"Pin_Fn_Set\"(text), pin_fn_none(text)",
+        "DROP FUNCTION pin_fn_wrapper(text), pin_fn_plpgsql(text), pin_fn_sql(text), \"Pin_Fn_Set\"(text), "
+        "pin_fn_none(text)",
         dbname="app",
     )
 
@@ -257,8 +260,9 @@ def _catalog_loaded(router) -> None:
         ("SELECT pin_fn_plpgsql('pin_fn')", True),
         ("SELECT pin_fn_sql('pin_fn')", False),
         ('SELECT 1; SELECT "public"."Pin_Fn_Set" (\'pin_fn\')', False),
+        ("SELECT pin_fn_wrapper('pin_fn')", False),
     ],
-    ids=["plpgsql-query", "plpgsql-parse", "sql-function", "quoted-qualified"],
+    ids=["plpgsql-query", "plpgsql-parse", "sql-function", "quoted-qualified", "through-another-function"],
 )
 def test_a_function_that_sets_pins_until_its_client_leaves(start_router, session_functions, sql, prepare):
     """A function whose body changes settings (set_config, SET in PL/pgSQL or EXECUTEd) is
@@ -276,3 +280,32 @@ def test_a_function_that_sets_pins_until_its_client_leaves(start_router, session
     router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
     with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
         assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["query", "parse"])
+def test_a_function_created_through_the_router_pins_at_once(start_router, cluster, prepare):
+    """A function that sets, created through the router, pins its callers from the next
+    statement on, not only from the next read of pg_proc (every 60 s by default); the catalog
+    is read again once the creating transaction has ended."""
+    router = start_router(pool_size=1, query_wait_timeout=1)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    try:
+        _catalog_loaded(router)
+        loads = router.call(lambda r: r.catalogs.stats(("main", "app")).loads)
+        conn.execute(
+            "CREATE FUNCTION pin_fn_new(p text) RETURNS void LANGUAGE plpgsql AS "
+            "$$BEGIN PERFORM set_config('search_path', p, false); END$$",
+            prepare=prepare,
+        )
+        assert pinned(router) == 0  # creating it changes nothing yet
+        conn.execute("SELECT pin_fn_new('pin_fn')")
+        assert pinned(router) == 1
+        conn.close()
+        router.wait_for(lambda r: len(r.pinned_clients) == 0, what="the pin gone with its client")
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+            assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)
+        router.wait_for(lambda r: r.catalogs.stats(("main", "app")).loads > loads, what="pg_proc read again")
+        assert "pin_fn_new" in router.call(lambda r: r.catalogs.watch(("main", "app")).catalog.session_functions)
+    finally:
+        conn.close()
+        cluster.psql("DROP FUNCTION IF EXISTS pin_fn_new(text)", dbname="app")

@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from router.routing.classify import classify
 from router.routing.functions import FunctionCatalog, builtin_rows
-from router.routing.statements import body_may_change_session
+from router.routing.statements import (
+    body_may_change_session,
+    created_routines,
+    created_session_functions,
+    functions_that_may_change_session,
+)
 from router.routing.verdict import Classification, Reason, StatementKind, Target
 
 P = Target.PRIMARY
@@ -1051,6 +1056,59 @@ def test_catalog_knows_the_functions_that_change_settings():
     # Rows without the fourth value (the built-in ones), or none marked: nothing to look for.
     assert FunctionCatalog.builtin().session_calls is None
     assert FunctionCatalog.from_rows([("app", "plain", "s", False)]).session_calls is None
+
+
+def test_functions_that_call_a_function_that_sets_are_found_too():
+    """A wrapper of a function that changes settings leaves them on the connection just the
+    same, however deep; only a call (a name and a parenthesis) counts."""
+    functions = [
+        ("set_tenant", "BEGIN PERFORM set_config('app.tenant', p, false); END"),
+        ("login", "BEGIN PERFORM set_tenant(p); RETURN true; END"),
+        ("Start_Request", 'SELECT "public"."login" (p)'),  # two steps away, quoted call
+        ("audit", "SELECT login FROM app.events"),  # a column of that name: no call
+        ("relogin", "SELECT relogin_count(p)"),  # a longer name starting the same
+        ("c_function", None),  # C or internal: no source
+        ("plain", "BEGIN RETURN upper(p); END"),
+        ("login", "SELECT 1"),  # an overload that does not: the name is enough
+    ]
+    assert functions_that_may_change_session(functions) == {"set_tenant", "login", "start_request"}
+    assert functions_that_may_change_session([("plain", "SELECT 1")]) == set()
+
+
+@pytest.mark.parametrize(
+    "sql, routines",
+    [
+        (
+            "CREATE OR REPLACE FUNCTION app.Set_T(p text) RETURNS void LANGUAGE plpgsql AS "
+            "$$BEGIN PERFORM set_config('x.y', p, false); END$$",
+            [("set_t", "BEGIN PERFORM set_config('x.y', p, false); END")],
+        ),
+        ('CREATE PROCEDURE "P"() LANGUAGE sql AS \'SELECT 1\'', [("p", "SELECT 1")]),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT set_config('a.b', 'c', false); END",
+            [("f", "CREATE FUNCTION f() RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT set_config('a.b', 'c', false); END")],
+        ),
+        ("CREATE FUNCTION f() RETURNS int AS 'x.so', 'f' LANGUAGE c", [("f", None)]),
+        ("SELECT 1; CREATE FUNCTION g() RETURNS int LANGUAGE sql AS 'SELECT 1'", [("g", "SELECT 1")]),
+        ("CREATE TABLE f (a int)", []),
+        ("CREATE FUNCTION oops(", []),
+    ],
+)
+def test_created_routines(sql, routines):
+    assert created_routines(sql) == routines
+
+
+def test_created_session_functions_know_the_catalog():
+    catalog = FunctionCatalog.from_rows([("app", "set_tenant", "v", True)])
+    wrapper = "CREATE FUNCTION app.login(p int) RETURNS void LANGUAGE sql AS 'SELECT app.set_tenant(p)'"
+    assert created_session_functions(wrapper, catalog) == {"login"}
+    assert created_session_functions(wrapper, FunctionCatalog.builtin()) == set()
+    direct = "CREATE FUNCTION s() RETURNS void LANGUAGE plpgsql AS $$BEGIN SET search_path = a; END$$"
+    assert created_session_functions(direct, FunctionCatalog.builtin()) == {"s"}
+    more = catalog.with_session_functions({"Login"})
+    assert more.session_functions == {"set_tenant", "login"}
+    assert more.session_calls.search(b"select app.login(1)")
+    assert more.check("login") == catalog.check("login")  # volatility unchanged
 
 
 def test_builtin_catalog_knows_common_functions():
