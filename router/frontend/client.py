@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -100,7 +100,8 @@ _PIN_SQL = re.compile(
 # more than one statement, starts with a comment, or mentions advisory locks, temp or set_config
 # (in any case), is examined with the patterns above and below.
 _SPECIAL_START = re.compile(
-    rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin|do)\b"
+    rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|listen|unlisten|create|declare|begin|do"
+    rb"|savepoint|release|rollback)\b"
 )
 # Statements that change session state (or name SQL-level prepared statements, or may hide a
 # SET in a DO block) start with one of these; only those are parsed (and, below, those with a
@@ -109,7 +110,12 @@ _SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|exec
 # A SET/RESET/DISCARD that does not start the Query: after another statement (;) or a comment.
 # (Also matches `UPDATE t /* x */ SET ...` or a ';set' in a string: the text is then parsed,
 # once per text, and found to change nothing.)
-_LATER_SESSION_SQL = re.compile(rb"(?i)(?:;|\*/|--[^\n]*\n)\s*(?:set|reset|discard|do)\b")
+_LATER_SESSION_SQL = re.compile(
+    rb"(?i)(?:;|\*/|--[^\n]*\n)\s*(?:set|reset|discard|do|savepoint|release|rollback\s+(?:(?:work|transaction)\s+)?to)\b"
+)
+# Savepoints matter while the transaction has tracked setting changes (settings_undo): a
+# ROLLBACK TO undoes those made since, as PostgreSQL does.
+_SAVEPOINT_SQL = re.compile(rb"(?i)\s*(?:savepoint|release|rollback\s+(?:(?:work|transaction)\s+)?to)\b")
 _COMMENT_START = frozenset(b"/-")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
@@ -194,6 +200,10 @@ class SettingsUndo:
     read_only_session: bool
     session_target: Target | None
     failed: bool = False
+    # The savepoints set since (name, and the three above as they were then), oldest first.
+    savepoints: list[tuple[str, tuple[dict[str, str], frozenset | None], bool, Target | None]] = field(
+        default_factory=list
+    )
 
 
 class ClientConnection(LoginMixin, asyncio.Protocol):
@@ -443,6 +453,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         data = data[:pos] + sub + data[end:]
                         n = len(data)
                         length = len(sub) - 1
+                elif special and self.settings_undo is not None and _SAVEPOINT_SQL.match(data, pos + 5, pos + 69):
+                    forget |= self._track_session_statements(data[pos + 5 : end - 1])
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
                     self.unsynced = True
@@ -494,6 +506,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             )
                             or low.find(b"set_config") >= 0
                             or low.find(b"u&") >= 0
+                            or (
+                                special_parse
+                                and self.settings_undo is not None
+                                and _SAVEPOINT_SQL.match(data, query_start, end)
+                            )
                         )
                         if settings:
                             # A SET sent with the extended protocol (JDBC, asyncpg's fetch):
@@ -767,6 +784,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     self.session_target = _ROUTER_TARGETS[value]
             elif kind is StatementKind.DEALLOCATE_ALL:
                 flags |= _FORGET_PREPARED
+            elif kind is StatementKind.SAVEPOINT:
+                self._track_savepoint(info.value, info.name)
             elif kind is StatementKind.DO_SESSION:
                 # What it sets is known only to the server connection that ran it.
                 self.pins.add("DO block")
@@ -794,6 +813,30 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self.router.note_pinned(self)
         return flags
 
+    def _track_savepoint(self, action: str, name: str) -> None:
+        """SAVEPOINT, RELEASE or ROLLBACK TO (``action``) in a transaction with tracked setting
+        changes: a ROLLBACK TO puts the settings back as they were at the savepoint, which
+        stays; a RELEASE keeps them (PostgreSQL merges the savepoint into its parent)."""
+        undo = self.settings_undo
+        savepoints = undo.savepoints
+        if action == "savepoint":
+            savepoints.append((name, self.session.snapshot(), self.read_only_session, self.session_target))
+            return
+        # The most recent of that name. One set before the first tracked change of the
+        # transaction is not in the list: the settings then were those the undo holds.
+        at = next((i for i in range(len(savepoints) - 1, -1, -1) if savepoints[i][0] == name), -1)
+        if action == "release":
+            del savepoints[max(at, 0) :]
+            return
+        if at >= 0:
+            _, snapshot, read_only, target = savepoints[at]
+            del savepoints[at + 1 :]
+        else:
+            snapshot, read_only, target = undo.snapshot, undo.read_only_session, undo.session_target
+            savepoints.clear()
+        self.session.restore(snapshot)
+        self.read_only_session, self.session_target = read_only, target
+
     def _track_identity(self, name: str, value: str | None) -> None:
         """SET (``value``) or RESET (None) of role or session_authorization, by whatever
         spelling: pin or unpin, as for SET ROLE / RESET ROLE."""
@@ -816,9 +859,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         ROLLBACK, noted in ``settings_undo`` by the server connection) they are undone, on
         the server connection that ran them and here alike.
 
-        Approximate where PostgreSQL is finer: a SET undone by ROLLBACK TO SAVEPOINT is kept
-        when the transaction commits, and of pipelined transactions the first to end settles
-        the changes of all (README, "Session state")."""
+        A ROLLBACK TO SAVEPOINT's own undoing is done when it is sent (_track_savepoint); its
+        tag (ROLLBACK) marks the transaction failed until a COMMIT shows otherwise. Approximate
+        where PostgreSQL is finer: of pipelined transactions the first to end settles the
+        changes of all (README, "Session state")."""
         if status != _IDLE:
             return
         undo, self.settings_undo = self.settings_undo, None

@@ -43,6 +43,13 @@ from router.routing.verdict import (
 Kind = StatementKind
 
 
+_SAVEPOINT_ACTIONS = {
+    "TRANS_STMT_SAVEPOINT": "savepoint",
+    "TRANS_STMT_RELEASE": "release",
+    "TRANS_STMT_ROLLBACK_TO": "rollback_to",
+}
+
+
 def transaction(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
     kind = body.get("kind")
     if kind in ("TRANS_STMT_BEGIN", "TRANS_STMT_START"):
@@ -62,8 +69,9 @@ def transaction(body: dict, text: str, expressions: ExpressionScan) -> Statement
         return _control(Kind.COMMIT_AND_CHAIN if chain else Kind.COMMIT, text)
     if kind == "TRANS_STMT_ROLLBACK":
         return _control(Kind.ROLLBACK_AND_CHAIN if chain else Kind.ROLLBACK, text)
-    if kind in ("TRANS_STMT_SAVEPOINT", "TRANS_STMT_RELEASE", "TRANS_STMT_ROLLBACK_TO"):
-        return _control(Kind.SAVEPOINT, text, body.get("savepoint_name"))
+    if kind in _SAVEPOINT_ACTIONS:
+        info = _control(Kind.SAVEPOINT, text, body.get("savepoint_name"))
+        return StatementInfo(info.verdict, text, info.name, _SAVEPOINT_ACTIONS[kind])
     if kind == "TRANS_STMT_PREPARE":
         verdict = Verdict(Target.PRIMARY, Reason.TWO_PHASE, Kind.PREPARE_TRANSACTION)
         return StatementInfo(verdict, text, body.get("gid"))

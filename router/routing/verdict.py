@@ -115,7 +115,7 @@ class StatementKind(Enum):
     COMMIT_AND_CHAIN = "commit_and_chain"  # a new transaction starts on the same node
     ROLLBACK = "rollback"  # ROLLBACK, ABORT
     ROLLBACK_AND_CHAIN = "rollback_and_chain"
-    SAVEPOINT = "savepoint"  # SAVEPOINT, RELEASE, ROLLBACK TO: name
+    SAVEPOINT = "savepoint"  # SAVEPOINT, RELEASE, ROLLBACK TO: name, value = which of the three
     PREPARE_TRANSACTION = "prepare_transaction"  # ends the transaction (two-phase): name = gid
     # session parameters
     SET_SESSION = "set_session"  # SET [SESSION] guc = value: name, value

@@ -272,6 +272,78 @@ def test_a_set_whose_transaction_commits_is_kept(start_router, run):
     assert _search_path_everywhere(router.dsn("carol"), run) == {"pg_catalog"}
 
 
+def _savepoint_script(statements: list[str], prepare: bool = False):
+    def run(a) -> None:
+        for statement in statements:
+            a.execute(statement, prepare=prepare)
+
+    return run
+
+
+_DEFAULT_PATH = '"$user", public'
+_SAVEPOINTS = [
+    "BEGIN",
+    "SET search_path = pg_catalog",
+    "SAVEPOINT s",
+    "SET search_path = information_schema",
+    "ROLLBACK TO SAVEPOINT s",
+    "COMMIT",
+]
+
+
+@pytest.mark.parametrize(
+    "run, expected",
+    [
+        (_savepoint_script(_SAVEPOINTS), "pg_catalog"),
+        (_savepoint_script(["; ".join(_SAVEPOINTS)]), "pg_catalog"),
+        (_savepoint_script(_SAVEPOINTS, prepare=True), "pg_catalog"),
+        (
+            _savepoint_script(
+                ["BEGIN", "SAVEPOINT s", "SET search_path = pg_catalog", "ROLLBACK TO s", "COMMIT"]
+            ),
+            _DEFAULT_PATH,
+        ),
+        (
+            _savepoint_script(
+                [
+                    "BEGIN",
+                    "SAVEPOINT outer_sp",
+                    "SET search_path = pg_catalog",
+                    "SAVEPOINT inner_sp",
+                    "SET search_path = information_schema",
+                    "RELEASE inner_sp",
+                    "ROLLBACK WORK TO outer_sp",
+                    "COMMIT",
+                ]
+            ),
+            _DEFAULT_PATH,
+        ),
+        (
+            _savepoint_script(
+                ["BEGIN", "SET search_path = pg_catalog", "SAVEPOINT s",
+                 "SET search_path = information_schema", "RELEASE SAVEPOINT s", "COMMIT"]
+            ),
+            "information_schema",
+        ),
+        (
+            _savepoint_script(
+                ["BEGIN", "SET search_path = pg_catalog", "SAVEPOINT s", "SET search_path = information_schema",
+                 "SAVEPOINT s", "SET search_path = public", "ROLLBACK TO s", "COMMIT"]
+            ),
+            "information_schema",
+        ),
+    ],
+    ids=["queries", "one-query", "extended", "savepoint-before-any-set", "released-then-outer", "released",
+         "same-name-twice"],
+)
+def test_a_set_undone_by_rollback_to_savepoint_is_forgotten(start_router, run, expected):
+    """ROLLBACK TO SAVEPOINT undoes the SETs made since the savepoint, RELEASE keeps them, and
+    the transaction's COMMIT keeps what is left: as PostgreSQL does, on every server
+    connection the client runs on afterwards."""
+    router = start_router(pool_size=2)
+    assert _search_path_everywhere(router.dsn("carol"), run) == {expected}
+
+
 def test_statements_before_a_set_in_one_query_do_not_see_it(start_router):
     """The settings a server connection gets before a client's transaction are the client's
     settings before that transaction: a SET later in the same Query takes effect where the
