@@ -1,10 +1,10 @@
 """Where the CPU goes per transaction: the proxy, PostgreSQL, pgbench, and what stays idle.
 
-    .venv/bin/python -m bench.cpu [--rounds 3] [--duration 6] [--clients 32] [--workers 2]
+    .venv/bin/python -m bench.cpu [--rounds 3] [--duration 6] [--clients 32] [--workers 2] [--split]
 
 TPS alone does not say why a proxy is slower. This runs `pgbench -S -M simple` against
 PostgreSQL directly, PgBouncer and the router (and, with --workers N, the router with
-`workers = N`), interleaved as `bench.run` does, and reads the kernel's accounting around each
+`workers = N`; with --split, the router splitting reads over two replicas), interleaved as `bench.run` does, and reads the kernel's accounting around each
 run: the proxy's user and system CPU (its worker processes included) from /proc/PID/stat,
 every PostgreSQL process's, pgbench's own from wait4(), all divided by the transactions
 pgbench made; and the machine's idle share from /proc/stat. It prints the medians over the
@@ -116,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=1, help="also measure the router with this "
                    "many worker processes (default 1: only the single-process router)")
+    p.add_argument("--split", action="store_true", help="also measure the router with read/write "
+                   "splitting over two streaming replicas (all nodes on this machine)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pgrouter-cpu-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        cluster = Cluster(workdir / "cluster", replicas=0, redis=False, ssl=False, pgbench_scale=10)
+        cluster = Cluster(workdir / "cluster", replicas=2 if args.split else 0, redis=False, ssl=False, pgbench_scale=10)
         stack.callback(cluster.stop)
         cluster.start()
         bouncer = PgBouncer(workdir / "pgbouncer", args.pool_size)
@@ -136,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(multi.stop)
             multi.start()
             proxies.append(Proxy(f"router x{args.workers}", multi.port, "bench", multi.proc.pid))
+        if args.split:
+            split = router_process(workdir, cluster, args.pool_size, split=True)
+            stack.callback(split.stop)
+            split.start()
+            proxies.append(Proxy("split", split.port, "bench", split.proc.pid))
         rows: dict[str, list[dict[str, float]]] = {proxy.name: [] for proxy in proxies}
         for rnd in range(1, args.rounds + 1):
             for proxy in proxies:
