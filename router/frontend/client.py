@@ -675,8 +675,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def _track_query(self, data: bytes, pos: int, end: int, alone: bool) -> tuple[int, bytes | None]:
         """Note what the Query ``data[pos:end]`` changes in the session (``alone``: nothing
-        else in the chunk). Returns the chunk flags and, when
-        it sets pgrouter.target and will reach a server, the Query to send instead."""
+        else in the chunk). Returns the chunk flags and, when it sets pgrouter.target and will
+        reach a server, the Query to send instead."""
         body = data[pos + 5 : end - 1]
         targets = self._router_targets(data, pos + 5, end - 1)
         if targets is None or (

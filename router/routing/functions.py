@@ -234,6 +234,13 @@ _BUILTIN_VOLATILE = (
 )
 
 
+def call_pattern(names: Iterable[str]) -> re.Pattern[bytes]:
+    """What a call of one of ``names`` looks like in a statement's text: the name (bare,
+    qualified or quoted: the name itself is a word), an optional closing quote, a
+    parenthesis. Case-insensitive."""
+    return re.compile(rb'(?i)\b(?:' + b"|".join(re.escape(name.encode()) for name in sorted(names)) + rb')"?\s*\(')
+
+
 class FunctionCatalog:
     """Function name -> volatility, immutable; compared and hashed by identity."""
 
@@ -267,13 +274,7 @@ class FunctionCatalog:
         # What the client hot path runs over a statement's text when the database has such
         # functions: a call of one by name (bare, qualified or quoted), None when it has none.
         self.session_calls: re.Pattern[bytes] | None = (
-            re.compile(
-                rb'(?i)\b(?:'
-                + b"|".join(re.escape(name.encode()) for name in sorted(self.session_functions))
-                + rb')"?\s*\('
-            )
-            if self.session_functions
-            else None
+            call_pattern(self.session_functions) if self.session_functions else None
         )
 
     def with_session_functions(self, names: Iterable[str]) -> FunctionCatalog:

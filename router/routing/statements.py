@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from pglast.parser import ParseError, parse_sql_json
 
 from router.routing.expressions import DML_NODES, ExpressionScan
-from router.routing.functions import FunctionCatalog
+from router.routing.functions import FunctionCatalog, call_pattern
 from router.routing.session_statements import SESSION_HANDLERS, parse_bool
 from router.routing.verdict import (
     SUSPECTED_WRITE_REASONS,
@@ -116,14 +116,14 @@ def functions_that_may_change_session(functions: Iterable[tuple[str, str | None]
         if source is not None:
             sources.setdefault(name.lower(), []).append(source)
     found = {name for name, bodies in sources.items() if any(body_may_change_session(b) for b in bodies)}
+    encoded = {name: [body.encode() for body in bodies] for name, bodies in sources.items()}
     added = found
     while added:
-        # A call of one just found, spelt as the client hot path looks for it (a word, an
-        # optional closing quote, a parenthesis).
-        calls = re.compile(r'(?i)\b(?:' + "|".join(re.escape(name) for name in sorted(added)) + r')"?\s*\(')
+        # A call of one just found, as the client hot path looks for it in a query.
+        calls = call_pattern(added)
         added = {
             name
-            for name, bodies in sources.items()
+            for name, bodies in encoded.items()
             if name not in found and any(calls.search(body) for body in bodies)
         }
         found |= added
