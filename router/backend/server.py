@@ -56,6 +56,8 @@ _CLOSE_COMPLETE = ord("3")
 _DATA_ROW = ord("D")
 # The replies data_received looks at; every branch of its scan is one of these.
 _WATCHED = frozenset((_Z, _E, _N, _COMMAND_COMPLETE, _PARSE_COMPLETE, _CLOSE_COMPLETE))
+# Command tags after which a session has no prepared statements left.
+_FORGETS_STATEMENTS = (b"DISCARD ALL", b"DEALLOCATE ALL")
 # An ErrorResponse split across reads is held back until whole, up to this size (PostgreSQL's
 # are well under it; a larger one passes through in pieces, judged by what arrived).
 MAX_HELD_ERROR = 64 * 1024
@@ -120,6 +122,9 @@ class ServerConnection(asyncio.Protocol):
         # SessionSettings.key), and how many prelude ReadyForQuery replies are still to drop.
         self.session_key: frozenset | None = None
         self.swallow_z = 0
+        # A client's DISCARD ALL / DEALLOCATE ALL sent and not yet answered: its tag, when it
+        # comes, frees the client's statement names (ClientConnection.forget_statements).
+        self.discards_owed = 0
         # While a CancelRequest for this backend is on its way, the connection is not handed
         # to another client: the signal could otherwise land on that client's query.
         self.cancels_in_flight = 0
@@ -197,6 +202,8 @@ class ServerConnection(asyncio.Protocol):
                     break
                 st.recv_z += 1
                 self.tx_status = data[pos + 5]
+                if self.discards_owed and st.recv_z == st.sent_z:
+                    self.discards_owed = 0  # it failed (in a transaction block): nothing freed
                 if self.swallow_z:
                     self.swallow_z -= 1
                     pos += 6
@@ -261,6 +268,9 @@ class ServerConnection(asyncio.Protocol):
                     space = data.rfind(b" ", pos + 5, end)
                     if space > 0 and data[space + 1 : end].isdigit():
                         self.call_rows += int(data[space + 1 : end])
+                if self.discards_owed and end < n and data[pos + 5 : end] in _FORGETS_STATEMENTS:
+                    self.discards_owed -= 1
+                    client.forget_statements()
                 undo = client.settings_undo
                 if undo is not None and end < n:
                     # COMMIT keeps the transaction's setting changes; the tag of a ROLLBACK

@@ -813,6 +813,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self.router.note_pinned(self)
         return flags
 
+    def forget_statements(self) -> None:
+        """The client's DISCARD ALL / DEALLOCATE ALL ran (its server connection saw the tag):
+        its statement names are free again, as on PostgreSQL, where a Bind of one now fails
+        with 26000 and a Parse of one succeeds."""
+        self.statements.clear()
+        self._effects_by_statement.clear()
+
     def _track_savepoint(self, action: str, name: str) -> None:
         """SAVEPOINT, RELEASE or ROLLBACK TO (``action``) in a transaction with tracked setting
         changes: a ROLLBACK TO puts the settings back as they were at the savepoint, which
@@ -1249,6 +1256,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         server.transport.write(sent)
         if rewrite & _FORGET_PREPARED:
             st.forget_all()
+            server.discards_owed += 1
         # Whatever SETs this chunk carries, the server will carry too; after a RESET it carries
         # its own defaults, which match no client's key, so the next transaction re-primes it.
         server.session_key = _UNKNOWN_SETTINGS if rewrite & _SETTINGS_RESET else self.session.key

@@ -1,29 +1,51 @@
-"""A client's DISCARD ALL / DEALLOCATE ALL drops the router-owned prepared statements on that
-server connection too; the router must notice and prepare them again when needed."""
+"""A client's DISCARD ALL / DEALLOCATE ALL frees its own statement names, as on PostgreSQL,
+and drops the router-owned prepared statements on that server connection too, which the
+router must notice and prepare again for the other clients that use them."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 
+from tests.cluster import Cluster
+
+
+def _outcome(conn: psycopg.Connection, statement: str, extended: bool) -> list:
+    """What a client sees around its DISCARD/DEALLOCATE: a statement prepared before (psycopg,
+    prepare_threshold=0, so named), then used again after."""
+    query = "SELECT %s::int * 2"
+    seen = [conn.execute(query, (1,)).fetchone(), conn.execute(query, (2,)).fetchone()]
+    if extended:
+        # Pipeline mode sends it as an unnamed Parse/Bind/Execute/Sync (JDBC's way), and
+        # psycopg, not looking at its tag there, still takes its statement for prepared.
+        with conn.pipeline():
+            conn.execute(statement, prepare=False)
+    else:
+        conn.execute(statement, prepare=False)  # a simple Query: psycopg forgets its own too
+    for i in (3, 4):
+        try:
+            seen.append(conn.execute(query, (i,)).fetchone())
+        except psycopg.Error as exc:
+            seen.append(exc.sqlstate)
+    return seen
+
 
 @pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
 @pytest.mark.parametrize("statement", ["DISCARD ALL", "deallocate   all", "DEALLOCATE PREPARE ALL"])
-def test_statements_survive_a_clients_discard_all(start_router, statement, extended):
+def test_a_clients_discard_all_frees_its_names_and_spares_the_others(
+    start_router, cluster: Cluster, statement, extended
+):
     router = start_router(pool_size=1)
-    with psycopg.connect(router.dsn("carol"), autocommit=True, prepare_threshold=0) as conn:
-        query = "SELECT %s::int * 2"
-        assert conn.execute(query, (1,)).fetchone() == (2,)
-        assert conn.execute(query, (2,)).fetchone() == (4,)  # prepared now, on the one server
-        if extended:
-            # Pipeline mode sends it as an unnamed Parse/Bind/Execute/Sync (JDBC's way): the
-            # router sees it when parsed.
-            with conn.pipeline():
-                conn.execute(statement, prepare=False)
-        else:
-            conn.execute(statement, prepare=False)  # a simple Query
-        assert conn.execute(query, (3,)).fetchone() == (6,)
-        assert conn.execute(query, (4,)).fetchone() == (8,)
+    with psycopg.connect(router.dsn("carol"), autocommit=True, prepare_threshold=0) as conn, \
+            psycopg.connect(router.dsn("carol"), autocommit=True, prepare_threshold=0) as other:
+        query = "SELECT %s::int * 5"
+        assert other.execute(query, (1,)).fetchone() == (5,)  # prepared on the one server
+        with psycopg.connect(cluster.primary.dsn("app"), autocommit=True, prepare_threshold=0) as direct:
+            expected = _outcome(direct, statement, extended)
+        assert _outcome(conn, statement, extended) == expected
+        # The other client's statement was dropped from the server with the rest: prepared
+        # again, unseen.
+        assert other.execute(query, (2,)).fetchone() == (10,)
 
 
 @pytest.mark.parametrize(
