@@ -1,0 +1,117 @@
+"""Transaction pooling keeps a client's session settings as a dedicated connection would:
+the same statements, run through the router and straight on PostgreSQL, give the same
+results and leave the same settings, while another client keeps taking the one pooled server
+connection between transactions (so the router must replay exactly what PostgreSQL kept).
+
+Sequences come from hypothesis, derandomized: the same cases on every run.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tests.cluster import Cluster
+
+STEPS = [
+    "SET search_path = sp_a",
+    "SET search_path = sp_b",
+    "RESET search_path",
+    "RESET ALL",
+    "SET LOCAL search_path = sp_local",
+    "SELECT set_config('search_path', 'sp_c', false)",
+    "SELECT set_config('search_path', 'sp_tx', true)",
+    "SET work_mem = '5MB'",
+    "RESET work_mem",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "SAVEPOINT s1",
+    "SAVEPOINT s2",
+    "RELEASE s1",
+    "ROLLBACK TO s1",
+    "ROLLBACK TO SAVEPOINT s2",
+    "SELECT 1/0",
+    "SET search_path = sp_d; SELECT 1/0",
+    "BEGIN; SET search_path = sp_e; COMMIT",
+    "SET work_mem = '6MB'; SAVEPOINT s1",
+    "SAVEPOINT s2; SET search_path = sp_f; ROLLBACK TO s2",
+    "DISCARD ALL",
+]
+
+
+def _run(conn: psycopg.Connection, sql: str) -> str:
+    """What a statement did, comparable across connections: its status, or its SQLSTATE."""
+    try:
+        cur = conn.execute(sql)
+    except psycopg.Error as exc:
+        return f"error {exc.sqlstate}"
+    return cur.statusmessage or ""
+
+
+def _show(conn: psycopg.Connection) -> list[str]:
+    out = []
+    for name in ("search_path", "work_mem"):
+        try:
+            out.append(conn.execute(f"SHOW {name}").fetchone()[0])
+        except psycopg.Error as exc:
+            out.append(f"error {exc.sqlstate}")
+    return out
+
+
+@pytest.fixture
+def pooled(start_router):
+    """A router with one server connection, shared by the client under test and another."""
+    return start_router(pool_size=1, query_wait_timeout=5)
+
+
+# Inside a transaction: what savepoints and errors do to the SETs before and after them.
+IN_TRANSACTION = [
+    "SET search_path = sp_a",
+    "SET search_path = sp_b",
+    "SET work_mem = '5MB'",
+    "RESET search_path",
+    "SAVEPOINT s1",
+    "SAVEPOINT s2",
+    "RELEASE s1",
+    "RELEASE SAVEPOINT s2",
+    "ROLLBACK TO s1",
+    "ROLLBACK TO SAVEPOINT s2",
+    "SELECT 1/0",
+    "SELECT set_config('search_path', 'sp_c', false)",
+]
+_transactions = st.tuples(
+    st.just("BEGIN"),
+    st.lists(st.sampled_from(IN_TRANSACTION), min_size=1, max_size=6),
+    st.sampled_from(["COMMIT", "ROLLBACK"]),
+).map(lambda t: [t[0], *t[1], t[2]])
+_sequences = st.lists(
+    st.one_of(st.sampled_from(STEPS).map(lambda step: [step]), _transactions), min_size=1, max_size=5
+).map(lambda units: [step for unit in units for step in unit])
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=_sequences)
+@example(steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SET search_path = sp_b",
+                "ROLLBACK TO s1", "COMMIT"])
+@example(steps=["SET search_path = sp_a", "SET search_path = sp_a", "DISCARD ALL", "DISCARD ALL"])
+def test_the_router_keeps_settings_as_postgresql_does(pooled, cluster: Cluster, steps: list[str]) -> None:
+    direct = psycopg.connect(cluster.primary.dsn("app"), autocommit=True)
+    client = psycopg.connect(pooled.dsn("carol"), autocommit=True)
+    other = psycopg.connect(pooled.dsn("carol"), autocommit=True)
+    try:
+        for i, step in enumerate(steps):
+            assert _run(client, step) == _run(direct, step), (steps[: i + 1], "the statement's result")
+            assert _show(client) == _show(direct), (steps[: i + 1], "the settings after it")
+            if client.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                # Between the client's transactions the server connection is anyone's: the
+                # other client leaves its own settings on it, and the client's next
+                # transaction must find its own again.
+                other.execute("SET search_path = sp_other; SET work_mem = '7MB'")
+                assert _show(client) == _show(direct), (steps[: i + 1], "the settings on a server used since")
+    finally:
+        for conn in (direct, client, other):
+            conn.close()
