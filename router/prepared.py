@@ -143,7 +143,7 @@ class ServerStatements:
 
     __slots__ = (
         "prepared", "ops", "sent_z", "recv_z", "max_prepared", "validated", "error_segment",
-        "wait_from", "uncounted_z",
+        "wait_from", "uncounted_z", "unsure",
     )
 
     def __init__(
@@ -153,6 +153,9 @@ class ServerStatements:
         # Server name -> the segment of the Parse that prepared it (a bounded LRU). A Parse
         # of a segment whose ReadyForQuery has arrived (segment < recv_z) is certain.
         self.prepared: OrderedDict[bytes, int] = OrderedDict()
+        # Server names that may or may not be prepared there (a DISCARD ALL / DEALLOCATE ALL
+        # was sent, and it fails in a transaction block): closed before they are used.
+        self.unsure: set[bytes] = set()
         self.ops: deque[tuple] = deque()
         self.sent_z = 0  # Query/Sync/FunctionCall messages sent: each earns one ReadyForQuery
         self.recv_z = 0
@@ -233,13 +236,24 @@ class ServerStatements:
         return frame(b"E", body)
 
     def forget_all(self) -> None:
-        """After DISCARD ALL / DEALLOCATE ALL on the connection: nothing is prepared, and a
-        request still unanswered that is dropped puts nothing back."""
+        """A DISCARD ALL / DEALLOCATE ALL was sent on the connection. Whether it drops the
+        statements is known only from its reply (DISCARD ALL fails in a transaction block), so
+        every statement the server has or is being asked to prepare becomes unsure: the next
+        use closes it first. A request still unanswered that is dropped puts nothing back."""
+        unsure = self.unsure
+        unsure.update(self.prepared)
         self.prepared.clear()
         ops = self.ops
         for i in range(len(ops)):
+            if ops[i][NAME] is not None:
+                unsure.add(ops[i][NAME])
             if ops[i][PREV] is not None:
                 ops[i] = (*ops[i][:PREV], None, *ops[i][PREV + 1 :])
+
+    def all_forgotten(self) -> None:
+        """The DISCARD ALL / DEALLOCATE ALL ran (its tag came back): the statements still
+        unsure are gone for certain (any later use closed and prepared its own)."""
+        self.unsure.clear()
 
     def _closing_before(self, name: bytes, segment: int) -> bool:
         """Whether a Close of ``name`` sent in an earlier segment is still unanswered: it may
@@ -255,6 +269,7 @@ class ServerStatements:
         self._close(name, segment, out)
 
     def _close(self, name: bytes, segment: int, out: list) -> None:
+        self.unsure.discard(name)
         out.append(frame(b"C", b"S" + name + b"\0"))
         self.ops.append((segment, CLOSE_REPLY, SWALLOW, name, self.prepared.pop(name, None), None, None, None, None))
 
@@ -276,7 +291,7 @@ class ServerStatements:
         request of an earlier segment not answered yet."""
         seen = self.prepared.get(name)
         if seen is None:
-            return -1 if self._closing_before(name, segment) else 0
+            return -1 if name in self.unsure or self._closing_before(name, segment) else 0
         if seen == segment or seen < self.recv_z:
             self.prepared.move_to_end(name)
             return 1

@@ -270,6 +270,7 @@ class ServerConnection(asyncio.Protocol):
                         self.call_rows += int(data[space + 1 : end])
                 if self.discards_owed and end < n and data[pos + 5 : end] in _FORGETS_STATEMENTS:
                     self.discards_owed -= 1
+                    st.all_forgotten()
                     client.forget_statements()
                 undo = client.settings_undo
                 if undo is not None and end < n:

@@ -82,3 +82,30 @@ def test_prepare_transaction_and_deallocate_all_are_not_refused(router):
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
             # Not refused by the router: the server answers (max_prepared_transactions = 0).
             conn.execute("BEGIN; PREPARE TRANSACTION 'x'")
+
+
+@pytest.mark.parametrize("failing", ["BEGIN; DISCARD ALL", "SELECT 1; DISCARD ALL"], ids=["transaction", "implicit"])
+def test_a_discard_all_that_fails_drops_nothing(start_router, cluster: Cluster, failing):
+    """DISCARD ALL cannot run inside a transaction block (a multi-statement Query is one): it
+    fails, and every statement stays, the client's names and the server's alike."""
+    router = start_router(pool_size=1)
+
+    def outcome(conn: psycopg.Connection) -> list:
+        query = "SELECT %s::int * 3"
+        seen = [conn.execute(query, (1,)).fetchone()]
+        try:
+            conn.execute(failing, prepare=False)
+        except psycopg.Error as exc:
+            seen.append(exc.sqlstate)
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+        seen += [conn.execute(query, (i,)).fetchone() for i in (2, 3)]
+        return seen
+
+    with psycopg.connect(cluster.primary.dsn("app"), autocommit=True, prepare_threshold=0) as direct:
+        expected = outcome(direct)
+    with psycopg.connect(router.dsn("carol"), autocommit=True, prepare_threshold=0) as conn:
+        assert outcome(conn) == expected
+        # A statement another client prepares afterwards on the same server connection.
+        with psycopg.connect(router.dsn("carol"), autocommit=True, prepare_threshold=0) as other:
+            assert other.execute("SELECT %s::int * 3", (5,)).fetchone() == (15,)

@@ -1236,3 +1236,25 @@ def test_after_discard_all_a_dropped_close_puts_nothing_back():
     s.server.forget_all()
     s.server.on_error()  # the Bind fails: the eviction's Close and b's Parse are skipped
     assert list(s.server.prepared) == []  # DISCARD ALL drops a all the same
+
+
+@pytest.mark.parametrize("ran", [True, False], ids=["discard-ran", "discard-failed"])
+def test_after_a_discard_all_a_statement_is_closed_before_it_is_prepared_again(ran):
+    """DISCARD ALL fails in a transaction block: until its tag is back, the server may still
+    have the statements, so their next use closes first (a Parse of a name the server has
+    fails with 42P05). Once it is known to have run, they are simply prepared again."""
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + SYNC)
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 1
+    name = s.name(Q1)
+    s.server.forget_all()
+    if ran:
+        s.server.all_forgotten()
+    out = s.rewrite(bind(b"", b"s1") + execute() + SYNC)
+    expected = parse(name, Q1) + bind(b"", name) + execute() + SYNC
+    assert split(out) == split(expected if ran else close(b"S", name) + expected)
+    # Closed once: after that the server's state is known again.
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 2
+    assert split(s.rewrite(bind(b"", b"s1") + execute() + SYNC)) == split(bind(b"", name) + execute() + SYNC)
