@@ -39,6 +39,17 @@ STEPS = [
     "SET work_mem = '6MB'; SAVEPOINT s1",
     "SAVEPOINT s2; SET search_path = sp_f; ROLLBACK TO s2",
     "DISCARD ALL",
+    "SET TIME ZONE 'Asia/Tokyo'",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "SET default_transaction_read_only = off",
+    "RESET default_transaction_read_only",
+    "DO $$BEGIN SET search_path = sp_do; END$$",
+    "SELECT set_config('work_mem', '9MB', false) WHERE false",
+    "SELECT set_config('work_mem', '8MB', false) FROM generate_series(1, 2)",
+    "CREATE TEMP TABLE IF NOT EXISTS tmp_diff (a int)",
+    "SELECT count(*) FROM tmp_diff",
+    "SET work_mem = '5MB'; RESET ALL; SELECT 1",
+    "SET search_path = sp_g; DISCARD ALL",
 ]
 
 
@@ -53,7 +64,7 @@ def _run(conn: psycopg.Connection, sql: str) -> str:
 
 def _show(conn: psycopg.Connection) -> list[str]:
     out = []
-    for name in ("search_path", "work_mem"):
+    for name in ("search_path", "work_mem", "TimeZone", "default_transaction_read_only"):
         try:
             out.append(conn.execute(f"SHOW {name}").fetchone()[0])
         except psycopg.Error as exc:
@@ -63,8 +74,10 @@ def _show(conn: psycopg.Connection) -> list[str]:
 
 @pytest.fixture
 def pooled(start_router):
-    """A router with one server connection, shared by the client under test and another."""
-    return start_router(pool_size=1, query_wait_timeout=5)
+    """A router with two server connections, shared by the client under test and another: the
+    other takes the one the client used last (the most recently released), unless the client
+    is pinned to it."""
+    return start_router(pool_size=2, query_wait_timeout=5)
 
 
 # Inside a transaction: what savepoints and errors do to the SETs before and after them.
@@ -110,7 +123,8 @@ def test_the_router_keeps_settings_as_postgresql_does(pooled, cluster: Cluster, 
                 # Between the client's transactions the server connection is anyone's: the
                 # other client leaves its own settings on it, and the client's next
                 # transaction must find its own again.
-                other.execute("SET search_path = sp_other; SET work_mem = '7MB'")
+                other.execute("SET search_path = sp_other; SET work_mem = '7MB'; SET TIME ZONE 'UTC'; "
+                              "SET default_transaction_read_only = on")
                 assert _show(client) == _show(direct), (steps[: i + 1], "the settings on a server used since")
     finally:
         for conn in (direct, client, other):
