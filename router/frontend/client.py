@@ -193,17 +193,19 @@ WRITE_LOW_WATER = 64 * 1024
 
 @dataclass(slots=True)
 class SettingsUndo:
-    """A client's session state before the tracked setting changes of its current transaction,
-    and whether that transaction is known to roll back (an error, a ROLLBACK tag)."""
+    """A client's session state before the tracked changes of its current transaction (its
+    settings, and the pins it may have dropped), and whether that transaction is known to roll
+    back (an error, a ROLLBACK tag)."""
 
     snapshot: tuple[dict[str, str], frozenset | None]  # SessionSettings.snapshot()
     read_only_session: bool
     session_target: Target | None
+    pins: frozenset[str]
     failed: bool = False
-    # The savepoints set since (name, and the three above as they were then), oldest first.
-    savepoints: list[tuple[str, tuple[dict[str, str], frozenset | None], bool, Target | None]] = field(
-        default_factory=list
-    )
+    # The savepoints set since (name, and the four above as they were then), oldest first.
+    savepoints: list[
+        tuple[str, tuple[dict[str, str], frozenset | None], bool, Target | None, frozenset[str]]
+    ] = field(default_factory=list)
 
 
 class ClientConnection(LoginMixin, asyncio.Protocol):
@@ -632,6 +634,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         pins = self.pins
         for match in _PIN_SQL.finditer(data, start, end):
             word = match.group(0).lower()
+            if pins and word.startswith((b"unlisten", b"pg_advisory_unlock_all", b"discard", b"reset")):
+                # Undone if its transaction rolls back (or it fails): see settings_settled.
+                self._undo_record()
             if word.startswith(b"unlisten"):
                 pins.discard("listen")
             elif word.startswith(b"listen"):
@@ -748,8 +753,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return 0
         classification = self.router.classifier.classify(sql, self.router.functions)
         session = self.session
-        if self.settings_undo is None:
-            self.settings_undo = SettingsUndo(session.snapshot(), self.read_only_session, self.session_target)
+        self._undo_record()
         flags = 0
         for info in classification.statements:
             kind = info.verdict.kind
@@ -820,6 +824,16 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.statements.clear()
         self._effects_by_statement.clear()
 
+    def _undo_record(self) -> SettingsUndo:
+        """The state to go back to if the current transaction rolls back: taken before its
+        first tracked change."""
+        undo = self.settings_undo
+        if undo is None:
+            undo = self.settings_undo = SettingsUndo(
+                self.session.snapshot(), self.read_only_session, self.session_target, frozenset(self.pins)
+            )
+        return undo
+
     def _track_savepoint(self, action: str, name: str) -> None:
         """SAVEPOINT, RELEASE or ROLLBACK TO (``action``) in a transaction with tracked setting
         changes: a ROLLBACK TO puts the settings back as they were at the savepoint, which
@@ -827,7 +841,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         undo = self.settings_undo
         savepoints = undo.savepoints
         if action == "savepoint":
-            savepoints.append((name, self.session.snapshot(), self.read_only_session, self.session_target))
+            savepoints.append(
+                (name, self.session.snapshot(), self.read_only_session, self.session_target, frozenset(self.pins))
+            )
             return
         # The most recent of that name. One set before the first tracked change of the
         # transaction is not in the list: the settings then were those the undo holds.
@@ -836,13 +852,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             del savepoints[max(at, 0) :]
             return
         if at >= 0:
-            _, snapshot, read_only, target = savepoints[at]
+            _, snapshot, read_only, target, pins = savepoints[at]
             del savepoints[at + 1 :]
         else:
-            snapshot, read_only, target = undo.snapshot, undo.read_only_session, undo.session_target
+            snapshot, read_only, target, pins = undo.snapshot, undo.read_only_session, undo.session_target, undo.pins
             savepoints.clear()
         self.session.restore(snapshot)
         self.read_only_session, self.session_target = read_only, target
+        self._pin_again(pins)
 
     def _track_identity(self, name: str, value: str | None) -> None:
         """SET (``value``) or RESET (None) of role or session_authorization, by whatever
@@ -877,6 +894,15 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self.session.restore(undo.snapshot)
             self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
             server.session_key = self.session.key
+            self._pin_again(undo.pins)
+
+    def _pin_again(self, pins: frozenset[str]) -> None:
+        """A rollback: the pins the client had before may be in force again (UNLISTEN, RESET
+        ROLE, DISCARD ALL are undone or never ran). The pins it took since stay: a session
+        advisory lock outlives the rollback of the transaction that took it."""
+        if not pins <= self.pins:
+            self.pins |= pins
+            self.router.note_pinned(self)
 
     def _hold_back(self, data: bytes, pos: int, need: int) -> None:
         self._partial = [data[pos:]]
@@ -1387,9 +1413,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._call_t0 = 0.0
         undo, self.settings_undo = self.settings_undo, None
         if undo is not None:
-            # The SETs among the held messages never ran.
+            # The SETs (and unpinning statements) among the held messages never ran.
             self.session.restore(undo.snapshot)
             self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
+            self._pin_again(undo.pins)
         if syncs == 0 or exc.severity == "FATAL":
             self.deferred_begin = None
             self.fail(exc)

@@ -206,6 +206,65 @@ def test_pinned_then_unpinned(start_router, pin, unpin, prepare):
             assert pinned(router) == 0
 
 
+def _unlisten_rolled_back(conn) -> None:
+    conn.execute("BEGIN")
+    conn.execute("UNLISTEN *")
+    conn.execute("ROLLBACK")
+
+
+def _unlisten_in_a_failed_transaction(conn) -> None:
+    conn.execute("BEGIN")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("SELECT 1/0")
+    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+        conn.execute("UNLISTEN *")
+    conn.execute("ROLLBACK")
+
+
+def _unlisten_rolled_back_to_a_savepoint(conn) -> None:
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT s")
+    conn.execute("UNLISTEN *")
+    conn.execute("ROLLBACK TO SAVEPOINT s")
+    conn.execute("COMMIT")
+
+
+def _discard_all_in_a_transaction_block(conn) -> None:
+    with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+        conn.execute("SET search_path = pin_undo; DISCARD ALL")
+
+
+def _unlisten_committed(conn) -> None:
+    conn.execute("BEGIN")
+    conn.execute("UNLISTEN *")
+    conn.execute("COMMIT")
+
+
+@pytest.mark.parametrize(
+    "undo, listening",
+    [
+        (_unlisten_rolled_back, True),
+        (_unlisten_in_a_failed_transaction, True),
+        (_unlisten_rolled_back_to_a_savepoint, True),
+        (_discard_all_in_a_transaction_block, True),
+        (_unlisten_committed, False),
+    ],
+    ids=["rollback", "failed-transaction", "rollback-to-savepoint", "failed-discard-all", "committed"],
+)
+def test_an_unpinning_statement_that_does_not_take_effect_keeps_the_pin(start_router, undo, listening):
+    """UNLISTEN (like RESET ROLE) takes effect when its transaction commits, and a statement
+    that fails does nothing: until then the client stays pinned, or its server connection,
+    still listening, would go to another client."""
+    router = start_router(pool_size=1, query_wait_timeout=1)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("LISTEN pin_undo")
+        assert pinned(router) == 1
+        undo(conn)
+        channels = conn.execute("SELECT pg_listening_channels()").fetchall()
+        assert channels == ([("pin_undo",)] if listening else [])
+        assert pinned(router) == (1 if listening else 0)
+
+
 def test_a_pin_is_seen_whatever_the_length_of_the_query(start_router):
     """A Query's text follows its 4-byte length: for one length in four its last byte is a
     letter or digit, which a pattern starting with a word boundary must not take for part of
