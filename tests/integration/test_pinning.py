@@ -206,52 +206,25 @@ def test_pinned_then_unpinned(start_router, pin, unpin, prepare):
             assert pinned(router) == 0
 
 
-def _unlisten_rolled_back(conn) -> None:
-    conn.execute("BEGIN")
-    conn.execute("UNLISTEN *")
-    conn.execute("ROLLBACK")
-
-
-def _unlisten_in_a_failed_transaction(conn) -> None:
-    conn.execute("BEGIN")
-    with pytest.raises(psycopg.errors.DivisionByZero):
-        conn.execute("SELECT 1/0")
-    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
-        conn.execute("UNLISTEN *")
-    conn.execute("ROLLBACK")
-
-
-def _unlisten_rolled_back_to_a_savepoint(conn) -> None:
-    conn.execute("BEGIN")
-    conn.execute("SAVEPOINT s")
-    conn.execute("UNLISTEN *")
-    conn.execute("ROLLBACK TO SAVEPOINT s")
-    conn.execute("COMMIT")
-
-
-def _discard_all_in_a_transaction_block(conn) -> None:
-    with pytest.raises(psycopg.errors.ActiveSqlTransaction):
-        conn.execute("SET search_path = pin_undo; DISCARD ALL")
-
-
-def _unlisten_committed(conn) -> None:
-    conn.execute("BEGIN")
-    conn.execute("UNLISTEN *")
-    conn.execute("COMMIT")
+_FAILS = psycopg.errors
+# Statements, or (statement, the error it must raise).
+_UNPIN_SCRIPTS = {
+    "rollback": ["BEGIN", "UNLISTEN *", "ROLLBACK"],
+    "failed-transaction": [
+        "BEGIN", ("SELECT 1/0", _FAILS.DivisionByZero), ("UNLISTEN *", _FAILS.InFailedSqlTransaction), "ROLLBACK",
+    ],
+    "rollback-to-savepoint": ["BEGIN", "SAVEPOINT s", "UNLISTEN *", "ROLLBACK TO SAVEPOINT s", "COMMIT"],
+    "failed-discard-all": [("SET search_path = pin_undo; DISCARD ALL", _FAILS.ActiveSqlTransaction)],
+    "committed": ["BEGIN", "UNLISTEN *", "COMMIT"],
+}
 
 
 @pytest.mark.parametrize(
-    "undo, listening",
-    [
-        (_unlisten_rolled_back, True),
-        (_unlisten_in_a_failed_transaction, True),
-        (_unlisten_rolled_back_to_a_savepoint, True),
-        (_discard_all_in_a_transaction_block, True),
-        (_unlisten_committed, False),
-    ],
-    ids=["rollback", "failed-transaction", "rollback-to-savepoint", "failed-discard-all", "committed"],
+    "script, listening",
+    [(_UNPIN_SCRIPTS[name], name != "committed") for name in _UNPIN_SCRIPTS],
+    ids=list(_UNPIN_SCRIPTS),
 )
-def test_an_unpinning_statement_that_does_not_take_effect_keeps_the_pin(start_router, undo, listening):
+def test_an_unpinning_statement_that_does_not_take_effect_keeps_the_pin(start_router, script, listening):
     """UNLISTEN (like RESET ROLE) takes effect when its transaction commits, and a statement
     that fails does nothing: until then the client stays pinned, or its server connection,
     still listening, would go to another client."""
@@ -259,7 +232,13 @@ def test_an_unpinning_statement_that_does_not_take_effect_keeps_the_pin(start_ro
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         conn.execute("LISTEN pin_undo")
         assert pinned(router) == 1
-        undo(conn)
+        for step in script:
+            sql, error = (step, None) if isinstance(step, str) else step
+            if error is None:
+                conn.execute(sql)
+            else:
+                with pytest.raises(error):
+                    conn.execute(sql)
         channels = conn.execute("SELECT pg_listening_channels()").fetchall()
         assert channels == ([("pin_undo",)] if listening else [])
         assert pinned(router) == (1 if listening else 0)
