@@ -846,17 +846,19 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             )
             return
         # The most recent of that name. One set before the first tracked change of the
-        # transaction is not in the list: the settings then were those the undo holds.
+        # transaction is not in the list: the settings then were those the undo holds. (Or
+        # there is none: the statement fails, and the transaction can commit only after a
+        # ROLLBACK TO a savepoint that exists, which sets the state right again.)
         at = next((i for i in range(len(savepoints) - 1, -1, -1) if savepoints[i][0] == name), -1)
         if action == "release":
-            del savepoints[max(at, 0) :]
+            if at >= 0:
+                del savepoints[at:]
             return
         if at >= 0:
             _, snapshot, read_only, target, pins = savepoints[at]
             del savepoints[at + 1 :]
         else:
             snapshot, read_only, target, pins = undo.snapshot, undo.read_only_session, undo.session_target, undo.pins
-            savepoints.clear()
         self.session.restore(snapshot)
         self.read_only_session, self.session_target = read_only, target
         self._pin_again(pins)

@@ -50,6 +50,9 @@ STEPS = [
     "SELECT count(*) FROM tmp_diff",
     "SET work_mem = '5MB'; RESET ALL; SELECT 1",
     "SET search_path = sp_g; DISCARD ALL",
+    "LISTEN ch_a",
+    "UNLISTEN ch_a",
+    "UNLISTEN *",
 ]
 
 
@@ -69,6 +72,10 @@ def _show(conn: psycopg.Connection) -> list[str]:
             out.append(conn.execute(f"SHOW {name}").fetchone()[0])
         except psycopg.Error as exc:
             out.append(f"error {exc.sqlstate}")
+    try:
+        out.append(conn.execute("SELECT array_agg(c ORDER BY c) FROM pg_listening_channels() c").fetchone()[0])
+    except psycopg.Error as exc:
+        out.append(f"error {exc.sqlstate}")
     return out
 
 
@@ -94,6 +101,8 @@ IN_TRANSACTION = [
     "ROLLBACK TO SAVEPOINT s2",
     "SELECT 1/0",
     "SELECT set_config('search_path', 'sp_c', false)",
+    "LISTEN ch_b",
+    "UNLISTEN *",
 ]
 _transactions = st.tuples(
     st.just("BEGIN"),
@@ -111,6 +120,9 @@ _sequences = st.lists(
 @example(steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SET search_path = sp_b",
                 "ROLLBACK TO s1", "COMMIT"])
 @example(steps=["SET search_path = sp_a", "SET search_path = sp_a", "DISCARD ALL", "DISCARD ALL"])
+@example(steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "RELEASE s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
+@example(steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "ROLLBACK TO s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
+@example(steps=["DO $$BEGIN SET search_path = sp_do; END$$", "SET search_path = sp_g; DISCARD ALL"])
 def test_the_router_keeps_settings_as_postgresql_does(pooled, cluster: Cluster, steps: list[str]) -> None:
     direct = psycopg.connect(cluster.primary.dsn("app"), autocommit=True)
     client = psycopg.connect(pooled.dsn("carol"), autocommit=True)
