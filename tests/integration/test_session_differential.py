@@ -53,13 +53,21 @@ STEPS = [
     "LISTEN ch_a",
     "UNLISTEN ch_a",
     "UNLISTEN *",
+    "SET ROLE pg_monitor",
+    "RESET ROLE",
+    "SELECT set_config('role', 'pg_read_all_settings', false)",
+    "DECLARE c_diff CURSOR WITH HOLD FOR SELECT generate_series(1, 3)",
+    "FETCH c_diff",
+    "CLOSE c_diff",
 ]
 
 
-def _run(conn: psycopg.Connection, sql: str) -> str:
-    """What a statement did, comparable across connections: its status, or its SQLSTATE."""
+def _run(conn: psycopg.Connection, sql: str, prepare: bool | None = None) -> str:
+    """What a statement did, comparable across connections: its status, or its SQLSTATE.
+    ``prepare``: psycopg's, True for a named statement (Parse, then Bind/Execute), False for a
+    simple Query, None for psycopg's default (a named one from the sixth time a text runs)."""
     try:
-        cur = conn.execute(sql)
+        cur = conn.execute(sql, prepare=prepare)
     except psycopg.Error as exc:
         return f"error {exc.sqlstate}"
     return cur.statusmessage or ""
@@ -67,7 +75,7 @@ def _run(conn: psycopg.Connection, sql: str) -> str:
 
 def _show(conn: psycopg.Connection) -> list[str]:
     out = []
-    for name in ("search_path", "work_mem", "TimeZone", "default_transaction_read_only"):
+    for name in ("search_path", "work_mem", "TimeZone", "default_transaction_read_only", "role"):
         try:
             out.append(conn.execute(f"SHOW {name}").fetchone()[0])
         except psycopg.Error as exc:
@@ -103,6 +111,8 @@ IN_TRANSACTION = [
     "SELECT set_config('search_path', 'sp_c', false)",
     "LISTEN ch_b",
     "UNLISTEN *",
+    "SET ROLE pg_monitor",
+    "RESET ROLE",
 ]
 _transactions = st.tuples(
     st.just("BEGIN"),
@@ -116,20 +126,22 @@ _sequences = st.lists(
 
 @settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=_sequences)
-@example(steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SET search_path = sp_b",
+@given(steps=_sequences, prepare=st.sampled_from([None, False, True]))
+@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SET search_path = sp_b",
                 "ROLLBACK TO s1", "COMMIT"])
-@example(steps=["SET search_path = sp_a", "SET search_path = sp_a", "DISCARD ALL", "DISCARD ALL"])
-@example(steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "RELEASE s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
-@example(steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "ROLLBACK TO s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
-@example(steps=["DO $$BEGIN SET search_path = sp_do; END$$", "SET search_path = sp_g; DISCARD ALL"])
-def test_the_router_keeps_settings_as_postgresql_does(pooled, cluster: Cluster, steps: list[str]) -> None:
+@example(prepare=None, steps=["SET search_path = sp_a", "SET search_path = sp_a", "DISCARD ALL", "DISCARD ALL"])
+@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "RELEASE s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
+@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "ROLLBACK TO s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
+@example(prepare=None, steps=["DO $$BEGIN SET search_path = sp_do; END$$", "SET search_path = sp_g; DISCARD ALL"])
+def test_the_router_keeps_settings_as_postgresql_does(
+    pooled, cluster: Cluster, steps: list[str], prepare: bool | None
+) -> None:
     direct = psycopg.connect(cluster.primary.dsn("app"), autocommit=True)
     client = psycopg.connect(pooled.dsn("carol"), autocommit=True)
     other = psycopg.connect(pooled.dsn("carol"), autocommit=True)
     try:
         for i, step in enumerate(steps):
-            assert _run(client, step) == _run(direct, step), (steps[: i + 1], "the statement's result")
+            assert _run(client, step, prepare) == _run(direct, step, prepare), (steps[: i + 1], "the result")
             assert _show(client) == _show(direct), (steps[: i + 1], "the settings after it")
             if client.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 # Between the client's transactions the server connection is anyone's: the
