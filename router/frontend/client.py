@@ -508,15 +508,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             )
                             or low.find(b"set_config") >= 0
                             or low.find(b"u&") >= 0
-                            or (
-                                special_parse
-                                and self.settings_undo is not None
-                                and _SAVEPOINT_SQL.match(data, query_start, end)
-                            )
+                            or (special_parse and _SAVEPOINT_SQL.match(data, query_start, end))
                         )
-                        if settings:
-                            # A SET sent with the extended protocol (JDBC, asyncpg's fetch):
-                            # noted when parsed, as the Query's are when they arrive.
+                        if settings and not data[pos + 5]:
+                            # A SET sent with the extended protocol in an unnamed statement
+                            # (JDBC): noted when parsed, as the Query's are when they arrive.
+                            # A named one changes nothing until a Bind runs it, maybe on
+                            # another server connection: noted then (_statement_effects_again).
                             query_end = data.index(b"\0", query_start, end)
                             forget |= self._track_session_statements(data[query_start:query_end])
                         if data[pos + 5]:
@@ -527,8 +525,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             elif self._effects_by_statement:
                                 self._effects_by_statement.pop(name, None)
                         if settings:
-                            # Tracked above from the text as written; sent without its SET
-                            # pgrouter.target (a Bind of it tracks the same text again).
+                            # Tracked from the text as written (above, or at each Bind of a
+                            # named statement); sent without its SET pgrouter.target.
                             sub = self._parse_without_router_target(data, pos, end)
                             if sub is not None:
                                 data = data[:pos] + sub + data[end:]

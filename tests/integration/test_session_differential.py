@@ -1,9 +1,11 @@
 """Transaction pooling keeps a client's session settings as a dedicated connection would:
 the same statements, run through the router and straight on PostgreSQL, give the same
-results and leave the same settings, while another client keeps taking the one pooled server
-connection between transactions (so the router must replay exactly what PostgreSQL kept).
+results and leave the same settings (and listening channels, role), while another client
+keeps using the pooled server connections between the client's transactions, so the router
+must replay exactly what PostgreSQL kept. With and without read/write splitting.
 
-Sequences come from hypothesis, derandomized: the same cases on every run.
+Sequences come from hypothesis, derandomized: the same cases on every run, plus the cases it
+once found, as explicit examples.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.cluster import Cluster
+from tests.integration.test_splitting import wait_replicas_eligible
 
 STEPS = [
     "SET search_path = sp_a",
@@ -87,12 +90,16 @@ def _show(conn: psycopg.Connection) -> list[str]:
     return out
 
 
-@pytest.fixture
-def pooled(start_router):
-    """A router with two server connections, shared by the client under test and another: the
-    other takes the one the client used last (the most recently released), unless the client
-    is pinned to it."""
-    return start_router(pool_size=2, query_wait_timeout=5)
+@pytest.fixture(params=[False, True], ids=["primary", "split"])
+def pooled(start_router, request):
+    """A router with two server connections per node, shared by the client under test and
+    another: the other takes the one the client used last (the most recently released),
+    unless the client is pinned to it. With splitting, the client's reads run on replicas
+    and its other transactions on the primary, each on a connection last used by anyone."""
+    router = start_router(pool_size=2, query_wait_timeout=5, split=request.param)
+    if request.param:
+        wait_replicas_eligible(router)
+    return router
 
 
 # Inside a transaction: what savepoints and errors do to the SETs before and after them.
@@ -133,6 +140,7 @@ _sequences = st.lists(
 @example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "RELEASE s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
 @example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "ROLLBACK TO s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
 @example(prepare=None, steps=["DO $$BEGIN SET search_path = sp_do; END$$", "SET search_path = sp_g; DISCARD ALL"])
+@example(prepare=True, steps=["SET TIME ZONE 'Asia/Tokyo'", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"])
 def test_the_router_keeps_settings_as_postgresql_does(
     pooled, cluster: Cluster, steps: list[str], prepare: bool | None
 ) -> None:
