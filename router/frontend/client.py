@@ -116,6 +116,8 @@ _LATER_SESSION_SQL = re.compile(
 # Savepoints matter while the transaction has tracked setting changes (settings_undo): a
 # ROLLBACK TO undoes those made since, as PostgreSQL does.
 _SAVEPOINT_SQL = re.compile(rb"(?i)\s*(?:savepoint|release|rollback\s+(?:(?:work|transaction)\s+)?to)\b")
+# So do transaction ends that start another at once: a ROLLBACK AND CHAIN undoes them there.
+_ENDS_AND_CHAINS = re.compile(rb"(?i)\s*(?:rollback|abort|commit|end)\b[^;]*\bchain\b")
 _COMMENT_START = frozenset(b"/-")
 # Valid after login besides the above: CopyData, CopyDone, CopyFail.
 _COPY = frozenset(b"dcf")
@@ -455,7 +457,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         data = data[:pos] + sub + data[end:]
                         n = len(data)
                         length = len(sub) - 1
-                elif special and self.settings_undo is not None and _SAVEPOINT_SQL.match(data, pos + 5, pos + 69):
+                elif self.settings_undo is not None and (
+                    (special and _SAVEPOINT_SQL.match(data, pos + 5, pos + 69))
+                    or _ENDS_AND_CHAINS.match(data, pos + 5, end)
+                ):
                     forget |= self._track_session_statements(data[pos + 5 : end - 1])
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
@@ -788,6 +793,20 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 flags |= _FORGET_PREPARED
             elif kind is StatementKind.SAVEPOINT:
                 self._track_savepoint(info.value, info.name)
+            elif kind is StatementKind.ROLLBACK_AND_CHAIN or (
+                kind is StatementKind.COMMIT_AND_CHAIN and self.settings_undo.failed
+            ):
+                # The transaction's changes are undone and the next one starts at once
+                # (ReadyForQuery 'T': nothing settles): go back now, and track afresh.
+                undo = self.settings_undo
+                session.restore(undo.snapshot)
+                self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
+                self._pin_again(undo.pins)
+                self.settings_undo = None
+                self._undo_record()
+            elif kind is StatementKind.COMMIT_AND_CHAIN:
+                self.settings_undo = None  # kept; the next transaction's changes undo alone
+                self._undo_record()
             elif kind is StatementKind.DO_SESSION:
                 # What it sets is known only to the server connection that ran it.
                 self.pins.add("DO block")

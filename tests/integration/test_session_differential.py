@@ -62,6 +62,13 @@ STEPS = [
     "DECLARE c_diff CURSOR WITH HOLD FOR SELECT generate_series(1, 3)",
     "FETCH c_diff",
     "CLOSE c_diff",
+    "START TRANSACTION READ ONLY",
+    "BEGIN ISOLATION LEVEL SERIALIZABLE",
+    "SET TRANSACTION READ ONLY",
+    "COMMIT AND CHAIN",
+    "ROLLBACK AND CHAIN",
+    "END",
+    "ABORT",
 ]
 
 
@@ -120,6 +127,9 @@ IN_TRANSACTION = [
     "UNLISTEN *",
     "SET ROLE pg_monitor",
     "RESET ROLE",
+    "COMMIT AND CHAIN",
+    "ROLLBACK AND CHAIN",
+    "SET LOCAL work_mem = '3MB'",
 ]
 _transactions = st.tuples(
     st.just("BEGIN"),
@@ -141,6 +151,9 @@ _sequences = st.lists(
 @example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "ROLLBACK TO s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
 @example(prepare=None, steps=["DO $$BEGIN SET search_path = sp_do; END$$", "SET search_path = sp_g; DISCARD ALL"])
 @example(prepare=True, steps=["SET TIME ZONE 'Asia/Tokyo'", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"])
+@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK AND CHAIN", "COMMIT"])
+@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SELECT 1/0", "COMMIT AND CHAIN", "SET work_mem = '5MB'",
+                              "COMMIT"])
 def test_the_router_keeps_settings_as_postgresql_does(
     pooled, cluster: Cluster, steps: list[str], prepare: bool | None
 ) -> None:
