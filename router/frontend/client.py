@@ -799,9 +799,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 # The transaction's changes are undone and the next one starts at once
                 # (ReadyForQuery 'T': nothing settles): go back now, and track afresh.
                 undo = self.settings_undo
-                session.restore(undo.snapshot)
-                self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
-                self._pin_again(undo.pins)
+                self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)
                 self.settings_undo = None
                 self._undo_record()
             elif kind is StatementKind.COMMIT_AND_CHAIN:
@@ -876,9 +874,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             del savepoints[at + 1 :]
         else:
             snapshot, read_only, target, pins = undo.snapshot, undo.read_only_session, undo.session_target, undo.pins
-        self.session.restore(snapshot)
-        self.read_only_session, self.session_target = read_only, target
-        self._pin_again(pins)
+        self._go_back(snapshot, read_only, target, pins)
 
     def _track_identity(self, name: str, value: str | None) -> None:
         """SET (``value``) or RESET (None) of role or session_authorization, by whatever
@@ -910,15 +906,22 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return
         undo, self.settings_undo = self.settings_undo, None
         if undo is not None and undo.failed:
-            self.session.restore(undo.snapshot)
-            self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
+            self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)
             server.session_key = self.session.key
-            self._pin_again(undo.pins)
 
-    def _pin_again(self, pins: frozenset[str]) -> None:
-        """A rollback: the pins the client had before may be in force again (UNLISTEN, RESET
-        ROLE, DISCARD ALL are undone or never ran). The pins it took since stay: a session
-        advisory lock outlives the rollback of the transaction that took it."""
+    def _go_back(
+        self,
+        snapshot: tuple[dict[str, str], frozenset | None],
+        read_only_session: bool,
+        session_target: Target | None,
+        pins: frozenset[str],
+    ) -> None:
+        """A rollback (or statements that never ran): the session as it was. The pins the
+        client had then may be in force again (UNLISTEN, RESET ROLE, DISCARD ALL are undone or
+        never ran); the pins it took since stay: a session advisory lock outlives the rollback
+        of the transaction that took it."""
+        self.session.restore(snapshot)
+        self.read_only_session, self.session_target = read_only_session, session_target
         if not pins <= self.pins:
             self.pins |= pins
             self.router.note_pinned(self)
@@ -1433,9 +1436,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         undo, self.settings_undo = self.settings_undo, None
         if undo is not None:
             # The SETs (and unpinning statements) among the held messages never ran.
-            self.session.restore(undo.snapshot)
-            self.read_only_session, self.session_target = undo.read_only_session, undo.session_target
-            self._pin_again(undo.pins)
+            self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)
         if syncs == 0 or exc.severity == "FATAL":
             self.deferred_begin = None
             self.fail(exc)
