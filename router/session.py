@@ -73,15 +73,17 @@ class SessionSettings:
     whose key differs first gets ``RESET ALL`` and the replay (see ``prelude``), so another
     client's settings never leak in and this client's follow it."""
 
-    __slots__ = ("_startup", "_sets", "key")
+    __slots__ = ("_startup", "_sets", "key", "startup_values")
 
     def __init__(self, startup_params: dict[str, str]) -> None:
-        startup: dict[str, str] = {}
+        # The startup packet's settings by name (lower case), as the client gave them.
+        values: dict[str, str] = {}
         for name, value in startup_params.items():
             if name not in _NOT_SETTINGS and not name.startswith("_pq_."):
-                startup[name.lower()] = set_config_sql(name, value)
-        for name, value in _options_settings(startup_params.get("options", "")).items():
-            startup[name] = set_config_sql(name, value)
+                values[name.lower()] = value
+        values.update(_options_settings(startup_params.get("options", "")))
+        self.startup_values = values
+        startup = {name: set_config_sql(name, value) for name, value in values.items()}
         self._startup = startup
         self._sets = dict(startup)
         self.key: frozenset | None = frozenset(startup.items()) if startup else None

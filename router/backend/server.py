@@ -467,11 +467,13 @@ class ServerConnection(asyncio.Protocol):
         self._reader.feed(rest[n:])
         return rest[:n]
 
-    async def run_until_ready(self, sql: str) -> None:
-        """Run a statement on an unlinked connection and read through its ReadyForQuery.
-        Raises RouterError on an ErrorResponse (the connection is then still usable)."""
+    async def run_until_ready(self, sql: str) -> dict[str, str]:
+        """Run a statement on an unlinked connection and read through its ReadyForQuery;
+        returns the parameters the server reported meanwhile (ParameterStatus). Raises
+        RouterError on an ErrorResponse (the connection is then still usable)."""
         self.write(m.query(sql))
         error: RouterError | None = None
+        reported: dict[str, str] = {}
         while True:
             msg_type, body = await self.read_message()
             if msg_type == b"E":
@@ -480,11 +482,12 @@ class ServerConnection(asyncio.Protocol):
             elif msg_type == b"S":
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
+                reported[name] = value
             elif msg_type == b"Z":
                 self.tx_status = m.parse_ready_for_query(body)
                 if error is not None:
                     raise error
-                return
+                return reported
 
     async def login(
         self,

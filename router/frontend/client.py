@@ -58,6 +58,8 @@ _P_, _B_, _C_, _D_, _E_ = ord("P"), ord("B"), ord("C"), ord("D"), ord("E")
 # settings reset to the server's defaults, and (with reply counting only) ends with a Sync.
 _COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET, _ENDS_SYNCED = 1, 2, 4, 8, 16
 _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
+# A session-mode reset query that puts a server connection back to its login settings.
+_RESETS_ALL = re.compile(r"(?i)\s*(?:discard|reset)\s+all\s*;?\s*$")
 # SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
 # them, which transaction pooling does not keep: refused in transaction mode (README).
 _SQL_PREPARED = re.compile(
@@ -1200,7 +1202,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # without the SETs it holds (tracked on arrival, they are in self.session already).
         undo = self.settings_undo
         before = self.session.key if undo is None else undo.snapshot[1]
-        if (self.rewrite_statements or self.tenant_guard is not None) and server.session_key != before:
+        if (self.rewrite_statements or self.tenant_guard is not None or self.session_mode) and server.session_key != before:
             prelude = self.session.prelude(server.session_key, None if undo is None else undo.snapshot)
             if prelude:
                 # Another client's settings off, this client's on; replies are dropped.
@@ -1545,9 +1547,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     await server.run_until_ready("DISCARD ALL")
                     server.stmts.forget_all()
                     server.session_key = None
-                elif self.pool_mode is PoolMode.SESSION and server.pool.settings.reset_query:
-                    await server.run_until_ready(server.pool.settings.reset_query)
-                    server.stmts.forget_all()
+                elif self.pool_mode is PoolMode.SESSION:
+                    reset_query = server.pool.settings.reset_query
+                    if reset_query:
+                        await server.run_until_ready(reset_query)
+                        server.stmts.forget_all()
+                    # Back to its login settings only if the reset query says so; otherwise
+                    # the next session's prelude starts with RESET ALL (_attach).
+                    server.session_key = None if _RESETS_ALL.match(reset_query) else _UNKNOWN_SETTINGS
         except (RouterError, TimeoutError) as exc:
             server.close(f"reset after client left failed: {exc}")
             return

@@ -237,7 +237,10 @@ class LoginMixin:
         self.db_route = target.route
         self.startup_read_only = startup_read_only(self.startup_params)
         self.read_only_session = self.startup_read_only
-        status = await self.pool.login_parameter_status(self.startup_params.get("application_name"))
+        status = await self.pool.login_parameter_status(
+            self.startup_params.get("application_name"),
+            {name: value for name, value in self.session.startup_values.items() if name != "application_name"},
+        )
         self.function_catalog = self.router.function_catalog(self, target)
         self.cancel_pid, self.cancel_key = self.router.register_client(self)
         out = bytearray(m.auth_ok())

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +20,16 @@ from router.backend.server import ServerConnection
 from router.config import ChannelBinding, PoolMode
 from router.protocol import messages as m
 from router.protocol.errors import RouterError, SQLState
+from router.session import set_config_sql
+
+# What PostgreSQL refuses in a startup packet, found when the router applies a client's
+# startup settings at login: an unrecognized parameter, an invalid value, one the user may
+# not set. (One that cannot change after connection start, 55P02, is accepted there.)
+_REFUSED_AT_STARTUP = frozenset(
+    {SQLState.UNDEFINED_OBJECT, SQLState.INVALID_PARAMETER_VALUE, SQLState.INSUFFICIENT_PRIVILEGE}
+)
+# Distinct sets of startup settings whose reported values a pool remembers.
+_STARTUP_REPORTS_KEPT = 256
 
 log = logging.getLogger("pgrouter.pool")
 
@@ -96,6 +106,9 @@ class Pool:
         # ParameterStatus values of a real server connection, sent to clients at login.
         self.server_params: dict[str, str] | None = None
         self._status_block: bytes | None = None  # server_params as ParameterStatus messages
+        # What the server reports of clients' startup settings (ParameterStatus changes), by
+        # the settings: learnt once per distinct set (``_startup_status``).
+        self._startup_reports: OrderedDict[frozenset, dict[str, str]] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
         # Called when a server of this pool answers 42883 (undefined_function), if set.
         self.on_undefined_function = None
@@ -282,20 +295,68 @@ class Pool:
         assert self.server_params is not None
         return self.server_params
 
-    async def login_parameter_status(self, application_name: str | None) -> bytes:
-        """The ParameterStatus messages a client gets at login: the server's set, built once
-        per pool, with the client's own application_name when it sent one (a dedicated server
-        would echo it)."""
+    async def login_parameter_status(self, application_name: str | None, settings: dict[str, str]) -> bytes:
+        """The ParameterStatus messages a client gets at login: the server's set (built once
+        per pool), with what the server reports of the client's startup ``settings`` (a
+        dedicated server would have applied them: TimeZone, DateStyle, client_encoding, ...)
+        and the client's own application_name when it sent one (a dedicated server would echo
+        it)."""
         params = await self.learn_server_params()
         if self._status_block is None:
             self._status_block = b"".join(
                 m.parameter_status(name, value) for name, value in params.items() if name != "application_name"
             )
+        block = self._status_block
+        if settings:
+            reported = await self._startup_status(settings)
+            if reported:
+                block = b"".join(
+                    m.parameter_status(name, reported.get(name, value))
+                    for name, value in params.items()
+                    if name != "application_name"
+                )
         if application_name is None:
             application_name = params.get("application_name")
         if application_name is None:
-            return self._status_block
-        return self._status_block + m.parameter_status("application_name", application_name)
+            return block
+        return block + m.parameter_status("application_name", application_name)
+
+    async def _startup_status(self, settings: dict[str, str]) -> dict[str, str]:
+        """What a server reports when ``settings`` are applied to it: run them once on a
+        server connection (then RESET ALL), remembered per distinct set. A value the server
+        refuses as PostgreSQL would refuse it in a startup packet (an unknown name, an invalid
+        value) raises, so the client's login fails as it would on the server; a setting that
+        merely cannot be changed after connection start is left out, as the settings prelude
+        leaves it."""
+        key = frozenset(settings.items())
+        reports = self._startup_reports
+        reported = reports.get(key)
+        if reported is not None:
+            reports.move_to_end(key)
+            return reported
+        server = await self.acquire()
+        reported = {}
+        refused: RouterError | None = None
+        try:
+            await server.run_until_ready("RESET ALL")
+            for name, value in settings.items():
+                try:
+                    reported.update(await server.run_until_ready(set_config_sql(name, value)))
+                except RouterError as exc:
+                    if server.closed:
+                        raise
+                    if refused is None and exc.sqlstate in _REFUSED_AT_STARTUP:
+                        refused = exc
+            await server.run_until_ready("RESET ALL")
+            server.session_key = None
+        finally:
+            self.release(server)  # a connection that broke meanwhile is closed, not kept
+        if refused is not None:
+            raise RouterError(refused.sqlstate, refused.message, severity="FATAL")
+        reports[key] = reported
+        if len(reports) > _STARTUP_REPORTS_KEPT:
+            reports.popitem(last=False)
+        return reported
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

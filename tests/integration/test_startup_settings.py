@@ -1,0 +1,63 @@
+"""A client's startup settings (``options='-c name=value'``, TimeZone, DateStyle, ...) are its
+session's, in both pool modes, as on a dedicated connection: the server values the client is
+told at login (ParameterStatus) and the values its statements see are those PostgreSQL itself
+would give it, and a startup setting PostgreSQL refuses fails the login as PostgreSQL does."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.cluster import Cluster
+
+STARTUP = "-c TimeZone=Asia/Tokyo -c search_path=sp_start -c DateStyle=SQL,DMY -c IntervalStyle=iso_8601"
+REPORTED = ("DateStyle", "IntervalStyle", "TimeZone", "client_encoding", "application_name",
+            "standard_conforming_strings", "default_transaction_read_only")
+SHOWN = ("TimeZone", "search_path", "DateStyle", "IntervalStyle", "application_name")
+
+
+def _view(conn: psycopg.Connection) -> dict[str, str]:
+    """What the driver was told, and what the session has."""
+    told = {f"told {name}": conn.info.parameter_status(name) for name in REPORTED}
+    return told | {f"shows {name}": conn.execute(f"SHOW {name}").fetchone()[0] for name in SHOWN}
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_startup_settings_are_the_session_s_from_login_on(start_router, cluster: Cluster, pool_mode):
+    router = start_router(pool_size=1, pool_mode=pool_mode)
+    with psycopg.connect(cluster.primary.dsn("app"), autocommit=True, application_name="app", options=STARTUP) as d, \
+            psycopg.connect(router.dsn("carol"), autocommit=True, application_name="app", options=STARTUP) as c:
+        assert _view(c) == _view(d)
+        # psycopg reads dates by the DateStyle it was told: told ISO, it cannot read 27/11/2026.
+        assert c.execute("SELECT '2026-11-27'::date").fetchone()[0] == datetime.date(2026, 11, 27)
+    # The next client on the same server connection has none of them.
+    with psycopg.connect(cluster.primary.dsn("app"), autocommit=True) as d, \
+            psycopg.connect(router.dsn("carol"), autocommit=True) as c:
+        assert [c.execute(f"SHOW {name}").fetchone() for name in SHOWN[:4]] == [
+            d.execute(f"SHOW {name}").fetchone() for name in SHOWN[:4]
+        ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"TimeZone": "Nowhere/Atlantis"}, {"no_such_setting": "1"}, {"DateStyle": "SQL, DMY", "statement_timeout": "soon"}],
+    ids=["invalid value", "unknown name", "invalid number"],
+)
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_a_startup_setting_postgresql_refuses_fails_the_login(start_router, cluster: Cluster, settings, pool_mode):
+    router = start_router(pool_size=1, pool_mode=pool_mode)
+
+    async def refusal(dsn: str) -> tuple[str, str]:
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await asyncpg.connect(dsn, server_settings=settings)
+        return refused.value.sqlstate, refused.value.message
+
+    assert asyncio.run(refusal(router.dsn("carol"))) == asyncio.run(refusal(cluster.primary.dsn("app")))
+    # The server connection it was tried on serves the next client, with nothing of it left.
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as c:
+        assert c.execute("SHOW DateStyle").fetchone()[0] == "ISO, MDY"
+        assert c.execute("SHOW statement_timeout").fetchone()[0] == "0"
