@@ -155,5 +155,12 @@ async def follow(
                         await on_message(message)
         except RegistryUnavailable as exc:
             on_lost(exc)
+        except Exception as exc:
+            # Anything else is a lost connection too: redis-py's reconnect over uvloop can
+            # raise RuntimeError ("the handler is closed") when the server dies mid-write.
+            # Ending here would stop following for good (no more cancel relay, no more
+            # invalidations) while the router runs on.
+            log.warning("pub/sub connection lost on an unexpected error; subscribing again", exc_info=exc)
+            on_lost(exc)
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX)
