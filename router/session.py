@@ -88,6 +88,30 @@ class SessionSettings:
         self._sets = dict(startup)
         self.key: frozenset | None = frozenset(startup.items()) if startup else None
 
+    def restore_sql(self) -> str | None:
+        """The statement that puts the startup settings back after a RESET, RESET ALL or
+        DISCARD ALL sent to the server (which go back to the server connection's own login
+        values), where the session has not set them since (source 'session'): run right
+        after the client's statement, in its transaction, so what follows sees the client's
+        values and the server reports them (ParameterStatus) as a dedicated server would.
+        Only settings any role may set (or a superuser's, for a superuser), so it cannot fail
+        in a transaction that has not already failed; a custom setting (``app.tenant``) when
+        it is empty. None without startup settings."""
+        if not self.startup_values:
+            return None
+        rows = ", ".join(f"({_literal(name)}, {_literal(value)})" for name, value in self.startup_values.items())
+        return (
+            "SELECT pg_catalog.count(pg_catalog.set_config(v.name, v.setting, false))"
+            f" FROM (VALUES {rows}) AS v(name, setting)"
+            " LEFT JOIN pg_catalog.pg_settings AS s ON pg_catalog.lower(s.name) = v.name"
+            " WHERE CASE WHEN s.name IS NULL"
+            # A custom (placeholder) setting, not in pg_settings: back to '' when reset.
+            " THEN pg_catalog.strpos(v.name, '.') > 0"
+            " AND coalesce(pg_catalog.current_setting(v.name, true), '') = ''"
+            " ELSE s.source <> 'session' AND (s.context = 'user'"
+            " OR (s.context = 'superuser' AND pg_catalog.current_setting('is_superuser') = 'on')) END"
+        )
+
     def pin(self, name: str, statement: str) -> None:
         """A setting the session always carries, whatever RESET/RESET ALL it runs."""
         self._startup[name] = statement

@@ -54,6 +54,7 @@ _N = ord("N")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
 _DATA_ROW = ord("D")
+_PARAMETER_STATUS = ord("S")
 # The replies data_received looks at; every branch of its scan is one of these.
 _WATCHED = frozenset((_Z, _E, _N, _COMMAND_COMPLETE, _PARSE_COMPLETE, _CLOSE_COMPLETE))
 # Command tags after which a session has no prepared statements left.
@@ -125,6 +126,12 @@ class ServerConnection(asyncio.Protocol):
         # A client's DISCARD ALL / DEALLOCATE ALL sent and not yet answered: its tag, when it
         # comes, frees the client's statement names (ClientConnection.forget_statements).
         self.discards_owed = 0
+        # The router's restore of a client's startup settings after its RESET (client.py
+        # ``_restore``): the ReadyForQuery counts (stmts.recv_z) after which one was sent,
+        # and whether its replies are coming now (kept back, but for ParameterStatus).
+        self.restore_after: deque[int] = deque()
+        self.restoring = False
+        self._restore_buf = b""
         # While a CancelRequest for this backend is on its way, the connection is not handed
         # to another client: the signal could otherwise land on that client's query.
         self.cancels_in_flight = 0
@@ -168,6 +175,10 @@ class ServerConnection(asyncio.Protocol):
         if client is None:
             self._slow_data(data)
             return
+        if self.restoring:
+            data = self._restore_replies(data)
+            if not data:
+                return
         # Hot path: find message boundaries only to spot ReadyForQuery (and, while the
         # router owes rewrites, ParseComplete/CloseComplete/ErrorResponse); forward the chunk.
         if self._head:
@@ -181,6 +192,7 @@ class ServerConnection(asyncio.Protocol):
         cuts: list | None = None
         # Replies to the router's own settings prelude are dropped up to their ReadyForQuery.
         swallow_from = 0 if self.swallow_z else -1
+        rest = b""
         while pos < n:
             if pos + 5 > n:
                 # A header split across reads: keep it back, forward what precedes it.
@@ -217,6 +229,15 @@ class ServerConnection(asyncio.Protocol):
                     self._finish_call(now)
                 if client.settings_undo is not None:
                     client.settings_settled(self, self.tx_status)
+                if self.restore_after and st.recv_z == self.restore_after[0]:
+                    # The router's restore follows: this ReadyForQuery is dropped, the
+                    # restore's stands in for it, and its replies go the slow way.
+                    self.restore_after.popleft()
+                    self.restoring = True
+                    cuts = _cut(cuts, pos, b"", pos + 6)
+                    rest = data[pos + 6 :]
+                    data = data[: pos + 6]
+                    n = pos + 6
             elif t == _E:
                 if pos + 1 + length > n and length <= MAX_HELD_ERROR:
                     # Only a whole ErrorResponse can be judged (stale plan, duplicate name,
@@ -308,6 +329,36 @@ class ServerConnection(asyncio.Protocol):
                 client.router.transaction_durations.observe((now or perf_counter()) - self.tx_t0)
                 self.tx_t0 = 0.0
             client.server_ready(self)
+        elif self.restoring and rest:
+            self.data_received(rest)
+
+    def _restore_replies(self, data: bytes) -> bytes:
+        """Replies to the router's restore of startup settings: ParameterStatus messages go
+        to the client (the server reports the client's values again), the rest is dropped up
+        to its ReadyForQuery, which is returned with what follows for the hot path, where it
+        counts as the ReadyForQuery it stands in for."""
+        buf = self._restore_buf + data if self._restore_buf else data
+        n = len(buf)
+        pos = 0
+        reports = []
+        while pos + 5 <= n:
+            t = buf[pos]
+            if t == _Z:
+                self.restoring = False
+                break
+            end = pos + 1 + _unpack_len(buf, pos + 1)[0]
+            if end > n:
+                break
+            if t == _PARAMETER_STATUS:
+                reports.append(buf[pos:end])
+            pos = end
+        if reports:
+            self.client.transport.write(b"".join(reports))
+        if self.restoring:
+            self._restore_buf = buf[pos:]
+            return b""
+        self._restore_buf = b""
+        return buf[pos:]
 
     def _retire_stale_statements(self) -> None:
         """After "cached plan must not change result type": the statements of the chunk get new
@@ -405,6 +456,9 @@ class ServerConnection(asyncio.Protocol):
         self.tx_t0 = 0.0
         self._skip = 0
         self._head = b""
+        self.restore_after.clear()
+        self.restoring = False
+        self._restore_buf = b""
         # Anything the server sent while idle has been consumed by the slow path.
 
     def unlink(self) -> None:

@@ -30,7 +30,7 @@ from router.prepared import (
 from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import frame
-from router.routing.route import decide, held_verdict
+from router.routing.route import RESTORE_SHIFT, decide, held_verdict
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
 from router.routing.statements import created_session_functions
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
@@ -57,7 +57,12 @@ _P_, _B_, _C_, _D_, _E_ = ord("P"), ord("B"), ord("C"), ord("D"), ord("E")
 # Close, rewriting for a named statement, forgetting the server's prepared statements,
 # settings reset to the server's defaults, and (with reply counting only) ends with a Sync.
 _COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET, _ENDS_SYNCED = 1, 2, 4, 8, 16
+# Above these bits, one per ReadyForQuery of the chunk (bit _RESTORE_SHIFT + k for its k-th,
+# from 1): the router's startup-settings restore follows that Query or Sync (``_restore``).
+_RESTORE_SHIFT = RESTORE_SHIFT
 _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
+# A Query that may start a COPY: the router's restore does not follow it (see _restore).
+_COPY_WORD = re.compile(rb"(?i)\bcopy\b")
 # A session-mode reset query that puts a server connection back to its login settings.
 _RESETS_ALL = re.compile(r"(?i)\s*(?:discard|reset)\s+all\s*;?\s*$")
 # SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
@@ -306,6 +311,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # name. A driver runs a prepared statement again with a Bind alone (psycopg after
         # prepare_threshold runs, asyncpg's statement cache), so each Bind is noted again.
         self._effects_by_statement: dict[bytes, tuple[bytes, bool, bool]] = {}
+        # A RESET of startup settings was seen: the restore follows the next Query or Sync.
+        self._restore_owed = False
+        self._restore_query: bytes | None = None
+        self._resetting_statements: set[bytes] = set()  # session mode: named ones that reset
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -354,6 +363,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             if t == _S:
                 syncs += 1
                 self.unsynced = False
+                if self._restore_owed:
+                    # The restore goes right behind this Sync, skipped over by this loop.
+                    restore = self._restore()
+                    data = data[: pos + 5] + restore + data[pos + 5 :]
+                    n = len(data)
+                    length += len(restore)
+                    forget |= 1 << (_RESTORE_SHIFT + syncs)
+                    syncs += 1
             elif t == _Q:
                 # A simple Query also ends with ReadyForQuery after everything before it.
                 syncs += 1
@@ -382,6 +399,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         data = data[:pos]
                         n = pos
                         break
+                    if self.session.startup_values and self._resets_startup(data[pos + 5 : end - 1]):
+                        self._restore_owed = True
                     targets = self._router_targets(data, pos + 5, end - 1)
                     if targets is not None:
                         sub = frame(b"Q", targets.sql.encode(self.router.client_text_encoding) + b"\0")
@@ -464,6 +483,20 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     or _ENDS_AND_CHAINS.match(data, pos + 5, end)
                 ):
                     forget |= self._track_session_statements(data[pos + 5 : end - 1])
+                if (
+                    self._restore_owed
+                    and pos + 1 + length <= n
+                    and _COPY_WORD.search(data, pos + 5, pos + 1 + length) is None
+                ):
+                    # The restore goes right behind this Query, skipped over by this loop.
+                    # (Not behind a COPY: its data comes next. The next Query or Sync then.)
+                    at = pos + 1 + length
+                    restore = self._restore()
+                    data = data[:at] + restore + data[at:]
+                    n = len(data)
+                    length += len(restore)
+                    forget |= 1 << (_RESTORE_SHIFT + syncs)
+                    syncs += 1
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
                     self.unsynced = True
@@ -558,11 +591,38 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                         data = data[:pos]
                         n = pos
                         break
+                    query_start = data.index(b"\0", pos + 5, end) + 1
+                    if self.session.startup_values and (
+                        # (One statement per Parse: one that resets starts with the word.)
+                        _SESSION_SQL.match(data, query_start, query_start + 64)
+                        or data[query_start] in _COMMENT_START
+                        or self._resetting_statements
+                    ):
+                        # An unnamed statement runs before the Sync that follows; a named one
+                        # at each Bind of it (below).
+                        resets = self._resets_startup(data[query_start : data.index(b"\0", query_start, end)])
+                        if not data[pos + 5]:
+                            self._restore_owed |= resets
+                        elif resets:
+                            self._resetting_statements.add(data[pos + 5 : query_start - 1])
+                        elif self._resetting_statements:
+                            self._resetting_statements.discard(data[pos + 5 : query_start - 1])
                     sub = self._parse_without_router_target(data, pos, end)
                     if sub is not None:
                         data = data[:pos] + sub + data[end:]
                         n = len(data)
                         length = len(sub) - 1
+                elif t == _B_ and self._resetting_statements:
+                    # Session mode: a Bind of a named statement that resets startup settings.
+                    if pos + 1 + length > n:
+                        self._hold_back(data, pos, 1 + length)
+                        data = data[:pos]
+                        n = pos
+                        break
+                    portal_end = data.index(b"\0", pos + 5, pos + 1 + length)
+                    name = data[portal_end + 1 : data.index(b"\0", portal_end + 1, pos + 1 + length)]
+                    if name in self._resetting_statements:
+                        self._restore_owed = True
             elif t == _X:
                 self._forward(data[:pos], start, syncs, (_NEEDS_REWRITE if rewrite else parse_or_close) | forget)
                 self._terminate()
@@ -746,6 +806,34 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         sql = targets.sql.encode(self.router.client_text_encoding)
         return frame(b"P", data[pos + 5 : query_start] + sql + data[query_end:end])
 
+    def _restore(self) -> bytes:
+        """The Query that puts the client's startup settings back on the server after its
+        RESET / RESET ALL / DISCARD ALL (``SessionSettings.restore_sql``): sent right after
+        the Query or Sync that ran it, its replies dropped but for the ParameterStatus
+        messages, and its ReadyForQuery passed on for the client's own (ServerConnection)."""
+        self._restore_owed = False
+        restore = self._restore_query
+        if restore is None:
+            restore = self._restore_query = m.query(self.session.restore_sql() or "")
+        return restore
+
+    def _resets_startup(self, sql_bytes: bytes) -> bool:
+        """Session mode: whether the text resets a startup setting, so that a restore must
+        follow it (in transaction mode ``_track_session_statements`` notes this)."""
+        low = sql_bytes.lower()
+        if b"reset" not in low and b"discard" not in low and b"default" not in low and b"local" not in low:
+            return False  # (SET x TO DEFAULT and SET TIME ZONE LOCAL reset too)
+        try:
+            sql = sql_bytes.decode(self.router.client_text_encoding)
+        except UnicodeDecodeError:
+            return False
+        startup = self.session.startup_values
+        return any(
+            info.verdict.kind in (StatementKind.RESET_ALL, StatementKind.DISCARD_ALL)
+            or (info.verdict.kind is StatementKind.RESET and info.name in startup)
+            for info in self.router.classifier.classify(sql, self.router.functions).statements
+        )
+
     def _track_session_statements(self, sql_bytes: bytes, router_targets: list[str] | None = None) -> int:
         """Note the session-level SET/RESET/DISCARD of a Query (replayed by ``SessionSettings``
         on the next server). Returns the chunk flags it calls for: _FORGET_PREPARED when it
@@ -773,14 +861,18 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 session.reset(info.name)
                 if info.name == "default_transaction_read_only":
                     self.read_only_session = self.startup_read_only
+                if info.name in session.startup_values:
+                    self._restore_owed = True
                 flags |= _SETTINGS_RESET
             elif kind is StatementKind.RESET_ALL:
                 session.reset_all()
                 self.read_only_session = self.startup_read_only
+                self._restore_owed = bool(session.startup_values)
                 flags |= _SETTINGS_RESET
             elif kind is StatementKind.DISCARD_ALL:
                 session.reset_all()
                 self.read_only_session = self.startup_read_only
+                self._restore_owed = bool(session.startup_values)
                 flags |= _SETTINGS_RESET | _FORGET_PREPARED
             elif kind is StatementKind.ROUTER_TARGET:
                 # Answered by the router when it is a lone Query between transactions
@@ -970,7 +1062,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             if self.replica_node is not None and self._replica_chunk(server, data, start, syncs, rewrite):
                 return
             if self.watch_writes:
-                self._watch_for_writes(data, start)
+                self._watch_for_writes(data, start, rewrite)
             self._send(server, data, start, syncs, rewrite)
             return
         if self._dropping_copy or (not start and data and data[0] in _COPY):
@@ -1136,12 +1228,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 replay.append(entry)
         return False
 
-    def _watch_for_writes(self, data: bytes, start: int) -> None:
+    def _watch_for_writes(self, data: bytes, start: int, flags: int) -> None:
         """In a BEGIN ... transaction on the primary: does it write? (read-your-writes)"""
         if start:
             return
         _, combined, self.last_unnamed = held_verdict(
-            [(data, start, 0, 0)], self.db_route.verdicts.verdict, self.statement_sql, self.last_unnamed
+            [(data, start, 0, flags)], self.db_route.verdicts.verdict, self.statement_sql, self.last_unnamed
         )
         if combined is not None and combined.target is Target.PRIMARY:
             self.wrote = True
@@ -1302,6 +1394,16 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             else None
         )
         server.last_sent = sent
+        restores = rewrite >> _RESTORE_SHIFT
+        if restores:
+            # The ReadyForQuery replies the router's restores follow: dropped, the restore's
+            # own stands in for each (ServerConnection.restore_after).
+            k = st.sent_z
+            while restores:
+                if restores & 1:
+                    server.restore_after.append(k)
+                restores >>= 1
+                k += 1
         st.sent_z += syncs
         server.transport.write(sent)
         if rewrite & _FORGET_PREPARED:
@@ -1332,7 +1434,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             else:
                 server.calls.pop()
                 self._call_sql, self._call_t0 = sql, t0
-        return data[:cut], syncs - rest_syncs, rewrite & ~_FORGET_PREPARED
+        now_syncs = syncs - rest_syncs
+        if rewrite >> _RESTORE_SHIFT:
+            # Restores after the Syncs of the rest go with the rest, counted from its start.
+            low_bits = (1 << (_RESTORE_SHIFT + now_syncs + 1)) - 1
+            flags = (rewrite & ((1 << _RESTORE_SHIFT) - 1)) | ((rewrite >> (_RESTORE_SHIFT + now_syncs)) << _RESTORE_SHIFT)
+            self._after_replies[0] = (rest, 0, rest_syncs, flags)
+            rewrite &= low_bits
+        return data[:cut], now_syncs, rewrite & ~_FORGET_PREPARED
 
     def _wait_for_replies(self, data: bytes, start: int, syncs: int, rewrite: int) -> None:
         """A chunk behind one that waits for the server's replies: it waits too, in order."""

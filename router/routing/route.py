@@ -36,7 +36,11 @@ from router.routing.verdict import (
 from router.sqlkey import TextCache
 
 _unpack_len = struct.Struct("!I").unpack_from
-_Q, _P, _B = ord("Q"), ord("P"), ord("B")
+_Q, _P, _B, _S = ord("Q"), ord("P"), ord("B"), ord("S")
+# A chunk's flags carry, from this bit up, where the router put its own Query (the restore of
+# startup settings after a RESET): bit RESTORE_SHIFT + k when it follows the chunk's k-th
+# Query or Sync. Its SQL is the router's, not the client's, and decides nothing here.
+RESTORE_SHIFT = 5
 _D, _E = ord("D"), ord("E")
 _SYNC = b"S\x00\x00\x00\x04"
 
@@ -189,8 +193,10 @@ def held_verdict(
     later unnamed Bind in another chunk runs.
     """
     first = combined = None
-    for data, start, _syncs, _flags in chunks:
+    for data, start, _syncs, flags in chunks:
         pos, n = start, len(data)
+        restores = flags >> RESTORE_SHIFT
+        synced = 0  # Queries and Syncs so far
         while pos + 5 <= n:
             t = data[pos]
             end = pos + 1 + _unpack_len(data, pos + 1)[0]
@@ -198,7 +204,11 @@ def held_verdict(
                 break
             verdict = None
             if t == _Q:
-                verdict = verdict_of(data[pos + 5 : end - 1])
+                if not (restores >> synced) & 1:
+                    verdict = verdict_of(data[pos + 5 : end - 1])
+                synced += 1
+            elif t == _S:
+                synced += 1
             elif t == _P:
                 name_end = data.index(b"\0", pos + 5, end)
                 query_end = data.index(b"\0", name_end + 1, end)

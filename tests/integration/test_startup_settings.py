@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 
+import subprocess
+
 import asyncpg
 import psycopg
 import pytest
+
+from tests.clients.conftest import client_env
 
 from tests.cluster import Cluster
 
@@ -61,3 +65,53 @@ def test_a_startup_setting_postgresql_refuses_fails_the_login(start_router, clus
     with psycopg.connect(router.dsn("carol"), autocommit=True) as c:
         assert c.execute("SHOW DateStyle").fetchone()[0] == "ISO, MDY"
         assert c.execute("SHOW statement_timeout").fetchone()[0] == "0"
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+@pytest.mark.parametrize("prepare", [False, True], ids=["query", "named statement"])
+@pytest.mark.parametrize(
+    "reset",
+    [["DISCARD ALL"], ["RESET ALL"], ["RESET TimeZone"], ["SET TIME ZONE LOCAL"], ["BEGIN", "RESET ALL"],
+     ["BEGIN", "SET TimeZone = 'UTC'", "RESET ALL"]],
+    ids=["discard all", "reset all", "reset one", "set to default", "reset all in a transaction", "reset all after a set"],
+)
+def test_a_reset_goes_back_to_the_startup_settings_at_once(start_router, cluster: Cluster, pool_mode, prepare, reset):
+    """RESET puts the server connection back to its own login values; the client's are put
+    back right after it, in the same transaction, and reported to the client (ParameterStatus)
+    before its ReadyForQuery, as a dedicated server would."""
+    router = start_router(pool_size=1, pool_mode=pool_mode)
+    with psycopg.connect(cluster.primary.dsn("app"), autocommit=True, application_name="app", options=STARTUP) as d, \
+            psycopg.connect(router.dsn("carol"), autocommit=True, application_name="app", options=STARTUP) as c:
+        for conn in (c, d):
+            conn.execute("SET TimeZone = 'Europe/Paris'")
+            conn.execute("SET application_name = 'changed'")
+            for statement in reset:
+                conn.execute(statement, prepare=prepare)
+        # Told before the statement's ReadyForQuery, and seen by the transaction's next statement.
+        told = [(name, c.info.parameter_status(name)) for name in REPORTED]
+        assert told == [(name, d.info.parameter_status(name)) for name in REPORTED]
+        assert c.execute("SELECT now()::text, current_setting('application_name')").fetchone()[0][-3:] == \
+            d.execute("SELECT now()::text, current_setting('application_name')").fetchone()[0][-3:]
+        assert _view(c) == _view(d)
+        for conn in (c, d):
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("COMMIT")
+        assert _view(c) == _view(d)
+
+
+def test_a_reset_in_the_query_of_a_copy_leaves_the_copy_alone(start_router):
+    """The restore waits for the COPY's data (sent behind the Query it would break the COPY),
+    and follows the client's next statement. psql sends the three statements as one Query."""
+    router = start_router(pool_size=1)
+    script = (
+        "CREATE TABLE IF NOT EXISTS copy_after_reset (a int);\n"
+        "SET TimeZone = 'UTC' \\; RESET ALL \\; COPY copy_after_reset FROM STDIN;\n1\n2\n\\.\n"
+        "SELECT count(*) FROM copy_after_reset;\nSHOW TimeZone;\nDROP TABLE copy_after_reset;\n"
+    )
+    proc = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-q", "-f", "-", router.dsn("carol")],
+        input=script, capture_output=True, text=True, timeout=60,
+        env=client_env(PGOPTIONS="-c TimeZone=Asia/Tokyo"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "Asia/Tokyo"]

@@ -13,6 +13,7 @@ from router.routing.classify import classify
 from router.routing.functions import FunctionCatalog
 from router.routing.route import (
     PLAIN_READ,
+    RESTORE_SHIFT,
     RouteReason,
     VerdictCache,
     decide,
@@ -117,6 +118,29 @@ def test_held_verdict_follows_named_and_unnamed_statements() -> None:
     _, combined, _ = scan([bind(b"s2") + SYNC], named={b"s2": "INSERT INTO t VALUES (1)"})
     assert combined.target is P
     assert scan([SYNC])[1] is None
+
+
+@pytest.mark.parametrize(
+    "chunk, restore_after, expected",
+    [
+        # The router's restore Query after the chunk's 1st ReadyForQuery point decides nothing...
+        (query("RESET ALL") + query("SELECT set_config('a', 'b', false)"), 1, None),
+        (parse(b"", "RESET ALL") + bind(b"") + SYNC + query("UPDATE t SET a = 1"), 1, None),
+        # ... while the client's own Queries around it still do.
+        (query("RESET ALL") + query("SELECT set_config('a', 'b', false)") + query("DELETE FROM t"), 1, Reason.WRITE),
+        (query("SELECT 1") + query("RESET ALL") + query("UPDATE t SET a = 1"), 2, None),
+        (query("SELECT 1") + query("RESET ALL") + query("UPDATE t SET a = 1"), 1, Reason.WRITE),
+    ],
+)
+def test_held_verdict_skips_the_router_s_own_restore(chunk, restore_after, expected) -> None:
+    _, combined, _ = held_verdict(
+        [(chunk, 0, 3, 1 << (RESTORE_SHIFT + restore_after))], lambda sql: verdict(sql.decode()), lambda _: None, None
+    )
+    assert combined is not None
+    if expected is None:
+        assert combined.target is not P
+    else:
+        assert combined.target is P and combined.reason is expected
 
 
 def test_held_verdict_ignores_a_truncated_message() -> None:

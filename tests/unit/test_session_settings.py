@@ -130,3 +130,11 @@ def test_a_snapshot_restores_settings_and_key():
     # The snapshot is a copy: restoring does not tie the session to it.
     s.set("search_path", "SET search_path = y")
     assert before[0] == {"application_name": set_config_sql("application_name", "app")}
+
+
+def test_restore_sql_names_each_startup_setting_once_quoted():
+    session = SessionSettings({"user": "u", "application_name": "it's", "options": "-c TimeZone=UTC -c app.t=4"})
+    sql = session.restore_sql()
+    assert "('application_name', 'it''s'), ('timezone', 'UTC'), ('app.t', '4')" in sql
+    assert "s.source <> 'session'" in sql
+    assert SessionSettings({"user": "u", "database": "d"}).restore_sql() is None
