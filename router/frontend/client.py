@@ -549,6 +549,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                             or low.find(b"set_config") >= 0
                             or low.find(b"u&") >= 0
                             or (special_parse and _SAVEPOINT_SQL.match(data, query_start, end))
+                            or (low.find(b"chain") >= 0 and _ENDS_AND_CHAINS.match(data, query_start, end))
                         )
                         if settings and not data[pos + 5]:
                             # A SET sent with the extended protocol in an unnamed statement

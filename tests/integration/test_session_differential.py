@@ -2,7 +2,9 @@
 the same statements, run through the router and straight on PostgreSQL, give the same
 results and leave the same settings (and listening channels, role), while another client
 keeps using the pooled server connections between the client's transactions, so the router
-must replay exactly what PostgreSQL kept. With and without read/write splitting.
+must replay exactly what PostgreSQL kept. With and without read/write splitting, and in session
+mode. Settings are compared as the session has them (SHOW) and as the driver was told them
+(ParameterStatus), for clients with and without startup settings (what RESET goes back to).
 
 Sequences come from hypothesis, derandomized: the same cases on every run, plus the cases it
 once found, as explicit examples.
@@ -69,6 +71,26 @@ STEPS = [
     "ROLLBACK AND CHAIN",
     "END",
     "ABORT",
+    # Other spellings, and settings the server reports to the client (ParameterStatus).
+    "SET SCHEMA 'sp_schema'",
+    "SET search_path TO DEFAULT",
+    "SET SESSION search_path = \"sp;quoted\", 'sp q'",
+    "SET application_name = 'app;x'",
+    "SET application_name = $$dollar's$$",
+    "RESET application_name",
+    "SET DateStyle = 'SQL, DMY'",
+    "SET IntervalStyle = iso_8601",
+    "SET TIME ZONE LOCAL",
+    "SET TIME ZONE INTERVAL '+05:30' HOUR TO MINUTE",
+    "RESET TIME ZONE",
+    "SET NAMES 'LATIN1'",
+    "RESET client_encoding",
+    "SET statement_timeout = '10s'",
+    "SET default_transaction_isolation = 'repeatable read'",
+    "SET LOCAL work_mem = '2MB'",
+    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+    "/* a comment */ SET work_mem = '4MB'",
+    "SELECT 1; SET search_path = sp_h",
 ]
 
 
@@ -83,9 +105,17 @@ def _run(conn: psycopg.Connection, sql: str, prepare: bool | None = None) -> str
     return cur.statusmessage or ""
 
 
+REPORTED = ("application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
+            "default_transaction_read_only", "is_superuser", "session_authorization",
+            "standard_conforming_strings")
+
+
 def _show(conn: psycopg.Connection) -> list[str]:
-    out = []
-    for name in ("search_path", "work_mem", "TimeZone", "default_transaction_read_only", "role"):
+    # What the server reported (ParameterStatus), as the client's driver keeps it.
+    out = [f"{name}={conn.info.parameter_status(name)}" for name in REPORTED]
+    for name in ("search_path", "work_mem", "TimeZone", "default_transaction_read_only", "role",
+                 "application_name", "DateStyle", "IntervalStyle", "client_encoding",
+                 "statement_timeout", "default_transaction_isolation", "transaction_isolation"):
         try:
             out.append(conn.execute(f"SHOW {name}").fetchone()[0])
         except psycopg.Error as exc:
@@ -97,17 +127,28 @@ def _show(conn: psycopg.Connection) -> list[str]:
     return out
 
 
-@pytest.fixture(params=[False, True], ids=["primary", "split"])
+def _same_settings(client: psycopg.Connection, direct: psycopg.Connection, steps: list[str], when: str) -> None:
+    mine, theirs = _show(client), _show(direct)
+    assert mine == theirs, f"{' | '.join(steps)}: {when}: {[(a, b) for a, b in zip(mine, theirs) if a != b]}"
+
+
+@pytest.fixture(params=["primary", "split", "session"])
 def pooled(start_router, request):
     """A router with two server connections per node, shared by the client under test and
     another: the other takes the one the client used last (the most recently released),
     unless the client is pinned to it. With splitting, the client's reads run on replicas
-    and its other transactions on the primary, each on a connection last used by anyone."""
-    router = start_router(pool_size=2, query_wait_timeout=5, split=request.param)
-    if request.param:
+    and its other transactions on the primary, each on a connection last used by anyone.
+    In session mode each client keeps one, reset (DISCARD ALL) when it leaves."""
+    split = request.param == "split"
+    mode = "session" if request.param == "session" else "transaction"
+    router = start_router(pool_size=2, query_wait_timeout=5, split=split, pool_mode=mode)
+    if split:
         wait_replicas_eligible(router)
     return router
 
+
+# Settings from the startup packet: what RESET, RESET ALL and DISCARD ALL go back to.
+STARTUP = "-c TimeZone=Asia/Tokyo -c search_path=sp_start -c DateStyle=SQL,DMY -c IntervalStyle=iso_8601"
 
 # Inside a transaction: what savepoints and errors do to the SETs before and after them.
 IN_TRANSACTION = [
@@ -130,6 +171,9 @@ IN_TRANSACTION = [
     "COMMIT AND CHAIN",
     "ROLLBACK AND CHAIN",
     "SET LOCAL work_mem = '3MB'",
+    "SET application_name = 'in_tx'",
+    "SET TIME ZONE 'Europe/Paris'",
+    "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
 ]
 _transactions = st.tuples(
     st.just("BEGIN"),
@@ -143,34 +187,42 @@ _sequences = st.lists(
 
 @settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=_sequences, prepare=st.sampled_from([None, False, True]))
-@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SET search_path = sp_b",
+@given(steps=_sequences, prepare=st.sampled_from([None, False, True]), options=st.sampled_from(["", STARTUP]))
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SET search_path = sp_b",
                 "ROLLBACK TO s1", "COMMIT"])
-@example(prepare=None, steps=["SET search_path = sp_a", "SET search_path = sp_a", "DISCARD ALL", "DISCARD ALL"])
-@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "RELEASE s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
-@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "ROLLBACK TO s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
-@example(prepare=None, steps=["DO $$BEGIN SET search_path = sp_do; END$$", "SET search_path = sp_g; DISCARD ALL"])
-@example(prepare=True, steps=["SET TIME ZONE 'Asia/Tokyo'", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"])
-@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK AND CHAIN", "COMMIT"])
-@example(prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SELECT 1/0", "COMMIT AND CHAIN", "SET work_mem = '5MB'",
+@example(options="", prepare=None, steps=["SET search_path = sp_a", "SET search_path = sp_a", "DISCARD ALL", "DISCARD ALL"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "RELEASE s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s2", "ROLLBACK TO s1", "ROLLBACK TO SAVEPOINT s2", "COMMIT"])
+@example(options="", prepare=None, steps=["DO $$BEGIN SET search_path = sp_do; END$$", "SET search_path = sp_g; DISCARD ALL"])
+@example(options="", prepare=True, steps=["SET TIME ZONE 'Asia/Tokyo'", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK AND CHAIN", "COMMIT"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SELECT 1/0", "COMMIT AND CHAIN", "SET work_mem = '5MB'",
                               "COMMIT"])
+@example(options="", prepare=True, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK AND CHAIN", "COMMIT"])
+@example(options=STARTUP, prepare=None, steps=["SET search_path = sp_a", "DISCARD ALL", "RESET TIME ZONE"])
+@example(options=STARTUP, prepare=True, steps=["SET TIME ZONE LOCAL", "SET search_path TO DEFAULT"])
+@example(options=STARTUP, prepare=None, steps=["BEGIN", "SET TIME ZONE 'Europe/Paris'", "RESET ALL", "ROLLBACK"])
 def test_the_router_keeps_settings_as_postgresql_does(
-    pooled, cluster: Cluster, steps: list[str], prepare: bool | None
+    pooled, cluster: Cluster, steps: list[str], prepare: bool | None, options: str
 ) -> None:
-    direct = psycopg.connect(cluster.primary.dsn("app"), autocommit=True)
-    client = psycopg.connect(pooled.dsn("carol"), autocommit=True)
+    # A client without an application_name would see the router's server connections' own
+    # (`server_application_name`), where PostgreSQL has none: both name one.
+    direct = psycopg.connect(cluster.primary.dsn("app"), autocommit=True, application_name="diff", options=options)
+    client = psycopg.connect(pooled.dsn("carol"), autocommit=True, application_name="diff", options=options)
     other = psycopg.connect(pooled.dsn("carol"), autocommit=True)
     try:
         for i, step in enumerate(steps):
             assert _run(client, step, prepare) == _run(direct, step, prepare), (steps[: i + 1], "the result")
-            assert _show(client) == _show(direct), (steps[: i + 1], "the settings after it")
+            _same_settings(client, direct, steps[: i + 1], "the settings after it")
             if client.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 # Between the client's transactions the server connection is anyone's: the
                 # other client leaves its own settings on it, and the client's next
                 # transaction must find its own again.
                 other.execute("SET search_path = sp_other; SET work_mem = '7MB'; SET TIME ZONE 'UTC'; "
-                              "SET default_transaction_read_only = on")
-                assert _show(client) == _show(direct), (steps[: i + 1], "the settings on a server used since")
+                              "SET default_transaction_read_only = on; SET application_name = 'other'; "
+                              "SET DateStyle = 'German'; SET IntervalStyle = 'postgres_verbose'; "
+                              "SET statement_timeout = '20s'; SET default_transaction_isolation = 'serializable'")
+                _same_settings(client, direct, steps[: i + 1], "the settings on a server used since")
     finally:
         for conn in (direct, client, other):
             conn.close()
