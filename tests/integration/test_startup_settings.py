@@ -115,3 +115,24 @@ def test_a_reset_in_the_query_of_a_copy_leaves_the_copy_alone(start_router):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["2", "Asia/Tokyo"]
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_an_asyncpg_pool_resets_a_connection_to_its_startup_settings(start_router, cluster: Cluster, pool_mode):
+    """asyncpg's pool resets a connection it takes back (one Query ending in RESET ALL): the
+    connection's next user finds the startup settings, as on PostgreSQL."""
+    router = start_router(pool_size=2, pool_mode=pool_mode)
+    settings = {"TimeZone": "Asia/Tokyo", "DateStyle": "SQL, DMY", "application_name": "pooled"}
+
+    async def after_reset(dsn: str) -> list:
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=1, server_settings=settings) as pool:
+            async with pool.acquire() as conn:
+                await conn.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET application_name = 'used'")
+                await conn.execute("LISTEN ch_pool")
+            async with pool.acquire() as conn:
+                shown = [await conn.fetchval(f"SHOW {name}") for name in settings]
+                told = [conn.get_settings().__getattr__(name) for name in settings]
+                listening = await conn.fetchval("SELECT count(*) FROM pg_listening_channels()")
+                return shown + told + [listening]
+
+    assert asyncio.run(after_reset(router.dsn("carol"))) == asyncio.run(after_reset(cluster.primary.dsn("app")))
