@@ -12,6 +12,11 @@ from router.routing.session_statements import parse_bool
 
 # Startup parameters that are not settings (PostgreSQL docs, 55.7 StartupMessage).
 _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
+# The session's identity. RESET ALL leaves these alone (GUC_NO_RESET_ALL), so no settings
+# prelude could take one off a server connection: a client whose startup packet names one is
+# pinned to its server connection for its whole session (transaction mode), under this reason.
+IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
+STARTUP_IDENTITY_PIN = "startup role"
 
 
 def _literal(value: str) -> str:
@@ -96,7 +101,7 @@ class SessionSettings:
         values and the server reports them (ParameterStatus) as a dedicated server would.
         Only settings any role may set (or a superuser's, for a superuser), so it cannot fail
         in a transaction that has not already failed; a custom setting (``app.tenant``) when
-        it is empty. None without startup settings."""
+        it is empty, a role when there is none. None without startup settings."""
         if not self.startup_values:
             return None
         rows = ", ".join(f"({_literal(name)}, {_literal(value)})" for name, value in self.startup_values.items())
@@ -104,7 +109,9 @@ class SessionSettings:
             "SELECT pg_catalog.count(pg_catalog.set_config(v.name, v.setting, false))"
             f" FROM (VALUES {rows}) AS v(name, setting)"
             " LEFT JOIN pg_catalog.pg_settings AS s ON pg_catalog.lower(s.name) = v.name"
-            " WHERE CASE WHEN s.name IS NULL"
+            # A startup role (not in pg_settings) after RESET ROLE or DISCARD ALL.
+            " WHERE CASE WHEN v.name = 'role' THEN pg_catalog.current_setting('role') = 'none'"
+            " WHEN s.name IS NULL"
             # A custom (placeholder) setting, not in pg_settings: back to '' when reset.
             " THEN pg_catalog.strpos(v.name, '.') > 0"
             " AND coalesce(pg_catalog.current_setting(v.name, true), '') = ''"

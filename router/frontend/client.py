@@ -34,7 +34,7 @@ from router.routing.route import RESTORE_SHIFT, decide, held_verdict
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
 from router.routing.statements import created_session_functions
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
-from router.session import SessionSettings, set_config_sql
+from router.session import STARTUP_IDENTITY_PIN, SessionSettings, set_config_sql
 from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
@@ -264,6 +264,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._after_replies_bytes = 0
         # Why this client keeps its server connection between transactions (empty: it does not).
         self.pins: set[str] = set()
+        # A role (or session user) from the startup packet: pinned for the whole session.
+        self.startup_identity = False
         self.session = SessionSettings({})
         # What the tracked SET/RESET/DISCARDs of the current transaction replaced, until it
         # ends. A transaction that rolls back undoes them on the server, so the router puts
@@ -717,6 +719,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 pins.add("WITH HOLD cursor")
             elif word.startswith(b"discard"):
                 pins.clear()
+                if self.startup_identity:
+                    pins.add(STARTUP_IDENTITY_PIN)
             elif word.startswith(b"reset"):
                 pins.discard("role")
                 if word.endswith(b"authorization"):
@@ -853,6 +857,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             kind = info.verdict.kind
             if info.name in _IDENTITY_PINS and kind in (StatementKind.SET_SESSION, StatementKind.RESET):
                 self._track_identity(info.name, None if kind is StatementKind.RESET else info.value)
+                if kind is StatementKind.RESET and info.name in session.startup_values:
+                    self._restore_owed = True  # RESET ROLE goes back to the startup role
             elif kind is StatementKind.SET_SESSION and info.name:
                 session.set(info.name, info.text)
             elif kind is StatementKind.SET_DEFAULT_READ_ONLY:

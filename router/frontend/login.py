@@ -29,7 +29,7 @@ from router.protocol.startup import (
     startup_packet_length,
 )
 from router.routing.expressions import parse_bool
-from router.session import SessionSettings, startup_read_only
+from router.session import IDENTITY_SETTINGS, STARTUP_IDENTITY_PIN, SessionSettings, startup_read_only
 
 log = logging.getLogger("pgrouter.client")
 
@@ -233,6 +233,10 @@ class LoginMixin:
                 # and the client may not change it (ClientConnection._tenant_guard_refuses).
                 self.session.pin(self.settings.tenant_setting.lower(), tenant_sql)
                 self.tenant_guard = self.settings.tenant_setting.lower().encode()
+        if self.rewrite_statements and not self.session.startup_values.keys().isdisjoint(IDENTITY_SETTINGS):
+            self.startup_identity = True
+            self.pins.add(STARTUP_IDENTITY_PIN)
+            self.router.note_pinned(self)
         self.pool = target.pool
         self.db_route = target.route
         self.startup_read_only = startup_read_only(self.startup_params)

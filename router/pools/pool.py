@@ -348,6 +348,9 @@ class Pool:
                     if refused is None and exc.sqlstate in _REFUSED_AT_STARTUP:
                         refused = exc
             await server.run_until_ready("RESET ALL")
+            # Which RESET ALL leaves alone (a role, a session user in the settings).
+            await server.run_until_ready("RESET SESSION AUTHORIZATION")
+            await server.run_until_ready("RESET ROLE")
             server.session_key = None
         finally:
             self.release(server)  # a connection that broke meanwhile is closed, not kept

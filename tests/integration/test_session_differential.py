@@ -149,6 +149,8 @@ def pooled(start_router, request):
 
 # Settings from the startup packet: what RESET, RESET ALL and DISCARD ALL go back to.
 STARTUP = "-c TimeZone=Asia/Tokyo -c search_path=sp_start -c DateStyle=SQL,DMY -c IntervalStyle=iso_8601"
+# With a role too: RESET ROLE and DISCARD ALL go back to it, RESET ALL leaves it alone.
+STARTUP_ROLE = STARTUP + " -c role=pg_monitor"
 
 # Inside a transaction: what savepoints and errors do to the SETs before and after them.
 IN_TRANSACTION = [
@@ -187,7 +189,7 @@ _sequences = st.lists(
 
 @settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=_sequences, prepare=st.sampled_from([None, False, True]), options=st.sampled_from(["", STARTUP]))
+@given(steps=_sequences, prepare=st.sampled_from([None, False, True]), options=st.sampled_from(["", STARTUP, STARTUP_ROLE]))
 @example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SET search_path = sp_b",
                 "ROLLBACK TO s1", "COMMIT"])
 @example(options="", prepare=None, steps=["SET search_path = sp_a", "SET search_path = sp_a", "DISCARD ALL", "DISCARD ALL"])

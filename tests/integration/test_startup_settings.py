@@ -136,3 +136,29 @@ def test_an_asyncpg_pool_resets_a_connection_to_its_startup_settings(start_route
                 return shown + told + [listening]
 
     assert asyncio.run(after_reset(router.dsn("carol"))) == asyncio.run(after_reset(cluster.primary.dsn("app")))
+
+
+@pytest.mark.parametrize("reset", [None, "RESET ROLE", "RESET ALL", "DISCARD ALL"])
+def test_a_startup_role_is_its_client_s_alone(start_router, cluster: Cluster, reset):
+    """``options='-c role=r'`` makes the session run as r, and RESET ROLE, RESET ALL and
+    DISCARD ALL go back to r, as on PostgreSQL. RESET ALL leaves a role alone, so the
+    settings prelude could not take it off a server connection: the client keeps its server
+    connection for its whole session (pinned), and no other client ever runs as r."""
+    router = start_router(pool_size=2)
+    with psycopg.connect(cluster.primary.dsn("app"), autocommit=True, options="-c role=pg_monitor") as d, \
+            psycopg.connect(router.dsn("carol"), autocommit=True, options="-c role=pg_monitor") as c:
+        for conn in (c, d):
+            if reset is not None:
+                conn.execute("SET ROLE pg_read_all_settings")
+                conn.execute(reset)
+        assert c.execute("SELECT current_user").fetchone() == d.execute("SELECT current_user").fetchone()
+        assert c.info.parameter_status("is_superuser") == d.info.parameter_status("is_superuser")
+        # Others, one after another, on whichever server connection was released last.
+        for _ in range(3):
+            with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+                assert other.execute("SELECT current_user").fetchone()[0] == "postgres"
+        assert c.execute("SELECT current_user").fetchone() == d.execute("SELECT current_user").fetchone()
+    # Once it has left, its server connection serves others as the server user.
+    for _ in range(3):
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+            assert other.execute("SELECT current_user").fetchone()[0] == "postgres"
