@@ -228,3 +228,33 @@ def test_the_router_keeps_settings_as_postgresql_does(
     finally:
         for conn in (direct, client, other):
             conn.close()
+
+
+# Pipelined (psycopg's pipeline mode: a Sync after each statement, replies read later): where
+# the router's restore after a RESET goes among many Syncs. (DISCARD ALL cannot run there.)
+PIPELINED = ["SET search_path = sp_a", "RESET ALL", "RESET TimeZone", "SET TIME ZONE 'Europe/Paris'",
+             "SET application_name = 'x'", "RESET application_name", "SET TIME ZONE LOCAL", "SELECT 1",
+             "SET DateStyle = 'German'", "RESET DateStyle"]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.sampled_from(PIPELINED), min_size=1, max_size=6),
+       prepare=st.sampled_from([None, False, True]))
+def test_settings_set_in_a_pipeline_are_postgresql_s(
+    pooled, cluster: Cluster, steps: list[str], prepare: bool | None
+) -> None:
+    direct = psycopg.connect(cluster.primary.dsn("app"), autocommit=True, application_name="diff", options=STARTUP)
+    client = psycopg.connect(pooled.dsn("carol"), autocommit=True, application_name="diff", options=STARTUP)
+    other = psycopg.connect(pooled.dsn("carol"), autocommit=True)
+    try:
+        for conn in (client, direct):
+            with conn.pipeline():
+                for step in steps:
+                    conn.execute(step, prepare=prepare)
+        _same_settings(client, direct, steps, "the settings after the pipeline")
+        other.execute("SET TIME ZONE 'UTC'; SET DateStyle = 'Postgres'; SET search_path = sp_other")
+        _same_settings(client, direct, steps, "the settings on a server used since")
+    finally:
+        for conn in (direct, client, other):
+            conn.close()
