@@ -57,9 +57,8 @@ _P_, _B_, _C_, _D_, _E_ = ord("P"), ord("B"), ord("C"), ord("D"), ord("E")
 # Close, rewriting for a named statement, forgetting the server's prepared statements,
 # settings reset to the server's defaults, and (with reply counting only) ends with a Sync.
 _COUNT_REPLIES, _NEEDS_REWRITE, _FORGET_PREPARED, _SETTINGS_RESET, _ENDS_SYNCED = 1, 2, 4, 8, 16
-# Above these bits, one per ReadyForQuery of the chunk (bit _RESTORE_SHIFT + k for its k-th,
+# Above these bits, one per ReadyForQuery of the chunk (bit RESTORE_SHIFT + k for its k-th,
 # from 1): the router's startup-settings restore follows that Query or Sync (``_restore``).
-_RESTORE_SHIFT = RESTORE_SHIFT
 _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
 # A Query that may start a COPY: the router's restore does not follow it (see _restore).
 _COPY_WORD = re.compile(rb"(?i)\bcopy\b")
@@ -367,11 +366,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self.unsynced = False
                 if self._restore_owed:
                     # The restore goes right behind this Sync, skipped over by this loop.
-                    restore = self._restore()
-                    data = data[: pos + 5] + restore + data[pos + 5 :]
+                    data, inserted = self._restore(data, pos + 5)
                     n = len(data)
-                    length += len(restore)
-                    forget |= 1 << (_RESTORE_SHIFT + syncs)
+                    length += inserted
+                    forget |= 1 << (RESTORE_SHIFT + syncs)
                     syncs += 1
             elif t == _Q:
                 # A simple Query also ends with ReadyForQuery after everything before it.
@@ -492,12 +490,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 ):
                     # The restore goes right behind this Query, skipped over by this loop.
                     # (Not behind a COPY: its data comes next. The next Query or Sync then.)
-                    at = pos + 1 + length
-                    restore = self._restore()
-                    data = data[:at] + restore + data[at:]
+                    data, inserted = self._restore(data, pos + 1 + length)
                     n = len(data)
-                    length += len(restore)
-                    forget |= 1 << (_RESTORE_SHIFT + syncs)
+                    length += inserted
+                    forget |= 1 << (RESTORE_SHIFT + syncs)
                     syncs += 1
             elif t in _EXTENDED:
                 if t != _H:  # Flush asks for output; it leaves nothing owed
@@ -811,16 +807,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         sql = targets.sql.encode(self.router.client_text_encoding)
         return frame(b"P", data[pos + 5 : query_start] + sql + data[query_end:end])
 
-    def _restore(self) -> bytes:
-        """The Query that puts the client's startup settings back on the server after its
-        RESET / RESET ALL / DISCARD ALL (``SessionSettings.restore_sql``): sent right after
-        the Query or Sync that ran it, its replies dropped but for the ParameterStatus
-        messages, and its ReadyForQuery passed on for the client's own (ServerConnection)."""
+    def _restore(self, data: bytes, at: int) -> tuple[bytes, int]:
+        """``data`` with the Query that puts the client's startup settings back on the server
+        after its RESET / RESET ALL / DISCARD ALL (``SessionSettings.restore_sql``) inserted
+        at ``at``, right after the Query or Sync that ran it, and its length. Its replies are
+        dropped but for the ParameterStatus messages, and its ReadyForQuery passed on for the
+        client's own (ServerConnection)."""
         self._restore_owed = False
         restore = self._restore_query
         if restore is None:
             restore = self._restore_query = m.query(self.session.restore_sql() or "")
-        return restore
+        return data[:at] + restore + data[at:], len(restore)
 
     def _resets_startup(self, sql_bytes: bytes) -> bool:
         """Session mode: whether the text resets a startup setting, so that a restore must
@@ -1401,7 +1398,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             else None
         )
         server.last_sent = sent
-        restores = rewrite >> _RESTORE_SHIFT
+        restores = rewrite >> RESTORE_SHIFT
         if restores:
             # The ReadyForQuery replies the router's restores follow: dropped, the restore's
             # own stands in for each (ServerConnection.restore_after).
@@ -1442,10 +1439,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 server.calls.pop()
                 self._call_sql, self._call_t0 = sql, t0
         now_syncs = syncs - rest_syncs
-        if rewrite >> _RESTORE_SHIFT:
+        if rewrite >> RESTORE_SHIFT:
             # Restores after the Syncs of the rest go with the rest, counted from its start.
-            low_bits = (1 << (_RESTORE_SHIFT + now_syncs + 1)) - 1
-            flags = (rewrite & ((1 << _RESTORE_SHIFT) - 1)) | ((rewrite >> (_RESTORE_SHIFT + now_syncs)) << _RESTORE_SHIFT)
+            low_bits = (1 << (RESTORE_SHIFT + now_syncs + 1)) - 1
+            flags = (rewrite & ((1 << RESTORE_SHIFT) - 1)) | ((rewrite >> (RESTORE_SHIFT + now_syncs)) << RESTORE_SHIFT)
             self._after_replies[0] = (rest, 0, rest_syncs, flags)
             rewrite &= low_bits
         return data[:cut], now_syncs, rewrite & ~_FORGET_PREPARED

@@ -29,7 +29,12 @@ from router.protocol.startup import (
     startup_packet_length,
 )
 from router.routing.expressions import parse_bool
-from router.session import IDENTITY_SETTINGS, STARTUP_IDENTITY_PIN, SessionSettings, startup_read_only
+from router.session import (
+    IDENTITY_SETTINGS,
+    STARTUP_IDENTITY_PIN,
+    SessionSettings,
+    startup_read_only,
+)
 
 log = logging.getLogger("pgrouter.client")
 

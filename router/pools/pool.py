@@ -106,9 +106,9 @@ class Pool:
         # ParameterStatus values of a real server connection, sent to clients at login.
         self.server_params: dict[str, str] | None = None
         self._status_block: bytes | None = None  # server_params as ParameterStatus messages
-        # What the server reports of clients' startup settings (ParameterStatus changes), by
-        # the settings: learnt once per distinct set (``_startup_status``).
-        self._startup_reports: OrderedDict[frozenset, dict[str, str]] = OrderedDict()
+        # The login ParameterStatus block for clients' startup settings, with what the server
+        # reports of them, by the settings: learnt once per distinct set (``_startup_status``).
+        self._startup_reports: OrderedDict[frozenset, bytes] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
         # Called when a server of this pool answers 42883 (undefined_function), if set.
         self.on_undefined_function = None
@@ -303,37 +303,36 @@ class Pool:
         it)."""
         params = await self.learn_server_params()
         if self._status_block is None:
-            self._status_block = b"".join(
-                m.parameter_status(name, value) for name, value in params.items() if name != "application_name"
-            )
-        block = self._status_block
-        if settings:
-            reported = await self._startup_status(settings)
-            if reported:
-                block = b"".join(
-                    m.parameter_status(name, reported.get(name, value))
-                    for name, value in params.items()
-                    if name != "application_name"
-                )
+            self._status_block = self._parameter_status_block(params, {})
+        block = await self._startup_status(settings) if settings else self._status_block
         if application_name is None:
             application_name = params.get("application_name")
         if application_name is None:
             return block
         return block + m.parameter_status("application_name", application_name)
 
-    async def _startup_status(self, settings: dict[str, str]) -> dict[str, str]:
-        """What a server reports when ``settings`` are applied to it: run them once on a
-        server connection (then RESET ALL), remembered per distinct set. A value the server
+    @staticmethod
+    def _parameter_status_block(params: dict[str, str], reported: dict[str, str]) -> bytes:
+        return b"".join(
+            m.parameter_status(name, reported.get(name, value))
+            for name, value in params.items()
+            if name != "application_name"
+        )
+
+    async def _startup_status(self, settings: dict[str, str]) -> bytes:
+        """The login ParameterStatus block (without application_name) with what a server
+        reports when ``settings`` are applied to it: run them once on a server connection
+        (then RESET ALL), remembered per distinct set. A value the server
         refuses as PostgreSQL would refuse it in a startup packet (an unknown name, an invalid
         value) raises, so the client's login fails as it would on the server; a setting that
         merely cannot be changed after connection start is left out, as the settings prelude
         leaves it."""
         key = frozenset(settings.items())
         reports = self._startup_reports
-        reported = reports.get(key)
-        if reported is not None:
+        block = reports.get(key)
+        if block is not None:
             reports.move_to_end(key)
-            return reported
+            return block
         server = await self.acquire()
         reported = {}
         refused: RouterError | None = None
@@ -356,10 +355,10 @@ class Pool:
             self.release(server)  # a connection that broke meanwhile is closed, not kept
         if refused is not None:
             raise RouterError(refused.sqlstate, refused.message, severity="FATAL")
-        reports[key] = reported
+        block = reports[key] = self._parameter_status_block(self.server_params or {}, reported)
         if len(reports) > _STARTUP_REPORTS_KEPT:
             reports.popitem(last=False)
-        return reported
+        return block
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

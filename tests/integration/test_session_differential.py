@@ -129,7 +129,7 @@ def _show(conn: psycopg.Connection) -> list[str]:
 
 def _same_settings(client: psycopg.Connection, direct: psycopg.Connection, steps: list[str], when: str) -> None:
     mine, theirs = _show(client), _show(direct)
-    assert mine == theirs, f"{' | '.join(steps)}: {when}: {[(a, b) for a, b in zip(mine, theirs) if a != b]}"
+    assert mine == theirs, f"{' | '.join(steps)}: {when}: {[(a, b) for a, b in zip(mine, theirs, strict=True) if a != b]}"
 
 
 @pytest.fixture(params=["primary", "split", "session"])

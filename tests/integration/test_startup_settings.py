@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-
 import subprocess
 
 import asyncpg
@@ -15,7 +14,6 @@ import psycopg
 import pytest
 
 from tests.clients.conftest import client_env
-
 from tests.cluster import Cluster
 
 STARTUP = "-c TimeZone=Asia/Tokyo -c search_path=sp_start -c DateStyle=SQL,DMY -c IntervalStyle=iso_8601"
