@@ -58,6 +58,8 @@ STEPS = [
     "LISTEN ch_a",
     "UNLISTEN ch_a",
     "UNLISTEN *",
+    "RESET ALL; SELECT 1/0",
+    "SET TIME ZONE 'Europe/Paris'; RESET TIME ZONE",
     "SET ROLE pg_monitor",
     "RESET ROLE",
     "SELECT set_config('role', 'pg_read_all_settings', false)",
@@ -176,6 +178,9 @@ IN_TRANSACTION = [
     "SET application_name = 'in_tx'",
     "SET TIME ZONE 'Europe/Paris'",
     "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    "RESET ALL",
+    "RESET TIME ZONE",
+    "SET search_path TO DEFAULT",
 ]
 _transactions = st.tuples(
     st.just("BEGIN"),
