@@ -579,9 +579,11 @@ class Router:
         first, combined, client.last_unnamed = held_verdict(
             client._held, route.verdicts.verdict, client.statement_sql, client.last_unnamed
         )
+        read_only = client.read_only_session if client.deferred_begin is None else client.deferred_read_only
         if (
             client.deferred_begin is not None
             and not self.first_statement
+            and not read_only
             and (first is None or first.kind is not StatementKind.SET_TRANSACTION_READ_ONLY)
         ):
             # Conservative: BEGIN; ... runs on the primary. Whether it writes (read-your-writes)
@@ -592,11 +594,12 @@ class Router:
             client.watch_writes = not client.wrote
             return route.pool(node)
         else:
+            # (A deferred BEGIN's transaction is read-only as the session was at the BEGIN.)
             target, reason = decide(
                 first,
                 combined,
                 session_target=client.session_target,
-                read_only_session=client.read_only_session,
+                read_only_session=read_only,
                 pinned=bool(client.pins),
             )
         if target is NodeKind.REPLICA:

@@ -30,7 +30,7 @@ from router.prepared import (
 from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import frame
-from router.routing.route import RESTORE_SHIFT, decide, held_verdict
+from router.routing.route import RESTORE_SHIFT, RouteReason, decide, held_verdict
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
 from router.routing.statements import created_session_functions
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
@@ -292,6 +292,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.ryw_lsn: int | None = None
         self.deferred_begin: bytes | None = None  # a BEGIN answered by the router, not yet sent
         self.deferred_aborted = False  # its transaction failed before reaching a server ('E')
+        self.deferred_read_only = False  # ...and it is read-only (default_transaction_read_only)
         self._replay: list | None = None  # what the replica got, for one retry elsewhere
         self._replay_bytes = 0
         self._replay_begin: bytes | None = None
@@ -1184,16 +1185,24 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return True
         if kind is not StatementKind.BEGIN:
             return False
-        target, _ = decide(
+        reason = info.verdict.reason
+        if reason is not Reason.TRANSACTION_BEGIN_READ_WRITE and reason is not Reason.TRANSACTION_READ_WRITE:
+            return False  # READ ONLY, a hint, or SERIALIZABLE: nothing left to decide
+        target, why = decide(
             info.verdict,
             info.verdict,
             session_target=self.session_target,
             read_only_session=self.read_only_session,
             pinned=bool(self.pins),
         )
-        if target is not Target.PRIMARY or info.verdict.reason is not Reason.TRANSACTION_BEGIN_READ_WRITE:
-            return False  # a hint, or SERIALIZABLE: nothing left to decide
+        # In a read-only session a plain BEGIN's transaction is read-only: its first statement
+        # picks the node, a replica unless it needs the primary (LISTEN, SET TRANSACTION READ
+        # WRITE...), where PostgreSQL runs it in a read-only transaction all the same.
+        read_only = why is RouteReason.READ_ONLY
+        if target is not Target.PRIMARY and not read_only:
+            return False  # pgrouter.target = replica: nothing left to decide
         self.deferred_begin = data
+        self.deferred_read_only = read_only
         tag = b"START TRANSACTION" if data[5:].lstrip()[:5].lower() == b"start" else b"BEGIN"
         self.transport.write(_command_complete(tag) + m.ready_for_query(m.IN_TRANSACTION))
         return True

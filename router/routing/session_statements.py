@@ -4,8 +4,11 @@ Transaction control (BEGIN, COMMIT, SAVEPOINT, SET TRANSACTION...), session para
 RESET, DISCARD, DEALLOCATE) and the router's own ``pgrouter.target``. Their targets:
 
 * BEGIN / START TRANSACTION: PRIMARY (TRANSACTION_BEGIN_READ_WRITE) unless READ ONLY, then
-  REPLICA (TRANSACTION_BEGIN_READ_ONLY). The options are read from the parse tree
-  (``transaction_read_only`` = 1), never from the text.
+  REPLICA (TRANSACTION_BEGIN_READ_ONLY). A plain BEGIN's transaction is read-only in a session
+  with ``default_transaction_read_only`` on, which the session knows (a suspected write); one
+  that says READ WRITE, as SET TRANSACTION READ WRITE does, is read-write whatever the session
+  (TRANSACTION_READ_WRITE, the primary: a hot standby refuses it). The options are read from
+  the parse tree (``transaction_read_only``), never from the text.
 * SERIALIZABLE: a hot standby refuses it ("cannot use serializable mode in a hot standby",
   even READ ONLY), so BEGIN/SET TRANSACTION ... SERIALIZABLE go to the primary (SERIALIZABLE).
 * COMMIT, ROLLBACK, SAVEPOINT, SET TRANSACTION (non-serializable), SET CONSTRAINTS, SET,
@@ -62,8 +65,8 @@ def transaction(body: dict, text: str, expressions: ExpressionScan) -> Statement
                 Target.REPLICA, Reason.TRANSACTION_BEGIN_READ_ONLY, Kind.BEGIN_READ_ONLY
             )
             return StatementInfo(verdict, text)
-        verdict = Verdict(Target.PRIMARY, Reason.TRANSACTION_BEGIN_READ_WRITE, Kind.BEGIN)
-        return StatementInfo(verdict, text)
+        reason = Reason.TRANSACTION_BEGIN_READ_WRITE if read_only is None else Reason.TRANSACTION_READ_WRITE
+        return StatementInfo(Verdict(Target.PRIMARY, reason, Kind.BEGIN), text)
     chain = bool(body.get("chain"))
     if kind == "TRANS_STMT_COMMIT":
         return _control(Kind.COMMIT_AND_CHAIN if chain else Kind.COMMIT, text)
@@ -304,7 +307,7 @@ def _set_transaction(read_only: bool | None, serializable: bool, text: str) -> S
     if serializable:
         return StatementInfo(Verdict(Target.PRIMARY, Reason.SERIALIZABLE, kind), text)
     if read_only is False:
-        verdict = Verdict(Target.PRIMARY, Reason.TRANSACTION_BEGIN_READ_WRITE, kind)
+        verdict = Verdict(Target.PRIMARY, Reason.TRANSACTION_READ_WRITE, kind)
         return StatementInfo(verdict, text)
     reason = Reason.TRANSACTION_BEGIN_READ_ONLY if read_only else Reason.TRANSACTION_CONTROL
     return StatementInfo(Verdict(Target.REPLICA, reason, kind), text)

@@ -67,7 +67,9 @@ class Reason(StrEnum):
     LOCK = "lock"
     TWO_PHASE = "two_phase"  # PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED
     SERIALIZABLE = "serializable"  # a hot standby refuses SERIALIZABLE transactions
+    # BEGIN: read-write unless the session's default_transaction_read_only is on
     TRANSACTION_BEGIN_READ_WRITE = "transaction_begin_read_write"
+    TRANSACTION_READ_WRITE = "transaction_read_write"  # BEGIN / SET TRANSACTION READ WRITE
     # --- primary because we cannot tell ---
     VOLATILE_FUNCTION = "volatile_function"
     UNKNOWN_FUNCTION = "unknown_function"

@@ -69,6 +69,8 @@ STEPS = [
     "START TRANSACTION READ ONLY",
     "BEGIN ISOLATION LEVEL SERIALIZABLE",
     "SET TRANSACTION READ ONLY",
+    "BEGIN READ WRITE",
+    "SET TRANSACTION READ WRITE",
     "COMMIT AND CHAIN",
     "ROLLBACK AND CHAIN",
     "END",
@@ -209,6 +211,8 @@ _sequences = st.lists(
 @example(options=STARTUP, prepare=None, steps=["SET search_path = sp_a", "DISCARD ALL", "RESET TIME ZONE"])
 @example(options=STARTUP, prepare=True, steps=["SET TIME ZONE LOCAL", "SET search_path TO DEFAULT"])
 @example(options=STARTUP, prepare=None, steps=["BEGIN", "SET TIME ZONE 'Europe/Paris'", "RESET ALL", "ROLLBACK"])
+@example(options="", prepare=False, steps=["SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "BEGIN READ WRITE",
+                                        "SET TRANSACTION READ WRITE", "COMMIT"])
 def test_the_router_keeps_settings_as_postgresql_does(
     pooled, cluster: Cluster, steps: list[str], prepare: bool | None, options: str
 ) -> None:

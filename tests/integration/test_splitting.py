@@ -385,6 +385,49 @@ def test_session_routing_survives_errors_and_follows_rollbacks(split_router: Rou
             assert conn.execute(WHERE).fetchone()[0] is False
 
 
+@pytest.mark.parametrize("routing", ["conservative", "first_statement"])
+def test_a_read_only_sessions_transactions_run_as_postgresql_runs_them(
+    start_router, cluster: Cluster, routing: str
+) -> None:
+    """In a session with default_transaction_read_only on, a plain BEGIN's transaction is
+    read-only and runs on a replica, unless it starts with what a read-only transaction may do
+    but a standby may not (LISTEN, SET TRANSACTION READ WRITE) or says READ WRITE: those run on
+    the primary, so each statement answers as on a dedicated PostgreSQL connection."""
+    router = start_router(split=True, transaction_routing=routing)
+    wait_replicas_eligible(router)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS split_ro (id int)")
+    steps = [
+        ["BEGIN", "SELECT pg_is_in_recovery()", "COMMIT"],
+        ["BEGIN", "LISTEN split_ro_ch", "COMMIT"],
+        ["BEGIN", "SET TRANSACTION READ WRITE", "INSERT INTO split_ro VALUES (1)", "COMMIT"],
+        ["BEGIN READ WRITE", "INSERT INTO split_ro VALUES (2)", "COMMIT"],
+        ["START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ WRITE", "INSERT INTO split_ro VALUES (3)", "COMMIT"],
+        ["BEGIN", "INSERT INTO split_ro VALUES (4)", "ROLLBACK"],
+        ["BEGIN", "SHOW transaction_read_only", "COMMIT"],
+    ]
+    for sequence in steps:
+        results = []
+        for dsn in (router.dsn("carol"), cluster.primary.dsn("app")):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                out = []
+                for sql in sequence:
+                    try:
+                        cur = conn.execute(sql)
+                        out.append(cur.statusmessage)
+                    except psycopg.Error as exc:
+                        out.append(exc.sqlstate)
+                results.append(out)
+        assert results[0] == results[1], sequence
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = on")
+        # Reads still go to replicas: the BEGIN waits for the statement that follows it.
+        for _ in range(5):
+            with conn.transaction():
+                assert conn.execute(WHERE).fetchone()[0] is True
+
+
 def test_first_statement_routing(start_router, cluster: Cluster) -> None:
     router = start_router(split=True, transaction_routing="first_statement")
     wait_replicas_eligible(router)
