@@ -34,7 +34,7 @@ from router.routing.route import RESTORE_SHIFT, RouteReason, decide, held_verdic
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
 from router.routing.statements import created_session_functions
 from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
-from router.session import STARTUP_IDENTITY_PIN, SessionSettings, set_config_sql
+from router.session import IDENTITY_SETTINGS, STARTUP_IDENTITY_PIN, SessionSettings, set_config_sql
 from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ _UNKNOWN_SETTINGS = frozenset({("<reset>", "")})
 _COPY_WORD = re.compile(rb"(?i)\bcopy\b")
 # A session-mode reset query that puts a server connection back to its login settings.
 _RESETS_ALL = re.compile(r"(?i)\s*(?:discard|reset)\s+all\s*;?\s*$")
+_DISCARDS_ALL = re.compile(r"(?i)\s*discard\s+all\s*;?\s*$")
 # SQL-level PREPARE/EXECUTE/DEALLOCATE name statements on whichever server connection runs
 # them, which transaction pooling does not keep: refused in transaction mode (README).
 _SQL_PREPARED = re.compile(
@@ -1674,6 +1675,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     if reset_query:
                         await server.run_until_ready(reset_query)
                         server.stmts.forget_all()
+                    if not _DISCARDS_ALL.match(reset_query) and not self.session.startup_values.keys().isdisjoint(
+                        IDENTITY_SETTINGS
+                    ):
+                        # A startup role the router applied (RESET ALL would leave it).
+                        await server.run_until_ready("RESET SESSION AUTHORIZATION")
+                        await server.run_until_ready("RESET ROLE")
                     # Back to its login settings only if the reset query says so; otherwise
                     # the next session's prelude starts with RESET ALL (_attach).
                     server.session_key = None if _RESETS_ALL.match(reset_query) else _UNKNOWN_SETTINGS

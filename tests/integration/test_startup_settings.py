@@ -160,3 +160,16 @@ def test_a_startup_role_is_its_client_s_alone(start_router, cluster: Cluster, re
     for _ in range(3):
         with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
             assert other.execute("SELECT current_user").fetchone()[0] == "postgres"
+
+
+@pytest.mark.parametrize("reset_query", ["DISCARD ALL", "RESET ALL", ""])
+def test_a_startup_role_leaves_with_its_session_mode_client(start_router, cluster: Cluster, reset_query):
+    """In session mode the router applies a startup role itself, so it takes it off again when
+    the client leaves, whatever ``server_reset_query`` does (RESET ALL leaves a role alone)."""
+    router = start_router(pool_size=1, pool_mode="session", server_reset_query=reset_query)
+    for _ in range(2):
+        with psycopg.connect(router.dsn("carol"), autocommit=True, options="-c role=pg_monitor") as c:
+            assert c.execute("SELECT current_user").fetchone() == ("pg_monitor",)
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+            assert other.execute("SELECT current_user, session_user").fetchone() == ("postgres", "postgres")
+            assert other.info.parameter_status("is_superuser") == "on"
