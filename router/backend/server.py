@@ -299,7 +299,11 @@ class ServerConnection(asyncio.Protocol):
                     # (or of a COMMIT that rolled back a failed transaction) undoes them,
                     # unless a later COMMIT shows it was a ROLLBACK TO SAVEPOINT.
                     tag = data[pos + 5 : end]
-                    if tag == b"COMMIT":
+                    if undo.chain_tags and (tag == b"COMMIT" or tag == b"ROLLBACK"):
+                        # The tag of the COMMIT/ROLLBACK AND CHAIN that began the transaction
+                        # the undo is for (ClientConnection._track_session_statements).
+                        undo.chain_tags -= 1
+                    elif tag == b"COMMIT":
                         client.settings_undo = None
                     elif tag == b"ROLLBACK":
                         undo.failed = True

@@ -211,6 +211,9 @@ class SettingsUndo:
     session_target: Target | None
     pins: frozenset[str]
     failed: bool = False
+    # COMMIT / ROLLBACK tags still to come from the AND CHAIN statements that began this
+    # transaction: the state already follows them, so they neither settle it nor fail it.
+    chain_tags: int = 0
     # The savepoints set since (name, and the four above as they were then), oldest first.
     savepoints: list[
         tuple[str, tuple[dict[str, str], frozenset | None], bool, Target | None, frozenset[str]]
@@ -901,10 +904,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 undo = self.settings_undo
                 self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)
                 self.settings_undo = None
-                self._undo_record()
+                self._undo_record().chain_tags = undo.chain_tags + 1
             elif kind is StatementKind.COMMIT_AND_CHAIN:
-                self.settings_undo = None  # kept; the next transaction's changes undo alone
-                self._undo_record()
+                # Kept; the next transaction's changes undo alone.
+                owed = self.settings_undo.chain_tags
+                self.settings_undo = None
+                self._undo_record().chain_tags = owed + 1
             elif kind is StatementKind.DO_SESSION:
                 # What it sets is known only to the server connection that ran it.
                 self.pins.add("DO block")

@@ -59,6 +59,8 @@ STEPS = [
     "UNLISTEN ch_a",
     "UNLISTEN *",
     "RESET ALL; SELECT 1/0",
+    "COMMIT AND CHAIN; SET search_path = sp_ch; ROLLBACK",
+    "ROLLBACK AND CHAIN; SET work_mem = '6MB'; COMMIT AND CHAIN",
     "SET TIME ZONE 'Europe/Paris'; RESET TIME ZONE",
     "SET ROLE pg_monitor",
     "RESET ROLE",
@@ -213,6 +215,11 @@ _sequences = st.lists(
 @example(options=STARTUP, prepare=None, steps=["BEGIN", "SET TIME ZONE 'Europe/Paris'", "RESET ALL", "ROLLBACK"])
 @example(options="", prepare=False, steps=["SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "BEGIN READ WRITE",
                                         "SET TRANSACTION READ WRITE", "COMMIT"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK AND CHAIN",
+                                       "SET application_name = 'in_tx'", "COMMIT AND CHAIN", "COMMIT"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "COMMIT AND CHAIN; SET search_path = sp_ch; ROLLBACK"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK AND CHAIN; SET work_mem = '6MB'; COMMIT AND CHAIN",
+                                       "COMMIT"])
 def test_the_router_keeps_settings_as_postgresql_does(
     pooled, cluster: Cluster, steps: list[str], prepare: bool | None, options: str
 ) -> None:
