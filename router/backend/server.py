@@ -273,7 +273,7 @@ class ServerConnection(asyncio.Protocol):
                 elif not self.swallow_z:
                     self.call_error = "?????"  # the code lies past this read
                 if not self.swallow_z and client.settings_undo is not None:
-                    client.settings_undo.failed = True  # its transaction will roll back
+                    client.settings_failed()  # its transaction will roll back
                 if data.find(b"C42883\0", pos + 5, pos + 1 + length) >= 0:
                     hook = self.pool.on_undefined_function
                     if hook is not None:

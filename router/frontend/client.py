@@ -214,6 +214,8 @@ class SettingsUndo:
     # COMMIT / ROLLBACK tags still to come from the AND CHAIN statements that began this
     # transaction: the state already follows them, so they neither settle it nor fail it.
     chain_tags: int = 0
+    # The record of the transaction before the AND CHAIN that began this one.
+    before_chain: SettingsUndo | None = None
     # The savepoints set since (name, and the four above as they were then), oldest first.
     savepoints: list[
         tuple[str, tuple[dict[str, str], frozenset | None], bool, Target | None, frozenset[str]]
@@ -904,12 +906,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 undo = self.settings_undo
                 self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)
                 self.settings_undo = None
-                self._undo_record().chain_tags = undo.chain_tags + 1
+                chained = self._undo_record()
+                chained.chain_tags, chained.before_chain = undo.chain_tags + 1, undo
             elif kind is StatementKind.COMMIT_AND_CHAIN:
                 # Kept; the next transaction's changes undo alone.
-                owed = self.settings_undo.chain_tags
+                undo = self.settings_undo
                 self.settings_undo = None
-                self._undo_record().chain_tags = owed + 1
+                chained = self._undo_record()
+                chained.chain_tags, chained.before_chain = undo.chain_tags + 1, undo
             elif kind is StatementKind.DO_SESSION:
                 # What it sets is known only to the server connection that ran it.
                 self.pins.add("DO block")
@@ -936,6 +940,22 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     self.pins.add("advisory lock")
             self.router.note_pinned(self)
         return flags
+
+    def settings_failed(self) -> None:
+        """An error from the server: the transaction it ran in will roll back. An AND CHAIN
+        whose tag has not come yet never ran (nothing after an error does), so the failed
+        transaction is the one before it, and the undo goes back to that one's record."""
+        undo = self._undo_before_chains()
+        self.settings_undo = undo
+        undo.failed = True
+
+    def _undo_before_chains(self) -> SettingsUndo:
+        """The undo record of the transaction the server is in: before the AND CHAIN
+        statements it has not answered yet (each began a record of its own)."""
+        undo = self.settings_undo
+        for _ in range(undo.chain_tags):
+            undo = undo.before_chain
+        return undo
 
     def forget_statements(self) -> None:
         """The client's DISCARD ALL / DEALLOCATE ALL ran (its server connection saw the tag):
@@ -1312,6 +1332,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # The settings the server must carry before this transaction's own statements run:
         # without the SETs it holds (tracked on arrival, they are in self.session already).
         undo = self.settings_undo
+        if undo is not None and undo.chain_tags:
+            undo = self._undo_before_chains()
         before = self.session.key if undo is None else undo.snapshot[1]
         if (self.rewrite_statements or self.tenant_guard is not None or self.session_mode) and server.session_key != before:
             prelude = self.session.prelude(server.session_key, None if undo is None else undo.snapshot)
@@ -1563,9 +1585,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._reroute = False
         log.warning("client %s@%s/%s: %s", self.user, self.peer, self.database, exc.message)
         self._call_t0 = 0.0
-        undo, self.settings_undo = self.settings_undo, None
+        undo = self.settings_undo
         if undo is not None:
-            # The SETs (and unpinning statements) among the held messages never ran.
+            # The SETs (and unpinning statements) among the held messages never ran, nor did
+            # their AND CHAINs.
+            undo = self._undo_before_chains()
+            self.settings_undo = None
             self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)
         if syncs == 0 or exc.severity == "FATAL":
             self.deferred_begin = None

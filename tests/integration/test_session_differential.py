@@ -220,6 +220,8 @@ _sequences = st.lists(
 @example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "COMMIT AND CHAIN; SET search_path = sp_ch; ROLLBACK"])
 @example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK AND CHAIN; SET work_mem = '6MB'; COMMIT AND CHAIN",
                                        "COMMIT"])
+@example(options="", prepare=None, steps=["ROLLBACK AND CHAIN; SET work_mem = '6MB'; COMMIT AND CHAIN"])
+@example(options="", prepare=None, steps=["BEGIN", "SELECT 1/0; COMMIT AND CHAIN; SET work_mem = '6MB'", "ROLLBACK"])
 def test_the_router_keeps_settings_as_postgresql_does(
     pooled, cluster: Cluster, steps: list[str], prepare: bool | None, options: str
 ) -> None:
