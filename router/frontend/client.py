@@ -703,6 +703,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         (PostgreSQL keeps it per backend). Found by pattern, deliberately generous: pinning
         too often costs pooling, too rarely hands one client's lock to another."""
         pins = self.pins
+        server = self.server
+        # In a transaction on a replica, LISTEN and temporary tables fail (a standby refuses
+        # them): nothing to pin there.
+        standby = self.replica_node is not None and server is not None and server.tx_status != _IDLE
         for match in _PIN_SQL.finditer(data, start, end):
             word = match.group(0).lower()
             if pins and word.startswith((b"unlisten", b"pg_advisory_unlock_all", b"discard", b"reset")):
@@ -711,13 +715,15 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             if word.startswith(b"unlisten"):
                 pins.discard("listen")
             elif word.startswith(b"listen"):
-                pins.add("listen")
+                if not standby:
+                    pins.add("listen")
             elif word.startswith(b"pg_advisory_unlock_all"):
                 pins.discard("advisory lock")
             elif b"advisory" in word:
                 pins.add("advisory lock")
             elif word.startswith((b"create", b"into", b"pg_temp")):
-                pins.add("temporary table")
+                if not standby:
+                    pins.add("temporary table")
             elif word.startswith(b"with"):
                 pins.add("WITH HOLD cursor")
             elif word.startswith(b"discard"):
@@ -1242,6 +1248,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self._held.append(entry)
             self._held_bytes += len(data)
             return True
+        if self.pins:
+            # Pinned while on this replica (an advisory lock taken in a read-only transaction):
+            # the client keeps this server connection, which holds that state; what needs
+            # the primary fails here as a write to a standby does (25006). (Pins taken once
+            # a chunk waits to be rerouted belong to the chunks that wait: server_ready.)
+            return False
         if server.tx_status == m.IDLE and not self._chunk_unsynced and start == 0:
             route = self.db_route
             _, combined, _ = held_verdict([entry], route.verdicts.verdict, self.statement_sql, self.last_unnamed)
@@ -1623,7 +1635,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             server.tx_status == m.IDLE
             and self.pool_mode is PoolMode.TRANSACTION
             and (not self.unsynced or self._reroute)
-            and not self.pins
+            and (not self.pins or self._reroute)
         ):
             if self._skip and not self._reroute:
                 # Part of a message (CopyData after a failed COPY FROM) is on its way to this

@@ -428,6 +428,38 @@ def test_a_read_only_sessions_transactions_run_as_postgresql_runs_them(
                 assert conn.execute(WHERE).fetchone()[0] is True
 
 
+def test_state_taken_on_a_replica_never_stalls_the_session(split_router: RouterThread) -> None:
+    """In a read-only transaction on a replica, LISTEN fails (a standby refuses it) and pins
+    nothing, so the session's next read-write transaction goes to the primary. An advisory lock
+    taken there lives on that replica's backend: the client keeps that server connection, and a
+    write then fails with 25006 as on a standby. Neither waits forever (psql's timeout)."""
+    script = """
+SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;
+BEGIN;
+SELECT 'a', pg_is_in_recovery();
+LISTEN split_ch;
+ROLLBACK;
+SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE;
+BEGIN;
+SELECT 'b', pg_is_in_recovery();
+COMMIT;
+BEGIN READ ONLY;
+SELECT 'c', pg_advisory_lock(4242) IS NOT NULL, pg_is_in_recovery();
+COMMIT;
+SELECT 'd', pg_is_in_recovery();
+CREATE TABLE split_pinned (a int);
+SELECT 'e', pg_advisory_unlock(4242), pg_is_in_recovery();
+"""
+    result = subprocess.run(
+        ["psql", "-X", "-At", split_router.dsn("carol"), "-f", "-"],
+        input=script, capture_output=True, text=True, timeout=30,
+    )
+    rows = [line for line in result.stdout.splitlines() if line[:2] in ("a|", "b|", "c|", "d|", "e|")]
+    assert rows == ["a|t", "b|f", "c|t|t", "d|t", "e|t|t"], result.stdout + result.stderr
+    assert "cannot execute LISTEN during recovery" in result.stderr
+    assert "cannot execute CREATE TABLE in a read-only transaction" in result.stderr
+
+
 def test_first_statement_routing(start_router, cluster: Cluster) -> None:
     router = start_router(split=True, transaction_routing="first_statement")
     wait_replicas_eligible(router)
