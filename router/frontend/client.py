@@ -911,15 +911,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 # (ReadyForQuery 'T': nothing settles): go back now, and track afresh.
                 undo = self.settings_undo
                 self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)
-                self.settings_undo = None
-                chained = self._undo_record()
-                chained.chain_tags, chained.before_chain = undo.chain_tags + 1, undo
+                self._chain_undo(undo)
             elif kind is StatementKind.COMMIT_AND_CHAIN:
-                # Kept; the next transaction's changes undo alone.
-                undo = self.settings_undo
-                self.settings_undo = None
-                chained = self._undo_record()
-                chained.chain_tags, chained.before_chain = undo.chain_tags + 1, undo
+                self._chain_undo(self.settings_undo)  # kept; the next transaction's undo alone
             elif kind is StatementKind.DO_SESSION:
                 # What it sets is known only to the server connection that ran it.
                 self.pins.add("DO block")
@@ -946,6 +940,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     self.pins.add("advisory lock")
             self.router.note_pinned(self)
         return flags
+
+    def _chain_undo(self, undo: SettingsUndo) -> None:
+        """An AND CHAIN, tracked on arrival: the chained transaction's changes get a record of
+        their own, which remembers ``undo`` until the server has answered the chain."""
+        self.settings_undo = None
+        chained = self._undo_record()
+        chained.chain_tags, chained.before_chain = undo.chain_tags + 1, undo
 
     def settings_failed(self) -> None:
         """An error from the server: the transaction it ran in will roll back. An AND CHAIN
