@@ -9,7 +9,9 @@ rewritten on their way to a server (``rewrite_for_server``):
 
 - Parse with a name: sent with the server name, unless that server already has it; then a
   Close of a name nobody uses goes instead, and its CloseComplete ('3') is turned into the
-  ParseComplete ('1') the client expects, in the same place in the reply stream.
+  ParseComplete ('1') the client expects, in the same place in the reply stream. Not where
+  the transaction has failed or may have by then (behind unanswered segments): a Parse
+  fails there with 25P02 and a Close does not, so the statement is closed and parsed again.
 - Bind / Describe of a named statement: the server name is substituted; a server lacking the
   statement first gets its Parse, whose ParseComplete is swallowed.
 - Close of a named statement: only the client's mapping goes (other clients may share the
@@ -37,13 +39,16 @@ what a later segment's Parse, Bind or Describe of the name does: succeed or 42P0
 server has answered what was sent before (``ServerStatements.wait_from``; the client
 connection sends the rest on the ReadyForQuery that settles it). Pipelines that use a name
 prepared in an earlier segment of the same pipeline pay a round trip; everything else is
-rewritten at once.
+rewritten at once. So does a message naming a statement behind a client's DISCARD ALL or
+DEALLOCATE ALL: whether that frees the client's names (it fails in a transaction block) is
+known from its reply.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from router.protocol.errors import ProtocolError
@@ -52,7 +57,7 @@ from router.protocol.framing import frame
 _unpack_len = struct.Struct("!I").unpack_from
 _pack_len = struct.Struct("!I").pack
 
-_P, _B, _D, _C = ord("P"), ord("B"), ord("D"), ord("C")
+_P, _B, _D, _C, _E = ord("P"), ord("B"), ord("D"), ord("C"), ord("E")
 _S, _Q, _F = ord("S"), ord("Q"), ord("F")
 _STATEMENT = ord("S")
 
@@ -72,6 +77,9 @@ NAME, PREV = 3, 4
 # The client-side change: the client's statement dict, its name there, the value the request
 # gives it (None: removed) and the value before (None: absent).
 CLIENT, CLIENT_NAME, CLIENT_NEW, CLIENT_PREV = 5, 6, 7, 8
+# PREV of a Close of a statement that was unsure (``ServerStatements.unsure``): if the Close
+# is dropped, the statement is unsure again, not absent.
+UNSURE = -1
 
 # A statement name no client or router ever prepares: closing it is a no-op that still
 # produces a CloseComplete ("It is not an error to issue Close against a nonexistent
@@ -143,7 +151,7 @@ class ServerStatements:
 
     __slots__ = (
         "prepared", "ops", "sent_z", "recv_z", "max_prepared", "validated", "error_segment",
-        "wait_from", "uncounted_z", "unsure",
+        "wait_from", "uncounted_z", "unsure", "discards_owed", "discard_segment",
     )
 
     def __init__(
@@ -169,6 +177,13 @@ class ServerStatements:
         # Chunks of unnamed Parses/Closes ending at a Sync go out unqueued; their replies all
         # come before this ReadyForQuery, and nothing is queued until it has arrived.
         self.uncounted_z = 0
+        # A client's DISCARD ALL / DEALLOCATE ALL sent and not yet answered (1, else 0): its
+        # tag, when it comes, frees the client's statement names (``forget_client_names``);
+        # if it fails (in a transaction block) every reply owed arrives without it, and this
+        # goes back to 0. Meanwhile no message naming a statement in a later segment than
+        # the discard's (``discard_segment``) is rewritten.
+        self.discards_owed = 0
+        self.discard_segment = 0
 
     def on_error(self) -> None:
         """An ErrorResponse: the requests of the failing segment that have not been answered
@@ -213,6 +228,9 @@ class ServerStatements:
         for name, segment in names.items():
             if segment is None:
                 prepared.pop(name, None)
+            elif segment == UNSURE:
+                prepared.pop(name, None)
+                self.unsure.add(name)
             else:
                 prepared[name] = segment
         for client, client_name, value in clients.values():
@@ -236,10 +254,12 @@ class ServerStatements:
         return frame(b"E", body)
 
     def forget_all(self) -> None:
-        """A DISCARD ALL / DEALLOCATE ALL was sent on the connection. Whether it drops the
-        statements is known only from its reply (DISCARD ALL fails in a transaction block), so
-        every statement the server has or is being asked to prepare becomes unsure: the next
-        use closes it first. A request still unanswered that is dropped puts nothing back."""
+        """A DISCARD ALL / DEALLOCATE ALL may have been sent on the connection. Whether it
+        drops the statements is known only from its reply (DISCARD ALL fails in a transaction
+        block), so every statement the server has or is being asked to prepare becomes
+        unsure: the next use closes it first (also after the reply: which of the requests
+        sent around it ran before it is not always known, and a Close more is cheap). A
+        request still unanswered that is dropped leaves its statement unsure too."""
         unsure = self.unsure
         unsure.update(self.prepared)
         self.prepared.clear()
@@ -247,13 +267,25 @@ class ServerStatements:
         for i in range(len(ops)):
             if ops[i][NAME] is not None:
                 unsure.add(ops[i][NAME])
-            if ops[i][PREV] is not None:
-                ops[i] = (*ops[i][:PREV], None, *ops[i][PREV + 1 :])
+                ops[i] = (*ops[i][:PREV], UNSURE, *ops[i][PREV + 1 :])
 
-    def all_forgotten(self) -> None:
-        """The DISCARD ALL / DEALLOCATE ALL ran (its tag came back): the statements still
-        unsure are gone for certain (any later use closed and prepared its own)."""
-        self.unsure.clear()
+    def forget_client_names(self, client_statements: dict[bytes, ClientStatement]) -> list[bytes]:
+        """The tag of the client's DISCARD ALL / DEALLOCATE ALL has come: every request sent
+        before it has been answered, every one still queued was sent after it. The client's
+        names are freed, except those a queued request gives (a Parse after the discard),
+        which go back to none rather than to what they were if that request fails. Returns
+        the names freed."""
+        after: set[bytes] = set()
+        ops = self.ops
+        for i in range(len(ops)):
+            op = ops[i]
+            if op[CLIENT] is client_statements and op[ACTION] != DUPLICATE and op[CLIENT_NAME] not in after:
+                after.add(op[CLIENT_NAME])
+                ops[i] = (*op[:CLIENT_PREV], None)
+        freed = [name for name in client_statements if name not in after]
+        for name in freed:
+            del client_statements[name]
+        return freed
 
     def _closing_before(self, name: bytes, segment: int) -> bool:
         """Whether a Close of ``name`` sent in an earlier segment is still unanswered: it may
@@ -269,9 +301,12 @@ class ServerStatements:
         self._close(name, segment, out)
 
     def _close(self, name: bytes, segment: int, out: list) -> None:
-        self.unsure.discard(name)
+        prev = self.prepared.pop(name, None)
+        if name in self.unsure:
+            self.unsure.discard(name)
+            prev = UNSURE
         out.append(frame(b"C", b"S" + name + b"\0"))
-        self.ops.append((segment, CLOSE_REPLY, SWALLOW, name, self.prepared.pop(name, None), None, None, None, None))
+        self.ops.append((segment, CLOSE_REPLY, SWALLOW, name, prev, None, None, None, None))
 
     def _parse(self, name: bytes, parse_message: bytes, segment: int, action: int, out: list,
                client: dict | None = None, client_name: bytes | None = None,
@@ -313,15 +348,45 @@ class ServerStatements:
         self._parse(stmt.server_name, stmt.parse_message, segment, SWALLOW, out)
 
 
+def client_names_in_error(
+    message: bytes, client_statements: dict[bytes, ClientStatement], ops: deque
+) -> bytes:
+    """An ErrorResponse naming a router-owned statement (``bind message supplies 1
+    parameters, but prepared statement "pgr_6" requires 0``): the client reads its own name
+    there, as PostgreSQL would give it. The names are the client's where the error struck:
+    ``ops`` (after ``on_error``) holds the requests of later segments, which have changed the
+    client's names already; their changes are taken back here. When the client has several
+    names for one statement text, the message names the first it prepared."""
+    names = client_statements
+    if ops:
+        names = dict(client_statements)
+        for op in reversed(ops):
+            if op[CLIENT] is client_statements and op[ACTION] != DUPLICATE:
+                if op[CLIENT_PREV] is None:
+                    names.pop(op[CLIENT_NAME], None)
+                else:
+                    names[op[CLIENT_NAME]] = op[CLIENT_PREV]
+    body = message[5:]
+    changed = False
+    for client_name, stmt in names.items():
+        quoted = b'"' + stmt.server_name + b'"'
+        if body.find(quoted) >= 0:
+            body = body.replace(quoted, b'"' + client_name + b'"')
+            changed = True
+    return frame(b"E", body) if changed else message
+
+
 def local_parse_reply(
     data: bytes,
     start: int,
     client_statements: dict[bytes, ClientStatement],
     registry: StatementRegistry,
+    status: bytes = b"I",
 ) -> bytes | None:
     """If ``data[start:]`` is only named Parses of validated statements and one final Sync,
-    record them and return the replies (ParseComplete each, ReadyForQuery idle); else None,
-    with nothing recorded. A name the client has already (42P05) goes to the server."""
+    record them and return the replies (ParseComplete each, ReadyForQuery with ``status``:
+    T in a transaction whose BEGIN the router has answered); else None, with nothing
+    recorded. A name the client has already (42P05) goes to the server."""
     pos = start
     n = len(data)
     parsed: list[tuple[bytes, bytes]] = []
@@ -353,7 +418,7 @@ def local_parse_reply(
         client_statements[client_name] = ClientStatement(
             server_name, frame(b"P", server_name + b"\0" + body)
         )
-    return PARSE_COMPLETE * len(parsed) + b"Z\x00\x00\x00\x05I"
+    return PARSE_COMPLETE * len(parsed) + b"Z\x00\x00\x00\x05" + status
 
 
 def _cstring_end(data: bytes, start: int, end: int) -> int:
@@ -377,6 +442,17 @@ def _pending_in_earlier_segment(
     return False
 
 
+def _names_a_statement(data: bytes, t: int, pos: int, end: int) -> bool:
+    """Whether the message at ``pos`` (type ``t``, ending at ``end``) is a Parse, Bind,
+    Describe or Close naming a statement."""
+    if t == _P:
+        return data[pos + 5] != 0
+    if t == _B:
+        portal_end = _cstring_end(data, pos + 5, end)
+        return portal_end + 1 < end and data[portal_end + 1] != 0
+    return (t == _D or t == _C) and end - pos > 7 and data[pos + 5] == _STATEMENT
+
+
 def _name_end(data: bytes, pos: int, end: int) -> int:
     """Where the name of the Describe/Close at ``pos`` ends: its NUL must be the last byte."""
     if _cstring_end(data, pos + 6, end) != end - 1:
@@ -390,6 +466,8 @@ def rewrite_for_server(
     client_statements: dict[bytes, ClientStatement],
     registry: StatementRegistry,
     server: ServerStatements,
+    forgets: Callable[[bytes], bool] | None = None,
+    failed: bool = False,
 ) -> bytes:
     """Rewrite the whole messages in ``data[start:]`` for ``server`` (see the module doc).
 
@@ -401,6 +479,17 @@ def rewrite_for_server(
     A message whose meaning depends on a reply still owed (see the module doc) stops the
     rewriting: ``server.wait_from`` is set to its offset, and only what precedes it is
     returned. The caller sends the rest once nothing is owed.
+
+    ``forgets``: given when the chunk holds a DISCARD ALL or DEALLOCATE ALL, as a Query or
+    run by an Execute: whether a Query's text (without its NUL) is one. At such a Query, and
+    at every Execute of the chunk (which statement it runs is not looked up), the server's
+    statements become unsure (``forget_all``) and a message naming a statement in a later
+    segment waits until the replies show whether the client's names were freed. (One in the
+    same segment behind an Execute goes at once: if that Execute ran DEALLOCATE ALL, what
+    the client parsed between it and the segment's last Execute is forgotten with the rest.
+    PostgreSQL refuses DISCARD ALL there.)
+
+    ``failed``: the server's transaction has failed (its last ReadyForQuery said 'E').
     """
     out: list[bytes] = []
     run = 0  # start of the current stretch copied verbatim
@@ -426,6 +515,21 @@ def rewrite_for_server(
             # get no replies, change nothing, and must not be queued.
             pos = end
             continue
+        if forgets is not None and (t == _E or (t == _Q and forgets(data[pos + 5 : end - 1]))):
+            # The DISCARD ALL / DEALLOCATE ALL, or maybe it (an Execute): it runs before
+            # what follows.
+            server.forget_all()
+            server.discards_owed = 1
+            server.discard_segment = segment
+        elif (
+            server.discards_owed
+            and segment > server.discard_segment
+            and _names_a_statement(data, t, pos, end)
+        ):
+            # Behind a DISCARD ALL / DEALLOCATE ALL: once a Sync has gone after it (only
+            # then do the replies that settle it come), a message naming a statement waits.
+            stop = pos
+            break
         if t == _P:
             name_end = _cstring_end(data, pos + 5, end)
             if name_end == pos + 5:
@@ -460,14 +564,16 @@ def rewrite_for_server(
                     stmt = ClientStatement(server_name, message)
                     client_statements[client_name] = stmt
                     sure = server._sure(server_name, segment)
-                    if sure == 1:
+                    if sure == 1 and segment == server.recv_z and not failed:
+                        # Nothing before it can fail the transaction (a Parse there fails
+                        # with 25P02, a Close does not): a no-op stands in for it.
                         out.append(NOOP_CLOSE)
                         ops.append((
                             segment, CLOSE_REPLY, AS_PARSE_COMPLETE, None, None, client_statements,
                             client_name, stmt, None,
                         ))
                     else:
-                        if sure < 0:
+                        if sure:
                             server._close(server_name, segment, out)
                         server._parse(server_name, message, segment, FORWARD, out, client_statements, client_name, stmt)
         elif t == _B:

@@ -24,6 +24,7 @@ from router.prepared import (
     PARSE_COMPLETE,
     SWALLOW,
     ServerStatements,
+    client_names_in_error,
     statements_used,
 )
 from router.protocol import messages as m
@@ -123,9 +124,6 @@ class ServerConnection(asyncio.Protocol):
         # SessionSettings.key), and how many prelude ReadyForQuery replies are still to drop.
         self.session_key: frozenset | None = None
         self.swallow_z = 0
-        # A client's DISCARD ALL / DEALLOCATE ALL sent and not yet answered: its tag, when it
-        # comes, frees the client's statement names (ClientConnection.forget_statements).
-        self.discards_owed = 0
         # The router's restore of a client's startup settings after its RESET (client.py
         # ``_restore``): the ReadyForQuery counts (stmts.recv_z) after which one was sent,
         # and whether its replies are coming now (kept back, but for ParameterStatus).
@@ -214,8 +212,8 @@ class ServerConnection(asyncio.Protocol):
                     break
                 st.recv_z += 1
                 self.tx_status = data[pos + 5]
-                if self.discards_owed and st.recv_z == st.sent_z:
-                    self.discards_owed = 0  # it failed (in a transaction block): nothing freed
+                if st.discards_owed and st.recv_z == st.sent_z:
+                    st.discards_owed = 0  # it failed (in a transaction block): nothing freed
                 if self.swallow_z:
                     self.swallow_z -= 1
                     pos += 6
@@ -250,10 +248,18 @@ class ServerConnection(asyncio.Protocol):
                     self._retry_elsewhere(data, pos, length)
                     return
                 ops = st.ops
-                if ops and ops[0][2] == DUPLICATE and ops[0][0] == st.recv_z and pos + 1 + length <= n:
-                    end = pos + 1 + length
-                    cuts = _cut(cuts, pos, st.duplicate_error(data[pos:end]), end)
+                end = pos + 1 + length
+                message = original = data[pos:end] if end <= n else b""
+                if message and ops and ops[0][2] == DUPLICATE and ops[0][0] == st.recv_z:
+                    message = st.duplicate_error(message)
                 st.on_error()
+                if message and message.find(b'"pgr_') >= 0:
+                    # An error naming a router-owned statement: the client reads its own
+                    # name, as it was where the error struck (on_error has put back what
+                    # the requests after it changed).
+                    message = client_names_in_error(message, client.statements, st.ops)
+                if message is not original:
+                    cuts = _cut(cuts, pos, message, end)
                 if pos + 1 + length <= n and _stale_plan(data, pos, length):
                     retry = self.retry_data if pos == 0 else None
                     self.retry_data = None
@@ -289,10 +295,9 @@ class ServerConnection(asyncio.Protocol):
                     space = data.rfind(b" ", pos + 5, end)
                     if space > 0 and data[space + 1 : end].isdigit():
                         self.call_rows += int(data[space + 1 : end])
-                if self.discards_owed and end < n and data[pos + 5 : end] in _FORGETS_STATEMENTS:
-                    self.discards_owed -= 1
-                    st.all_forgotten()
-                    client.forget_statements()
+                if st.discards_owed and end < n and data[pos + 5 : end] in _FORGETS_STATEMENTS:
+                    st.discards_owed = 0
+                    client.forget_statements(st.forget_client_names(client.statements))
                 undo = client.settings_undo
                 if undo is not None and end < n:
                     # COMMIT keeps the transaction's setting changes; the tag of a ROLLBACK

@@ -131,6 +131,7 @@ _COPY = frozenset(b"dcf")
 
 _STARTUP, _READY, _CLOSED = STARTUP, READY, CLOSED
 _IDLE = m.IDLE
+_FAILED = m.FAILED_TRANSACTION
 
 # Shared-schema tenants: a statement that would change the tenant setting is replaced by this
 # (the server raises the error, in order, like any other).
@@ -964,12 +965,27 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             undo = undo.before_chain
         return undo
 
-    def forget_statements(self) -> None:
-        """The client's DISCARD ALL / DEALLOCATE ALL ran (its server connection saw the tag):
-        its statement names are free again, as on PostgreSQL, where a Bind of one now fails
-        with 26000 and a Parse of one succeeds."""
-        self.statements.clear()
-        self._effects_by_statement.clear()
+    def forget_statements(self, names: list[bytes]) -> None:
+        """The client's DISCARD ALL / DEALLOCATE ALL ran (its server connection saw the tag)
+        and freed these statement names (``ServerStatements.forget_client_names``), as on
+        PostgreSQL, where a Bind of one now fails with 26000 and a Parse of one succeeds."""
+        effects = self._effects_by_statement
+        if effects:
+            for name in names:
+                effects.pop(name, None)
+
+    def _forgets_statements(self, sql_bytes: bytes) -> bool:
+        """Whether the text of a Query holds a DISCARD ALL or DEALLOCATE ALL (rare: only
+        asked of chunks the router has seen one in)."""
+        try:
+            sql = sql_bytes.decode(self.router.client_text_encoding)
+        except UnicodeDecodeError:
+            return True
+        kinds = (StatementKind.DISCARD_ALL, StatementKind.DEALLOCATE_ALL)
+        return any(
+            info.verdict.kind in kinds
+            for info in self.router.classifier.classify(sql, self.router.functions).statements
+        )
 
     def _undo_record(self) -> SettingsUndo:
         """The state to go back to if the current transaction rolls back: taken before its
@@ -1108,7 +1124,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if not data:
             return
         if rewrite & _NEEDS_REWRITE and syncs == 1 and start == 0 and not self._held:
-            reply = local_parse_reply(data, start, self.statements, self.router.statements)
+            reply = local_parse_reply(
+                data, start, self.statements, self.router.statements, b"I" if self.deferred_begin is None else b"T"
+            )
             if reply is not None:
                 self.unsynced = False
                 self.transport.write(reply)
@@ -1424,14 +1442,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         # unnamed ones that end with a Sync; while those replies are on their way nothing
         # counted is sent, or a ParseComplete would be matched to the wrong request.
         sent = data
-        if rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES | _ENDS_SYNCED) == _COUNT_REPLIES | _ENDS_SYNCED:
+        if rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES | _ENDS_SYNCED | _FORGET_PREPARED) == _COUNT_REPLIES | _ENDS_SYNCED:
             # Only unnamed Parses/Closes, every segment closed by a Sync of this chunk (what
             # pgbench -M extended sends): their replies need no queue, provided nothing
             # queued is sent before they have all come back (rewrite_for_server waits).
             st.uncounted_z = st.sent_z + syncs
-        elif rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES):
+        elif rewrite & (_NEEDS_REWRITE | _COUNT_REPLIES | _FORGET_PREPARED):
             try:
-                sent = rewrite_for_server(data, start, self.statements, self.router.statements, st)
+                sent = rewrite_for_server(
+                    data, start, self.statements, self.router.statements, st,
+                    self._forgets_statements if rewrite & _FORGET_PREPARED else None, server.tx_status == _FAILED,
+                )
             except ProtocolError as exc:
                 self._protocol_violation(exc.message)
                 return
@@ -1460,9 +1481,6 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 k += 1
         st.sent_z += syncs
         server.transport.write(sent)
-        if rewrite & _FORGET_PREPARED:
-            st.forget_all()
-            server.discards_owed += 1
         # Whatever SETs this chunk carries, the server will carry too; after a RESET it carries
         # its own defaults, which match no client's key, so the next transaction re-primes it.
         server.session_key = _UNKNOWN_SETTINGS if rewrite & _SETTINGS_RESET else self.session.key
@@ -1472,8 +1490,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
     ) -> tuple[bytes, int, int]:
         """``rewrite_for_server`` stopped at a message that must wait for the replies owed
         (``server.stmts.wait_from``). The rest of the chunk waits; returns the part that goes
-        now, its Sync count and flags. Forgetting the server's statements (DISCARD ALL) is
-        left to the rest: it happens once the whole chunk is sent, as for any chunk."""
+        now, its Sync count and flags. A DISCARD ALL in the rest is found when the rest is
+        rewritten (the one in the part sent now has been)."""
         cut = server.stmts.wait_from
         rest = data[cut:]
         rest_syncs = _sync_points(rest)

@@ -14,7 +14,7 @@ Message formats: PostgreSQL docs, 55.7 "Message Formats"; skipping to Sync after
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -37,11 +37,13 @@ from router.prepared import (
     ClientStatement,
     ServerStatements,
     StatementRegistry,
+    client_names_in_error,
     local_parse_reply,
     rewrite_for_server,
     statements_used,
 )
 from router.protocol.errors import ProtocolError
+from router.protocol.framing import frame
 
 # --- Frontend message builders (independent of the router's own codec) ---------------------------
 
@@ -157,6 +159,8 @@ class Session:
         data: bytes,
         client: dict[bytes, ClientStatement] | None = None,
         server: ServerStatements | None = None,
+        forgets: Callable[[bytes], bool] | None = None,
+        failed: bool = False,
     ) -> bytes:
         return rewrite_for_server(
             data,
@@ -164,6 +168,8 @@ class Session:
             self.client if client is None else client,
             self.registry,
             self.server if server is None else server,
+            forgets,
+            failed,
         )
 
     def answered(self, server: ServerStatements | None = None) -> None:
@@ -1238,23 +1244,140 @@ def test_after_discard_all_a_dropped_close_puts_nothing_back():
     assert list(s.server.prepared) == []  # DISCARD ALL drops a all the same
 
 
-@pytest.mark.parametrize("ran", [True, False], ids=["discard-ran", "discard-failed"])
-def test_after_a_discard_all_a_statement_is_closed_before_it_is_prepared_again(ran):
-    """DISCARD ALL fails in a transaction block: until its tag is back, the server may still
-    have the statements, so their next use closes first (a Parse of a name the server has
-    fails with 42P05). Once it is known to have run, they are simply prepared again."""
+def test_after_a_discard_all_a_statement_is_closed_before_it_is_prepared_again():
+    """DISCARD ALL fails in a transaction block: the server may still have the statements,
+    so their next use closes first (a Parse of a name the server has fails with 42P05)."""
     s = Session()
     s.rewrite(parse(b"s1", Q1) + SYNC)
     s.answered()
     s.server.sent_z = s.server.recv_z = 1
     name = s.name(Q1)
     s.server.forget_all()
-    if ran:
-        s.server.all_forgotten()
     out = s.rewrite(bind(b"", b"s1") + execute() + SYNC)
     expected = parse(name, Q1) + bind(b"", name) + execute() + SYNC
-    assert split(out) == split(expected if ran else close(b"S", name) + expected)
+    assert split(out) == split(close(b"S", name) + expected)
     # Closed once: after that the server's state is known again.
     s.answered()
     s.server.sent_z = s.server.recv_z = 2
     assert split(s.rewrite(bind(b"", b"s1") + execute() + SYNC)) == split(bind(b"", name) + execute() + SYNC)
+
+
+# --- DISCARD ALL / DEALLOCATE ALL in a pipeline ------------------------------------------------
+
+
+def test_a_name_behind_a_discard_all_waits_for_its_reply():
+    """DEALLOCATE ALL, then a Parse of s1 in the same write: whether the client's names are
+    freed is known from the reply, so the Parse waits (and is rewritten knowing it)."""
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + SYNC)
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 1
+    data = query(b"SELECT 1") + parse(b"s2", Q2) + SYNC + query(b"DEALLOCATE ALL") + parse(b"s1", Q1) + SYNC
+    out = s.rewrite(data, forgets=lambda sql: sql == b"DEALLOCATE ALL")
+    # Up to the DEALLOCATE ALL, not further: s2 is prepared before it and forgotten with s1.
+    assert split(out) == split(query(b"SELECT 1") + parse(s.name(Q2), Q2) + SYNC + query(b"DEALLOCATE ALL"))
+    assert s.server.wait_from == len(data) - len(parse(b"s1", Q1) + SYNC)
+    assert s.server.unsure == {s.name(Q1), s.name(Q2)}
+    # A later write naming a statement waits too, until the reply has come.
+    s.server.sent_z = 4  # the three Queries and the Sync sent
+    assert s.rewrite(bind(b"", b"s1") + execute() + SYNC) == b""
+    assert s.server.wait_from == 0
+
+
+def test_a_name_in_the_segment_of_an_execute_that_may_discard_goes_at_once():
+    """An Execute may run DEALLOCATE ALL: a message naming a statement after it in the same
+    segment cannot wait (no reply comes before the Sync); after the Sync it waits."""
+    s = Session()
+    data = parse(b"", b"DEALLOCATE ALL") + bind(b"", b"") + execute() + parse(b"s1", Q1) + SYNC + describe(b"S", b"s1")
+    out = s.rewrite(data, forgets=lambda sql: False)
+    assert split(out)[-1] == (b"S", b"")
+    assert b"s1" in s.client
+    assert s.server.wait_from == len(data) - len(describe(b"S", b"s1"))
+
+
+def test_a_request_dropped_after_a_discard_all_leaves_its_statement_unsure():
+    """A Close and Parse of an unsure statement (DISCARD ALL sent), dropped after an error,
+    leave it unsure, not absent: the server may still have it, and a Parse of it there would
+    fail with 42P05. So do requests queued before a DISCARD ALL that are dropped after it."""
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + SYNC)
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 1
+    name = s.name(Q1)
+    s.server.forget_all()
+    s.rewrite(bind(b"zz", b"s1") + execute(b"zz") + SYNC)
+    assert close_q(s.server) == [(1, SWALLOW)]
+    s.server.sent_z = 2
+    s.server.forget_all()  # another forget point behind them
+    s.server.on_error()  # the Bind fails: its Close and Parse are skipped
+    s.server.recv_z = 2
+    assert name not in s.server.prepared and name in s.server.unsure
+    out = s.rewrite(bind(b"", b"s1") + execute() + SYNC)
+    assert split(out)[:2] == split(close(b"S", name) + parse(name, Q1))
+
+
+@pytest.mark.parametrize(
+    ("before", "failed", "noop"),
+    [
+        pytest.param(b"", False, True, id="first-segment"),
+        pytest.param(b"", True, False, id="failed-transaction"),
+        pytest.param(query(b"SELECT 1/0"), False, False, id="behind-a-query"),
+    ],
+)
+def test_a_parse_the_server_has_is_a_no_op_only_where_nothing_can_have_failed(before, failed, noop):
+    """In a failed transaction a Parse fails (25P02) and a Close does not: the no-op Close
+    stands in for a Parse only where no earlier reply is owed and the transaction is sound."""
+    s = Session()
+    s.rewrite(parse(b"a", Q1) + SYNC)
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 1
+    name = s.name(Q1)
+    out = s.rewrite(before + parse(b"b", Q1) + SYNC, failed=failed)
+    sent = split(out)[len(split(before)):]
+    if noop:
+        assert sent == split(close(b"S", NOOP_NAME) + SYNC)
+    else:
+        assert sent == split(close(b"S", name) + parse(name, Q1) + SYNC)
+
+
+def test_an_error_names_the_clients_statement_as_it_was_where_the_error_struck():
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + SYNC)
+    s.answered()
+    s.server.sent_z = s.server.recv_z = 1
+    name = s.name(Q1)
+    s.rewrite(bind(b"", b"s1", [b"3"]) + execute() + SYNC + close(b"S", b"s1") + SYNC)
+    assert b"s1" not in s.client  # the Close of the later segment has taken it already
+    error = frame(b"E", b"SERROR\0C08P01\0Mbind message supplies 1 parameters, but prepared statement \"%s\" requires 0\0\0" % name)
+    s.server.on_error()
+    renamed = client_names_in_error(error, s.client, s.server.ops)
+    assert b'statement "s1" requires' in renamed
+    assert client_names_in_error(frame(b"E", b"SERROR\0C22012\0Mdivision by zero\0\0"), s.client, s.server.ops) == frame(
+        b"E", b"SERROR\0C22012\0Mdivision by zero\0\0"
+    )
+
+
+def test_the_tag_of_a_discard_all_frees_the_names_as_they_are_once_it_ran():
+    """The tag comes after the replies to everything sent before the discard: a Close the
+    server skipped after an error has been put back, and the name is freed all the same."""
+    s = Session()
+    data = parse(b"s1", Q1) + parse(b"s1", Q1) + close(b"S", b"s1") + SYNC + query(b"DISCARD ALL")
+    s.rewrite(data, forgets=lambda sql: sql == b"DISCARD ALL")
+    assert b"s1" not in s.client  # the Close, as sent
+    s.server.ops.popleft()  # ParseComplete of the first Parse; the second fails (42P05)
+    s.server.on_error()
+    assert b"s1" in s.client  # the Close was skipped
+    s.server.recv_z = 1
+    assert s.server.forget_client_names(s.client) == [b"s1"]
+    assert s.client == {}
+
+
+def test_a_name_parsed_behind_the_discard_all_outlives_its_tag():
+    s = Session()
+    data = parse(b"", b"DEALLOCATE ALL") + bind(b"", b"") + execute() + parse(b"s1", Q1) + SYNC
+    s.rewrite(data, forgets=lambda sql: False)
+    s.server.ops.popleft()  # ParseComplete of the unnamed Parse
+    assert s.server.forget_client_names(s.client) == []
+    assert list(s.client) == [b"s1"]
+    s.server.on_error()  # had s1's Parse failed, s1 would be gone, not back to before
+    assert s.client == {}
