@@ -505,6 +505,7 @@ def rewrite_for_server(
         server.wait_from = start
         return data[:start]
     server.wait_from = -1
+    discards = forgets is not None or server.discards_owed
     while pos + 5 <= n:
         t = data[pos]
         end = pos + 1 + _unpack_len(data, pos + 1)[0]
@@ -515,21 +516,24 @@ def rewrite_for_server(
             # get no replies, change nothing, and must not be queued.
             pos = end
             continue
-        if forgets is not None and (t == _E or (t == _Q and forgets(data[pos + 5 : end - 1]))):
-            # The DISCARD ALL / DEALLOCATE ALL, or maybe it (an Execute): it runs before
-            # what follows.
-            server.forget_all()
-            server.discards_owed = 1
-            server.discard_segment = segment
-        elif (
-            server.discards_owed
-            and segment > server.discard_segment
-            and _names_a_statement(data, t, pos, end)
-        ):
-            # Behind a DISCARD ALL / DEALLOCATE ALL: once a Sync has gone after it (only
-            # then do the replies that settle it come), a message naming a statement waits.
-            stop = pos
-            break
+        if discards:  # rare: a chunk with a DISCARD ALL, or one behind it
+            if forgets is not None and (t == _E or (t == _Q and forgets(data[pos + 5 : end - 1]))):
+                # The DISCARD ALL / DEALLOCATE ALL, or maybe it (an Execute): it runs before
+                # what follows. What waits for the replies is what follows the first.
+                server.forget_all()
+                if not server.discards_owed:
+                    server.discards_owed = 1
+                    server.discard_segment = segment
+            elif (
+                server.discards_owed
+                and segment > server.discard_segment
+                and _names_a_statement(data, t, pos, end)
+            ):
+                # Behind a DISCARD ALL / DEALLOCATE ALL: once a Sync has gone after it (only
+                # then do the replies that settle it come), a message naming a statement
+                # waits.
+                stop = pos
+                break
         if t == _P:
             name_end = _cstring_end(data, pos + 5, end)
             if name_end == pos + 5:
