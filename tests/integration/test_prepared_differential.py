@@ -50,9 +50,11 @@ NAMES = [b"s1", b"s2"]
 # statements are shared, and have run more often than the client's own.
 STATEMENTS = {
     b"s1": [(b"SELECT $1::int + 1", ()), (b"SELECT 42", ()), (b"SELECT $1 * 2", (INT4,)),
-            (b"SELECT 10 / ($1::int + 0 * random()::int)", ()), (b"SELEC 1", ())],
+            (b"SELECT 10 / ($1::int + 0 * random()::int)", ()), (b"SELEC 1", ()),
+            (b"SELECT generate_series(1, $1::int)", ())],
     b"s2": [(b"SELECT $1::int + 2", ()), (b"SELECT 43", ()), (b"SELECT $1 * 3", (INT4,)),
-            (b"SELECT 20 / ($1::int + 0 * random()::int)", ()), (b"SELEC 2", ())],
+            (b"SELECT 20 / ($1::int + 0 * random()::int)", ()), (b"SELEC 2", ()),
+            (b"SELECT generate_series(2, $1::int + 1)", ())],
 }
 PARAMS = [[b"3"], [b"0"], []]
 _A, _B = STATEMENTS[b"s1"][0][0], STATEMENTS[b"s2"][0][0]
@@ -70,6 +72,10 @@ _messages = st.one_of(
     st.just(describe(b"P", b"")),
     st.builds(lambda name: close(b"S", name), st.sampled_from(NAMES)),
     st.just(FLUSH),
+    # A named portal, fetched a row at a time (PortalSuspended); in a transaction block it
+    # outlives the Sync.
+    st.builds(lambda name, params: bind(b"p1", name, params), st.sampled_from(NAMES), st.sampled_from(PARAMS)),
+    st.sampled_from([execute(b"p1", 1), execute(b"p1"), describe(b"P", b"p1"), close(b"P", b"p1")]),
 )
 _segment = st.lists(_messages, min_size=1, max_size=4).map(lambda parts: b"".join(parts) + SYNC)
 QUERIES = ["BEGIN", "COMMIT", "ROLLBACK", "SELECT 1", "SELECT 1/0", "DISCARD ALL", "DEALLOCATE ALL"]
