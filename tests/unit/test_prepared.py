@@ -1244,13 +1244,19 @@ def test_after_discard_all_a_dropped_close_puts_nothing_back():
     assert list(s.server.prepared) == []  # DISCARD ALL drops a all the same
 
 
-def test_after_a_discard_all_a_statement_is_closed_before_it_is_prepared_again():
-    """DISCARD ALL fails in a transaction block: the server may still have the statements,
-    so their next use closes first (a Parse of a name the server has fails with 42P05)."""
+def _s1_prepared() -> Session:
+    """A session whose client has prepared s1 (Q1) on the server, all answered."""
     s = Session()
     s.rewrite(parse(b"s1", Q1) + SYNC)
     s.answered()
     s.server.sent_z = s.server.recv_z = 1
+    return s
+
+
+def test_after_a_discard_all_a_statement_is_closed_before_it_is_prepared_again():
+    """DISCARD ALL fails in a transaction block: the server may still have the statements,
+    so their next use closes first (a Parse of a name the server has fails with 42P05)."""
+    s = _s1_prepared()
     name = s.name(Q1)
     s.server.forget_all()
     out = s.rewrite(bind(b"", b"s1") + execute() + SYNC)
@@ -1268,10 +1274,7 @@ def test_after_a_discard_all_a_statement_is_closed_before_it_is_prepared_again()
 def test_a_name_behind_a_discard_all_waits_for_its_reply():
     """DEALLOCATE ALL, then a Parse of s1 in the same write: whether the client's names are
     freed is known from the reply, so the Parse waits (and is rewritten knowing it)."""
-    s = Session()
-    s.rewrite(parse(b"s1", Q1) + SYNC)
-    s.answered()
-    s.server.sent_z = s.server.recv_z = 1
+    s = _s1_prepared()
     data = query(b"SELECT 1") + parse(b"s2", Q2) + SYNC + query(b"DEALLOCATE ALL") + parse(b"s1", Q1) + SYNC
     out = s.rewrite(data, forgets=lambda sql: sql == b"DEALLOCATE ALL")
     # Up to the DEALLOCATE ALL, not further: s2 is prepared before it and forgotten with s1.
@@ -1299,10 +1302,7 @@ def test_a_request_dropped_after_a_discard_all_leaves_its_statement_unsure():
     """A Close and Parse of an unsure statement (DISCARD ALL sent), dropped after an error,
     leave it unsure, not absent: the server may still have it, and a Parse of it there would
     fail with 42P05. So do requests queued before a DISCARD ALL that are dropped after it."""
-    s = Session()
-    s.rewrite(parse(b"s1", Q1) + SYNC)
-    s.answered()
-    s.server.sent_z = s.server.recv_z = 1
+    s = _s1_prepared()
     name = s.name(Q1)
     s.server.forget_all()
     s.rewrite(bind(b"zz", b"s1") + execute(b"zz") + SYNC)
@@ -1341,10 +1341,7 @@ def test_a_parse_the_server_has_is_a_no_op_only_where_nothing_can_have_failed(be
 
 
 def test_an_error_names_the_clients_statement_as_it_was_where_the_error_struck():
-    s = Session()
-    s.rewrite(parse(b"s1", Q1) + SYNC)
-    s.answered()
-    s.server.sent_z = s.server.recv_z = 1
+    s = _s1_prepared()
     name = s.name(Q1)
     s.rewrite(bind(b"", b"s1", [b"3"]) + execute() + SYNC + close(b"S", b"s1") + SYNC)
     assert b"s1" not in s.client  # the Close of the later segment has taken it already
