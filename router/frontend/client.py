@@ -112,13 +112,14 @@ _SPECIAL_START = re.compile(
 )
 # Statements that change session state (or name SQL-level prepared statements, or may hide a
 # SET in a DO block) start with one of these; only those are parsed (and, below, those with a
-# SET/RESET/DISCARD/DO later on). A DEALLOCATE ALL later in a multi-statement query is not seen.
+# SET/RESET/DISCARD/DEALLOCATE/DO later on).
 _SESSION_SQL = re.compile(rb"(?i)\s*(?:set|reset|discard|deallocate|prepare|execute|do)\b")
-# A SET/RESET/DISCARD that does not start the Query: after another statement (;) or a comment.
-# (Also matches `UPDATE t /* x */ SET ...` or a ';set' in a string: the text is then parsed,
-# once per text, and found to change nothing.)
+# A SET/RESET/DISCARD/DEALLOCATE that does not start the Query: after another statement (;)
+# or a comment. (Also matches `UPDATE t /* x */ SET ...` or a ';set' in a string: the text is
+# then parsed, once per text, and found to change nothing.)
 _LATER_SESSION_SQL = re.compile(
-    rb"(?i)(?:;|\*/|--[^\n]*\n)\s*(?:set|reset|discard|do|savepoint|release|rollback\s+(?:(?:work|transaction)\s+)?to)\b"
+    rb"(?i)(?:;|\*/|--[^\n]*\n)\s*(?:set|reset|discard|deallocate|do|savepoint|release"
+    rb"|rollback\s+(?:(?:work|transaction)\s+)?to)\b"
 )
 # Savepoints matter while the transaction has tracked setting changes (settings_undo): a
 # ROLLBACK TO undoes those made since, as PostgreSQL does.

@@ -68,6 +68,9 @@ _messages = st.one_of(
     # it in the exchange that parses it (as drivers do): see the README.
     st.builds(lambda stmt, params: parse(b"", *stmt) + bind(b"", b"", params) + execute(),
               st.sampled_from(STATEMENTS[b"s1"]), st.sampled_from(PARAMS)),
+    # DEALLOCATE ALL run by an Execute (the router does not look up which statement runs),
+    # ending its segment: a Parse behind it in the same segment is a documented limit.
+    st.just(parse(b"", b"DEALLOCATE ALL") + bind(b"", b"") + execute() + SYNC),
     st.builds(lambda name, params: bind(b"", name, params) + execute(), st.sampled_from(NAMES), st.sampled_from(PARAMS)),
     st.builds(lambda name: describe(b"S", name), st.sampled_from(NAMES)),
     st.just(describe(b"P", b"")),
@@ -79,7 +82,8 @@ _messages = st.one_of(
     st.sampled_from([execute(b"p1", 1), execute(b"p1"), describe(b"P", b"p1"), close(b"P", b"p1")]),
 )
 _segment = st.lists(_messages, min_size=1, max_size=4).map(lambda parts: b"".join(parts) + SYNC)
-QUERIES = ["BEGIN", "COMMIT", "ROLLBACK", "SELECT 1", "SELECT 1/0", "DISCARD ALL", "DEALLOCATE ALL"]
+QUERIES = ["BEGIN", "COMMIT", "ROLLBACK", "SELECT 1", "SELECT 1/0", "DISCARD ALL", "DEALLOCATE ALL",
+           "SELECT 1; DEALLOCATE ALL", "DEALLOCATE ALL; SELECT 1/0", "/* c */ DEALLOCATE PREPARE ALL"]
 _query = st.sampled_from(QUERIES).map(lambda sql: query(sql.encode()))
 # Messages whose Sync comes in a later write (or never: a Query follows).
 _unsynced = st.lists(_messages, min_size=1, max_size=3).map(b"".join)
@@ -162,6 +166,9 @@ def _comparable(replies, status: bytes) -> list:
 @example(steps=[(parse(b"s1", _A) + SYNC, "none"),
                 (query(b"DISCARD ALL") + parse(b"", _A) + bind(b"", b"", [b"3"]) + execute() + parse(b"s1", _A) + SYNC,
                  "none")])
+# A DEALLOCATE ALL after another statement in one Query (or after a comment) was not seen.
+@example(steps=[(parse(b"s1", _A) + SYNC, "none"), (query(b"SELECT 1; DEALLOCATE ALL"), "none"),
+                (parse(b"s1", b"SELECT 42") + bind(b"", b"s1") + execute() + SYNC, "none")])
 # Errors named the router's statement (pgr_N), also when a later segment had closed the name.
 @example(steps=[(parse(b"s1", b"SELECT 42") + bind(b"", b"s1", [b"3"]) + execute() + SYNC, "none")])
 @example(steps=[(parse(b"s2", _B) + bind(b"", b"s2") + execute() + SYNC + close(b"S", b"s2") + SYNC, "none")])
