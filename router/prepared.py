@@ -485,9 +485,9 @@ def rewrite_for_server(
     at every Execute of the chunk (which statement it runs is not looked up), the server's
     statements become unsure (``forget_all``) and a message naming a statement in a later
     segment waits until the replies show whether the client's names were freed. (One in the
-    same segment behind an Execute goes at once: if that Execute ran DEALLOCATE ALL, what
-    the client parsed between it and the segment's last Execute is forgotten with the rest.
-    PostgreSQL refuses DISCARD ALL there.)
+    same segment behind an Execute goes at once, before any reply can come: if that Execute
+    ran DEALLOCATE ALL, a Parse of a name it freed is taken for a second Parse of the
+    client's name, 42P05. PostgreSQL refuses DISCARD ALL there.)
 
     ``failed``: the server's transaction has failed (its last ReadyForQuery said 'E').
     """

@@ -1298,18 +1298,24 @@ def test_a_name_in_the_segment_of_an_execute_that_may_discard_goes_at_once():
     assert s.server.wait_from == len(data) - len(describe(b"S", b"s1"))
 
 
-def test_a_request_dropped_after_a_discard_all_leaves_its_statement_unsure():
+@pytest.mark.parametrize("again", [False, True], ids=["one-discard", "discard-behind"])
+def test_a_request_dropped_after_a_discard_all_leaves_its_statement_unsure(again):
     """A Close and Parse of an unsure statement (DISCARD ALL sent), dropped after an error,
     leave it unsure, not absent: the server may still have it, and a Parse of it there would
-    fail with 42P05. So do requests queued before a DISCARD ALL that are dropped after it."""
+    fail with 42P05. So do requests queued before another DISCARD ALL (discard-behind), even
+    when a later use in the same segment has closed the statement again."""
     s = _s1_prepared()
     name = s.name(Q1)
     s.server.forget_all()
-    s.rewrite(bind(b"zz", b"s1") + execute(b"zz") + SYNC)
+    s.rewrite(bind(b"zz", b"s1") + execute(b"zz"))
     assert close_q(s.server) == [(1, SWALLOW)]
+    if again:
+        s.server.forget_all()
+        s.rewrite(bind(b"yy", b"s1") + execute(b"yy"))  # closes and parses it again
+        assert close_q(s.server) == [(1, SWALLOW), (1, SWALLOW)]
+    s.rewrite(SYNC)
     s.server.sent_z = 2
-    s.server.forget_all()  # another forget point behind them
-    s.server.on_error()  # the Bind fails: its Close and Parse are skipped
+    s.server.on_error()  # the first Bind fails: every Close and Parse after it is skipped
     s.server.recv_z = 2
     assert name not in s.server.prepared and name in s.server.unsure
     out = s.rewrite(bind(b"", b"s1") + execute() + SYNC)
@@ -1370,11 +1376,14 @@ def test_the_tag_of_a_discard_all_frees_the_names_as_they_are_once_it_ran():
 
 
 def test_a_name_parsed_behind_the_discard_all_outlives_its_tag():
-    s = Session()
-    data = parse(b"", b"DEALLOCATE ALL") + bind(b"", b"") + execute() + parse(b"s1", Q1) + SYNC
+    """s1 was prepared before the discard and closed and parsed again behind it: the tag
+    leaves it; had those requests failed, s1 is gone (the discard freed it), not back."""
+    s = _s1_prepared()
+    data = (parse(b"", b"DEALLOCATE ALL") + bind(b"", b"") + execute() + close(b"S", b"s1")
+            + parse(b"s1", Q2) + SYNC)
     s.rewrite(data, forgets=lambda sql: False)
     s.server.ops.popleft()  # ParseComplete of the unnamed Parse
     assert s.server.forget_client_names(s.client) == []
     assert list(s.client) == [b"s1"]
-    s.server.on_error()  # had s1's Parse failed, s1 would be gone, not back to before
+    s.server.on_error()  # s1's Close and Parse are skipped
     assert s.client == {}
