@@ -33,7 +33,13 @@ from router.protocol.framing import frame
 from router.routing.route import RESTORE_SHIFT, RouteReason, decide, held_verdict
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
 from router.routing.statements import created_session_functions
-from router.routing.verdict import ROUTER_TARGET_VALUES, Reason, StatementKind, Target
+from router.routing.verdict import (
+    ROUTER_TARGET_GUC,
+    ROUTER_TARGET_VALUES,
+    Reason,
+    StatementKind,
+    Target,
+)
 from router.session import IDENTITY_SETTINGS, STARTUP_IDENTITY_PIN, SessionSettings, set_config_sql
 from router.tenants import TenantPaused
 
@@ -188,6 +194,14 @@ def _tenant_setting_error(name: str) -> RouterError:
 # router itself (a deferred BEGIN, its COMMIT/ROLLBACK, SET pgrouter.target).
 _INTERCEPT_START = re.compile(rb"(?i)\s*(?:begin|start|commit|end|rollback|abort|set|reset)\b")
 _ROUTER_TARGETS = {"primary": Target.PRIMARY, "replica": Target.REPLICA, "auto": None}
+_ROUTER_TARGET_NAMES = {target: name for name, target in _ROUTER_TARGETS.items()}
+# SHOW pgrouter.target, answered by the router (_show_router_target): a cheap first look at a
+# Query's text (its second byte is an h, or it starts with white space), then the pattern.
+_SHOW_START = re.compile(rb"(?i)\s*show\b")
+_LOWER_H = ord("h")
+_SPACES = frozenset(b" \t\n\r\f\v")
+_SHOW_ROUTER_TARGET_COLUMNS = m.row_description([ROUTER_TARGET_GUC])
+_SHOW_TAG = m.command_complete("SHOW")
 _COMMAND_TAGS = {
     StatementKind.COMMIT: b"COMMIT",
     StatementKind.ROLLBACK: b"ROLLBACK",
@@ -1113,6 +1127,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def _forward(self, data: bytes, start: int, syncs: int, rewrite: int) -> None:
         server = self.server
+        if (
+            syncs == 1
+            and data[0] == _Q
+            and len(data) > 12
+            and ((data[6] | 0x20) == _LOWER_H or data[5] in _SPACES)
+            and _SHOW_START.match(data, 5, 69)
+            and not start
+            and self.rewrite_statements
+            and self._show_router_target(data, server)
+        ):
+            return
         if server is not None:
             if self.replica_node is not None and self._replica_chunk(server, data, start, syncs, rewrite):
                 return
@@ -1178,6 +1203,40 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         parse = statement.parse_message
         name_end = parse.index(b"\0", 5)
         return parse[name_end + 1 : parse.index(b"\0", name_end + 1)]
+
+    def _show_router_target(self, data: bytes, server: ServerConnection | None) -> bool:
+        """A lone Query SHOW pgrouter.target in transaction mode, answered by the router: the
+        setting is its own, no server has it. Only where the answer lands in order: between
+        transactions, or with the client's server connection waiting for its next command.
+        Returns False to let the Query go on like any other."""
+        if 1 + _unpack_len(data, 1)[0] != len(data):
+            return False
+        if server is None:
+            if self._held or self._waiting_on is not None:
+                return False
+            if self.deferred_aborted:
+                status = m.FAILED_TRANSACTION
+            else:
+                status = m.IDLE if self.deferred_begin is None else m.IN_TRANSACTION
+        else:
+            if server.pending or self._chunk_unsynced:
+                return False
+            status = server.tx_status
+        try:
+            sql = data[5:-1].decode(self.router.client_text_encoding)
+        except UnicodeDecodeError:
+            return False
+        statements = self.router.classifier.classify(sql, self.router.functions).statements
+        if len(statements) != 1 or statements[0].verdict.kind is not StatementKind.SHOW_ROUTER_TARGET:
+            return False
+        if status == m.FAILED_TRANSACTION:
+            out = m.error_response(SQLState.IN_FAILED_SQL_TRANSACTION, _ABORTED_MESSAGE, severity="ERROR")
+            self.router.count_error(SQLState.IN_FAILED_SQL_TRANSACTION)
+        else:
+            value = _ROUTER_TARGET_NAMES[self.session_target]
+            out = _SHOW_ROUTER_TARGET_COLUMNS + m.data_row([value]) + _SHOW_TAG
+        self.transport.write(out + m.ready_for_query(status))
+        return True
 
     def _intercept(self, data: bytes) -> bool:
         """A lone Query between transactions that the router answers itself. Returns False to

@@ -20,6 +20,11 @@ ERROR_RESPONSE = b"E"
 NOTICE_RESPONSE = b"N"
 NOTIFICATION_RESPONSE = b"A"
 NEGOTIATE_PROTOCOL_VERSION = b"v"
+ROW_DESCRIPTION = b"T"
+DATA_ROW = b"D"
+COMMAND_COMPLETE = b"C"
+
+TEXT_OID = 25  # pg_type.oid of text
 
 # Authentication request codes (55.7, AuthenticationXXX).
 AUTH_OK = 0
@@ -31,6 +36,10 @@ AUTH_SASL_FINAL = 12
 
 _I = struct.Struct("!I")
 _II = struct.Struct("!II")
+_H = struct.Struct("!H")
+# RowDescription, per field after its name: table OID, column number, type OID, type size,
+# type modifier, format code.
+_FIELD = struct.Struct("!IhIhih")
 
 # ReadyForQuery transaction status bytes.
 IDLE = ord("I")
@@ -234,6 +243,72 @@ def parse_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]:
         name, offset = _split_cstr(body, offset)
         names.append(name)
     return minor, names
+
+
+# --- A result the router answers itself (SHOW pgrouter.target) -----------------------------
+
+def row_description(names: list[str]) -> bytes:
+    """Text columns computed by a statement, as a server describes SHOW's: no table, type text
+    (size -1, modifier -1), text format."""
+    body = _H.pack(len(names)) + b"".join(_cstr(name) + _FIELD.pack(0, 0, TEXT_OID, -1, -1, 0) for name in names)
+    return frame(ROW_DESCRIPTION, body)
+
+
+def parse_row_description(body: bytes) -> list[tuple[str, int, int, int, int, int, int]]:
+    """Each field as (name, table OID, column number, type OID, size, modifier, format)."""
+    if len(body) < 2:
+        raise ProtocolError("RowDescription too short")
+    (count,) = _H.unpack_from(body, 0)
+    fields = []
+    offset = 2
+    for _ in range(count):
+        name, offset = _split_cstr(body, offset)
+        if offset + _FIELD.size > len(body):
+            raise ProtocolError("RowDescription field truncated")
+        fields.append((name, *_FIELD.unpack_from(body, offset)))
+        offset += _FIELD.size
+    if offset != len(body):
+        raise ProtocolError("trailing bytes in RowDescription")
+    return fields
+
+
+def data_row(values: list[str | None]) -> bytes:
+    """One row of text values (None: NULL)."""
+    body = bytearray(_H.pack(len(values)))
+    for value in values:
+        if value is None:
+            body += b"\xff\xff\xff\xff"
+        else:
+            data = value.encode("utf-8")
+            body += _I.pack(len(data)) + data
+    return frame(DATA_ROW, bytes(body))
+
+
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    if len(body) < 2:
+        raise ProtocolError("DataRow too short")
+    (count,) = _H.unpack_from(body, 0)
+    values: list[bytes | None] = []
+    offset = 2
+    for _ in range(count):
+        if offset + 4 > len(body):
+            raise ProtocolError("DataRow value truncated")
+        (length,) = _I.unpack_from(body, offset)
+        offset += 4
+        if length == 0xFFFFFFFF:
+            values.append(None)
+            continue
+        if length > len(body) - offset:
+            raise ProtocolError("DataRow value truncated")
+        values.append(body[offset : offset + length])
+        offset += length
+    if offset != len(body):
+        raise ProtocolError("trailing bytes in DataRow")
+    return values
+
+
+def command_complete(tag: str) -> bytes:
+    return frame(COMMAND_COMPLETE, _cstr(tag))
 
 
 # --- A few frontend messages the router itself sends to servers -------------------------

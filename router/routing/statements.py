@@ -39,6 +39,7 @@ from router.routing.expressions import DML_NODES, ExpressionScan
 from router.routing.functions import FunctionCatalog, call_pattern
 from router.routing.session_statements import SESSION_HANDLERS, parse_bool
 from router.routing.verdict import (
+    ROUTER_TARGET_GUC,
     SUSPECTED_WRITE_REASONS,
     Reason,
     StatementInfo,
@@ -236,6 +237,9 @@ def _lock(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
 
 
 def _show(body: dict, text: str, expressions: ExpressionScan) -> StatementInfo:
+    name = body.get("name", "").lower()
+    if name == ROUTER_TARGET_GUC:
+        return StatementInfo(Verdict(Target.REPLICA, Reason.READ, Kind.SHOW_ROUTER_TARGET), text, name)
     return StatementInfo(Verdict(Target.REPLICA, Reason.READ), text)
 
 

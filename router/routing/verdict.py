@@ -126,6 +126,7 @@ class StatementKind(Enum):
     RESET_ALL = "reset_all"
     SET_DEFAULT_READ_ONLY = "set_default_read_only"  # default_transaction_read_only: read_only
     ROUTER_TARGET = "router_target"  # SET/RESET pgrouter.target, never sent to a server: value
+    SHOW_ROUTER_TARGET = "show_router_target"  # SHOW pgrouter.target: a lone one is answered
     DISCARD_ALL = "discard_all"
     DISCARD = "discard"  # DISCARD PLANS / SEQUENCES / TEMP: name = "plans"|"sequences"|"temp"
     DO_SESSION = "do_session"  # a DO block whose body may change settings: none can be replayed

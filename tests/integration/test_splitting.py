@@ -365,6 +365,69 @@ def test_router_target_in_session_mode(start_router, cluster: Cluster) -> None:
         assert _placeholder(conn) == ""
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "no-replicas"])
+def test_show_router_target(start_router, cluster: Cluster, split: bool) -> None:
+    """A lone SHOW pgrouter.target (a simple Query, transaction mode) is answered by the router
+    with the session's target, as a server answers SHOW: no server has the setting (PostgreSQL
+    answers 42704 on a connection that never saw it, or '' for the placeholder the router
+    sends). Between transactions, in a transaction the router has not sent yet, in one holding
+    a server connection; 25P02 in a failed one."""
+    router = start_router(split=split)
+    status = psycopg.pq.TransactionStatus
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+
+        def show() -> str:
+            # (prepare=False: psycopg prepares a query it has run 5 times, and the extended
+            # protocol's SHOW reaches a server.)
+            cur = conn.execute("SHOW pgrouter.target", prepare=False)
+            assert cur.statusmessage == "SHOW"
+            assert [(d.name, d.type_code) for d in cur.description] == [("pgrouter.target", 25)]
+            (row,) = cur.fetchall()
+            return row[0]
+
+        assert show() == "auto"
+        conn.execute("BEGIN")  # split mode: answered by the router, sent with what follows
+        assert show() == "auto"
+        assert conn.info.transaction_status == status.INTRANS
+        conn.execute("COMMIT")
+        conn.execute("SET pgrouter.target = replica")
+        assert show() == "replica"
+        assert conn.info.transaction_status == status.IDLE
+        conn.execute("BEGIN")
+        assert show() == "replica"
+        assert conn.info.transaction_status == status.INTRANS
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # holds a server connection now
+        conn.execute("SET pgrouter.target = primary")
+        assert show() == "primary"
+        assert conn.info.transaction_status == status.INTRANS
+        conn.execute("ROLLBACK")  # undoes the SET, as PostgreSQL undoes a SET
+        assert show() == "replica"
+        assert conn.execute("SHOW search_path").fetchone() == ('"$user", public',)  # others reach a server
+        # A failed transaction: on a server, and (split mode: a refused pgrouter.target
+        # right after the BEGIN the router answered) before reaching one.
+        for first, failing, error in (
+            ("SELECT 1", "SELECT 1/0", psycopg.errors.DivisionByZero),
+            (None, "SET pgrouter.target = nowhere", psycopg.errors.InvalidParameterValue),
+        ):
+            conn.execute("BEGIN")
+            if first:
+                conn.execute(first)
+            with pytest.raises(error):
+                conn.execute(failing)
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute("SHOW pgrouter.target", prepare=False)
+            assert conn.info.transaction_status == status.INERROR
+            conn.execute("ROLLBACK")
+            conn.execute("RESET pgrouter.target")
+            assert show() == "auto"
+    out = subprocess.run(
+        ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", router.dsn("carol"), "-c", "  show PGROUTER.TARGET ;",
+         "-c", "SET pgrouter.target = primary", "-c", "SHOW pgrouter.target"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.split()
+    assert out == ["auto", "SET", "primary"]
+
+
 def test_session_routing_survives_errors_and_follows_rollbacks(split_router: RouterThread, cluster: Cluster) -> None:
     """SET pgrouter.target is the router's own: a later failed statement does not undo it. A
     SET default_transaction_read_only that PostgreSQL undoes (its transaction rolled back) no

@@ -93,6 +93,15 @@ EXACT = [
         b"N\x00\x00\x00\x20SNOTICE\x00VNOTICE\x00C01000\x00Mhi\x00\x00",
         id="notice_response",
     ),
+    pytest.param(
+        m.row_description(["pgrouter.target"]),
+        b"T\x00\x00\x00\x28\x00\x01pgrouter.target\x00"
+        b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x19\xff\xff\xff\xff\xff\xff\x00\x00",
+        id="row_description-text-column",  # as PostgreSQL describes SHOW's
+    ),
+    pytest.param(m.data_row(["auto"]), b"D\x00\x00\x00\x0e\x00\x01\x00\x00\x00\x04auto", id="data_row"),
+    pytest.param(m.data_row([None, ""]), b"D\x00\x00\x00\x0e\x00\x02\xff\xff\xff\xff\x00\x00\x00\x00", id="data_row-null-empty"),
+    pytest.param(m.command_complete("SHOW"), b"C\x00\x00\x00\x09SHOW\x00", id="command_complete"),
     pytest.param(frame(b"D"), b"D\x00\x00\x00\x04", id="frame-empty-body"),
     pytest.param(frame(b"d", b"\x00\x01"), b"d\x00\x00\x00\x06\x00\x01", id="frame-with-body"),
 ]
@@ -405,6 +414,13 @@ PARSE_ERRORS = [
         b"\x00\x00\x00\x00\xff\xff\xff\xff_pq_.a\x00",
         id="negotiate-huge-count",
     ),
+    pytest.param(m.parse_row_description, b"\x00", id="row-description-1-byte"),
+    pytest.param(m.parse_row_description, b"\x00\x01a\x00\x00\x00", id="row-description-field-truncated"),
+    pytest.param(m.parse_row_description, b"\x00\x00x", id="row-description-trailing-bytes"),
+    pytest.param(m.parse_data_row, b"", id="data-row-empty"),
+    pytest.param(m.parse_data_row, b"\x00\x01\x00\x00\x00\x05abc", id="data-row-value-truncated"),
+    pytest.param(m.parse_data_row, b"\x00\x01\x00\x00", id="data-row-length-truncated"),
+    pytest.param(m.parse_data_row, b"\x00\x00\x00", id="data-row-trailing-bytes"),
     pytest.param(m.parse_query, b"", id="query-empty-body"),
     pytest.param(m.parse_query, b"SELECT 1", id="query-unterminated"),
     pytest.param(m.parse_query, b"SELECT 1\x00x", id="query-trailing-bytes"),

@@ -142,6 +142,8 @@ PARSERS = [
     m.parse_ready_for_query,
     m.parse_negotiate_protocol_version,
     m.parse_query,
+    m.parse_row_description,
+    m.parse_data_row,
 ]
 
 
@@ -191,7 +193,22 @@ VALID_BODIES = st.one_of(
         m.negotiate_protocol_version, st.integers(0, 2**32 - 1), st.lists(CSTR, max_size=4)
     ).map(lambda msg: (m.parse_negotiate_protocol_version, body(msg))),
     st.builds(m.query, CSTR).map(lambda msg: (m.parse_query, body(msg))),
+    st.builds(m.row_description, st.lists(CSTR, max_size=4)).map(
+        lambda msg: (m.parse_row_description, body(msg))
+    ),
+    st.builds(m.data_row, st.lists(st.one_of(st.none(), st.text(max_size=20)), max_size=4)).map(
+        lambda msg: (m.parse_data_row, body(msg))
+    ),
 )
+
+
+@FUZZ
+@given(st.lists(CSTR, max_size=4), st.lists(st.one_of(st.none(), st.text(max_size=20)), max_size=4))
+def test_result_messages_round_trip(names, values):
+    fields = m.parse_row_description(body(m.row_description(names)))
+    assert [f[0] for f in fields] == names
+    assert {f[1:] for f in fields} <= {(0, 0, m.TEXT_OID, -1, -1, 0)}
+    assert m.parse_data_row(body(m.data_row(values))) == [v if v is None else v.encode() for v in values]
 
 
 @FUZZ
