@@ -13,8 +13,16 @@ import hmac
 from dataclasses import dataclass
 
 from scramp import ScramClient, ScramException, ScramMechanism
+from scramp.core import IterationCount
 
 from router.protocol.errors import ProtocolError
+
+# PostgreSQL takes any iteration count from 1 up (scram_iterations, PostgreSQL 16 and later;
+# a verifier made there may carry one below 4096), and so does libpq from a server. scramp
+# refuses fewer than the 4096 RFC 7677 recommends, as a server and as a client, by a class
+# attribute: lowered here, so the router logs in wherever libpq would and accepts every
+# verifier PostgreSQL would. (scramp still refuses more than ten million, its DoS guard.)
+IterationCount.MIN_ITERATION_COUNT = 1
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
 SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"

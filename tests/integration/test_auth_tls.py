@@ -3,12 +3,18 @@ without channel binding, md5, cleartext, trust), TLS on both sides."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+
+import asyncpg
 import psycopg
 import pytest
 import trustme
 
 from tests.cluster import SERVER_USERS
-from tests.conftest import CLIENT_USERS
+from tests.conftest import CLIENT_USERS, users_config
 from tests.rawclient import RawClient
 
 
@@ -24,6 +30,32 @@ def test_client_auth_wrong_password(router, user):
     with pytest.raises(psycopg.OperationalError) as exc:
         psycopg.connect(router.dsn(user, "wrong"))
     assert f'password authentication failed for user "{user}"' in str(exc.value)
+
+
+def _verifier(password: str, iterations: int) -> str:
+    """What PostgreSQL 16 stores with scram_iterations = ``iterations`` (RFC 5802, section 3)."""
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
+
+
+async def test_client_auth_with_a_verifier_below_4096_iterations(start_router):
+    """PostgreSQL accepts any scram_iterations from 1 up, and libpq and asyncpg log in with
+    whatever count the server sends: so does a router holding such a verifier."""
+    users = {**users_config(), "dave": {"auth": "scram-sha-256", "password": _verifier("dave-pw", 1024)}}
+    router = start_router(users=users)
+    with psycopg.connect(router.dsn("dave", "dave-pw")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    conn = await asyncpg.connect(router.dsn("dave", "dave-pw"))
+    try:
+        assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await conn.close()
+    with pytest.raises(psycopg.OperationalError, match='password authentication failed for user "dave"'):
+        psycopg.connect(router.dsn("dave", "wrong"))
 
 
 def test_unknown_user_looks_like_a_wrong_password(router):

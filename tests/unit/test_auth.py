@@ -245,13 +245,8 @@ def test_server_accepts_libpq_client_first_with_empty_user():
     client.verify(server.final(client.final(server.first(client.first()))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ProtocolError,
-    reason="BUG: a verifier with fewer than 4096 iterations (valid in PostgreSQL, "
-    "scram_iterations >= 1) makes ScramServerExchange.first raise ProtocolError",
-)
 def test_server_accepts_verifier_with_1024_iterations():
+    """PostgreSQL 16's scram_iterations may be set below RFC 7677's 4096 (scramp's floor)."""
     verifier = ScramVerifier.parse(pg_verifier("pencil", RFC7677_SALT, 1024))
     assert verifier.iterations == 1024
     server = ScramServerExchange(verifier)
@@ -259,18 +254,33 @@ def test_server_accepts_verifier_with_1024_iterations():
     client.verify(server.final(client.final(server.first(client.first()))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ProtocolError,
-    reason="BUG: ScramClientExchange.final refuses a server-first-message with i < 4096, "
-    "which PostgreSQL sends when scram_iterations is set below 4096",
-)
 def test_client_accepts_server_with_1024_iterations():
+    """A server whose scram_iterations is below 4096 sends that count: libpq logs in."""
     client = ScramClientExchange([SCRAM_SHA_256], "alice", "pencil")
     nonce = client.first().decode().split(",r=")[1]
     server_first = f"r={nonce}srv,s={b64(RFC7677_SALT)},i=1024".encode()
     client_final = client.final(server_first)
     assert client_final.startswith(f"c=biws,r={nonce}srv,p=".encode())
+
+
+@pytest.mark.parametrize("iterations", [1, 1024, 4096, 100_000])
+def test_router_as_client_and_as_server_at_any_count_postgresql_allows(iterations):
+    verifier = ScramVerifier.parse(pg_verifier("pencil", RFC7677_SALT, iterations))
+    server = ScramServerExchange(verifier)
+    client = ScramClientExchange([SCRAM_SHA_256], "alice", "pencil")
+    client.verify(server.final(client.final(server.first(client.first()))))
+    wrong = ScramClientExchange([SCRAM_SHA_256], "alice", "pencil!")
+    server = ScramServerExchange(verifier)
+    with pytest.raises(AuthFailed):
+        server.final(wrong.final(server.first(wrong.first())))
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "", "01", "x", "10000001"])
+def test_client_refuses_an_iteration_count_postgresql_never_sends(count):
+    client = ScramClientExchange([SCRAM_SHA_256], "alice", "pencil")
+    nonce = client.first().decode().split(",r=")[1]
+    with pytest.raises(ProtocolError):
+        client.final(f"r={nonce}srv,s={b64(RFC7677_SALT)},i={count}".encode())
 
 
 MALFORMED_CLIENT_FIRST = [
