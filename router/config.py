@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     server_idle_timeout: float = Field(600.0, ge=0)  # 0 = never close idle servers
     server_lifetime: float = Field(3600.0, ge=0)  # 0 = no limit
     server_connect_timeout: float = Field(5.0, gt=0)
+    # A client holding a server connection inside a transaction, sending nothing, for longer
+    # than this is disconnected (25P03) and its transaction rolled back; 0 = never.
+    idle_transaction_timeout: float = Field(0.0, ge=0)
     server_reset_query: str = "DISCARD ALL"
     # Per server connection, in transaction mode: router-owned prepared statements kept
     # (least recently used ones are closed beyond this).

@@ -117,6 +117,9 @@ class ServerConnection(asyncio.Protocol):
         self.idle_since = self.created_at
         self.stmts = ServerStatements(pool.settings.max_prepared_statements, pool.validated_statements)
         self.tx_status = _IDLE
+        # idle_transaction_timeout (Pool.end_idle_transactions): the client's Sync/Query count
+        # and the time when the janitor first saw it idle in a transaction on this connection.
+        self.idle_in_transaction: tuple[int, float] | None = None
         self.closed = False
         self.closing_reason = ""
         self.channel_bound = False

@@ -1851,6 +1851,24 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         finally:
             self.transport.close()
 
+    def idle_transaction_timed_out(self, timeout: float) -> None:
+        """idle_transaction_timeout: this client has held its server connection inside a
+        transaction, sending nothing, for ``timeout`` seconds. Disconnected, as PostgreSQL's
+        idle_in_transaction_session_timeout would (FATAL 25P03); the server connection is
+        rolled back on its way back to the pool, as for any client that leaves."""
+        log.warning(
+            "client %s@%s/%s: idle in transaction for %gs (idle_transaction_timeout); closing",
+            self.user, self.peer, self.database, timeout,
+        )
+        self.fail(
+            RouterError(
+                SQLState.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout",
+                detail=f"No message came within idle_transaction_timeout ({timeout:g}s) in a transaction.",
+            ),
+            logged=True,
+        )
+
     def matches_cancel_key(self, key: int) -> bool:
         return hmac.compare_digest(self.cancel_key.to_bytes(4, "big"), key.to_bytes(4, "big"))
 

@@ -102,9 +102,12 @@ class PoolManager:
     async def _run_janitor(self) -> None:
         while True:
             now = time.monotonic()
+            idle_transaction_timeout = self.settings.idle_transaction_timeout
             for pool in list(self.pools.values()):
                 try:
                     pool.maintain(now)
+                    if idle_transaction_timeout:
+                        pool.end_idle_transactions(now, idle_transaction_timeout)
                 except Exception:
                     log.exception("janitor failed on pool %s", pool.name)
             await asyncio.sleep(JANITOR_INTERVAL)

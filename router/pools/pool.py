@@ -391,6 +391,27 @@ class Pool:
         for _ in range(max(0, missing)):
             self._start_connect(for_waiters=False)
 
+    def end_idle_transactions(self, now: float, timeout: float) -> None:
+        """idle_transaction_timeout: disconnect each client that has held its server connection
+        inside a transaction (ReadyForQuery 'T' or 'E', every reply in) without sending anything
+        for ``timeout`` seconds. Seen by the janitor: a server connection is marked with the
+        Sync/Query count its client had sent when it was first seen idle so, and a later Sync
+        or Query starts the clock again. A client in the middle of an extended-protocol
+        exchange (messages sent without their Sync yet, such as Execute and Flush fetching a
+        portal a part at a time) does not count as idle. Nothing on the data path."""
+        for server in list(self.servers):
+            client = server.client
+            if client is None or server.tx_status == m.IDLE or server.pending or client.unsynced:
+                server.idle_in_transaction = None
+                continue
+            sent = server.stmts.sent_z
+            mark = server.idle_in_transaction
+            if mark is None or mark[0] != sent:
+                server.idle_in_transaction = (sent, now)
+            elif now - mark[1] >= timeout:
+                server.idle_in_transaction = None
+                client.idle_transaction_timed_out(timeout)
+
     def stats(self) -> dict[str, int]:
         return {
             "servers": len(self.servers),

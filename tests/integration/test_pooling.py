@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -10,6 +11,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from router.protocol import messages as m
+from router.protocol.framing import frame
 from tests.rawclient import RawClient
 
 
@@ -164,6 +167,70 @@ def test_client_disconnecting_mid_transaction(start_router, cluster):
         assert nxt.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
         nxt.execute("ROLLBACK")
     assert cluster.psql("SELECT count(*) FROM dead_client", dbname="app") == "0"
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_idle_transaction_timeout_disconnects_the_idle_client(start_router, cluster, pool_mode):
+    """idle_transaction_timeout: a client holding a server connection inside a transaction and
+    sending nothing is disconnected with FATAL 25P03, and its transaction is rolled back. A
+    client that keeps talking inside its transaction, or one idle outside a transaction (in
+    session mode, holding its server connection), stays."""
+    cluster.psql("CREATE TABLE IF NOT EXISTS idle_tx (marker text)", dbname="app")
+    router = start_router(pool_size=3, pool_mode=pool_mode, idle_transaction_timeout=1.0)
+    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
+    busy.execute("BEGIN")
+    busy.execute("SELECT 1")
+    idle = psycopg.connect(router.dsn("carol"), autocommit=True)
+    idle.execute("SELECT 1")
+    victim = psycopg.connect(router.dsn("carol"), autocommit=True)
+    victim.execute("BEGIN")
+    victim.execute("INSERT INTO idle_tx VALUES ('uncommitted')")
+    pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]
+    quiet_since = time.monotonic()
+    # Until the router speaks to the victim, the busy client sends a statement every 0.2 s.
+    while not select.select([victim.fileno()], [], [], 0.2)[0]:
+        assert time.monotonic() - quiet_since < 10, "the idle client was never disconnected"
+        busy.execute("SELECT 1")
+    assert time.monotonic() - quiet_since >= 1.0, "disconnected before idle_transaction_timeout"
+    with pytest.raises(errors.IdleInTransactionSessionTimeout, match="idle-in-transaction timeout"):
+        victim.execute("SELECT 1")  # 25P03
+    assert victim.info.status == psycopg.pq.ConnStatus.BAD
+    assert busy.execute("SELECT 2").fetchone() == (2,)
+    busy.execute("COMMIT")
+    assert idle.execute("SELECT 3").fetchone() == (3,)
+    deadline = time.monotonic() + 10
+    while cluster.psql(f"SELECT state FROM pg_stat_activity WHERE pid = {pid}") != "idle":
+        assert time.monotonic() < deadline, "the victim's server connection was not rolled back"
+        time.sleep(0.05)
+    assert cluster.psql("SELECT count(*) FROM idle_tx", dbname="app") == "0"
+    for conn in (busy, idle, victim):
+        conn.close()
+
+
+def test_idle_transaction_timeout_spares_a_portal_fetched_in_parts(start_router):
+    """A client fetching a portal a row at a time (Execute with a row limit, then Flush) sends
+    no Sync for longer than idle_transaction_timeout, but it is not idle: it stays."""
+    router = start_router(idle_transaction_timeout=1.0)
+    client = RawClient(router.port)
+    client.login_trust()
+    client.send(m.query("BEGIN"))
+    assert client.recv_until(b"Z")[-1] == (b"Z", b"T")
+    one_row = frame(b"E", b"\0" + (1).to_bytes(4, "big")) + frame(b"H")
+    client.send(frame(b"P", b"\0SELECT generate_series(1, 1000)\0\0\0") + frame(b"B", b"\0\0" + b"\0" * 6) + one_row)
+    rows = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:  # three janitor passes past the timeout
+        replies = client.recv_until(b"s")  # PortalSuspended
+        rows += sum(t == b"D" for t, _ in replies)
+        time.sleep(0.2)  # the client's own pace, well under the timeout
+        client.send(one_row)
+    client.send(m.sync())
+    replies = client.recv_until(b"Z")
+    assert replies[-1] == (b"Z", b"T"), replies
+    client.send(m.query("COMMIT"))
+    assert client.recv_until(b"Z")[-1] == (b"Z", b"I")
+    assert rows >= 10
+    client.close()
 
 
 def test_client_disconnecting_mid_query_closes_that_server(start_router):
