@@ -32,6 +32,7 @@ from router.routing.route import (
 )
 from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
+from router.sockopts import keepalive_options
 from router.splitting import SplitCluster
 from router.stats.histogram import FastHistogram
 from router.stats.queries import QueryStats
@@ -133,6 +134,7 @@ class Router:
         self.client_count = 0
         self.pinned_clients: set[ClientConnection] = set()  # counted for metrics
         self.client_tls_context = self._client_tls_context()
+        self.socket_options = keepalive_options(settings)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None

@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     # A client holding a server connection inside a transaction, sending nothing, for longer
     # than this is disconnected (25P03) and its transaction rolled back; 0 = never.
     idle_transaction_timeout: float = Field(0.0, ge=0)
+    # TCP keepalive on client and server sockets (router/sockopts.py); 0 = the kernel's value.
+    tcp_keepalive: bool = True
+    tcp_keepidle: int = Field(0, ge=0)  # seconds idle before the first probe
+    tcp_keepintvl: int = Field(0, ge=0)  # seconds between probes
+    tcp_keepcnt: int = Field(0, ge=0)  # unanswered probes before the connection is dropped
     server_reset_query: str = "DISCARD ALL"
     # Per server connection, in transaction mode: router-owned prepared statements kept
     # (least recently used ones are closed beyond this).

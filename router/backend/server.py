@@ -17,6 +17,7 @@ from collections import deque
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from router import sockopts
 from router.config import ChannelBinding
 from router.prepared import (
     AS_PARSE_COMPLETE,
@@ -164,6 +165,7 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        sockopts.apply(transport, self.pool.settings.socket_options)
 
     @property
     def pending(self) -> int:

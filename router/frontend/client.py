@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from router import sockopts
 from router.config import PoolMode
 from router.frontend.login import CLOSED, READY, STARTUP, LoginMixin
 from router.prepared import (
@@ -345,6 +346,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        sockopts.apply(transport, self.router.socket_options)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         self._login_task = asyncio.get_running_loop().create_task(self._login())

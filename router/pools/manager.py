@@ -9,6 +9,7 @@ import time
 
 from router.config import DatabaseConfig, ServerTLS, Settings
 from router.pools.pool import Pool, PoolKey, PoolSettings
+from router.sockopts import keepalive_options
 
 log = logging.getLogger("pgrouter.pool")
 
@@ -78,6 +79,7 @@ class PoolManager:
                     channel_binding=s.server_channel_binding,
                     application_name=s.server_application_name,
                     max_prepared_statements=s.max_prepared_statements,
+                    socket_options=keepalive_options(s),
                 ),
                 self.validated_statements,
             )

@@ -21,6 +21,7 @@ from router.config import ChannelBinding, PoolMode
 from router.protocol import messages as m
 from router.protocol.errors import RouterError, SQLState
 from router.session import set_config_sql
+from router.sockopts import SocketOptions
 
 # What PostgreSQL refuses in a startup packet, found when the router applies a client's
 # startup settings at login: an unrecognized parameter, an invalid value, one the user may
@@ -57,6 +58,7 @@ class PoolSettings:
     channel_binding: ChannelBinding
     application_name: str
     max_prepared_statements: int = 250
+    socket_options: SocketOptions = ()  # router/sockopts.py: TCP keepalive
 
 
 class Waiter(Protocol):

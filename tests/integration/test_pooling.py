@@ -233,6 +233,40 @@ def test_idle_transaction_timeout_spares_a_portal_fetched_in_parts(start_router)
     client.close()
 
 
+def _keepalive(transport) -> tuple[int, int, int, int]:
+    sock = transport.get_extra_info("socket")
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    )
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_tcp_keepalive_on_client_and_server_sockets(start_router, keepalive):
+    """tcp_keepalive and its timings are set on both sides' sockets (read back from the
+    kernel), so a peer gone without a FIN or RST is noticed; off when turned off."""
+    router = start_router(tcp_keepalive=keepalive, tcp_keepidle=30, tcp_keepintvl=5, tcp_keepcnt=3)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")  # holds its server connection
+        sides = router.call(
+            lambda r: (
+                [_keepalive(c.transport) for c in r.clients.values()],
+                [_keepalive(s.transport) for p in r.pools.pools.values() for s in p.servers],
+            )
+        )
+        conn.execute("COMMIT")
+    clients, servers = sides
+    assert len(clients) == 1 and servers
+    for options in clients + servers:
+        if keepalive:
+            assert options == (1, 30, 5, 3)
+        else:
+            assert options[0] == 0
+
+
 def test_client_disconnecting_mid_query_closes_that_server(start_router):
     router = start_router(pool_size=1)
     client = RawClient(router.port)
