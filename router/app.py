@@ -269,6 +269,31 @@ class Router:
             await asyncio.sleep(0.02)
         return True
 
+    def status(self) -> dict:
+        """This process's clients, pools and monitored nodes (GET /pools, GET /topology):
+        counts as PgBouncer's SHOW POOLS gives them, nodes as the lag monitor last saw them."""
+        clients = list(self.clients.values())
+        return {
+            "clients": {
+                "total": len(clients),
+                "active": sum(1 for c in clients if c.server is not None),
+                "waiting": sum(1 for c in clients if c._waiting_on is not None),
+                "pinned": len(self.pinned_clients),
+            },
+            "pools": {
+                pool.name: {"size": pool.settings.size, **pool.stats()} for pool in self.pools.pools.values()
+            },
+            "nodes": [
+                {
+                    "cluster": name, "host": n.host, "port": n.port, "role": str(n.role), "healthy": n.healthy,
+                    "eligible": n.eligible, "lag_bytes": n.lag_bytes, "lag_seconds": n.lag_seconds,
+                    "in_flight": n.in_flight, "last_error": n.last_error,
+                }
+                for name, split in self.splits.items()
+                for n in split.topology.nodes
+            ],
+        }
+
     def reload(self, settings: Settings) -> dict[str, list[str]]:
         """Apply what can change while running (SIGHUP, POST /reload); report the rest.
 

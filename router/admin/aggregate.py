@@ -158,14 +158,16 @@ async def all_workers_queries(
 
 
 def merge_tenant_status(statuses: Iterable[dict]) -> dict:
-    """Several workers' TenantManager.status() of one tenant as one (the first one's shape)."""
+    """Several workers' TenantManager.status() of one tenant, or Router.status(), as one (the
+    first one's shape)."""
     statuses = list(statuses)
     merged = {**statuses[0], "clients": dict(statuses[0]["clients"])}
     merged["pools"] = {name: dict(stats) for name, stats in statuses[0]["pools"].items()}
     merged["nodes"] = [dict(node) for node in statuses[0]["nodes"]]
-    nodes = {(n["host"], n["port"]): n for n in merged["nodes"]}
+    nodes = {(n.get("cluster"), n["host"], n["port"]): n for n in merged["nodes"]}
     for other in statuses[1:]:
-        merged["paused"] = merged["paused"] or other["paused"]
+        if "paused" in merged:
+            merged["paused"] = merged["paused"] or other["paused"]
         for key, n in other["clients"].items():
             merged["clients"][key] = merged["clients"].get(key, 0) + n
         for name, stats in other["pools"].items():
@@ -173,14 +175,15 @@ def merge_tenant_status(statuses: Iterable[dict]) -> dict:
             for key, n in stats.items():
                 into[key] = into.get(key, 0) + n
         for node in other["nodes"]:
-            mine = nodes.get((node["host"], node["port"]))
+            mine = nodes.get((node.get("cluster"), node["host"], node["port"]))
             if mine is not None:
                 mine["in_flight"] += node["in_flight"]
     return merged
 
 
 async def all_workers_status(slot: WorkerSlot, own: dict, tenant_id: str) -> dict:
-    """Worker ``slot``'s status of a tenant merged with its siblings' (those that answer)."""
+    """Worker ``slot``'s status of a tenant (or with an empty ``tenant_id``, of the router)
+    merged with its siblings' (those that answer)."""
     from router.workers.control import sibling_statuses
 
     others = [status for status in await sibling_statuses(slot, tenant_id) if status is not None]

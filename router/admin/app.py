@@ -29,7 +29,14 @@ from router.admin.metrics import (
 )
 from router.admin.provision import DEFAULT_TIMEOUT
 from router.admin.queries import query_routes
-from router.admin.views import ErrorView, HealthView, ReadinessView
+from router.admin.views import (
+    ErrorView,
+    HealthView,
+    PoolsView,
+    ReadinessView,
+    TopologyView,
+    json_safe,
+)
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -114,6 +121,36 @@ def create_app(
 
             text = await all_workers_metrics(router.worker, text)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    async def router_status() -> dict:
+        own = router.status()
+        if router.worker is None:
+            return own
+        from router.admin.aggregate import all_workers_status
+
+        return await all_workers_status(router.worker, own, "")  # every worker's clients and pools
+
+    @app.get(
+        "/pools",
+        tags=["operations"],
+        summary="Clients and server connection pools (PgBouncer's SHOW POOLS)",
+        responses=auth_errors,
+        dependencies=[Depends(require_token)],
+    )
+    async def pools() -> PoolsView:
+        here = await router_status()
+        return PoolsView(clients=here["clients"], pools=here["pools"])
+
+    @app.get(
+        "/topology",
+        tags=["operations"],
+        summary="The nodes of clusters with replicas: role, health, lag, reads in flight",
+        responses=auth_errors,
+        dependencies=[Depends(require_token)],
+    )
+    async def topology() -> TopologyView:
+        here = await router_status()
+        return TopologyView(nodes=json_safe(here["nodes"]))
 
     @app.post(
         "/reload",

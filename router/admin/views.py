@@ -106,6 +106,20 @@ class TenantStatusView(BaseModel):
     record_stale: bool = False  # the registry was unreachable: the record is the cached one
 
 
+class PoolsView(BaseModel):
+    """GET /pools: this instance's clients and server connection pools (every worker's)."""
+
+    clients: dict[str, int]  # total, active (holding a server connection), waiting, pinned
+    # By pool ("database/user@host:port"): size, servers, idle, active, connecting, waiting.
+    pools: dict[str, dict[str, int]]
+
+
+class TopologyView(BaseModel):
+    """GET /topology: every node of the clusters with replicas, as the lag monitor last saw it."""
+
+    nodes: list[dict[str, Any]]
+
+
 class ErrorView(BaseModel):
     detail: str
 

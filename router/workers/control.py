@@ -120,8 +120,9 @@ class ControlServer:
                     "queries": [dataclasses.asdict(entry) for entry in entries],
                 }
             ).encode()
-        if command == STATUS and payload:
-            return json.dumps(self.router.tenants.status(payload.decode())).encode()
+        if command == STATUS:  # a tenant's, or (no payload) the whole router's
+            status = self.router.tenants.status(payload.decode()) if payload else self.router.status()
+            return json.dumps(status).encode()
         raise ProtocolError(f"control socket: unknown request {request[:8]!r}")
 
 
@@ -205,7 +206,8 @@ async def sibling_queries(slot: WorkerSlot, tenant_id: str | None) -> list[dict 
 
 
 async def sibling_statuses(slot: WorkerSlot, tenant_id: str) -> list[dict | None]:
-    """Every other worker's view of a tenant (TenantManager.status); None: no answer."""
+    """Every other worker's view of a tenant (TenantManager.status), or with an empty
+    ``tenant_id`` of the whole router (Router.status); None: no answer."""
 
     async def one(index: int) -> dict | None:
         try:

@@ -545,6 +545,10 @@ def test_a_tenant_move_waits_for_transactions_on_every_worker(cluster: Cluster, 
         status = json.loads(workers.admin_get("/tenants/mover/status"))
         assert status["clients"] == {"total": 1, "active": 1, "waiting": 0}
         assert [stats["active"] for stats in status["pools"].values()] == [1]
+        # So does GET /pools, over every pool of every worker.
+        pools = json.loads(workers.admin_get("/pools"))
+        assert pools["clients"] == {"total": 1, "active": 1, "waiting": 0, "pinned": 0}
+        assert sum(stats["active"] for stats in pools["pools"].values()) == 1
         assert move() == 409  # worker 1's transaction is still running
         assert client.execute("SELECT current_database()").fetchone() == (databases[0],)
         client.commit()
