@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from dataclasses import dataclass, replace
 
 from router.backend.server import ServerConnection
@@ -133,6 +134,8 @@ class Router:
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
         self.client_count = 0
         self.pinned_clients: set[ClientConnection] = set()  # counted for metrics
+        # TLS SNI host names by handshake, until login reads them (_note_server_name).
+        self.sni_names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         self.client_tls_context = self._client_tls_context()
         self.socket_options = keepalive_options(settings)
         self._server: asyncio.Server | None = None
@@ -192,7 +195,15 @@ class Router:
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(s.client_tls_cert), str(s.client_tls_key))
+        if s.tenant_sni_suffix:
+            ctx.sni_callback = self._note_server_name
         return ctx
+
+    def _note_server_name(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        """TLS SNI: the host name a client connects to, for login.py to read after the
+        handshake (tenant_sni_suffix)."""
+        if server_name:
+            self.sni_names[ssl_object] = server_name
 
     # --- life cycle ------------------------------------------------------------------
 

@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     registry_cache_ttl: float = Field(30.0, gt=0)
     # Shared-schema tenants: the setting that carries the tenant's key on server connections.
     tenant_setting: str = "app.current_tenant"
+    # With client TLS: a client that names host <tenant>.<this suffix> (TLS SNI, as libpq sends
+    # the host it connects to) asks for that tenant, when it exists. None: SNI is not looked at.
+    tenant_sni_suffix: str | None = None
     # Admin HTTP API (README "Admin API"); port 0 picks a free one, -1 disables the API.
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8080, ge=-1, le=65535)
@@ -201,6 +204,16 @@ class Settings(BaseSettings):
     clusters: dict[str, ClusterConfig] = {}
     databases: dict[str, DatabaseConfig] = {}
     users: dict[str, UserConfig] = {}
+
+    @field_validator("tenant_sni_suffix")
+    @classmethod
+    def _sni_suffix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().strip(".").lower()
+        if not value or any(not label for label in value.split(".")):
+            raise ValueError("tenant_sni_suffix must be a DNS name such as db.example.com")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -3,8 +3,10 @@ client logs into, where its transactions go, and what happens when an operator p
 or deletes it.
 
 Which tenant a client wants (README "Tenants"): the startup option ``pgrouter.tenant``
-(``options=-c pgrouter.tenant=acme``) if given, else a user name of the form ``alice.acme``
-(when tenant ``acme`` exists), else the database name. A database name that is configured in
+(``options=-c pgrouter.tenant=acme``) if given, else the host name the client asked for over
+TLS (SNI ``acme.db.example.com`` under ``tenant_sni_suffix = "db.example.com"``) when tenant
+``acme`` exists, else a user name of the form ``alice.acme`` (when tenant ``acme`` exists),
+else the database name. A database name that is configured in
 the settings file (``[databases.NAME]``) is served from there, not from the registry. A name no
 tenant claims goes to the fallback tenant ``*`` if there is one, under the requested database
 name; otherwise the client gets 3D000 after a full password exchange (no tenant enumeration).
@@ -65,6 +67,18 @@ class TenantLogin:
     secret: str | None  # SCRAM verifier or md5 hash; None for trust or an unknown login
     known: bool  # tenant and user both exist
     database: str
+
+
+def sni_tenant_id(server_name: str | None, suffix: str | None) -> str | None:
+    """The tenant a TLS SNI host name names under ``suffix``: ``acme`` for
+    ``acme.db.example.com`` under ``db.example.com`` (one label, any case); else None."""
+    if not server_name or not suffix:
+        return None
+    name = server_name.rstrip(".").lower()
+    label, dot, rest = name.partition(".")
+    if not dot or rest != suffix or not label:
+        return None
+    return label
 
 
 class TenantPaused(Exception):
@@ -178,6 +192,11 @@ class TenantManager:
         database = client.database
         tenant = None
         if tenant_id is None:
+            # acme.db.example.com (TLS SNI, tenant_sni_suffix), when tenant acme exists.
+            sni_tenant = sni_tenant_id(client.tls_server_name, self.settings.tenant_sni_suffix)
+            if sni_tenant is not None:
+                tenant = await self._get(sni_tenant)
+        if tenant is None and tenant_id is None:
             # alice.acme: the suffix names a tenant only if that tenant exists.
             base, dot, suffix = client.user.rpartition(".")
             if dot and base:

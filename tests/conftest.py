@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from router.config import Settings
 from router.protocol.auth import md5_hash, scram_verifier
@@ -97,3 +98,16 @@ def router_process(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., R
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def client_cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with ca.pem and the router's client-side cert.pem/key.pem (trustme), for
+    127.0.0.1, localhost and any host under db.test (tenant_sni_suffix tests)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost", "*.db.test", "*.other.db.test")
+    d = tmp_path_factory.mktemp("client-tls")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    return d

@@ -250,6 +250,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.database = ""
         self.startup_params: dict[str, str] = {}
         self.tls = False
+        self.tls_server_name: str | None = None  # the host it asked for in its TLS handshake (SNI)
         self.admitted = False
         self.pool: Pool | None = None
         self.pool_mode = PoolMode.TRANSACTION

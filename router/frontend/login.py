@@ -132,6 +132,7 @@ class LoginMixin:
                 loop = asyncio.get_running_loop()
                 self.transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
                 self.tls = True
+                self.tls_server_name = self.router.sni_names.pop(self.transport.get_extra_info("ssl_object"), None)
                 continue
             assert isinstance(packet, StartupMessage)
             if tls_mode is ClientTLS.REQUIRE and not self.tls:

@@ -148,17 +148,6 @@ def test_server_tls_disabled_cannot_reach_hostssl_user(start_router, cluster):
     assert "no encryption" in str(exc.value)
 
 
-@pytest.fixture(scope="module")
-def client_cert(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    d = tmp_path_factory.mktemp("client-tls")
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    return d
-
-
 def _tls_router(start_router, client_cert, mode):
     return start_router(
         client_tls=mode,

@@ -127,6 +127,43 @@ def test_login_by_database_user_suffix_and_option(tenant_router: RouterThread, t
             )
 
 
+@pytest.mark.parametrize("suffix", ["db.test", None], ids=["sni", "sni-off"])
+def test_login_by_tls_server_name(start_router, registry, cluster, tenant_dbs, client_cert, suffix) -> None:
+    """tenant_sni_suffix: a client that connects to host acme.db.test over TLS (libpq sends
+    the host name as SNI) logs into tenant acme, whatever database it names; a host name that
+    names no tenant leaves the other ways. The startup option still comes first."""
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "acme", tenant_dbs["acme"], {"alice": "alice-t"})))
+    store_do(registry, lambda s: s.create(tenant_body(cluster, "globex", tenant_dbs["globex"], {"bob": "bob-t"})))
+    router = start_router(
+        redis_url=url, secret_key=key, registry_prefix=prefix, tenant_sni_suffix=suffix,
+        client_tls="require", client_tls_cert=str(client_cert / "cert.pem"), client_tls_key=str(client_cert / "key.pem"),
+    )  # fmt: skip
+
+    def database(host: str, user: str, password: str, dbname: str, **params) -> str:
+        conninfo = psycopg.conninfo.make_conninfo(
+            host=host, hostaddr="127.0.0.1", port=router.port, user=user, password=password, dbname=dbname,
+            sslmode="verify-full", sslrootcert=str(client_cert / "ca.pem"), **params,
+        )  # fmt: skip
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            return conn.execute("SELECT current_database()").fetchone()[0]
+
+    if suffix is None:
+        with pytest.raises(psycopg.OperationalError, match='database "whatever" does not exist'):
+            database("acme.db.test", "alice", "alice-t", "whatever")
+        return
+    assert database("acme.db.test", "alice", "alice-t", "whatever") == tenant_dbs["acme"]
+    assert database("GLOBEX.db.test", "bob", "bob-t", "whatever") == tenant_dbs["globex"]
+    # No such tenant, or not under the suffix: the user name or the database decides.
+    assert database("nosuch.db.test", "alice.acme", "alice-t", "whatever") == tenant_dbs["acme"]
+    assert database("localhost", "bob", "bob-t", "globex") == tenant_dbs["globex"]
+    assert database("acme.other.db.test", "bob", "bob-t", "globex") == tenant_dbs["globex"]
+    # The startup option names the tenant before the host does.
+    assert database("acme.db.test", "bob", "bob-t", "x", options="-c pgrouter.tenant=globex") == tenant_dbs["globex"]
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        database("acme.db.test", "bob", "bob-t", "globex")  # tenant acme has no bob
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message
