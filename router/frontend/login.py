@@ -220,6 +220,15 @@ class LoginMixin:
                 raise failed  # trust cannot reach here for an unknown tenant; kept for safety
             self.tenant = self.tenant_login.tenant
             self.user = self.tenant_login.user
+            peer = self.transport.get_extra_info("peername")
+            host = peer[0] if isinstance(peer, tuple) else None
+            if not self.tenant.limits.allows(host):
+                # As pg_hba.conf would refuse it, but only once the login is proven: an
+                # address outside the list learns nothing of tenants or users.
+                raise RouterError(
+                    SQLState.INVALID_AUTHORIZATION,
+                    f'host "{host or "local"}" is not in tenant "{self.tenant.tenant_id}"\'s allowed_cidrs',
+                )
         # AuthenticationOk goes out with the ParameterStatus block (_finish_login): one write
         # and one wakeup of the client instead of two, per connection.
 

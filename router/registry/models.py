@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
+from ipaddress import ip_address
 from typing import Annotated, Any, ClassVar
 from uuid import UUID
 
@@ -26,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     StringConstraints,
     model_validator,
@@ -96,6 +98,20 @@ class TenantLimits(_Strict):
     max_replica_lag: float = Field(1.0, ge=0)  # seconds; a replica further behind is skipped
     max_replica_lag_bytes: int | None = Field(None, ge=0)
     statements_per_second: float | None = Field(None, gt=0)  # None: no rate limit
+    # Client addresses the tenant's logins may come from ("10.0.0.0/8", "2001:db8::/32");
+    # empty: any. Checked after authentication, so only a valid login learns of the refusal.
+    allowed_cidrs: list[IPvAnyNetwork] = []
+
+    def allows(self, address: str | None) -> bool:
+        if not self.allowed_cidrs:
+            return True
+        try:
+            ip = ip_address(address or "")
+        except ValueError:
+            return False  # not an IP client (a Unix socket): only an empty list admits it
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:10.1.2.3 on a dual-stack listener
+        return any(ip in network for network in self.allowed_cidrs)
 
 
 class TenantUser(_Strict):
@@ -267,6 +283,7 @@ class LimitsPatch(_Patch):
     max_replica_lag: float | None = Field(None, ge=0)
     max_replica_lag_bytes: int | None = Field(None, ge=0)
     statements_per_second: float | None = Field(None, gt=0)
+    allowed_cidrs: list[IPvAnyNetwork] | None = None
 
 
 class TenantPatch(_Patch):

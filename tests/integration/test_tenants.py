@@ -164,6 +164,36 @@ def test_login_by_tls_server_name(start_router, registry, cluster, tenant_dbs, c
         database("acme.db.test", "bob", "bob-t", "globex")  # tenant acme has no bob
 
 
+def test_allowed_cidrs_refuse_other_addresses_after_the_password(tenant_router: RouterThread, registry) -> None:
+    """limits.allowed_cidrs: a login from outside the list fails with 28000, but only once its
+    password is proven (a wrong one still gets 28P01, as from anywhere); the tenant's other
+    clients and other tenants are not touched, and a change applies to the next login."""
+    from router.registry.models import TenantPatch
+
+    connected = psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme"), autocommit=True)
+
+    def limit(cidrs: list[str]) -> None:
+        patch = TenantPatch.model_validate({"limits": {"allowed_cidrs": cidrs}})
+        tenant = store_do(registry, lambda s: s.patch("acme", patch))
+        tenant_router.wait_for(
+            lambda r: [str(n) for n in r.tenants.cache.cached("acme").limits.allowed_cidrs] == cidrs,
+            what="the router sees the new allowed_cidrs",
+        )
+        assert [str(n) for n in tenant.limits.allowed_cidrs] == cidrs
+
+    limit(["10.0.0.0/8", "2001:db8::/32"])
+    code, message = login_error(dsn(tenant_router, "alice", "alice-t", "acme"))
+    assert code == "28000" and '"127.0.0.1"' in message and "allowed_cidrs" in message
+    assert login_error(dsn(tenant_router, "alice", "wrong", "acme"))[0] == "28P01"
+    assert connected.execute("SELECT 1").fetchone() == (1,)  # connected before: kept
+    with psycopg.connect(dsn(tenant_router, "bob", "bob-t", "globex")) as other:
+        assert other.execute("SELECT 1").fetchone() == (1,)
+    limit(["127.0.0.0/8"])
+    with psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    connected.close()
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message

@@ -82,6 +82,9 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("negative max_replica_lag", base(limits={"max_replica_lag": -0.5}), "max_replica_lag"),
     ("negative max_replica_lag_bytes", base(limits={"max_replica_lag_bytes": -1}), "max_replica_lag_bytes"),
     ("statements_per_second 0", base(limits={"statements_per_second": 0}), "statements_per_second"),
+    ("allowed_cidrs with host bits", base(limits={"allowed_cidrs": ["10.0.0.1/8"]}), "allowed_cidrs"),
+    ("allowed_cidrs not a network", base(limits={"allowed_cidrs": ["db.example.com"]}), "allowed_cidrs"),
+    ("allowed_cidrs not a list", base(limits={"allowed_cidrs": "10.0.0.0/8"}), "allowed_cidrs"),
     ("unknown top-level field", base(colour="blue"), "colour"),
     ("unknown nested field", base(pool={"colour": "blue"}), "colour"),
     ("unknown user field", base(users=[{"name": "a", "password": "x", "role": "admin"}]), "role"),
@@ -259,3 +262,35 @@ def test_user_create_takes_a_ready_verifier() -> None:
     assert user.verifier == md5_hash("x", "pw")
     scram = UserCreate(name="y", verifier=verifier()).to_user()
     assert scram.verifier == verifier()
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "address", "allowed"),
+    [
+        ([], "203.0.113.9", True),  # no list: any address
+        ([], None, True),
+        (["10.0.0.0/8"], "10.200.1.2", True),
+        (["10.0.0.0/8"], "11.0.0.1", False),
+        (["10.0.0.0/8", "192.168.1.7/32"], "192.168.1.7", True),
+        (["10.0.0.0/8"], "::ffff:10.1.1.1", True),  # an IPv4 client on a dual-stack listener
+        (["2001:db8::/32"], "2001:db8:1::5", True),
+        (["2001:db8::/32"], "2001:db9::5", False),
+        (["10.0.0.0/8"], None, False),  # no IP address (a Unix socket): only an empty list admits it
+        (["10.0.0.0/8"], "not an address", False),
+    ],
+)
+def test_allowed_cidrs(cidrs: list[str], address: str | None, allowed: bool) -> None:
+    limits = tenant_input("acme", limits={"allowed_cidrs": cidrs}).to_tenant(NOW).limits
+    assert limits.allows(address) is allowed
+
+
+def test_allowed_cidrs_patch_sets_and_clears() -> None:
+    current = tenant_input("acme").to_tenant(NOW)
+    narrowed = TenantPatch.model_validate({"limits": {"allowed_cidrs": ["10.0.0.0/8"]}}).apply(current, NOW)
+    assert [str(n) for n in narrowed.limits.allowed_cidrs] == ["10.0.0.0/8"]
+    assert narrowed.limits.max_client_conn == current.limits.max_client_conn
+    assert TenantPatch.model_validate({"limits": {"allowed_cidrs": []}}).apply(narrowed, NOW).limits.allowed_cidrs == []
+    with pytest.raises(ValidationError, match="allowed_cidrs"):
+        TenantPatch.model_validate({"limits": {"allowed_cidrs": None}})
+    stored = narrowed.model_dump(mode="json")["limits"]["allowed_cidrs"]
+    assert stored == ["10.0.0.0/8"]  # as the store and the API write it
