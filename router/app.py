@@ -320,7 +320,7 @@ class Router:
             "server_idle_timeout", "server_lifetime", "server_connect_timeout", "log_level",
             "client_tls_cert", "client_tls_key", "lag_check_interval", "tenant_drop_timeout",
             "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
-            "slow_query_ms", "idle_transaction_timeout",
+            "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
         }
         restart = [
             name for name in type(settings).model_fields

@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     server_application_name: str = "pgrouter"
 
     log_level: str = "INFO"
+    # One INFO line per client login / per logged-in client leaving (off, as in PostgreSQL).
+    log_connections: bool = False
+    log_disconnections: bool = False
     # Query statistics (GET /queries): fingerprints kept, those with the most total time;
     # 0 turns statistics off. Calls slower than slow_query_ms are logged (0: no slow-query log).
     query_stats_max: int = Field(1000, ge=0)

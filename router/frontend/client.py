@@ -16,7 +16,7 @@ import re
 import secrets
 import struct
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING
 
 from router import sockopts
@@ -251,6 +251,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.startup_params: dict[str, str] = {}
         self.tls = False
         self.tls_server_name: str | None = None  # the host it asked for in its TLS handshake (SNI)
+        self.logged_in_at = 0.0  # time.monotonic() when it logged in; 0.0: not (yet)
         self.admitted = False
         self.pool: Pool | None = None
         self.pool_mode = PoolMode.TRANSACTION
@@ -1098,6 +1099,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._partial_need = need
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.logged_in_at and self.router.settings.log_disconnections:
+            log.info(
+                "client %s@%s/%s disconnected after %.3fs%s",
+                self.user, self.peer, self.database, monotonic() - self.logged_in_at,
+                f": {exc}" if exc is not None else "",
+            )  # fmt: skip
         self.state = _CLOSED
         waiter = self._wakeup
         if waiter is not None and not waiter.done():

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import struct
+import time
 
 from router.config import AuthMethod, ClientTLS, PoolMode
 from router.protocol import messages as m
@@ -281,7 +282,15 @@ class LoginMixin:
             return
         self.transport.write(greeting)
         self.state = READY
-        log.debug("client %s@%s/%s logged in", self.user, self.peer, self.database)
+        self.logged_in_at = time.monotonic()
+        if self.router.settings.log_connections:
+            log.info(
+                "client %s@%s/%s logged in: tenant %s, %s, %s pooling",
+                self.user, self.peer, self.database, self.tenant.tenant_id if self.tenant is not None else "-",
+                "TLS" if self.tls else "no TLS", self.pool_mode,
+            )  # fmt: skip
+        else:
+            log.debug("client %s@%s/%s logged in", self.user, self.peer, self.database)
         rest = bytes(self._buf)
         self._buf.clear()
         if rest:

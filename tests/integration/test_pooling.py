@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -265,6 +266,28 @@ def test_tcp_keepalive_on_client_and_server_sockets(start_router, keepalive):
             assert options == (1, 30, 5, 3)
         else:
             assert options[0] == 0
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_log_connections_and_disconnections(start_router, caplog, on):
+    """log_connections / log_disconnections: one INFO line per login and per logged-in client
+    leaving; nothing at INFO when off (the default)."""
+    router = start_router(log_connections=on, log_disconnections=on)
+    caplog.set_level(logging.INFO, logger="pgrouter.client")
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    client_lines = lambda: [r.getMessage() for r in caplog.records if r.name == "pgrouter.client"]  # noqa: E731
+    if not on:
+        router.wait_for(lambda r: r.client_count == 0, what="the client gone")
+        assert client_lines() == []
+        return
+    deadline = time.monotonic() + 10
+    while not any("disconnected after" in line for line in client_lines()):
+        assert time.monotonic() < deadline, f"no disconnection line: {client_lines()}"
+        time.sleep(0.02)
+    login, leave = client_lines()
+    assert login.startswith("client carol@127.0.0.1:") and login.endswith("/app logged in: tenant -, no TLS, transaction pooling")
+    assert leave.startswith("client carol@127.0.0.1:") and "/app disconnected after " in leave
 
 
 def test_client_disconnecting_mid_query_closes_that_server(start_router):
