@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     server_application_name: str = "pgrouter"
 
     log_level: str = "INFO"
+    # Logins of the settings file's [users] who may open the admin console: database "pgrouter"
+    # (router/admin/console.py: SHOW POOLS, SHOW CLIENTS, ...).
+    admin_console_users: list[str] = []
     # One INFO line per client login / per logged-in client leaving (off, as in PostgreSQL).
     log_connections: bool = False
     log_disconnections: bool = False

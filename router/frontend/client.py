@@ -252,6 +252,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.tls = False
         self.tls_server_name: str | None = None  # the host it asked for in its TLS handshake (SNI)
         self.logged_in_at = 0.0  # time.monotonic() when it logged in; 0.0: not (yet)
+        self.console = False  # logging into the admin console (router/admin/console.py)
         self.admitted = False
         self.pool: Pool | None = None
         self.pool_mode = PoolMode.TRANSACTION

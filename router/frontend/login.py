@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import struct
 import time
 
+from router.admin.console import CONSOLE_DATABASE, ConsoleSession
 from router.config import AuthMethod, ClientTLS, PoolMode
 from router.protocol import messages as m
 from router.protocol.auth import (
@@ -173,7 +175,10 @@ class LoginMixin:
             SQLState.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
         )
         tenants = self.router.tenants
-        if tenants.wants_registry(self):
+        # The admin console: only for the file's logins named in admin_console_users; anyone
+        # else asking for that database name is an ordinary client.
+        self.console = self.database == CONSOLE_DATABASE and self.user in self.settings.admin_console_users
+        if not self.console and tenants.wants_registry(self):
             # A registered tenant's own logins (router/tenants.py). An unknown tenant goes
             # through the same exchange as a wrong password, then gets 3D000.
             login = await tenants.login(self)
@@ -233,6 +238,18 @@ class LoginMixin:
         # AuthenticationOk goes out with the ParameterStatus block (_finish_login): one write
         # and one wakeup of the client instead of two, per connection.
 
+    def _start_console(self) -> None:
+        """Hand the connection to an admin console session (no pool, no tenant): it takes over
+        the transport and answers every Query itself. Its cancel key is nobody's."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED  # this object no longer sees the connection
+        self.cancel_pid, self.cancel_key = 0, secrets.randbits(32)
+        log.info("admin console: %s@%s logged in", self.user, self.peer)
+        rest = bytes(self._buf)
+        self._buf.clear()
+        ConsoleSession(self.router, self, self.transport).start(rest)
+
     async def _session_start(self) -> bytes:
         """Set the client up for its database; returns AuthenticationOk, the ParameterStatus
         block, BackendKeyData and ReadyForQuery, to go out in one write."""
@@ -270,6 +287,9 @@ class LoginMixin:
         return bytes(out)
 
     async def _finish_login(self) -> None:
+        if self.console:
+            self._start_console()
+            return
         try:
             greeting = await self._session_start()
         except BaseException:

@@ -23,6 +23,7 @@ NEGOTIATE_PROTOCOL_VERSION = b"v"
 ROW_DESCRIPTION = b"T"
 DATA_ROW = b"D"
 COMMAND_COMPLETE = b"C"
+EMPTY_QUERY_RESPONSE = b"I"
 
 TEXT_OID = 25  # pg_type.oid of text
 
@@ -309,6 +310,10 @@ def parse_data_row(body: bytes) -> list[bytes | None]:
 
 def command_complete(tag: str) -> bytes:
     return frame(COMMAND_COMPLETE, _cstr(tag))
+
+
+def empty_query_response() -> bytes:
+    return frame(EMPTY_QUERY_RESPONSE)
 
 
 # --- A few frontend messages the router itself sends to servers -------------------------

@@ -102,6 +102,7 @@ EXACT = [
     pytest.param(m.data_row(["auto"]), b"D\x00\x00\x00\x0e\x00\x01\x00\x00\x00\x04auto", id="data_row"),
     pytest.param(m.data_row([None, ""]), b"D\x00\x00\x00\x0e\x00\x02\xff\xff\xff\xff\x00\x00\x00\x00", id="data_row-null-empty"),
     pytest.param(m.command_complete("SHOW"), b"C\x00\x00\x00\x09SHOW\x00", id="command_complete"),
+    pytest.param(m.empty_query_response(), b"I\x00\x00\x00\x04", id="empty_query_response"),
     pytest.param(frame(b"D"), b"D\x00\x00\x00\x04", id="frame-empty-body"),
     pytest.param(frame(b"d", b"\x00\x01"), b"d\x00\x00\x00\x06\x00\x01", id="frame-with-body"),
 ]

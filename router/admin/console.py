@@ -1,0 +1,217 @@
+"""The admin console: ``psql -U <admin> pgrouter -c 'SHOW POOLS'``, as PgBouncer's console
+database answers its operators, next to the HTTP API.
+
+A user named in ``admin_console_users`` (a ``[users]`` login of the settings file, checked as
+usual) who connects to the database ``pgrouter`` gets this session instead of a pool. It
+speaks the simple query protocol (psql, ``psycopg``'s ``execute()`` without parameters) and
+answers each command itself, from this process's state (with several workers, the worker the
+connection landed on):
+
+    SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW VERSION    SHOW HELP
+    RELOAD        (re-read the settings file, as SIGHUP)
+
+Results are text columns. Anything else gets 42601 naming the commands; an extended-protocol
+message gets 0A000 (and what follows it is skipped up to its Sync), as the console has no
+statements to prepare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from router.protocol import messages as m
+from router.protocol.errors import ProtocolError, SQLState
+from router.protocol.framing import MessageReader
+
+if TYPE_CHECKING:
+    from router.app import Router
+    from router.frontend.client import ClientConnection
+
+log = logging.getLogger("pgrouter.console")
+
+CONSOLE_DATABASE = "pgrouter"
+# Messages of the extended query protocol: the first fails with 0A000, the rest wait for Sync.
+_EXTENDED = frozenset(b"PBDECHF")
+_COMMAND = re.compile(r"\s*(show\s+\w+|reload)\s*;?\s*", re.IGNORECASE)
+_HELP = ("SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW VERSION", "SHOW HELP", "RELOAD")
+# What psql and libpq expect to hear at login; server_version says what answers.
+_GREETING_PARAMETERS = {
+    "client_encoding": "UTF8",
+    "server_encoding": "UTF8",
+    "DateStyle": "ISO, MDY",
+    "integer_datetimes": "on",
+    "standard_conforming_strings": "on",
+}
+
+
+def router_version() -> str:
+    try:
+        return version("pgrouter")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def greeting(cancel_pid: int, cancel_key: int) -> bytes:
+    """AuthenticationOk, the ParameterStatus block, BackendKeyData and ReadyForQuery."""
+    out = bytearray(m.auth_ok())
+    for name, value in {**_GREETING_PARAMETERS, "server_version": f"{router_version()}/pgrouter"}.items():
+        out += m.parameter_status(name, value)
+    out += m.backend_key_data(cancel_pid, cancel_key)
+    out += m.ready_for_query(m.IDLE)
+    return bytes(out)
+
+
+def _table(columns: list[str], rows: list[list[object]]) -> bytes:
+    out = bytearray(m.row_description(columns))
+    for row in rows:
+        out += m.data_row([None if value is None else str(value) for value in row])
+    out += m.command_complete("SHOW")
+    return bytes(out)
+
+
+def _pools(router: Router) -> bytes:
+    rows = []
+    for pool in router.pools.pools.values():
+        key, stats = pool.key, pool.stats()
+        rows.append(
+            [key.dbname, key.user, key.host, key.port, pool.settings.mode, pool.settings.size, stats["servers"],
+             stats["active"], stats["idle"], stats["connecting"], stats["waiting"]]
+        )  # fmt: skip
+    columns = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting"]
+    return _table(columns, rows)
+
+
+def _clients(router: Router, now: float) -> bytes:
+    rows = []
+    for client in router.clients.values():
+        state = "active" if client.server is not None else "waiting" if client._waiting_on is not None else "idle"
+        tenant = client.tenant.tenant_id if client.tenant is not None else None
+        since = f"{now - client.logged_in_at:.0f}" if client.logged_in_at else None
+        rows.append(
+            [client.user, client.database, tenant, client.peer, state, "on" if client.tls else "off",
+             ", ".join(sorted(client.pins)), since]
+        )  # fmt: skip
+    return _table(["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"], rows)
+
+
+def _servers(router: Router, now: float) -> bytes:
+    rows = []
+    for pool in router.pools.pools.values():
+        for server in pool.servers:
+            client = server.client
+            rows.append(
+                [pool.name, server.backend_pid, "active" if client is not None else "idle",
+                 f"{client.user}@{client.peer}" if client is not None else None, f"{now - server.created_at:.0f}"]
+            )  # fmt: skip
+    return _table(["pool", "backend_pid", "state", "client", "age_seconds"], rows)
+
+
+def _nodes(router: Router) -> bytes:
+    columns = ["cluster", "host", "port", "role", "healthy", "eligible", "lag_seconds", "lag_bytes", "in_flight"]
+    rows = [[node[c] for c in columns] for node in router.status()["nodes"]]
+    return _table(columns, rows)
+
+
+def _reload(router: Router) -> bytes:
+    if router.worker is not None:
+        # One worker alone would leave the others on the old settings.
+        return m.error_response(
+            SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "with several workers, reload with SIGHUP or POST /reload: every worker re-reads the file",
+        )
+    if router.config_path is None:
+        return m.error_response(
+            SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE, "no settings file to reload: the router was not started from one"
+        )
+    result = router.reload_file()
+    if "error" in result:
+        return m.error_response(SQLState.CONFIG_FILE_ERROR, str(result["error"]))
+    notice = f"applied: {', '.join(result['applied']) or 'nothing'}; needs a restart: {', '.join(result['restart_required']) or 'nothing'}"
+    return m.notice_response(SQLState.SUCCESSFUL_COMPLETION, notice) + m.command_complete("RELOAD")
+
+
+def answer(router: Router, sql: str) -> bytes:
+    """The reply to one Query of the console (without its ReadyForQuery)."""
+    match = _COMMAND.fullmatch(sql)
+    command = " ".join(match.group(1).upper().split()) if match else None
+    now = time.monotonic()
+    if command == "SHOW POOLS":
+        return _pools(router)
+    if command == "SHOW CLIENTS":
+        return _clients(router, now)
+    if command == "SHOW SERVERS":
+        return _servers(router, now)
+    if command == "SHOW NODES":
+        return _nodes(router)
+    if command == "SHOW VERSION":
+        return _table(["version"], [[f"pgrouter {router_version()}"]])
+    if command == "SHOW HELP":
+        return _table(["command"], [[name] for name in _HELP])
+    if command == "RELOAD":
+        return _reload(router)
+    if not sql.strip(" \t\n\r;"):
+        return m.empty_query_response()
+    return m.error_response(
+        SQLState.SYNTAX_ERROR, f"unknown admin console command: {sql.strip()[:60]!r}", hint="SHOW HELP lists the commands."
+    )
+
+
+class ConsoleSession(asyncio.Protocol):
+    """One logged-in console connection: takes over the client's transport."""
+
+    def __init__(self, router: Router, client: ClientConnection, transport: asyncio.Transport) -> None:
+        self.router = router
+        self.client = client
+        self.transport = transport
+        self.reader = MessageReader(max_size=1 << 20)
+        self.extended = False  # an extended-protocol message failed: skipping up to the Sync
+
+    def start(self, rest: bytes) -> None:
+        self.transport.set_protocol(self)
+        self.transport.write(greeting(self.client.cancel_pid, self.client.cancel_key))
+        if rest:
+            self.data_received(rest)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        out = bytearray()
+        try:
+            while (message := self.reader.next()) is not None:
+                kind, body = message
+                if kind == b"X":
+                    if out:
+                        self.transport.write(bytes(out))
+                    self.transport.close()
+                    return
+                if kind == b"S":
+                    self.extended = False
+                    out += m.ready_for_query(m.IDLE)
+                elif self.extended:
+                    continue  # skipped up to the Sync, as a server skips after an error
+                elif kind == b"Q":
+                    out += answer(self.router, m.parse_query(body)) + m.ready_for_query(m.IDLE)
+                elif kind[0] in _EXTENDED:
+                    # As a server fails an extended-protocol message: the error at once (a
+                    # client may wait for it after a Flush), the rest skipped up to the Sync.
+                    self.extended = True
+                    out += m.error_response(
+                        SQLState.FEATURE_NOT_SUPPORTED, "the admin console speaks the simple query protocol only"
+                    )
+                else:
+                    raise ProtocolError(f"unexpected message type {kind!r} in the admin console")
+        except ProtocolError as exc:
+            log.warning("admin console %s@%s: %s; closing", self.client.user, self.client.peer, exc.message)
+            out += m.error_response(exc.sqlstate, exc.message, severity="FATAL")
+            self.transport.write(bytes(out))
+            self.transport.close()
+            return
+        if out:
+            self.transport.write(bytes(out))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.router.forget_client(self.client)

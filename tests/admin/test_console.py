@@ -1,0 +1,124 @@
+"""The admin console (router/admin/console.py): the database "pgrouter" for the logins named in
+admin_console_users, driven with unmodified psql, psycopg and asyncpg."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import asyncpg
+import psycopg
+import pytest
+
+from router.protocol import messages as m
+from router.protocol.framing import frame
+from tests.cluster import Cluster
+from tests.harness import RouterThread
+from tests.rawclient import RawClient
+
+
+def psql(dsn: str, *commands: str) -> subprocess.CompletedProcess:
+    argv = ["psql", "-X", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", dsn]
+    for command in commands:
+        argv += ["-c", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def rows(out: str) -> list[list[str]]:
+    """psql -A output without its "(N rows)" footer, as lists of fields (header first)."""
+    return [line.split("|") for line in out.splitlines() if line and not line.startswith("(")]
+
+
+@pytest.fixture
+def console_router(start_router) -> RouterThread:
+    return start_router(split=True, admin_console_users=["alice"], pool_size=2)
+
+
+def test_show_commands_tell_pools_clients_servers_and_nodes(console_router: RouterThread, cluster: Cluster) -> None:
+    console = console_router.dsn("alice", "alice-pw", "pgrouter")
+    with psycopg.connect(console_router.dsn("carol"), autocommit=True) as busy:
+        busy.execute("BEGIN")
+        pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]  # on the primary, held
+        result = psql(console, "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS")
+        assert result.returncode == 0, result.stderr
+        busy.execute("COMMIT")
+    lines = rows(result.stdout)
+    pools_header = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting"]
+    assert lines[0] == pools_header
+    pools = {(r[0], r[2], r[3]): r for r in lines[1:] if len(r) == len(pools_header)}
+    primary = pools[("app", cluster.primary.host, str(cluster.primary.port))]
+    assert primary[4:] == ["transaction", "2", "1", "1", "0", "0", "0"]
+    clients_at = lines.index(["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"])
+    clients = [r for r in lines[clients_at + 1 :] if len(r) == 8]
+    assert [(r[0], r[1], r[4], r[5]) for r in clients] == [("carol", "app", "active", "off")]
+    servers_at = lines.index(["pool", "backend_pid", "state", "client", "age_seconds"])
+    servers = [r for r in lines[servers_at + 1 :] if len(r) == 5]
+    assert [(r[1], r[2]) for r in servers if r[3]] == [(str(pid), "active")]
+    assert [r for r in servers if r[3]][0][3].startswith("carol@127.0.0.1:")
+
+    console_router.wait_for(
+        lambda r: sum(n.eligible for split in r.splits.values() for n in split.topology.nodes) == 2, what="replicas"
+    )
+    with psycopg.connect(console, autocommit=True) as conn:  # psycopg: simple protocol without parameters
+        cur = conn.execute("show nodes;")
+        assert [d.name for d in cur.description][:4] == ["cluster", "host", "port", "role"]
+        nodes = {(row[2], row[3], row[5]) for row in cur.fetchall()}
+        assert nodes == {
+            (str(cluster.primary.port), "primary", "False"),
+            *((str(r.port), "replica", "True") for r in cluster.replicas),
+        }
+        assert conn.execute("SHOW VERSION").fetchone()[0].startswith("pgrouter ")
+        assert ["SHOW POOLS"] in [list(row) for row in conn.execute("SHOW HELP").fetchall()]
+
+
+def test_console_refuses_what_it_does_not_speak(console_router: RouterThread) -> None:
+    console = console_router.dsn("alice", "alice-pw", "pgrouter")
+    with psycopg.connect(console, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.SyntaxError, match="SHOW HELP"):
+            conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no settings file"):
+            conn.execute("RELOAD")  # an in-process router has no file
+        assert conn.execute("SHOW VERSION").fetchone()  # the session goes on
+
+    async def extended() -> None:
+        conn = await asyncpg.connect(console)
+        try:
+            with pytest.raises(asyncpg.FeatureNotSupportedError, match="simple query protocol"):
+                await conn.fetch("SHOW POOLS")
+            assert await conn.execute("SHOW VERSION") == "SHOW"  # execute(): a simple Query
+        finally:
+            await conn.close()
+
+    asyncio.run(extended())
+    # Not an admin console user, or a wrong password: as for any database.
+    assert "password authentication failed" in psql(console_router.dsn("alice", "wrong", "pgrouter"), "SHOW POOLS").stderr
+    refused = psql(console_router.dsn("carol", None, "pgrouter"), "SHOW POOLS")
+    assert refused.returncode != 0 and "pgrouter" in refused.stderr and "does not exist" in refused.stderr
+    # Ordinary clients were never affected.
+    with psycopg.connect(console_router.dsn("carol"), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_reload_from_the_console(router_process) -> None:
+    proc = router_process(admin_console_users=["alice"])
+    result = psql(proc.dsn("alice", "alice-pw", "pgrouter"), "RELOAD")
+    assert result.returncode == 0, result.stderr
+    assert "applied: nothing; needs a restart: nothing" in result.stderr  # the NOTICE
+    assert result.stdout.strip() == "RELOAD"
+
+
+def test_console_follows_the_protocol_in_a_pipeline(start_router) -> None:
+    """An extended-protocol message fails at once and what follows it waits for the Sync (a
+    Query too, as a server skips it); a Terminate after a Query goes out after its answer."""
+    router = start_router(admin_console_users=["carol"])  # a trust login of the settings file
+    console = RawClient(router.port)
+    assert console.login_trust("carol", "pgrouter")[-1] == (b"Z", b"I")
+    parse = frame(b"P", b"\0SHOW POOLS\0\0\0")
+    console.send(parse + m.query("SHOW VERSION") + m.sync() + m.query("SHOW VERSION") + m.terminate())
+    replies = console.recv_until(b"Z")
+    assert [t for t, _ in replies] == [b"E", b"Z"]
+    assert m.parse_error_fields(replies[0][1])["C"] == "0A000"
+    replies = console.recv_until(b"Z")
+    assert [t for t, _ in replies] == [b"T", b"D", b"C", b"Z"]
+    assert console.is_closed()
+    router.wait_for(lambda r: r.client_count == 0, what="the console's place given back")
