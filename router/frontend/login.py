@@ -135,7 +135,9 @@ class LoginMixin:
                 loop = asyncio.get_running_loop()
                 self.transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
                 self.tls = True
-                self.tls_server_name = self.router.sni_names.pop(self.transport.get_extra_info("ssl_object"), None)
+                ssl_object = self.transport.get_extra_info("ssl_object")
+                if ssl_object is not None:
+                    self.tls_server_name = self.router.sni_names.pop(ssl_object, None)
                 continue
             assert isinstance(packet, StartupMessage)
             if tls_mode is ClientTLS.REQUIRE and not self.tls:
