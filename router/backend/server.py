@@ -306,10 +306,12 @@ class ServerConnection(asyncio.Protocol):
                 undo = client.settings_undo
                 if undo is not None and end < n:
                     # COMMIT keeps the transaction's setting changes; the tag of a ROLLBACK
-                    # (or of a COMMIT that rolled back a failed transaction) undoes them,
-                    # unless a later COMMIT shows it was a ROLLBACK TO SAVEPOINT.
+                    # (or of a COMMIT that rolled back a failed transaction) undoes them;
+                    # a ROLLBACK TO SAVEPOINT's (the same tag) leaves the transaction alive.
                     tag = data[pos + 5 : end]
-                    if undo.chain_tags and (tag == b"COMMIT" or tag == b"ROLLBACK"):
+                    if tag == b"ROLLBACK" and client.rollback_to_tags:
+                        client.savepoint_rolled_back()  # a ROLLBACK TO SAVEPOINT's tag
+                    elif undo.chain_tags and (tag == b"COMMIT" or tag == b"ROLLBACK"):
                         # The tag of the COMMIT/ROLLBACK AND CHAIN that began the transaction
                         # the undo is for (ClientConnection._track_session_statements).
                         undo.chain_tags -= 1

@@ -253,6 +253,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.tls_server_name: str | None = None  # the host it asked for in its TLS handshake (SNI)
         self.logged_in_at = 0.0  # time.monotonic() when it logged in; 0.0: not (yet)
         self.console = False  # logging into the admin console (router/admin/console.py)
+        # ROLLBACK TO SAVEPOINT statements sent whose tag (ROLLBACK, as a real ROLLBACK's) has
+        # not come: the server connection reads those tags as savepoint rollbacks.
+        self.rollback_to_tags = 0
         self.admitted = False
         self.pool: Pool | None = None
         self.pool_mode = PoolMode.TRANSACTION
@@ -976,6 +979,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         undo = self._undo_before_chains()
         self.settings_undo = undo
         undo.failed = True
+        # A ROLLBACK TO that failed (no such savepoint) sends no tag: none is owed any more
+        # but those sent after the error, which PostgreSQL runs in the failed transaction.
+        self.rollback_to_tags = 0
 
     def _undo_before_chains(self) -> SettingsUndo:
         """The undo record of the transaction the server is in: before the AND CHAIN
@@ -1043,6 +1049,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         else:
             snapshot, read_only, target, pins = undo.snapshot, undo.read_only_session, undo.session_target, undo.pins
         self._go_back(snapshot, read_only, target, pins)
+        self.rollback_to_tags += 1
+
+    def savepoint_rolled_back(self) -> None:
+        """The tag of a ROLLBACK TO SAVEPOINT: the transaction it ran in goes on, and is no
+        longer failed (an error before it, if any, is undone with what followed the
+        savepoint). Its COMMIT AND CHAIN then chains a committed transaction."""
+        self.rollback_to_tags -= 1
+        self._undo_before_chains().failed = False
 
     def _track_identity(self, name: str, value: str | None) -> None:
         """SET (``value``) or RESET (None) of role or session_authorization, by whatever
@@ -1067,11 +1081,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         the server connection that ran them and here alike.
 
         A ROLLBACK TO SAVEPOINT's own undoing is done when it is sent (_track_savepoint); its
-        tag (ROLLBACK) marks the transaction failed until a COMMIT shows otherwise. Approximate
-        where PostgreSQL is finer: of pipelined transactions the first to end settles the
-        changes of all (README, "Session state")."""
+        tag (ROLLBACK) is told from a ROLLBACK's by ``rollback_to_tags``. Approximate where
+        PostgreSQL is finer: of pipelined transactions the first to end settles the changes of
+        all (README, "Session state")."""
         if status != _IDLE:
             return
+        self.rollback_to_tags = 0
         undo, self.settings_undo = self.settings_undo, None
         if undo is not None and undo.failed:
             self._go_back(undo.snapshot, undo.read_only_session, undo.session_target, undo.pins)

@@ -222,6 +222,17 @@ _sequences = st.lists(
                                        "COMMIT"])
 @example(options="", prepare=None, steps=["ROLLBACK AND CHAIN; SET work_mem = '6MB'; COMMIT AND CHAIN"])
 @example(options="", prepare=None, steps=["BEGIN", "SELECT 1/0; COMMIT AND CHAIN; SET work_mem = '6MB'", "ROLLBACK"])
+# A ROLLBACK TO's tag is ROLLBACK too: the transaction goes on, and its COMMIT AND CHAIN commits.
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "ROLLBACK TO s1",
+                                       "COMMIT AND CHAIN", "COMMIT"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "SELECT 1/0",
+                                       "ROLLBACK TO s1", "COMMIT AND CHAIN", "COMMIT"])
+@example(options="", prepare=True, steps=["BEGIN", "SET search_path = sp_a", "SAVEPOINT s1", "ROLLBACK TO s1",
+                                       "SET work_mem = '5MB'", "COMMIT AND CHAIN", "ROLLBACK"])
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a", "ROLLBACK TO s1", "SET search_path = sp_a",
+                                       "COMMIT"])  # no such savepoint: no tag, the COMMIT's ROLLBACK is a real one
+@example(options="", prepare=None, steps=["BEGIN", "SET search_path = sp_a; SAVEPOINT s1; ROLLBACK TO s1; COMMIT AND CHAIN",
+                                       "COMMIT"])
 def test_the_router_keeps_settings_as_postgresql_does(
     pooled, cluster: Cluster, steps: list[str], prepare: bool | None, options: str
 ) -> None:
