@@ -294,15 +294,7 @@ class Router:
             "pools": {
                 pool.name: {"size": pool.settings.size, **pool.stats()} for pool in self.pools.pools.values()
             },
-            "nodes": [
-                {
-                    "cluster": name, "host": n.host, "port": n.port, "role": str(n.role), "healthy": n.healthy,
-                    "eligible": n.eligible, "lag_bytes": n.lag_bytes, "lag_seconds": n.lag_seconds,
-                    "in_flight": n.in_flight, "last_error": n.last_error,
-                }
-                for name, split in self.splits.items()
-                for n in split.topology.nodes
-            ],
+            "nodes": [{"cluster": name, **n.status()} for name, split in self.splits.items() for n in split.topology.nodes],
         }
 
     def reload(self, settings: Settings) -> dict[str, list[str]]:

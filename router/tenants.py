@@ -469,14 +469,7 @@ class TenantManager:
         if tenant is not None:
             split = self.router.splits.get(self.cluster_name(tenant))
             if split is not None:
-                nodes = [
-                    {
-                        "host": n.host, "port": n.port, "role": str(n.role), "healthy": n.healthy,
-                        "eligible": n.eligible, "lag_bytes": n.lag_bytes, "lag_seconds": n.lag_seconds,
-                        "in_flight": n.in_flight,
-                    }
-                    for n in split.topology.nodes
-                ]
+                nodes = [n.status() for n in split.topology.nodes]
         return {
             "tenant_id": tenant_id,
             "paused": tenant_id in self.gates,

@@ -204,8 +204,8 @@ _SPACES = frozenset(b" \t\n\r\f\v")
 _SHOW_ROUTER_TARGET_COLUMNS = m.row_description([ROUTER_TARGET_GUC])
 _SHOW_TAG = m.command_complete("SHOW")
 _COMMAND_TAGS = {
-    StatementKind.COMMIT: b"COMMIT",
-    StatementKind.ROLLBACK: b"ROLLBACK",
+    StatementKind.COMMIT: "COMMIT",
+    StatementKind.ROLLBACK: "ROLLBACK",
 }
 # Chunks kept for a retry of a read whose replica failed, up to this many bytes.
 MAX_REPLAY_BYTES = 256 * 1024
@@ -1306,19 +1306,19 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self.transport.write(out + m.ready_for_query(m.FAILED_TRANSACTION if in_tx else m.IDLE))
                 return True
             self.session_target = _ROUTER_TARGETS[info.value]
-            tag = b"RESET" if data[5:].lstrip()[:5].lower() == b"reset" else b"SET"
+            tag = "RESET" if data[5:].lstrip()[:5].lower() == b"reset" else "SET"
             status = m.IN_TRANSACTION if in_tx else m.IDLE
-            self.transport.write(_command_complete(tag) + m.ready_for_query(status))
+            self.transport.write(m.command_complete(tag) + m.ready_for_query(status))
             return True
         if in_tx:
             tag = _COMMAND_TAGS.get(kind)
             if tag is None:
                 return False
             if self.deferred_aborted:
-                tag = b"ROLLBACK"  # COMMIT of a failed transaction rolls it back
+                tag = "ROLLBACK"  # COMMIT of a failed transaction rolls it back
                 self.deferred_aborted = False
             self.deferred_begin = None
-            self.transport.write(_command_complete(tag) + m.ready_for_query(m.IDLE))
+            self.transport.write(m.command_complete(tag) + m.ready_for_query(m.IDLE))
             return True
         if kind is not StatementKind.BEGIN:
             return False
@@ -1340,8 +1340,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return False  # pgrouter.target = replica: nothing left to decide
         self.deferred_begin = data
         self.deferred_read_only = read_only
-        tag = b"START TRANSACTION" if data[5:].lstrip()[:5].lower() == b"start" else b"BEGIN"
-        self.transport.write(_command_complete(tag) + m.ready_for_query(m.IN_TRANSACTION))
+        tag = "START TRANSACTION" if data[5:].lstrip()[:5].lower() == b"start" else "BEGIN"
+        self.transport.write(m.command_complete(tag) + m.ready_for_query(m.IN_TRANSACTION))
         return True
 
     def _replica_chunk(self, server: ServerConnection, data: bytes, start: int, syncs: int, rewrite: int) -> bool:
@@ -1927,10 +1927,6 @@ def _describes_before_execute(data: bytes) -> bool:
             return False
         pos += 1 + _unpack_len(data, pos + 1)[0]
     return pos == n and t == _S
-
-
-def _command_complete(tag: bytes) -> bytes:
-    return b"C" + struct.pack("!I", len(tag) + 5) + tag + b"\0"
 
 
 def new_cancel_key() -> int:

@@ -114,6 +114,14 @@ class NodeState:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def status(self) -> dict[str, Any]:
+        """What the admin views show of it (GET /topology, a tenant's status, SHOW NODES)."""
+        return {
+            "host": self.host, "port": self.port, "role": str(self.role), "healthy": self.healthy,
+            "eligible": self.eligible, "lag_bytes": self.lag_bytes, "lag_seconds": self.lag_seconds,
+            "in_flight": self.in_flight, "last_error": self.last_error,
+        }  # fmt: skip
+
 
 class ClusterTopology:
     """The nodes of one cluster, the designated primary, and the read-eligibility rules."""
