@@ -131,6 +131,7 @@ class Router:
         self.functions = FunctionCatalog.builtin()
         self.client_text_encoding = "utf-8"
         self.pools = PoolManager(settings, self.statements.validated)
+        self.pools.on_tick = self.end_idle_clients
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
         self.client_count = 0
         self.pinned_clients: set[ClientConnection] = set()  # counted for metrics
@@ -313,6 +314,7 @@ class Router:
             "client_tls_cert", "client_tls_key", "lag_check_interval", "tenant_drop_timeout",
             "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
             "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
+            "client_idle_timeout", "query_timeout",
         }
         restart = [
             name for name in type(settings).model_fields
@@ -455,8 +457,27 @@ class Router:
             return
         if server.pending == 0:
             return
+        self.cancel_query(server)
+
+    def cancel_query(self, server: ServerConnection) -> None:
+        """Send the server connection's backend a CancelRequest (in the background)."""
         server.cancels_in_flight += 1
         self.spawn(self._send_cancel(server))
+
+    def end_idle_clients(self, now: float) -> None:
+        """client_idle_timeout, on each pool janitor pass: a client that has sent nothing
+        while idle outside a transaction (ClientConnection.idle_session) for that long is
+        disconnected. A client is marked as not heard from on each pass; anything it sends
+        (data_received), or its being busy at a pass, starts its clock again."""
+        timeout = self.settings.client_idle_timeout
+        if not timeout:
+            return
+        for client in list(self.clients.values()):
+            if client.heard or not client.idle_session:
+                client.heard = False
+                client.quiet_since = now
+            elif now - client.quiet_since >= timeout:
+                client.idle_session_timed_out(timeout)
 
     async def _send_cancel(self, server: ServerConnection) -> None:
         host, port = server.pool.key.host, server.pool.key.port

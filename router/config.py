@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     # A client holding a server connection inside a transaction, sending nothing, for longer
     # than this is disconnected (25P03) and its transaction rolled back; 0 = never.
     idle_transaction_timeout: float = Field(0.0, ge=0)
+    # A client outside any transaction sending nothing for longer than this is disconnected
+    # (57P05, as PostgreSQL's idle_session_timeout); 0 = never.
+    client_idle_timeout: float = Field(0.0, ge=0)
+    # A Query or Sync whose ReadyForQuery has not come back after this long: the query is
+    # cancelled, its server connection closed and the client disconnected (57014); 0 = never.
+    query_timeout: float = Field(0.0, ge=0)
     # TCP keepalive on client and server sockets (router/sockopts.py); 0 = the kernel's value.
     tcp_keepalive: bool = True
     tcp_keepidle: int = Field(0, ge=0)  # seconds idle before the first probe

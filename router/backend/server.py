@@ -121,6 +121,9 @@ class ServerConnection(asyncio.Protocol):
         # idle_transaction_timeout (Pool.end_idle_transactions): the client's Sync/Query count
         # and the time when the janitor first saw it idle in a transaction on this connection.
         self.idle_in_transaction: tuple[int, float] | None = None
+        # query_timeout (Pool.end_long_queries): the ReadyForQuery count and the time when the
+        # janitor first saw this connection owing the next one.
+        self.query_started: tuple[int, float] | None = None
         self.closed = False
         self.closing_reason = ""
         self.channel_bound = False

@@ -328,6 +328,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._retried = False
         self._reroute = False  # chunks held until the replica is done: they need the primary
         self._chunk_unsynced = False
+        # client_idle_timeout (Router.end_idle_clients): whether anything came since the
+        # janitor's last look, and since when nothing has while the client was idle.
+        self.heard = True
+        self.quiet_since = 0.0
         # Tenants from the registry (router/tenants.py).
         self.tenant = None
         self.tenant_login = None
@@ -366,6 +370,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
             return
+        self.heard = True  # client_idle_timeout (Router.end_idle_clients)
         self._chunk_unsynced = self.unsynced
         if self._partial is not None:
             # Completing a message that must be whole before it can be forwarded.
@@ -1891,6 +1896,52 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 SQLState.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 "terminating connection due to idle-in-transaction timeout",
                 detail=f"No message came within idle_transaction_timeout ({timeout:g}s) in a transaction.",
+            ),
+            logged=True,
+        )
+
+    @property
+    def idle_session(self) -> bool:
+        """Waiting for the client's next statement outside any transaction, as PostgreSQL's
+        idle_session_timeout counts idle: logged in, no transaction open (not even a BEGIN the
+        router has not sent yet), no statement waiting for a server connection, and any server
+        connection held (session mode, pinned) idle with no reply owed."""
+        if self.state != _READY or self.deferred_begin is not None or self._held or self._waiting_on is not None:
+            return False
+        server = self.server
+        return server is None or (server.tx_status == m.IDLE and not server.pending and not self.unsynced)
+
+    def idle_session_timed_out(self, timeout: float) -> None:
+        """client_idle_timeout: disconnected with FATAL 57P05, as PostgreSQL's
+        idle_session_timeout does; a server connection it held goes back to the pool (reset
+        first in session mode, as for any client that leaves)."""
+        log.warning(
+            "client %s@%s/%s: idle for %gs (client_idle_timeout); closing", self.user, self.peer, self.database, timeout
+        )
+        self.fail(
+            RouterError(
+                SQLState.IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout",
+                detail=f"No message came within client_idle_timeout ({timeout:g}s) outside a transaction.",
+            ),
+            logged=True,
+        )
+
+    def query_timed_out(self, server: ServerConnection, timeout: float) -> None:
+        """query_timeout: ``server`` has owed this client a ReadyForQuery for ``timeout``
+        seconds. The query is cancelled (a CancelRequest to its server, as a client's own
+        would be), and the client disconnected with FATAL 57014: its server connection, in an
+        unknown state, is closed on the way (_return_server_after_client_left)."""
+        log.warning(
+            "client %s@%s/%s: query running for %gs on %s (query_timeout); cancelling it and closing",
+            self.user, self.peer, self.database, timeout, server.node,
+        )  # fmt: skip
+        self.router.cancel_query(server)
+        self.fail(
+            RouterError(
+                SQLState.QUERY_CANCELED,
+                "terminating connection due to query_timeout",
+                detail=f"A query ran longer than query_timeout ({timeout:g}s); it was cancelled.",
             ),
             logged=True,
         )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 
 from router.config import DatabaseConfig, ServerTLS, Settings
 from router.pools.pool import Pool, PoolKey, PoolSettings
@@ -54,6 +55,8 @@ class PoolManager:
         self._tls = server_tls_context(settings)
         self._tls_contexts: dict[tuple, ssl.SSLContext | None] = {}  # per-database overrides
         self._janitor: asyncio.Task | None = None
+        # Called on every janitor pass with its time (the router's client_idle_timeout).
+        self.on_tick: Callable[[float], None] | None = None
 
     def pool_for(self, db: DatabaseConfig, client_dbname: str, client_user: str, node) -> Pool:
         dbname = db.dbname or client_dbname
@@ -105,13 +108,21 @@ class PoolManager:
         while True:
             now = time.monotonic()
             idle_transaction_timeout = self.settings.idle_transaction_timeout
+            query_timeout = self.settings.query_timeout
             for pool in list(self.pools.values()):
                 try:
                     pool.maintain(now)
                     if idle_transaction_timeout:
                         pool.end_idle_transactions(now, idle_transaction_timeout)
+                    if query_timeout:
+                        pool.end_long_queries(now, query_timeout)
                 except Exception:
                     log.exception("janitor failed on pool %s", pool.name)
+            if self.on_tick is not None:
+                try:
+                    self.on_tick(now)
+                except Exception:
+                    log.exception("janitor failed on clients")
             await asyncio.sleep(JANITOR_INTERVAL)
 
     async def stop(self) -> None:

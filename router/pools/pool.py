@@ -414,6 +414,27 @@ class Pool:
                 server.idle_in_transaction = None
                 client.idle_transaction_timed_out(timeout)
 
+    def end_long_queries(self, now: float, timeout: float) -> None:
+        """query_timeout: a server connection that has owed a ReadyForQuery (for a Query,
+        Sync or FunctionCall sent) for ``timeout`` seconds without any coming back runs a query
+        that long: its client is told (and disconnected) and the query cancelled. Seen by the
+        janitor, like end_idle_transactions: a server connection is marked with its
+        ReadyForQuery count when first seen owing one, and each one that arrives starts the
+        clock again, so in a pipeline each query has the whole timeout. Messages sent without
+        a Sync (Execute and Flush fetching a portal) owe nothing and are not timed."""
+        for server in list(self.servers):
+            client = server.client
+            if client is None or not server.pending:
+                server.query_started = None
+                continue
+            received = server.stmts.recv_z
+            mark = server.query_started
+            if mark is None or mark[0] != received:
+                server.query_started = (received, now)
+            elif now - mark[1] >= timeout:
+                server.query_started = None
+                client.query_timed_out(server, timeout)
+
     def stats(self) -> dict[str, int]:
         return {
             "servers": len(self.servers),

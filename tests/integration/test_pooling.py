@@ -234,6 +234,92 @@ def test_idle_transaction_timeout_spares_a_portal_fetched_in_parts(start_router)
     client.close()
 
 
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_client_idle_timeout_disconnects_the_idle_client(start_router, pool_mode):
+    """client_idle_timeout: a client idle outside any transaction for longer is disconnected
+    with FATAL 57P05, and a server connection it held (session mode) goes back to the pool. A
+    client that keeps talking, and one idle inside a transaction, stay."""
+    router = start_router(pool_size=3, pool_mode=pool_mode, client_idle_timeout=1.0)
+    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
+    in_tx = psycopg.connect(router.dsn("carol"), autocommit=True)
+    in_tx.execute("BEGIN")
+    in_tx.execute("SELECT 1")
+    victim = psycopg.connect(router.dsn("carol"), autocommit=True)
+    pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]
+    quiet_since = time.monotonic()
+    # Until the router speaks to the victim, the busy client sends a statement every 0.2 s.
+    while not select.select([victim.fileno()], [], [], 0.2)[0]:
+        assert time.monotonic() - quiet_since < 10, "the idle client was never disconnected"
+        busy.execute("SELECT 1")
+    assert time.monotonic() - quiet_since >= 1.0, "disconnected before client_idle_timeout"
+    with pytest.raises(errors.IdleSessionTimeout, match="idle-session timeout"):
+        victim.execute("SELECT 1")  # 57P05
+    assert victim.info.status == psycopg.pq.ConnStatus.BAD
+    assert busy.execute("SELECT 2").fetchone() == (2,)
+    assert in_tx.execute("SELECT 3").fetchone() == (3,)
+    in_tx.execute("COMMIT")
+    # The victim's server connection is idle in its pool again, not lost or left linked.
+    deadline = time.monotonic() + 10
+    while pid not in router.call(lambda r: {s.backend_pid for p in r.pools.pools.values() for s in p.idle}):
+        assert time.monotonic() < deadline, "the idle client's server connection never came back"
+        time.sleep(0.05)
+    for conn in (busy, in_tx, victim):
+        conn.close()
+
+
+def test_query_timeout_cancels_the_query_and_disconnects(start_router, cluster):
+    """query_timeout: a query whose ReadyForQuery has not come back after that long is
+    cancelled on its server (PostgreSQL stops running it), its server connection closed (not
+    returned to the pool) and the client disconnected with FATAL 57014. Each query of a
+    pipeline has the whole timeout; a client idle in a transaction owes nothing and stays."""
+    router = start_router(pool_size=3, query_timeout=1.0)
+    in_tx = psycopg.connect(router.dsn("carol"), autocommit=True)
+    in_tx.execute("BEGIN")
+    in_tx.execute("SELECT 1")
+    steady = RawClient(router.port)
+    steady.login_trust()
+    started = time.monotonic()
+    steady.send(m.query("SELECT pg_sleep(0.4)") * 5)  # pipelined: replies owed for 2 s
+    for _ in range(5):
+        replies = steady.recv_until(b"Z")
+        assert [t for t, _ in replies] == [b"T", b"D", b"C", b"Z"], replies
+    assert time.monotonic() - started >= 2.0
+    steady.close()
+    victim = psycopg.connect(router.dsn("carol"), autocommit=True)
+    outcome: list[BaseException] = []
+
+    def run_victim() -> None:
+        try:
+            victim.execute("SELECT pg_sleep(60) /* query_timeout victim */")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run_victim)
+    started = time.monotonic()
+    thread.start()
+    sql = "SELECT pid FROM pg_stat_activity WHERE query LIKE '%query_timeout victim%' AND pid <> pg_backend_pid()"
+    pid = ""
+    while not pid:
+        assert time.monotonic() - started < 10, "the victim's query never started"
+        pid = cluster.psql(sql)
+    thread.join(timeout=15)
+    assert not thread.is_alive(), "query_timeout never ended the query"
+    assert 1.0 <= time.monotonic() - started, "ended before query_timeout"
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.QueryCanceled), outcome
+    assert "query_timeout" in str(outcome[0])
+    assert victim.info.status == psycopg.pq.ConnStatus.BAD
+    assert int(pid) not in server_pids(router)
+    # Cancelled, not left to sleep out its minute: the backend is gone well before.
+    deadline = time.monotonic() + 10
+    while cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") != "0":
+        assert time.monotonic() < deadline, "the timed-out query kept running on the server"
+        time.sleep(0.05)
+    assert in_tx.execute("SELECT 2").fetchone() == (2,)
+    in_tx.execute("COMMIT")
+    for conn in (in_tx, victim):
+        conn.close()
+
+
 def _keepalive(transport) -> tuple[int, int, int, int]:
     sock = transport.get_extra_info("socket")
     return (
