@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     tcp_keepidle: int = Field(0, ge=0)  # seconds idle before the first probe
     tcp_keepintvl: int = Field(0, ge=0)  # seconds between probes
     tcp_keepcnt: int = Field(0, ge=0)  # unanswered probes before the connection is dropped
+    # Server connections all pools of one database (or one server user) may hold together on
+    # one node, whatever pool_size says; 0 = no cap. Not live: a restart applies a change.
+    max_db_connections: int = Field(0, ge=0)
+    max_user_connections: int = Field(0, ge=0)
     server_reset_query: str = "DISCARD ALL"
     # Per server connection, in transaction mode: router-owned prepared statements kept
     # (least recently used ones are closed beyond this).

@@ -455,7 +455,7 @@ class TenantManager:
         for pool in self.pools.pop(tenant_id, ()):
             if pool not in still_used:
                 await pool.close()
-                self.router.pools.pools.pop(pool.key, None)
+                self.router.pools.drop(pool)
         if clients:
             log.info("tenant %s deleted: closed %d client connections", tenant_id, len(clients))
         return len(clients)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from router.config import DatabaseConfig, ServerTLS, Settings
-from router.pools.pool import Pool, PoolKey, PoolSettings
+from router.pools.pool import ConnectionCap, Pool, PoolKey, PoolSettings
 from router.sockopts import keepalive_options
 
 log = logging.getLogger("pgrouter.pool")
@@ -57,6 +57,8 @@ class PoolManager:
         self._janitor: asyncio.Task | None = None
         # Called on every janitor pass with its time (the router's client_idle_timeout).
         self.on_tick: Callable[[float], None] | None = None
+        # max_db_connections / max_user_connections, by (setting, host, port, name).
+        self.caps: dict[tuple[str, str, int, str], ConnectionCap] = {}
 
     def pool_for(self, db: DatabaseConfig, client_dbname: str, client_user: str, node) -> Pool:
         dbname = db.dbname or client_dbname
@@ -86,8 +88,36 @@ class PoolManager:
                 ),
                 self.validated_statements,
             )
+            pool.caps = self._caps_for(pool)
             self.pools[key] = pool
         return pool
+
+    def _caps_for(self, pool: Pool) -> tuple[ConnectionCap, ...]:
+        """The caps a new pool counts towards (none when both settings are 0)."""
+        key = pool.key
+        caps = []
+        for setting, limit, name in (
+            ("max_db_connections", self.settings.max_db_connections, key.dbname),
+            ("max_user_connections", self.settings.max_user_connections, key.user),
+        ):
+            if not limit:
+                continue
+            cap_key = (setting, key.host, key.port, name)
+            cap = self.caps.get(cap_key)
+            if cap is None:
+                what = "database" if setting == "max_db_connections" else "user"
+                cap = self.caps[cap_key] = ConnectionCap(setting, f"{what} {name} on {key.host}:{key.port}", limit)
+            cap.pools.append(pool)
+            caps.append(cap)
+        return tuple(caps)
+
+    def drop(self, pool: Pool) -> None:
+        """Forget a closed pool (a deleted tenant's): its connections no longer count."""
+        self.pools.pop(pool.key, None)
+        for cap in pool.caps:
+            if pool in cap.pools:
+                cap.pools.remove(pool)
+            cap.slot_freed()
 
     def _tls_for(self, mode: ServerTLS, ca) -> ssl.SSLContext | None:
         key = (mode, str(ca))

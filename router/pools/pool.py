@@ -86,6 +86,62 @@ class _FutureWaiter:
             self.future.set_exception(error)
 
 
+class ConnectionCap:
+    """max_db_connections / max_user_connections: how many server connections the pools of
+    one database (or one server user) on one node may hold together, opening ones counted.
+
+    A pool that would open a connection past the cap waits instead. A slot goes to the pool
+    whose client has waited longest: when a member pool's connection closes, when one goes
+    idle while a sibling waits longer than the pool's own clients (it is closed, and the
+    sibling opens one), and at once when a sibling has an idle connection to spare."""
+
+    def __init__(self, setting: str, name: str, limit: int) -> None:
+        self.setting = setting
+        self.name = name
+        self.limit = limit
+        self.pools: list[Pool] = []
+
+    def used(self) -> int:
+        return sum(len(pool.servers) + pool.connecting for pool in self.pools)
+
+    def full(self) -> bool:
+        return self.used() >= self.limit
+
+    def longest_waiting(self, exclude: Pool | None = None) -> Pool | None:
+        """The member pool (other than ``exclude``) with room of its own whose oldest waiter
+        queued first."""
+        best, since = None, 0.0
+        for pool in self.pools:
+            if pool is exclude or not pool.waiters or len(pool.servers) + pool.connecting >= pool.settings.size:
+                continue
+            queued = pool.waiting_since()
+            if best is None or queued < since:
+                best, since = pool, queued
+        return best
+
+    def slot_freed(self) -> None:
+        """A member's connection closed (or failed to open): the pool waiting longest opens one."""
+        while not self.full():
+            pool = self.longest_waiting()
+            if pool is None or pool.capped():
+                return
+            pool._start_connect(for_waiters=True)
+
+    def reclaim_idle(self, for_pool: Pool) -> bool:
+        """Close the longest-idle connection of another member pool, making room for
+        ``for_pool``; False when there is none."""
+        oldest: ServerConnection | None = None
+        for pool in self.pools:
+            if pool is not for_pool:
+                for server in pool.idle:
+                    if not server.closed and (oldest is None or server.idle_since < oldest.idle_since):
+                        oldest = server
+        if oldest is None:
+            return False
+        oldest.pool.discard_idle(oldest, f"{self.setting} reached: making room for pool {for_pool.name}")
+        return True
+
+
 class Pool:
     def __init__(
         self,
@@ -116,6 +172,8 @@ class Pool:
         self.on_undefined_function = None
         # auth_query pools log in with the SCRAM keys learnt from a client, not a password.
         self.scram_keys: tuple[bytes, bytes] | None = None
+        # max_db_connections / max_user_connections this pool counts towards (PoolManager).
+        self.caps: tuple[ConnectionCap, ...] = ()
 
     # --- the data path ---------------------------------------------------------------
 
@@ -145,7 +203,39 @@ class Pool:
                 self._loop_time_for(deadline), self._expire_waiters
             )
         if len(self.servers) + self.connecting < self.settings.size:
+            if not self.caps:
+                self._start_connect(for_waiters=True)
+            else:
+                self._open_within_caps()
+
+    def _open_within_caps(self) -> None:
+        """Open a connection for a waiter if every cap has room; else free a sibling's idle
+        connection under each full cap (its slot_freed then opens one here, or for whoever
+        waited longer)."""
+        full = [cap for cap in self.caps if cap.full()]
+        if not full:
             self._start_connect(for_waiters=True)
+            return
+        for cap in full:
+            cap.reclaim_idle(self)
+
+    def capped(self) -> bool:
+        return any(cap.full() for cap in self.caps)
+
+    def waiting_since(self) -> float:
+        """When the oldest waiter queued (deadlines share the pool's query_wait_timeout)."""
+        return self.waiters[0][1] - self.settings.query_wait_timeout
+
+    def discard_idle(self, server: ServerConnection, reason: str) -> None:
+        """Close an idle connection now and count it gone (its slot is free at once)."""
+        server.close(reason)
+        self.servers.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        for cap in self.caps:
+            cap.slot_freed()
 
     def cancel_wait(self, waiter: Waiter) -> None:
         for i, (queued, _) in enumerate(self.waiters):
@@ -180,6 +270,8 @@ class Pool:
         if lifetime and now - server.created_at > lifetime:
             server.close("server_lifetime reached")
             return
+        if self.caps and self._hand_slot_on(server):
+            return
         if self.waiters:
             waiter, deadline = self.waiters.popleft()
             observe_pool_wait(now - deadline + self.settings.query_wait_timeout)
@@ -188,6 +280,19 @@ class Pool:
         server.idle_since = now
         self.idle.append(server)
 
+    def _hand_slot_on(self, server: ServerConnection) -> bool:
+        """Under a full cap, a released connection whose slot a sibling pool's client has
+        waited for longer than this pool's own is closed, and the sibling opens one."""
+        mine = self.waiting_since() if self.waiters else None
+        for cap in self.caps:
+            if not cap.full():
+                continue
+            sibling = cap.longest_waiting(exclude=self)
+            if sibling is not None and (mine is None or sibling.waiting_since() < mine):
+                self.discard_idle(server, f"{cap.setting} reached: making room for pool {sibling.name}")
+                return True
+        return False
+
     def forget(self, server: ServerConnection) -> None:
         """A connection closed: drop it and, if clients wait, open a replacement."""
         self.servers.discard(server)
@@ -195,8 +300,10 @@ class Pool:
             self.idle.remove(server)
         except ValueError:
             pass
-        if self.waiters and len(self.servers) + self.connecting < self.settings.size:
+        if self.waiters and len(self.servers) + self.connecting < self.settings.size and not self.capped():
             self._start_connect(for_waiters=True)
+        for cap in self.caps:
+            cap.slot_freed()
 
     def _loop_time_for(self, deadline: float) -> float:
         # Deadlines are kept on time.monotonic(); the loop's clock may differ in origin.
@@ -210,12 +317,14 @@ class Pool:
         # Every waiter has the same timeout, so the queue is ordered by deadline.
         while waiters and waiters[0][1] <= now:
             waiter, _ = waiters.popleft()
+            full = [cap for cap in self.caps if cap.full()]
             waiter.server_failed(
                 RouterError(
                     SQLState.TOO_MANY_CONNECTIONS,
                     f"no server connection available in pool {self.name} within "
                     f"query_wait_timeout ({self.settings.query_wait_timeout:g}s)",
                     severity="ERROR",
+                    detail=" ".join(f"{cap.setting} ({cap.limit}) reached for {cap.name}." for cap in full) or None,
                 )
             )
         if waiters:
@@ -284,6 +393,8 @@ class Pool:
             if for_waiters and self.waiters:
                 waiter, _ = self.waiters.popleft()
                 waiter.server_failed(exc)
+            for cap in self.caps:
+                cap.slot_freed()
             return
         self.release(server)
 
@@ -388,9 +499,15 @@ class Pool:
                 self.servers.discard(server)
             else:
                 keep.append(server)
+        closed = len(self.idle) - len(keep)
         self.idle = deque(keep)
+        if closed:
+            for cap in self.caps:
+                cap.slot_freed()
         missing = s.min_size - len(self.servers) - self.connecting
         for _ in range(max(0, missing)):
+            if self.capped():
+                break
             self._start_connect(for_waiters=False)
 
     def end_idle_transactions(self, now: float, timeout: float) -> None:

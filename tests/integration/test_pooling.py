@@ -320,6 +320,138 @@ def test_query_timeout_cancels_the_query_and_disconnects(start_router, cluster):
         conn.close()
 
 
+def _capped_router(start_router, **overrides):
+    """Database app pooled as two server users (two pools), with max_db_connections 2."""
+    return start_router(
+        pool_size=3,
+        max_db_connections=2,
+        databases={
+            "app": {"cluster": "main", "server_user": "postgres"},
+            "app_t": {"cluster": "main", "dbname": "app", "server_user": "pgr_trust"},
+        },
+        **overrides,
+    )
+
+
+def _held(router) -> list[tuple[int, int, int]]:
+    """(servers + connecting, idle, waiting) of each pool, sorted."""
+    return router.call(
+        lambda r: sorted((len(p.servers) + p.connecting, len(p.idle), len(p.waiters)) for p in r.pools.pools.values())
+    )
+
+
+def poll(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_max_db_connections_caps_the_pools_of_a_database_together(start_router, cluster):
+    """max_db_connections: the pools of one database (here two server users) hold at most
+    that many server connections together, whatever pool_size allows. A pool at the cap
+    takes a sibling's idle connection at once, and a connection released while a sibling's
+    client waits goes to that sibling; a client that waits too long gets 53300 naming the cap."""
+    router = _capped_router(start_router, query_wait_timeout=2.0)
+
+    def held() -> list[tuple[int, int, int]]:
+        return _held(router)
+
+    a1 = psycopg.connect(router.dsn("carol", dbname="app"), autocommit=True)
+    a2 = psycopg.connect(router.dsn("carol", dbname="app"), autocommit=True)
+    b = psycopg.connect(router.dsn("carol", dbname="app_t"), autocommit=True)
+    for conn in (a1, a2):
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")  # both of the cap's connections, in pool app/postgres
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(b.execute("SELECT current_user").fetchone()))
+    thread.start()
+    poll(lambda: held() == [(0, 0, 1), (2, 0, 0)], f"pool app_t should wait at the cap: {held()}")
+    a1.execute("COMMIT")  # released while app_t's client waits: the slot goes there
+    thread.join(timeout=10)
+    assert got == [("pgr_trust",)]
+    assert sum(n for n, _, _ in held()) <= 2
+    a2.execute("COMMIT")  # idle now, nobody waiting: stays open
+    poll(lambda: held() == [(1, 1, 0), (1, 1, 0)], f"one idle connection each: {held()}")
+    c = psycopg.connect(router.dsn("carol", dbname="app_t"), autocommit=True)
+    d = psycopg.connect(router.dsn("carol", dbname="app_t"), autocommit=True)
+    for conn in (c, d):  # the second takes app/postgres's idle slot, not waiting for a release
+        conn.execute("BEGIN")
+        assert conn.execute("SELECT current_user").fetchone() == ("pgr_trust",)
+    assert held() == [(0, 0, 0), (2, 0, 0)]
+    e = psycopg.connect(router.dsn("carol", dbname="app"), autocommit=True)
+    with pytest.raises(errors.TooManyConnections) as exc:
+        e.execute("SELECT 1")
+    assert "max_db_connections (2) reached for database app" in (exc.value.diag.message_detail or "")
+    for conn in (c, d):
+        conn.execute("COMMIT")
+    assert e.execute("SELECT 2").fetchone() == (2,)  # the client stays, and gets in now
+    assert sum(n for n, _, _ in held()) <= 2
+    for conn in (a1, a2, b, c, d, e):
+        conn.close()
+
+
+def test_max_db_connections_serves_the_longest_waiting_client_first(start_router):
+    """At the cap, a released connection goes to whichever pool's client has waited longest:
+    the pool's own (the connection stays, warm) when that one queued first."""
+    router = _capped_router(start_router)
+    a1, a2, x, y = (psycopg.connect(router.dsn("carol", dbname=db), autocommit=True) for db in ("app", "app", "app", "app_t"))
+    for conn in (a1, a2):
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+    done: dict[str, tuple] = {}
+
+    def run(name: str, conn, *statements: str) -> threading.Thread:
+        def target() -> None:
+            for sql in statements:
+                conn.execute(sql)
+            done[name] = conn.execute("SELECT current_user").fetchone()
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    x_thread = run("x", x, "BEGIN")  # x keeps its connection once it has one
+    poll(lambda: _held(router) == [(0, 0, 0), (2, 0, 1)], f"x should wait first: {_held(router)}")
+    y_thread = run("y", y)
+    poll(lambda: _held(router) == [(0, 0, 1), (2, 0, 1)], f"then y: {_held(router)}")
+    a1.execute("COMMIT")
+    x_thread.join(timeout=5)
+    assert done == {"x": ("postgres",)}, "the client that queued first should have been served"
+    assert _held(router) == [(0, 0, 1), (2, 0, 0)]  # y still waits: no connection was closed
+    a2.execute("COMMIT")
+    y_thread.join(timeout=5)
+    assert done["y"] == ("pgr_trust",)
+    x.execute("COMMIT")
+    for conn in (a1, a2, x, y):
+        conn.close()
+
+
+def test_max_user_connections_caps_the_pools_of_a_server_user_together(start_router):
+    """max_user_connections: the same, for the pools of one server user over databases."""
+    router = start_router(
+        pool_size=3,
+        max_user_connections=1,
+        query_wait_timeout=1.0,
+        databases={
+            "app": {"cluster": "main", "server_user": "postgres"},
+            "pg": {"cluster": "main", "dbname": "postgres", "server_user": "postgres"},
+        },
+    )
+    holder = psycopg.connect(router.dsn("carol", dbname="app"), autocommit=True)
+    other = psycopg.connect(router.dsn("carol", dbname="pg"), autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    with pytest.raises(errors.TooManyConnections) as exc:
+        other.execute("SELECT current_database()")
+    assert "max_user_connections (1) reached for user postgres" in (exc.value.diag.message_detail or "")
+    holder.execute("COMMIT")  # idle now: taken from its pool for the other database
+    assert other.execute("SELECT current_database()").fetchone() == ("postgres",)
+    assert sum(n for n, _, _ in _held(router)) == 1
+    holder.close()
+    other.close()
+
+
 def _keepalive(transport) -> tuple[int, int, int, int]:
     sock = transport.get_extra_info("socket")
     return (
