@@ -46,6 +46,15 @@ from router.workers.shares import WorkerSlot
 log = logging.getLogger("pgrouter")
 
 LISTEN_BACKLOG = 1024
+# Settings that SIGHUP (or POST /reload) applies while running; any other needs a restart.
+LIVE_SETTINGS = frozenset({
+    "pool_size", "min_pool_size", "max_client_conn", "query_wait_timeout",
+    "server_idle_timeout", "server_lifetime", "server_connect_timeout", "log_level",
+    "client_tls_cert", "client_tls_key", "lag_check_interval", "tenant_drop_timeout",
+    "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
+    "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
+    "client_idle_timeout", "query_timeout",
+})  # fmt: skip
 _REPLICA_READ = ("replica", RouteReason.READ)
 _Q = ord("Q")
 # Transaction durations (pgrouter_transaction_duration_seconds), from 100 µs to a minute.
@@ -308,14 +317,7 @@ class Router:
             settings = self.worker.settings_for(settings)
         old = self.settings
         applied: list[str] = []
-        live = {
-            "pool_size", "min_pool_size", "max_client_conn", "query_wait_timeout",
-            "server_idle_timeout", "server_lifetime", "server_connect_timeout", "log_level",
-            "client_tls_cert", "client_tls_key", "lag_check_interval", "tenant_drop_timeout",
-            "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
-            "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
-            "client_idle_timeout", "query_timeout",
-        }
+        live = LIVE_SETTINGS
         restart = [
             name for name in type(settings).model_fields
             if name not in live and name != "clusters" and getattr(settings, name) != getattr(old, name)

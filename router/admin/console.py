@@ -7,7 +7,8 @@ speaks the simple query protocol (psql, ``psycopg``'s ``execute()`` without para
 answers each command itself, from this process's state (with several workers, the worker the
 connection landed on):
 
-    SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW VERSION    SHOW HELP
+    SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
+    SHOW CONFIG   SHOW VERSION    SHOW HELP
     RELOAD        (re-read the settings file, as SIGHUP)
 
 Results are text columns. Anything else gets 42601 naming the commands; an extended-protocol
@@ -21,8 +22,12 @@ import asyncio
 import logging
 import re
 import time
+from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
+from pydantic_core import PydanticUndefined
 
 from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, SQLState
@@ -38,7 +43,13 @@ CONSOLE_DATABASE = "pgrouter"
 # Messages of the extended query protocol: the first fails with 0A000, the rest wait for Sync.
 _EXTENDED = frozenset(b"PBDECHF")
 _COMMAND = re.compile(r"\s*(show\s+\w+|reload)\s*;?\s*", re.IGNORECASE)
-_HELP = ("SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW VERSION", "SHOW HELP", "RELOAD")
+_HELP = (
+    "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW DATABASES", "SHOW CONFIG", "SHOW VERSION",
+    "SHOW HELP", "RELOAD",
+)  # fmt: skip
+# Settings SHOW CONFIG leaves out: tables of their own (SHOW DATABASES, SHOW NODES), and the
+# users', which hold password verifiers.
+_NOT_IN_CONFIG = frozenset({"clusters", "databases", "users"})
 # What psql and libpq expect to hear at login; server_version says what answers.
 _GREETING_PARAMETERS = {
     "client_encoding": "UTF8",
@@ -117,6 +128,61 @@ def _nodes(router: Router) -> bytes:
     return _table(columns, rows)
 
 
+def _databases(router: Router) -> bytes:
+    """The settings file's databases: where each is served and how many server connections
+    its pools hold now (tenants of the registry are in the admin API's /tenants)."""
+    rows = []
+    for name, db in router.settings.databases.items():
+        cluster = router.settings.clusters[db.cluster]
+        real = db.dbname or name
+        nodes = {(node.host, node.port) for node in (cluster.primary, *cluster.replicas)}
+        current = sum(
+            len(pool.servers)
+            for pool in router.pools.pools.values()
+            if pool.key.dbname == real
+            and (pool.key.host, pool.key.port) in nodes
+            and (db.server_user is None or pool.key.user == db.server_user)
+        )
+        rows.append(
+            [name, db.cluster, cluster.primary.host, cluster.primary.port, len(cluster.replicas), real, db.server_user,
+             db.pool_size or router.settings.pool_size, db.pool_mode or router.settings.pool_mode, current]
+        )  # fmt: skip
+    columns = ["name", "cluster", "host", "port", "replicas", "database", "force_user", "pool_size", "pool_mode",
+               "current_connections"]  # fmt: skip
+    return _table(columns, rows)
+
+
+def _config_value(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, SecretStr):
+        return "********"
+    if isinstance(value, list):
+        return ", ".join(_config_value(item) or "" for item in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+def _config(router: Router) -> bytes:
+    """Each setting with its value and default, and whether a reload changes it (changeable)
+    or it needs a restart, as PgBouncer's SHOW CONFIG. Secrets show as ********."""
+    from router.app import LIVE_SETTINGS
+
+    settings = router.settings
+    rows = []
+    for key, field in type(settings).model_fields.items():
+        if key in _NOT_IN_CONFIG:
+            continue
+        default = None if field.default is PydanticUndefined else field.default
+        rows.append(
+            [key, _config_value(getattr(settings, key)), _config_value(default), "yes" if key in LIVE_SETTINGS else "no"]
+        )
+    return _table(["key", "value", "default", "changeable"], rows)
+
+
 def _reload(router: Router) -> bytes:
     if router.worker is not None:
         # One worker alone would leave the others on the old settings.
@@ -148,6 +214,10 @@ def answer(router: Router, sql: str) -> bytes:
         return _servers(router, now)
     if command == "SHOW NODES":
         return _nodes(router)
+    if command == "SHOW DATABASES":
+        return _databases(router)
+    if command == "SHOW CONFIG":
+        return _config(router)
     if command == "SHOW VERSION":
         return _table(["version"], [[f"pgrouter {router_version()}"]])
     if command == "SHOW HELP":

@@ -31,7 +31,7 @@ def rows(out: str) -> list[list[str]]:
 
 @pytest.fixture
 def console_router(start_router) -> RouterThread:
-    return start_router(split=True, admin_console_users=["alice"], pool_size=2)
+    return start_router(split=True, admin_console_users=["alice"], pool_size=2, admin_token="console-test-token")
 
 
 def test_show_commands_tell_pools_clients_servers_and_nodes(console_router: RouterThread, cluster: Cluster) -> None:
@@ -69,6 +69,41 @@ def test_show_commands_tell_pools_clients_servers_and_nodes(console_router: Rout
         }
         assert conn.execute("SHOW VERSION").fetchone()[0].startswith("pgrouter ")
         assert ["SHOW POOLS"] in [list(row) for row in conn.execute("SHOW HELP").fetchall()]
+
+
+def test_show_config_and_databases(console_router: RouterThread, cluster: Cluster) -> None:
+    """SHOW CONFIG: every setting's value and default and whether a reload changes it, with
+    secrets masked and the users' verifiers left out. SHOW DATABASES: the settings file's
+    databases, where they are served and the server connections their pools hold."""
+    console = console_router.dsn("alice", "alice-pw", "pgrouter")
+    with psycopg.connect(console_router.dsn("carol"), autocommit=True) as busy:
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")  # one server connection held on the primary
+        result = psql(console, "SHOW CONFIG", "SHOW DATABASES", "SHOW POOLS")
+        busy.execute("COMMIT")
+    assert result.returncode == 0, result.stderr
+    lines = rows(result.stdout)
+    assert lines[0] == ["key", "value", "default", "changeable"]
+    config = {r[0]: r[1:] for r in lines[1:] if len(r) == 4}
+    assert config["pool_size"] == ["2", "20", "yes"]
+    assert config["listen_port"] == ["0", "6432", "no"]  # as configured: any free port
+    assert config["pool_mode"] == ["transaction", "transaction", "no"]
+    assert config["tcp_keepalive"] == ["on", "on", "no"]
+    assert config["admin_console_users"] == ["alice", "", "no"]
+    assert config["admin_token"][0] == "********" and "console-test-token" not in result.stdout
+    assert "users" not in config and "SCRAM-SHA-256$" not in result.stdout
+    databases_at = lines.index(
+        ["name", "cluster", "host", "port", "replicas", "database", "force_user", "pool_size", "pool_mode",
+         "current_connections"]
+    )  # fmt: skip
+    databases = [r for r in lines[databases_at + 1 :] if len(r) == 10]
+    pools_at = lines.index(["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting"])
+    servers = sum(int(r[6]) for r in lines[pools_at + 1 :] if len(r) == 11 and r[0] == "app")
+    assert servers >= 1
+    assert databases == [
+        ["app", "main", cluster.primary.host, str(cluster.primary.port), "2", "app", "postgres", "2", "transaction",
+         str(servers)]
+    ]  # fmt: skip
 
 
 def test_console_refuses_what_it_does_not_speak(console_router: RouterThread) -> None:
