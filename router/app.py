@@ -7,7 +7,11 @@ client's next transaction).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
+import socket
 import ssl
 import weakref
 from dataclasses import dataclass, replace
@@ -17,7 +21,7 @@ from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
 from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager, asyncpg_tls
-from router.pools.pool import Pool
+from router.pools.pool import Pool, is_unix_socket, unix_socket_path
 from router.prepared import StatementRegistry
 from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
@@ -149,6 +153,8 @@ class Router:
         self.client_tls_context = self._client_tls_context()
         self.socket_options = keepalive_options(settings)
         self._server: asyncio.Server | None = None
+        self._unix_server: asyncio.Server | None = None  # unix_socket_dir
+        self._unix_path: tuple[str, int] = ("", 0)  # its socket file and inode
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
         # Read/write splitting for every cluster that has replicas.
@@ -243,6 +249,8 @@ class Router:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.settings.listen_host, self.port)
+        if self.settings.unix_socket_dir and (self.worker is None or self.worker.index == 0):
+            await self._listen_unix(self.settings.unix_socket_dir, self.port)
         if self.settings.admin_port >= 0:
             from router.admin.server import serve
 
@@ -253,11 +261,44 @@ class Router:
                 max_tenant_labels=s.metrics_max_tenant_labels,
             )
 
+    async def _listen_unix(self, directory: str, port: int) -> None:
+        """unix_socket_dir: also listen on ``<directory>/.s.PGSQL.<port>``, where libpq looks
+        for ``host=<directory> port=<port>``. A socket file nobody answers on (left by a
+        router that was killed) is replaced; one that answers is another server's: refused."""
+        path = unix_socket_path(directory, port)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)  # stale
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from exc
+            else:
+                raise OSError(errno.EADDRINUSE, f"cannot listen on {path}: another server is listening there")
+            finally:
+                probe.close()
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: ClientConnection(self), path, backlog=LISTEN_BACKLOG
+        )
+        os.chmod(path, self.settings.unix_socket_mode)
+        self._unix_server, self._unix_path = server, (path, os.stat(path).st_ino)
+        log.info("listening on %s", path)
+
+    def _close_listeners(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._unix_server is not None:
+            self._unix_server.close()
+            path, inode = self._unix_path
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:  # still ours, not a successor's
+                    os.unlink(path)
+
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
-        if self._server is not None:
-            self._server.close()
+        self._close_listeners()
         for client in list(self.clients.values()):
             client.fail(RouterError(SQLState.ADMIN_SHUTDOWN, "terminating connection: router is shutting down"))
         await self.pools.stop()
@@ -271,16 +312,16 @@ class Router:
         await self.tenants.stop()
         # What killed a task was logged by _task_done; here only its end matters.
         await asyncio.gather(*(cancel_and_wait(task) for task in list(self._tasks)), return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._unix_server):
+            if server is not None:
+                await server.wait_closed()
 
     async def drain(self, timeout: float) -> bool:
         """Graceful shutdown, first half: readiness turns false, the listener closes, and
         transactions in flight get up to ``timeout`` seconds to finish. Returns whether they
         all did; ``stop()`` then closes everything."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        self._close_listeners()
         deadline = asyncio.get_running_loop().time() + timeout
         while any(client.server is not None for client in self.clients.values()):
             if asyncio.get_running_loop().time() >= deadline:
@@ -485,7 +526,10 @@ class Router:
         host, port = server.pool.key.host, server.pool.key.port
         try:
             async with asyncio.timeout(self.settings.server_connect_timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                if is_unix_socket(host):
+                    reader, writer = await asyncio.open_unix_connection(unix_socket_path(host, port))
+                else:
+                    reader, writer = await asyncio.open_connection(host, port)
                 writer.write(build_cancel_request(server.backend_pid, server.backend_key))
                 await writer.drain()
                 # The postmaster closes the connection once it has signalled the backend.

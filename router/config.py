@@ -128,6 +128,9 @@ class Settings(BaseSettings):
 
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(6432, ge=0, le=65535)
+    # Also listen on <unix_socket_dir>/.s.PGSQL.<port> (libpq's host=<dir>); "" = TCP only.
+    unix_socket_dir: str = ""
+    unix_socket_mode: int = Field(0o777, ge=0, le=0o777)
 
     pool_mode: PoolMode = PoolMode.TRANSACTION
     pool_size: int = Field(20, ge=1)

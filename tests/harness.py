@@ -78,6 +78,8 @@ class RouterThread:
         raise AssertionError(f"timed out waiting for {what}")
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return  # stopped already (a test stopped it; then the fixture)
         if self.router is not None:
             try:
                 self.run(self.router.stop())

@@ -245,6 +245,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.settings = router.settings
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.local = False
         self.state = _STARTUP
         self.user = ""
         self.database = ""
@@ -359,6 +360,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         sockopts.apply(transport, self.router.socket_options)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self.local = not isinstance(peer, tuple)  # a Unix-socket client (unix_socket_dir)
         self._login_task = asyncio.get_running_loop().create_task(self._login())
         self._login_task.add_done_callback(self._login_done)
 

@@ -125,7 +125,8 @@ class LoginMixin:
                     raise ProtocolError("SSLRequest sent twice")
                 asked_ssl = True
                 ctx = self.router.client_tls_context
-                if tls_mode is ClientTLS.DISABLE or ctx is None:
+                if tls_mode is ClientTLS.DISABLE or ctx is None or self.local:
+                    # As PostgreSQL: no TLS over a Unix socket.
                     self.transport.write(b"N")
                     continue
                 if self._buf:
@@ -140,7 +141,7 @@ class LoginMixin:
                     self.tls_server_name = self.router.sni_names.pop(ssl_object, None)
                 continue
             assert isinstance(packet, StartupMessage)
-            if tls_mode is ClientTLS.REQUIRE and not self.tls:
+            if tls_mode is ClientTLS.REQUIRE and not self.tls and not self.local:
                 raise RouterError(
                     SQLState.INVALID_AUTHORIZATION,
                     "TLS is required: connect with sslmode=require (client_tls = require)",

@@ -35,6 +35,16 @@ _STARTUP_REPORTS_KEPT = 256
 log = logging.getLogger("pgrouter.pool")
 
 
+def is_unix_socket(host: str) -> bool:
+    """A node ``host`` that is a directory (``/var/run/postgresql``), as libpq reads one: the
+    server's Unix-domain socket there, ``.s.PGSQL.<port>``."""
+    return host.startswith("/")
+
+
+def unix_socket_path(host: str, port: int) -> str:
+    return f"{host.rstrip('/')}/.s.PGSQL.{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class PoolKey:
     host: str
@@ -340,9 +350,14 @@ class Pool:
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 try:
-                    _, server = await loop.create_connection(
-                        lambda: ServerConnection(self), key.host, key.port
-                    )
+                    if is_unix_socket(key.host):
+                        _, server = await loop.create_unix_connection(
+                            lambda: ServerConnection(self), unix_socket_path(key.host, key.port)
+                        )
+                    else:
+                        _, server = await loop.create_connection(
+                            lambda: ServerConnection(self), key.host, key.port
+                        )
                 except OSError as exc:
                     raise RouterError(
                         SQLState.CONNECTION_FAILURE,
@@ -355,7 +370,8 @@ class Pool:
                         key.dbname,
                         key.user,
                         self.password,
-                        self.settings.tls,
+                        # As libpq's sslmode: no TLS over a Unix socket, whatever server_tls says.
+                        None if is_unix_socket(key.host) else self.settings.tls,
                         self.settings.tls_required,
                         self.settings.channel_binding,
                         {"application_name": self.settings.application_name},
