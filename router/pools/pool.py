@@ -45,6 +45,18 @@ def unix_socket_path(host: str, port: int) -> str:
     return f"{host.rstrip('/')}/.s.PGSQL.{port}"
 
 
+def _unchanged_for(
+    mark: tuple[int, float] | None, count: int, now: float, timeout: float
+) -> tuple[tuple[int, float] | None, bool]:
+    """The janitor's clock for a counter: ``mark`` is (the count, when the janitor first saw
+    it). Returns the new mark and whether the count has stood still for ``timeout``."""
+    if mark is None or mark[0] != count:
+        return (count, now), False
+    if now - mark[1] >= timeout:
+        return None, True
+    return mark, False
+
+
 @dataclass(frozen=True, slots=True)
 class PoolKey:
     host: str
@@ -539,12 +551,8 @@ class Pool:
             if client is None or server.tx_status == m.IDLE or server.pending or client.unsynced:
                 server.idle_in_transaction = None
                 continue
-            sent = server.stmts.sent_z
-            mark = server.idle_in_transaction
-            if mark is None or mark[0] != sent:
-                server.idle_in_transaction = (sent, now)
-            elif now - mark[1] >= timeout:
-                server.idle_in_transaction = None
+            server.idle_in_transaction, expired = _unchanged_for(server.idle_in_transaction, server.stmts.sent_z, now, timeout)
+            if expired:
                 client.idle_transaction_timed_out(timeout)
 
     def end_long_queries(self, now: float, timeout: float) -> None:
@@ -560,12 +568,8 @@ class Pool:
             if client is None or not server.pending:
                 server.query_started = None
                 continue
-            received = server.stmts.recv_z
-            mark = server.query_started
-            if mark is None or mark[0] != received:
-                server.query_started = (received, now)
-            elif now - mark[1] >= timeout:
-                server.query_started = None
+            server.query_started, expired = _unchanged_for(server.query_started, server.stmts.recv_z, now, timeout)
+            if expired:
                 client.query_timed_out(server, timeout)
 
     def stats(self) -> dict[str, int]:
