@@ -4,8 +4,9 @@ database answers its operators, next to the HTTP API.
 A user named in ``admin_console_users`` (a ``[users]`` login of the settings file, checked as
 usual) who connects to the database ``pgrouter`` gets this session instead of a pool. It
 speaks the simple query protocol (psql, ``psycopg``'s ``execute()`` without parameters) and
-answers each command itself, from this process's state (with several workers, the worker the
-connection landed on):
+answers each command itself, from this process's state (with several workers, SHOW POOLS,
+CLIENTS and SERVERS ask every worker and add a `worker` column; the rest answer for the worker
+the connection landed on):
 
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
     SHOW CONFIG   SHOW VERSION    SHOW HELP
@@ -85,7 +86,10 @@ def _table(columns: list[str], rows: list[list[object]]) -> bytes:
     return bytes(out)
 
 
-def _pools(router: Router) -> bytes:
+Rows = tuple[list[str], list[list[object]]]  # a table: its columns and rows
+
+
+def _pools(router: Router, now: float) -> Rows:
     rows = []
     for pool in router.pools.pools.values():
         key, stats = pool.key, pool.stats()
@@ -94,10 +98,10 @@ def _pools(router: Router) -> bytes:
              stats["active"], stats["idle"], stats["connecting"], stats["waiting"]]
         )  # fmt: skip
     columns = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting"]
-    return _table(columns, rows)
+    return columns, rows
 
 
-def _clients(router: Router, now: float) -> bytes:
+def _clients(router: Router, now: float) -> Rows:
     rows = []
     for client in router.clients.values():
         state = "active" if client.server is not None else "waiting" if client._waiting_on is not None else "idle"
@@ -107,10 +111,10 @@ def _clients(router: Router, now: float) -> bytes:
             [client.user, client.database, tenant, client.peer, state, "on" if client.tls else "off",
              ", ".join(sorted(client.pins)), since]
         )  # fmt: skip
-    return _table(["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"], rows)
+    return ["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"], rows
 
 
-def _servers(router: Router, now: float) -> bytes:
+def _servers(router: Router, now: float) -> Rows:
     rows = []
     for pool in router.pools.pools.values():
         for server in pool.servers:
@@ -119,7 +123,22 @@ def _servers(router: Router, now: float) -> bytes:
                 [pool.name, server.backend_pid, "active" if client is not None else "idle",
                  f"{client.user}@{client.peer}" if client is not None else None, f"{now - server.created_at:.0f}"]
             )  # fmt: skip
-    return _table(["pool", "backend_pid", "state", "client", "age_seconds"], rows)
+    return ["pool", "backend_pid", "state", "client", "age_seconds"], rows
+
+
+# What each worker holds for itself: with several, the console asks every one and adds a
+# `worker` column (ConsoleSession._answer_over_workers).
+PER_WORKER = {"SHOW POOLS": _pools, "SHOW CLIENTS": _clients, "SHOW SERVERS": _servers}
+
+
+def worker_rows(router: Router, command: str) -> Rows:
+    """This process's rows of a PER_WORKER command (the control socket's CONSOLE request)."""
+    return PER_WORKER[command](router, time.monotonic())
+
+
+def _command(sql: str) -> str | None:
+    match = _COMMAND.fullmatch(sql)
+    return " ".join(match.group(1).upper().split()) if match else None
 
 
 def _nodes(router: Router) -> bytes:
@@ -203,15 +222,9 @@ def _reload(router: Router) -> bytes:
 
 def answer(router: Router, sql: str) -> bytes:
     """The reply to one Query of the console (without its ReadyForQuery)."""
-    match = _COMMAND.fullmatch(sql)
-    command = " ".join(match.group(1).upper().split()) if match else None
-    now = time.monotonic()
-    if command == "SHOW POOLS":
-        return _pools(router)
-    if command == "SHOW CLIENTS":
-        return _clients(router, now)
-    if command == "SHOW SERVERS":
-        return _servers(router, now)
+    command = _command(sql)
+    if command in PER_WORKER:
+        return _table(*worker_rows(router, command))
     if command == "SHOW NODES":
         return _nodes(router)
     if command == "SHOW DATABASES":
@@ -240,6 +253,8 @@ class ConsoleSession(asyncio.Protocol):
         self.transport = transport
         self.reader = MessageReader(max_size=1 << 20)
         self.extended = False  # an extended-protocol message failed: skipping up to the Sync
+        # A SHOW asking the other workers (_answer_over_workers): later messages wait for it.
+        self._busy: asyncio.Task | None = None
 
     def start(self, rest: bytes) -> None:
         self.transport.set_protocol(self)
@@ -249,6 +264,11 @@ class ConsoleSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        if self._busy is None:
+            self._process()
+
+    def _process(self) -> None:
+        """Answer every whole message received, in order."""
         out = bytearray()
         try:
             while (message := self.reader.next()) is not None:
@@ -264,7 +284,14 @@ class ConsoleSession(asyncio.Protocol):
                 elif self.extended:
                     continue  # skipped up to the Sync, as a server skips after an error
                 elif kind == b"Q":
-                    out += answer(self.router, m.parse_query(body)) + m.ready_for_query(m.IDLE)
+                    sql = m.parse_query(body)
+                    command = _command(sql)
+                    if self.router.worker is not None and command in PER_WORKER:
+                        if out:
+                            self.transport.write(bytes(out))
+                        self._busy = asyncio.get_running_loop().create_task(self._answer_over_workers(command))
+                        return
+                    out += answer(self.router, sql) + m.ready_for_query(m.IDLE)
                 elif kind[0] in _EXTENDED:
                     # As a server fails an extended-protocol message: the error at once (a
                     # client may wait for it after a Flush), the rest skipped up to the Sync.
@@ -283,5 +310,34 @@ class ConsoleSession(asyncio.Protocol):
         if out:
             self.transport.write(bytes(out))
 
+    async def _answer_over_workers(self, command: str) -> None:
+        """With workers: every worker's rows of a PER_WORKER table, each with its index in a
+        first column `worker`; a NOTICE names a worker that did not answer."""
+        from router.workers.control import sibling_console_rows
+
+        worker = self.router.worker
+        assert worker is not None
+        out = bytearray()
+        try:
+            columns, rows = worker_rows(self.router, command)
+            everyone = {worker.index: rows, **await sibling_console_rows(worker, command)}
+            merged = []
+            for index in sorted(everyone):
+                if everyone[index] is None:
+                    out += m.notice_response(SQLState.SUCCESSFUL_COMPLETION, f"worker {index} did not answer")
+                    continue
+                merged += [[index, *row] for row in everyone[index]]
+            out += _table(["worker", *columns], merged)
+        except Exception as exc:  # the session goes on: a bug here must not stall it
+            log.exception("admin console: %s failed", command)
+            out = bytearray(m.error_response(SQLState.INTERNAL_ERROR, f"{command} failed: {exc}"))
+        out += m.ready_for_query(m.IDLE)
+        self._busy = None
+        if not self.transport.is_closing():
+            self.transport.write(bytes(out))
+            self._process()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._busy is not None:
+            self._busy.cancel()
         self.router.forget_client(self.client)

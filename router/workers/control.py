@@ -42,6 +42,7 @@ RELOAD = b"R"
 PAUSE = b"P"
 QUERIES = b"Q"
 STATUS = b"S"
+CONSOLE = b"K"  # an admin console SHOW of what each worker holds (POOLS, CLIENTS, SERVERS)
 # A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
 # should not wait on it.
 REQUEST_TIMEOUT = 2.0
@@ -123,6 +124,14 @@ class ControlServer:
         if command == STATUS:  # a tenant's, or (no payload) the whole router's
             status = self.router.tenants.status(payload.decode()) if payload else self.router.status()
             return json.dumps(status).encode()
+        if command == CONSOLE:
+            from router.admin.console import PER_WORKER, worker_rows
+
+            name = payload.decode()
+            if name not in PER_WORKER:
+                raise ProtocolError(f"control socket: no console table {name[:20]!r}")
+            columns, rows = worker_rows(self.router, name)
+            return json.dumps({"columns": columns, "rows": rows}, default=str).encode()
         raise ProtocolError(f"control socket: unknown request {request[:8]!r}")
 
 
@@ -218,3 +227,18 @@ async def sibling_statuses(slot: WorkerSlot, tenant_id: str) -> list[dict | None
 
     others = [i for i in range(slot.count) if i != slot.index]
     return list(await asyncio.gather(*(one(i) for i in others)))
+
+
+async def sibling_console_rows(slot: WorkerSlot, command: str) -> dict[int, list | None]:
+    """Every other worker's rows of an admin console table (console.PER_WORKER), by worker
+    index; None: no answer."""
+
+    async def one(index: int) -> list | None:
+        try:
+            return json.loads(await request(slot.control_socket(index), CONSOLE + command.encode()))["rows"]
+        except (OSError, TimeoutError, ValueError, KeyError) as exc:
+            log.warning("worker %d did not answer a console request: %s", index, exc)
+            return None
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return dict(zip(others, await asyncio.gather(*(one(i) for i in others)), strict=True))

@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -111,7 +112,7 @@ def start_workers(cluster: Cluster, tmp_path: Path, **overrides) -> Workers:
 @pytest.fixture(scope="module")
 def workers(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     # With replicas: their monitors run in every worker, and /metrics must not add them up.
-    handle = start_workers(cluster, tmp_path_factory.mktemp("workers"), split=True)
+    handle = start_workers(cluster, tmp_path_factory.mktemp("workers"), split=True, admin_console_users=["alice"])
     yield handle
     handle.proc.stop()
 
@@ -228,6 +229,37 @@ def test_a_cancel_through_the_other_worker_cancels_the_query(workers: Workers, c
 
     assert grew("forwarded") == 1  # by the worker that received it...
     assert grew("local") == 1  # ...to the one that cancelled
+
+
+def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) -> None:
+    """SHOW CLIENTS / POOLS / SERVERS on the admin console ask every worker and say which one
+    holds each row, whichever worker the console connection itself landed on."""
+    clients: list[psycopg.Connection] = []
+    worker_of: dict[int, int] = {}  # client port -> the worker the OS says holds it
+    while set(worker_of.values()) != set(range(WORKERS)):
+        assert len(clients) < 60, "SO_REUSEPORT never spread the clients over both workers"
+        conn = psycopg.connect(f"postgresql://carol@127.0.0.1:{workers.port}/app", autocommit=True)
+        conn.execute("SELECT 1")  # a pool in that worker
+        clients.append(conn)
+        worker_of[client_port(conn)] = workers.worker_of(client_port(conn))
+    console = f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter"
+    out = subprocess.run(
+        ["psql", "-X", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", console, "-c", "SHOW CLIENTS", "-c", "SHOW POOLS"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "did not answer" not in out.stderr
+    lines = [line.split("|") for line in out.stdout.splitlines() if line and not line.startswith("(")]
+    assert lines[0] == ["worker", "user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"]
+    listed = {row[4]: row[0] for row in lines[1:] if len(row) == 9}  # address -> worker
+    for port, index in worker_of.items():
+        assert listed.get(f"127.0.0.1:{port}") == str(index), (port, index, listed)
+    pools_at = lines.index(
+        ["worker", "database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting"]
+    )
+    assert {row[0] for row in lines[pools_at + 1 :] if row[1] == "app"} == {str(i) for i in range(WORKERS)}
+    for conn in clients:
+        conn.close()
 
 
 def test_an_unknown_cancel_key_is_ignored(workers: Workers) -> None:
