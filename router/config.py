@@ -99,6 +99,9 @@ class DatabaseConfig(_Strict):
     pool_size: int | None = Field(None, ge=1)
     pool_mode: PoolMode | None = None
     query_wait_timeout: float | None = Field(None, gt=0)  # default: the global setting
+    # Server connections all pools of the real database may hold together on a node (0 = no
+    # cap); default: the global setting. Entries naming one real database: the smallest cap.
+    max_db_connections: int | None = Field(None, ge=0)
     server_tls: ServerTLS | None = None  # default: the global server_tls / server_tls_ca
     server_tls_ca: Path | None = None
 

@@ -95,9 +95,11 @@ def _pools(router: Router, now: float) -> Rows:
         key, stats = pool.key, pool.stats()
         rows.append(
             [key.dbname, key.user, key.host, key.port, pool.settings.mode, pool.settings.size, stats["servers"],
-             stats["active"], stats["idle"], stats["connecting"], stats["waiting"]]
+             stats["active"], stats["idle"], stats["connecting"], stats["waiting"],
+             ", ".join(f"{cap.setting} {cap.used()}/{cap.limit}" for cap in pool.caps) or None]
         )  # fmt: skip
-    columns = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting"]
+    columns = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting",
+               "caps"]  # fmt: skip
     return columns, rows
 
 

@@ -97,7 +97,7 @@ class PoolManager:
         key = pool.key
         caps = []
         for setting, limit, name in (
-            ("max_db_connections", self.settings.max_db_connections, key.dbname),
+            ("max_db_connections", self._max_db_connections(key.dbname), key.dbname),
             ("max_user_connections", self.settings.max_user_connections, key.user),
         ):
             if not limit:
@@ -110,6 +110,20 @@ class PoolManager:
             cap.pools.append(pool)
             caps.append(cap)
         return tuple(caps)
+
+    def _max_db_connections(self, dbname: str) -> int:
+        """The cap of a real database: the smallest set by the [databases] entries that
+        name it (their own, else the global), 0 for none; else the wildcard entry's; else
+        (a registry tenant's, say) the global."""
+        default = self.settings.max_db_connections
+        databases = self.settings.databases
+        entries = [db for name, db in databases.items() if name != "*" and (db.dbname or name) == dbname]
+        if not entries and "*" in databases:
+            entries = [databases["*"]]
+        if not entries:
+            return default
+        limits = [default if db.max_db_connections is None else db.max_db_connections for db in entries]
+        return min((limit for limit in limits if limit), default=0)
 
     def drop(self, pool: Pool) -> None:
         """Forget a closed pool (a deleted tenant's): its connections no longer count."""

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from router.admin.console import worker_rows
 from router.protocol import messages as m
 from router.protocol.framing import frame
 from tests.rawclient import RawClient
@@ -379,6 +380,8 @@ def test_max_db_connections_caps_the_pools_of_a_database_together(start_router, 
         conn.execute("BEGIN")
         assert conn.execute("SELECT current_user").fetchone() == ("pgr_trust",)
     assert held() == [(0, 0, 0), (2, 0, 0)]
+    columns, pools = router.call(lambda r: worker_rows(r, "SHOW POOLS"))  # the console's table
+    assert {row[columns.index("caps")] for row in pools} == {"max_db_connections 2/2"}
     e = psycopg.connect(router.dsn("carol", dbname="app"), autocommit=True)
     with pytest.raises(errors.TooManyConnections) as exc:
         e.execute("SELECT 1")
@@ -448,6 +451,26 @@ def test_max_user_connections_caps_the_pools_of_a_server_user_together(start_rou
     holder.execute("COMMIT")  # idle now: taken from its pool for the other database
     assert other.execute("SELECT current_database()").fetchone() == ("postgres",)
     assert sum(n for n, _, _ in _held(router)) == 1
+    holder.close()
+    other.close()
+
+
+def test_a_database_s_own_max_db_connections(start_router):
+    """A [databases] entry's max_db_connections caps its pools with no global cap set."""
+    router = start_router(
+        pool_size=3,
+        query_wait_timeout=1.0,
+        databases={"app": {"cluster": "main", "server_user": "postgres", "max_db_connections": 1}},
+    )
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    other = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    with pytest.raises(errors.TooManyConnections) as exc:
+        other.execute("SELECT 1")
+    assert "max_db_connections (1) reached for database app" in (exc.value.diag.message_detail or "")
+    holder.execute("COMMIT")
+    assert other.execute("SELECT 2").fetchone() == (2,)
     holder.close()
     other.close()
 
