@@ -42,7 +42,7 @@ from router.splitting import SplitCluster
 from router.stats.histogram import FastHistogram
 from router.stats.queries import QueryStats
 from router.tasks import cancel_and_wait
-from router.tenants import TenantManager, TenantPaused, asyncpg_ssl
+from router.tenants import Gate, TenantManager, TenantPaused, asyncpg_ssl
 from router.topology.catalog import CatalogWatch, ConnectParams, FunctionCatalogs
 from router.topology.cluster import NodeState
 from router.workers.shares import WorkerSlot
@@ -154,6 +154,7 @@ class Router:
         self.socket_options = keepalive_options(settings)
         self._server: asyncio.Server | None = None
         self._unix_server: asyncio.Server | None = None  # unix_socket_dir
+        self.db_gates: dict[str, Gate] = {}  # the console's PAUSE, by database ("": every client)
         self._unix_path: tuple[str, int] = ("", 0)  # its socket file and inode
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
@@ -502,6 +503,25 @@ class Router:
             return
         self.cancel_query(server)
 
+    def pause_database(self, name: str) -> None:
+        """The admin console's PAUSE: the next transactions of clients of database ``name``
+        ("": of every client) wait at a gate until resume_database."""
+        if name not in self.db_gates:
+            log.info("database %s paused: new transactions wait", name or "(all)")
+            self.db_gates[name] = Gate(f"database {name}" if name else "every database")
+
+    def resume_database(self, name: str) -> None:
+        """RESUME: open the gate of ``name``; "" opens every gate PAUSE set."""
+        for key in [name] if name else list(self.db_gates):
+            gate = self.db_gates.pop(key, None)
+            if gate is not None:
+                log.info("database %s resumed: releasing %d waiting transactions", key or "(all)", len(gate.waiters))
+                gate.open()
+
+    def database_in_flight(self, name: str) -> int:
+        """Clients of database ``name`` ("": any) holding a server connection."""
+        return sum(1 for c in self.clients.values() if c.server is not None and (not name or c.database == name))
+
     def cancel_query(self, server: ServerConnection) -> None:
         """Send the server connection's backend a CancelRequest (in the background)."""
         server.cancels_in_flight += 1
@@ -637,6 +657,10 @@ class Router:
     def pool_for_transaction(self, client: ClientConnection) -> Pool:
         """The pool that serves ``client``'s next transaction, judged from the messages it
         holds (``client._held``). Raises RouterError when no node can take it."""
+        if self.db_gates:  # the console's PAUSE
+            gate = self.db_gates.get("") or self.db_gates.get(client.database)
+            if gate is not None:
+                raise TenantPaused(gate)
         tenant = client.tenant
         if tenant is not None:
             gate = self.tenants.gates.get(tenant.tenant_id)

@@ -11,6 +11,9 @@ the connection landed on):
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
     SHOW CONFIG   SHOW VERSION    SHOW HELP
     RELOAD        (re-read the settings file, as SIGHUP)
+    PAUSE [db]    (new transactions of the database, or of every client, wait; answered once
+                  none holds a server connection)
+    RESUME [db]   (they go on)
 
 Results are text columns. Anything else gets 42601 naming the commands; an extended-protocol
 message gets 0A000 (and what follows it is skipped up to its Sync), as the console has no
@@ -44,9 +47,10 @@ CONSOLE_DATABASE = "pgrouter"
 # Messages of the extended query protocol: the first fails with 0A000, the rest wait for Sync.
 _EXTENDED = frozenset(b"PBDECHF")
 _COMMAND = re.compile(r"\s*(show\s+\w+|reload)\s*;?\s*", re.IGNORECASE)
+_PAUSE = re.compile(r'\s*(pause|resume)(?:\s+(\w+|"[^"]+"))?\s*;?\s*', re.IGNORECASE)
 _HELP = (
     "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW DATABASES", "SHOW CONFIG", "SHOW VERSION",
-    "SHOW HELP", "RELOAD",
+    "SHOW HELP", "RELOAD", "PAUSE [db]", "RESUME [db]",
 )  # fmt: skip
 # Settings SHOW CONFIG leaves out: tables of their own (SHOW DATABASES, SHOW NODES), and the
 # users', which hold password verifiers.
@@ -288,10 +292,18 @@ class ConsoleSession(asyncio.Protocol):
                 elif kind == b"Q":
                     sql = m.parse_query(body)
                     command = _command(sql)
-                    if self.router.worker is not None and command in PER_WORKER:
+                    pause = _PAUSE.fullmatch(sql)
+                    if pause is not None or (self.router.worker is not None and command in PER_WORKER):
+                        # Answered in a task (it waits, or asks the other workers); what
+                        # follows stays in the reader until it is done.
                         if out:
                             self.transport.write(bytes(out))
-                        self._busy = asyncio.get_running_loop().create_task(self._answer_over_workers(command))
+                        if pause is not None:
+                            verb, name = pause.group(1).upper(), (pause.group(2) or "").strip('"')
+                            coro = self._pause(name) if verb == "PAUSE" else self._resume(name)
+                        else:
+                            coro = self._answer_over_workers(command)
+                        self._busy = asyncio.get_running_loop().create_task(self._in_order(verb if pause else command, coro))
                         return
                     out += answer(self.router, sql) + m.ready_for_query(m.IDLE)
                 elif kind[0] in _EXTENDED:
@@ -312,7 +324,19 @@ class ConsoleSession(asyncio.Protocol):
         if out:
             self.transport.write(bytes(out))
 
-    async def _answer_over_workers(self, command: str) -> None:
+    async def _in_order(self, command: str, reply) -> None:
+        """Send what the coroutine ``reply`` answers, then go on with the messages after it."""
+        try:
+            out = await reply
+        except Exception as exc:  # the session goes on: a bug here must not stall it
+            log.exception("admin console: %s failed", command)
+            out = m.error_response(SQLState.INTERNAL_ERROR, f"{command} failed: {exc}")
+        self._busy = None
+        if not self.transport.is_closing():
+            self.transport.write(out + m.ready_for_query(m.IDLE))
+            self._process()
+
+    async def _answer_over_workers(self, command: str) -> bytes:
         """With workers: every worker's rows of a PER_WORKER table, each with its index in a
         first column `worker`; a NOTICE names a worker that did not answer."""
         from router.workers.control import sibling_console_rows
@@ -320,24 +344,59 @@ class ConsoleSession(asyncio.Protocol):
         worker = self.router.worker
         assert worker is not None
         out = bytearray()
-        try:
-            columns, rows = worker_rows(self.router, command)
-            everyone = {worker.index: rows, **await sibling_console_rows(worker, command)}
-            merged = []
-            for index in sorted(everyone):
-                if everyone[index] is None:
-                    out += m.notice_response(SQLState.SUCCESSFUL_COMPLETION, f"worker {index} did not answer")
-                    continue
-                merged += [[index, *row] for row in everyone[index]]
-            out += _table(["worker", *columns], merged)
-        except Exception as exc:  # the session goes on: a bug here must not stall it
-            log.exception("admin console: %s failed", command)
-            out = bytearray(m.error_response(SQLState.INTERNAL_ERROR, f"{command} failed: {exc}"))
-        out += m.ready_for_query(m.IDLE)
-        self._busy = None
-        if not self.transport.is_closing():
-            self.transport.write(bytes(out))
-            self._process()
+        columns, rows = worker_rows(self.router, command)
+        everyone = {worker.index: rows, **await sibling_console_rows(worker, command)}
+        merged = []
+        for index in sorted(everyone):
+            if everyone[index] is None:
+                out += m.notice_response(SQLState.SUCCESSFUL_COMPLETION, f"worker {index} did not answer")
+                continue
+            merged += [[index, *row] for row in everyone[index]]
+        return bytes(out + _table(["worker", *columns], merged))
+
+    def _unknown_database(self, name: str) -> bytes | None:
+        if not name or name in self.router.settings.databases or "*" in self.router.settings.databases:
+            return None
+        return m.error_response(SQLState.INVALID_CATALOG_NAME, f'no database "{name}" in the settings file')
+
+    async def _pause(self, name: str) -> bytes:
+        """PAUSE [db]: new transactions of the database's clients (of every client, without a
+        name) wait; answered once none holds a server connection, in every worker, or after
+        tenant_drop_timeout with a WARNING saying how many still do."""
+        from router.workers.control import sibling_database_pause
+
+        refused = self._unknown_database(name)
+        if refused is not None:
+            return refused
+        router = self.router
+        deadline = time.monotonic() + router.settings.tenant_drop_timeout
+        while True:
+            router.pause_database(name)
+            busy = router.database_in_flight(name)
+            if router.worker is not None:
+                busy += sum(await sibling_database_pause(router.worker, name, pause=True))
+            if not busy:
+                return m.command_complete("PAUSE")
+            if time.monotonic() >= deadline:
+                warning = (
+                    f"{busy} clients still hold server connections after tenant_drop_timeout "
+                    f"({router.settings.tenant_drop_timeout:g}s); their next transactions wait"
+                )
+                return m.notice_response("01000", warning, severity="WARNING") + m.command_complete("PAUSE")
+            await asyncio.sleep(0.05)
+
+    async def _resume(self, name: str) -> bytes:
+        """RESUME [db]: the database's waiting transactions go on (without a name: every
+        paused database's), in every worker."""
+        from router.workers.control import sibling_database_pause
+
+        refused = self._unknown_database(name)
+        if refused is not None:
+            return refused
+        self.router.resume_database(name)
+        if self.router.worker is not None:
+            await sibling_database_pause(self.router.worker, name, pause=False)
+        return m.command_complete("RESUME")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._busy is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
+import time
 
 import asyncpg
 import psycopg
@@ -104,6 +106,63 @@ def test_show_config_and_databases(console_router: RouterThread, cluster: Cluste
         ["app", "main", cluster.primary.host, str(cluster.primary.port), "2", "app", "postgres", "2", "transaction",
          str(servers)]
     ]  # fmt: skip
+
+
+def test_pause_waits_for_running_transactions_and_resume_lets_the_waiting_go_on(
+    console_router: RouterThread,
+) -> None:
+    """PAUSE app: new transactions of the database's clients wait; the command answers once
+    no client holds a server connection. RESUME app: the waiting ones go on."""
+    console = psycopg.connect(console_router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
+    busy = psycopg.connect(console_router.dsn("carol"), autocommit=True)
+    later = psycopg.connect(console_router.dsn("carol"), autocommit=True)
+    busy.execute("BEGIN")
+    busy.execute("SELECT 1")  # holds a server connection
+    paused_at: list[float] = []
+    pausing = threading.Thread(target=lambda: (console.execute("PAUSE app"), paused_at.append(time.monotonic())))
+    pausing.start()
+    console_router.wait_for(lambda r: "app" in r.db_gates, what="the gate")
+    assert pausing.is_alive(), "PAUSE answered while a transaction was running"
+    committed_at = time.monotonic()
+    busy.execute("COMMIT")
+    pausing.join(10)
+    assert paused_at and paused_at[0] >= committed_at
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(later.execute("SELECT 2").fetchone()))
+    waiting.start()
+    console_router.wait_for(lambda r: len(r.db_gates["app"].waiters) == 1, what="the next transaction at the gate")
+    assert console.execute("SHOW CLIENTS").fetchall()  # the console itself is not paused
+    assert console.execute("RESUME app").statusmessage == "RESUME"
+    waiting.join(10)
+    assert got == [(2,)]
+    with pytest.raises(psycopg.errors.InvalidCatalogName, match="nosuch"):
+        console.execute("PAUSE nosuch")
+    for conn in (console, busy, later):
+        conn.close()
+
+
+def test_pause_gives_up_waiting_after_tenant_drop_timeout(start_router) -> None:
+    """A client that keeps its transaction open: PAUSE answers after tenant_drop_timeout with
+    a WARNING counting it, and its next transaction waits like the others."""
+    router = start_router(admin_console_users=["alice"], tenant_drop_timeout=0.5)
+    console = psycopg.connect(router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
+    notices: list[str] = []
+    console.add_notice_handler(lambda diag: notices.append(f"{diag.severity}: {diag.message_primary}"))
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    assert console.execute("PAUSE").statusmessage == "PAUSE"  # every database
+    assert notices == ["WARNING: 1 clients still hold server connections after tenant_drop_timeout (0.5s); their next transactions wait"]
+    holder.execute("COMMIT")  # in the transaction: goes on
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(holder.execute("SELECT 3").fetchone()))
+    waiting.start()
+    router.wait_for(lambda r: len(r.db_gates[""].waiters) == 1, what="the next transaction at the gate")
+    console.execute("RESUME")
+    waiting.join(10)
+    assert got == [(3,)]
+    console.close()
+    holder.close()
 
 
 def test_console_refuses_what_it_does_not_speak(console_router: RouterThread) -> None:

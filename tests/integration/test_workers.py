@@ -231,17 +231,53 @@ def test_a_cancel_through_the_other_worker_cancels_the_query(workers: Workers, c
     assert grew("local") == 1  # ...to the one that cancelled
 
 
-def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) -> None:
-    """SHOW CLIENTS / POOLS / SERVERS on the admin console ask every worker and say which one
-    holds each row, whichever worker the console connection itself landed on."""
+def clients_on_every_worker(workers: Workers) -> tuple[list[psycopg.Connection], dict[int, int]]:
+    """Clients until every worker holds one (each has run a query, so each worker has a pool),
+    and, by client port, the worker the operating system says holds it."""
     clients: list[psycopg.Connection] = []
-    worker_of: dict[int, int] = {}  # client port -> the worker the OS says holds it
+    worker_of: dict[int, int] = {}
     while set(worker_of.values()) != set(range(WORKERS)):
         assert len(clients) < 60, "SO_REUSEPORT never spread the clients over both workers"
         conn = psycopg.connect(f"postgresql://carol@127.0.0.1:{workers.port}/app", autocommit=True)
-        conn.execute("SELECT 1")  # a pool in that worker
+        conn.execute("SELECT 1")
         clients.append(conn)
         worker_of[client_port(conn)] = workers.worker_of(client_port(conn))
+    return clients, worker_of
+
+
+def test_pause_from_the_console_holds_every_worker_s_clients(workers: Workers) -> None:
+    """PAUSE on the console reaches every worker: the next transactions of clients on each
+    wait (SHOW CLIENTS, merged over the workers, says so) until RESUME."""
+    clients, worker_of = clients_on_every_worker(workers)
+    console = psycopg.connect(f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter", autocommit=True)
+    assert console.execute("PAUSE app").statusmessage == "PAUSE"
+    results: list = []
+    threads = [threading.Thread(target=lambda c=c: results.append(c.execute("SELECT 5").fetchone())) for c in clients]
+    for thread in threads:
+        thread.start()
+    addresses = {f"127.0.0.1:{port}" for port in worker_of}
+
+    def all_waiting() -> bool:
+        cur = console.execute("SHOW CLIENTS")
+        names = [d.name for d in cur.description]
+        rows = cur.fetchall()
+        states = {row[names.index("address")]: row[names.index("state")] for row in rows}
+        return all(states.get(address) == "waiting" for address in addresses)
+
+    wait_for(all_waiting, 10, "every client waiting at the pause, on both workers")
+    assert not results
+    assert console.execute("RESUME app").statusmessage == "RESUME"
+    for thread in threads:
+        thread.join(10)
+    assert results == [(5,)] * len(clients)
+    for conn in (console, *clients):
+        conn.close()
+
+
+def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) -> None:
+    """SHOW CLIENTS / POOLS / SERVERS on the admin console ask every worker and say which one
+    holds each row, whichever worker the console connection itself landed on."""
+    clients, worker_of = clients_on_every_worker(workers)
     console = f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter"
     out = subprocess.run(
         ["psql", "-X", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", console, "-c", "SHOW CLIENTS", "-c", "SHOW POOLS"],
