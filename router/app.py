@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 import weakref
 from dataclasses import dataclass, replace
 
@@ -517,6 +518,33 @@ class Router:
             if gate is not None:
                 log.info("database %s resumed: releasing %d waiting transactions", key or "(all)", len(gate.waiters))
                 gate.open()
+
+    def known_database(self, name: str) -> bool:
+        """Whether PAUSE/RESUME may name ``name`` ("" is every database)."""
+        databases = self.settings.databases
+        return not name or name in databases or "*" in databases
+
+    async def pause_database_everywhere(self, name: str) -> int:
+        """PAUSE in this process and every worker, then wait (up to tenant_drop_timeout) until
+        no client of the database holds a server connection; returns how many still do."""
+        from router.workers.control import sibling_database_pause
+
+        deadline = time.monotonic() + self.settings.tenant_drop_timeout
+        while True:
+            self.pause_database(name)  # again on each pass: a restarted worker is paused too
+            busy = self.database_in_flight(name)
+            if self.worker is not None:
+                busy += sum(await sibling_database_pause(self.worker, name, pause=True))
+            if not busy or time.monotonic() >= deadline:
+                return busy
+            await asyncio.sleep(0.05)
+
+    async def resume_database_everywhere(self, name: str) -> None:
+        from router.workers.control import sibling_database_pause
+
+        self.resume_database(name)
+        if self.worker is not None:
+            await sibling_database_pause(self.worker, name, pause=False)
 
     def database_in_flight(self, name: str) -> int:
         """Clients of database ``name`` ("": any) holding a server connection."""

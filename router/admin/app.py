@@ -30,6 +30,7 @@ from router.admin.metrics import (
 from router.admin.provision import DEFAULT_TIMEOUT
 from router.admin.queries import query_routes
 from router.admin.views import (
+    DatabasePauseView,
     ErrorView,
     HealthView,
     PoolsView,
@@ -151,6 +152,34 @@ def create_app(
     async def topology() -> TopologyView:
         here = await router_status()
         return TopologyView(nodes=json_safe(here["nodes"]))
+
+    @app.post(
+        "/databases/{name}/pause",
+        tags=["operations"],
+        summary="Pause a database of the settings file (the console's PAUSE): its next transactions wait",
+        responses={**auth_errors, 404: {"model": ErrorView}},
+        dependencies=[Depends(require_token)],
+    )
+    async def pause_database(name: str) -> DatabasePauseView:
+        # Answers once no client of the database holds a server connection (every worker),
+        # or after tenant_drop_timeout with how many still do.
+        if not name or not router.known_database(name):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f'no database "{name}" in the settings file')
+        busy = await router.pause_database_everywhere(name)
+        return DatabasePauseView(database=name, paused=True, still_in_flight=busy)
+
+    @app.post(
+        "/databases/{name}/resume",
+        tags=["operations"],
+        summary="Resume a paused database: its waiting transactions go on",
+        responses={**auth_errors, 404: {"model": ErrorView}},
+        dependencies=[Depends(require_token)],
+    )
+    async def resume_database(name: str) -> DatabasePauseView:
+        if not name or not router.known_database(name):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f'no database "{name}" in the settings file')
+        await router.resume_database_everywhere(name)
+        return DatabasePauseView(database=name, paused=False, still_in_flight=0)
 
     @app.post(
         "/reload",

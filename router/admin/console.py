@@ -355,7 +355,7 @@ class ConsoleSession(asyncio.Protocol):
         return bytes(out + _table(["worker", *columns], merged))
 
     def _unknown_database(self, name: str) -> bytes | None:
-        if not name or name in self.router.settings.databases or "*" in self.router.settings.databases:
+        if self.router.known_database(name):
             return None
         return m.error_response(SQLState.INVALID_CATALOG_NAME, f'no database "{name}" in the settings file')
 
@@ -363,39 +363,25 @@ class ConsoleSession(asyncio.Protocol):
         """PAUSE [db]: new transactions of the database's clients (of every client, without a
         name) wait; answered once none holds a server connection, in every worker, or after
         tenant_drop_timeout with a WARNING saying how many still do."""
-        from router.workers.control import sibling_database_pause
-
         refused = self._unknown_database(name)
         if refused is not None:
             return refused
-        router = self.router
-        deadline = time.monotonic() + router.settings.tenant_drop_timeout
-        while True:
-            router.pause_database(name)
-            busy = router.database_in_flight(name)
-            if router.worker is not None:
-                busy += sum(await sibling_database_pause(router.worker, name, pause=True))
-            if not busy:
-                return m.command_complete("PAUSE")
-            if time.monotonic() >= deadline:
-                warning = (
-                    f"{busy} clients still hold server connections after tenant_drop_timeout "
-                    f"({router.settings.tenant_drop_timeout:g}s); their next transactions wait"
-                )
-                return m.notice_response("01000", warning, severity="WARNING") + m.command_complete("PAUSE")
-            await asyncio.sleep(0.05)
+        busy = await self.router.pause_database_everywhere(name)
+        if not busy:
+            return m.command_complete("PAUSE")
+        warning = (
+            f"{busy} clients still hold server connections after tenant_drop_timeout "
+            f"({self.router.settings.tenant_drop_timeout:g}s); their next transactions wait"
+        )
+        return m.notice_response("01000", warning, severity="WARNING") + m.command_complete("PAUSE")
 
     async def _resume(self, name: str) -> bytes:
         """RESUME [db]: the database's waiting transactions go on (without a name: every
         paused database's), in every worker."""
-        from router.workers.control import sibling_database_pause
-
         refused = self._unknown_database(name)
         if refused is not None:
             return refused
-        self.router.resume_database(name)
-        if self.router.worker is not None:
-            await sibling_database_pause(self.router.worker, name, pause=False)
+        await self.router.resume_database_everywhere(name)
         return m.command_complete("RESUME")
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -114,6 +114,14 @@ class PoolsView(BaseModel):
     pools: dict[str, dict[str, int]]
 
 
+class DatabasePauseView(BaseModel):
+    """POST /databases/{name}/pause and /resume."""
+
+    database: str
+    paused: bool
+    still_in_flight: int  # clients still holding a server connection when the pause answered
+
+
 class TopologyView(BaseModel):
     """GET /topology: every node of the clusters with replicas, as the lag monitor last saw it."""
 

@@ -59,3 +59,32 @@ def test_topology_lists_every_node_with_its_role_and_lag(start_admin: Callable[.
             assert node["lag_seconds"] is not None and node["lag_bytes"] is not None
     no_replicas = start_admin(redis_url=None, secret_key=None)
     assert no_replicas.get("/topology").json() == {"nodes": []}  # nothing monitored
+
+
+def test_pause_and_resume_a_database_over_http(start_admin: Callable[..., AdminAPI]) -> None:
+    """POST /databases/app/pause answers once no client of `app` holds a server connection;
+    the next transaction waits until POST /databases/app/resume. An unknown name is 404."""
+    admin = start_admin(redis_url=None, secret_key=None)
+    assert admin.post("/databases/app/pause", token=None).status_code == 401
+    assert admin.post("/databases/nosuch/pause").status_code == 404
+    busy = psycopg.connect(admin.handle.dsn("carol"), autocommit=True)
+    busy.execute("BEGIN")
+    busy.execute("SELECT 1")
+    replies: list = []
+    pausing = threading.Thread(target=lambda: replies.append(admin.post("/databases/app/pause")))
+    pausing.start()
+    wait_until(lambda: admin.handle.call(lambda r: "app" in r.db_gates), 10, "the gate")
+    assert pausing.is_alive(), "the pause answered while a transaction was running"
+    busy.execute("COMMIT")
+    pausing.join(10)
+    assert replies[0].status_code == 200
+    assert replies[0].json() == {"database": "app", "paused": True, "still_in_flight": 0}
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(busy.execute("SELECT 2").fetchone()))
+    waiting.start()
+    wait_until(lambda: admin.get("/pools").json()["clients"]["waiting"] == 1, 10, "the next transaction waits")
+    resumed = admin.post("/databases/app/resume")
+    assert resumed.json() == {"database": "app", "paused": False, "still_in_flight": 0}
+    waiting.join(10)
+    assert got == [(2,)]
+    busy.close()
