@@ -170,10 +170,11 @@ def _databases(router: Router) -> bytes:
         )
         rows.append(
             [name, db.cluster, cluster.primary.host, cluster.primary.port, len(cluster.replicas), real, db.server_user,
-             db.pool_size or router.settings.pool_size, db.pool_mode or router.settings.pool_mode, current]
+             db.pool_size or router.settings.pool_size, db.pool_mode or router.settings.pool_mode, current,
+             "yes" if name in router.db_gates or "" in router.db_gates else "no"]
         )  # fmt: skip
     columns = ["name", "cluster", "host", "port", "replicas", "database", "force_user", "pool_size", "pool_mode",
-               "current_connections"]  # fmt: skip
+               "current_connections", "paused"]  # fmt: skip
     return _table(columns, rows)
 
 

@@ -96,15 +96,15 @@ def test_show_config_and_databases(console_router: RouterThread, cluster: Cluste
     assert "users" not in config and "SCRAM-SHA-256$" not in result.stdout
     databases_at = lines.index(
         ["name", "cluster", "host", "port", "replicas", "database", "force_user", "pool_size", "pool_mode",
-         "current_connections"]
+         "current_connections", "paused"]
     )  # fmt: skip
-    databases = [r for r in lines[databases_at + 1 :] if len(r) == 10]
+    databases = [r for r in lines[databases_at + 1 :] if len(r) == 11]
     pools_at = lines.index(["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting", "caps"])
     servers = sum(int(r[6]) for r in lines[pools_at + 1 :] if len(r) == 12 and r[0] == "app")
     assert servers >= 1
     assert databases == [
         ["app", "main", cluster.primary.host, str(cluster.primary.port), "2", "app", "postgres", "2", "transaction",
-         str(servers)]
+         str(servers), "no"]
     ]  # fmt: skip
 
 
@@ -131,6 +131,9 @@ def test_pause_waits_for_running_transactions_and_resume_lets_the_waiting_go_on(
     waiting = threading.Thread(target=lambda: got.append(later.execute("SELECT 2").fetchone()))
     waiting.start()
     console_router.wait_for(lambda r: len(r.db_gates["app"].waiters) == 1, what="the next transaction at the gate")
+    cur = console.execute("SHOW DATABASES")
+    names = [d.name for d in cur.description]
+    assert [row[names.index("paused")] for row in cur.fetchall()] == ["yes"]
     assert console.execute("SHOW CLIENTS").fetchall()  # the console itself is not paused
     assert console.execute("RESUME app").statusmessage == "RESUME"
     waiting.join(10)
