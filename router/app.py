@@ -58,7 +58,7 @@ LIVE_SETTINGS = frozenset({
     "client_tls_cert", "client_tls_key", "lag_check_interval", "tenant_drop_timeout",
     "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
     "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
-    "client_idle_timeout", "query_timeout",
+    "client_idle_timeout", "query_timeout", "reserve_pool_size", "reserve_pool_timeout",
 })  # fmt: skip
 _REPLICA_READ = ("replica", RouteReason.READ)
 _Q = ord("Q")
@@ -345,7 +345,11 @@ class Router:
                 "pinned": len(self.pinned_clients),
             },
             "pools": {
-                pool.name: {"size": pool.settings.size, **pool.stats()} for pool in self.pools.pools.values()
+                pool.name: {
+                    "size": pool.settings.size, **pool.stats(), "reserve_size": pool.settings.reserve_size,
+                    "reserve_opened": pool.reserve_opened,
+                }
+                for pool in self.pools.pools.values()
             },
             "nodes": [{"cluster": name, **n.status()} for name, split in self.splits.items() for n in split.topology.nodes],
         }
@@ -389,17 +393,9 @@ class Router:
         self.settings = settings
         self.pools.settings = settings
         for pool in self.pools.pools.values():
-            db = next((d for d in settings.databases.values() if d.dbname == pool.key.dbname), None)
-            size = (db.pool_size if db is not None and db.pool_size else None) or settings.pool_size
-            pool.settings = replace(
-                pool.settings,
-                size=size,
-                min_size=min(settings.min_pool_size, size),
-                query_wait_timeout=settings.query_wait_timeout,
-                idle_timeout=settings.server_idle_timeout,
-                lifetime=settings.server_lifetime,
-                connect_timeout=settings.server_connect_timeout,
-            )
+            # From the pool's own database entry (or tenant) as it was created: a changed
+            # [databases] entry needs a restart, the global settings apply now.
+            pool.settings = replace(pool.settings, **self.pools.live_settings(pool.db))
         self._configure_query_stats(settings)
         if "client_tls_cert" in applied or "client_tls_key" in applied:
             self.client_tls_context = self._client_tls_context()

@@ -102,6 +102,7 @@ class DatabaseConfig(_Strict):
     # Server connections all pools of the real database may hold together on a node (0 = no
     # cap); default: the global setting. Entries naming one real database: the smallest cap.
     max_db_connections: int | None = Field(None, ge=0)
+    reserve_pool_size: int | None = Field(None, ge=0)  # default: the global setting
     server_tls: ServerTLS | None = None  # default: the global server_tls / server_tls_ca
     server_tls_ca: Path | None = None
 
@@ -161,6 +162,11 @@ class Settings(BaseSettings):
     # one node, whatever pool_size says; 0 = no cap. Not live: a restart applies a change.
     max_db_connections: int = Field(0, ge=0)
     max_user_connections: int = Field(0, ge=0)
+    # A client that has waited reserve_pool_timeout seconds for a server connection lets its
+    # pool open up to reserve_pool_size connections beyond pool_size, closed again when they
+    # come back with no client waiting (PgBouncer's settings); either 0 = no reserve.
+    reserve_pool_size: int = Field(0, ge=0)
+    reserve_pool_timeout: float = Field(5.0, ge=0)
     server_reset_query: str = "DISCARD ALL"
     # Per server connection, in transaction mode: router-owned prepared statements kept
     # (least recently used ones are closed beyond this).

@@ -100,11 +100,21 @@ def _pools(router: Router, now: float) -> Rows:
         rows.append(
             [key.dbname, key.user, key.host, key.port, pool.settings.mode, pool.settings.size, stats["servers"],
              stats["active"], stats["idle"], stats["connecting"], stats["waiting"],
-             ", ".join(f"{cap.setting} {cap.used()}/{cap.limit}" for cap in pool.caps) or None]
+             ", ".join(f"{cap.setting} {cap.used()}/{cap.limit}" for cap in pool.caps) or None,
+             _reserve(pool)]
         )  # fmt: skip
     columns = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting",
-               "caps"]  # fmt: skip
+               "caps", "reserve"]  # fmt: skip
     return columns, rows
+
+
+def _reserve(pool) -> str | None:
+    """reserve_pool_size: connections beyond the pool's size now / the reserve."""
+    reserve = pool.settings.reserve_size
+    if not reserve:
+        return None
+    beyond = max(0, len(pool.servers) + pool.connecting - pool.settings.size)
+    return f"{beyond}/{reserve}"
 
 
 def _clients(router: Router, now: float) -> Rows:

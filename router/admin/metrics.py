@@ -210,7 +210,8 @@ class RouterCollector(Collector):
         return family
 
     def _server_connections(self) -> Iterator[Metric]:
-        stats = [(pool.name, pool.stats()) for pool in list(self.router.pools.pools.values())]
+        pools = list(self.router.pools.pools.values())
+        stats = [(pool.name, pool.stats()) for pool in pools]
         labels = self.pool_labels.assign(name for name, _ in stats)
         servers: Counter[tuple[str, str]] = Counter()
         waiting: Counter[str] = Counter()
@@ -218,6 +219,10 @@ class RouterCollector(Collector):
             for state in SERVER_STATES:
                 servers[labels[name], state] += stat[state]
             waiting[labels[name]] += stat["waiting"]
+        reserve: Counter[str] = Counter()
+        for pool in pools:
+            if pool.settings.reserve_size:
+                reserve[labels[pool.name]] += pool.reserve_opened
         family = GaugeMetricFamily(
             "pgrouter_server_connections",
             "Server connections by pool and state",
@@ -232,6 +237,14 @@ class RouterCollector(Collector):
             labels=["pool"],
         )
         for pool, n in sorted(waiting.items()):
+            family.add_metric([pool], n)
+        yield family
+        family = CounterMetricFamily(
+            "pgrouter_pool_reserve_opened",
+            "Server connections opened beyond pool_size for clients that waited reserve_pool_timeout, by pool",
+            labels=["pool"],
+        )
+        for pool, n in sorted(reserve.items()):
             family.add_metric([pool], n)
         yield family
         # The same, per tenant: the pools its clients use (a shared-schema pool counts for

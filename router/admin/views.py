@@ -110,7 +110,8 @@ class PoolsView(BaseModel):
     """GET /pools: this instance's clients and server connection pools (every worker's)."""
 
     clients: dict[str, int]  # total, active (holding a server connection), waiting, pinned
-    # By pool ("database/user@host:port"): size, servers, idle, active, connecting, waiting.
+    # By pool ("database/user@host:port"): size, servers, idle, active, connecting, waiting,
+    # reserve_size, reserve_opened (connections opened beyond size for clients that waited).
     pools: dict[str, dict[str, int]]
 
 

@@ -71,13 +71,7 @@ class PoolManager:
                 key,
                 db.server_password,
                 PoolSettings(
-                    size=db.pool_size or s.pool_size,
-                    min_size=min(s.min_pool_size, db.pool_size or s.pool_size),
                     mode=db.pool_mode or s.pool_mode,
-                    query_wait_timeout=db.query_wait_timeout or s.query_wait_timeout,
-                    idle_timeout=s.server_idle_timeout,
-                    lifetime=s.server_lifetime,
-                    connect_timeout=s.server_connect_timeout,
                     reset_query=s.server_reset_query,
                     tls=self._tls if db.server_tls is None else self._tls_for(db.server_tls, db.server_tls_ca),
                     tls_required=(db.server_tls or s.server_tls) not in (ServerTLS.PREFER, ServerTLS.DISABLE),
@@ -85,12 +79,30 @@ class PoolManager:
                     application_name=s.server_application_name,
                     max_prepared_statements=s.max_prepared_statements,
                     socket_options=keepalive_options(s),
+                    **self.live_settings(db),
                 ),
                 self.validated_statements,
             )
+            pool.db = db
             pool.caps = self._caps_for(pool)
             self.pools[key] = pool
         return pool
+
+    def live_settings(self, db: DatabaseConfig) -> dict:
+        """The pool settings a reload changes, for a pool of ``db`` (its own values first,
+        then the global ones): at creation, and again at each reload."""
+        s = self.settings
+        size = db.pool_size or s.pool_size
+        return {
+            "size": size,
+            "min_size": min(s.min_pool_size, size),
+            "query_wait_timeout": db.query_wait_timeout or s.query_wait_timeout,
+            "idle_timeout": s.server_idle_timeout,
+            "lifetime": s.server_lifetime,
+            "connect_timeout": s.server_connect_timeout,
+            "reserve_size": s.reserve_pool_size if db.reserve_pool_size is None else db.reserve_pool_size,
+            "reserve_timeout": s.reserve_pool_timeout,
+        }
 
     def _caps_for(self, pool: Pool) -> tuple[ConnectionCap, ...]:
         """The caps a new pool counts towards (none when both settings are 0)."""

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from router.admin.metrics import observe_pool_wait
 from router.backend.server import ServerConnection
-from router.config import ChannelBinding, PoolMode
+from router.config import ChannelBinding, DatabaseConfig, PoolMode
 from router.protocol import messages as m
 from router.protocol.errors import RouterError, SQLState
 from router.session import set_config_sql
@@ -81,6 +81,10 @@ class PoolSettings:
     application_name: str
     max_prepared_statements: int = 250
     socket_options: SocketOptions = ()  # router/sockopts.py: TCP keepalive
+    # reserve_pool_size / reserve_pool_timeout: connections beyond ``size`` for clients that
+    # have waited ``reserve_timeout`` seconds (0 for either: none).
+    reserve_size: int = 0
+    reserve_timeout: float = 5.0
 
 
 class Waiter(Protocol):
@@ -196,6 +200,10 @@ class Pool:
         self.scram_keys: tuple[bytes, bytes] | None = None
         # max_db_connections / max_user_connections this pool counts towards (PoolManager).
         self.caps: tuple[ConnectionCap, ...] = ()
+        # The database entry (or tenant) the pool was made for: a reload recomputes from it.
+        self.db: DatabaseConfig | None = None
+        self._reserve_check: asyncio.TimerHandle | None = None
+        self.reserve_opened = 0  # connections opened beyond pool_size, ever
 
     # --- the data path ---------------------------------------------------------------
 
@@ -224,11 +232,51 @@ class Pool:
             self._expiry = asyncio.get_running_loop().call_at(
                 self._loop_time_for(deadline), self._expire_waiters
             )
-        if len(self.servers) + self.connecting < self.settings.size:
+        s = self.settings
+        if len(self.servers) + self.connecting < s.size:
             if not self.caps:
                 self._start_connect(for_waiters=True)
             else:
                 self._open_within_caps()
+        elif s.reserve_size and s.reserve_timeout and self._reserve_check is None:
+            self._reserve_check = asyncio.get_running_loop().call_at(
+                self._loop_time_for(deadline - s.query_wait_timeout + s.reserve_timeout), self._reserve_due
+            )
+
+    def _reserve_due(self) -> None:
+        self._reserve_check = None
+        self.use_reserve(time.monotonic())
+
+    def use_reserve(self, now: float) -> None:
+        """reserve_pool_size: open a connection beyond pool_size for each client that has
+        waited reserve_pool_timeout (and that no connection being opened will serve), up to
+        the reserve; then look again when the next waiter's time comes. The janitor calls
+        this too, for waiters that found the reserve in use."""
+        s = self.settings
+        waiters = self.waiters
+        if not (s.reserve_size and s.reserve_timeout and waiters):
+            return
+        # Every waiter queued query_wait_timeout before its deadline: the queue is in order.
+        since = now - s.reserve_timeout + s.query_wait_timeout
+        overdue = 0
+        for _, deadline in waiters:
+            if deadline > since:
+                break
+            overdue += 1
+        room = s.size + s.reserve_size - len(self.servers) - self.connecting
+        for _ in range(min(overdue - self.connecting, room)):
+            if self.capped():
+                break
+            self.reserve_opened += 1
+            log.info(
+                "pool %s: a client waited %.1fs for a server connection: opening one from the reserve (%d beyond pool_size %d)",
+                self.name, s.reserve_timeout, len(self.servers) + self.connecting + 1 - s.size, s.size,
+            )  # fmt: skip
+            self._start_connect(for_waiters=True)
+        if overdue < len(waiters) and self._reserve_check is None:
+            self._reserve_check = asyncio.get_running_loop().call_at(
+                self._loop_time_for(waiters[overdue][1] - s.query_wait_timeout + s.reserve_timeout), self._reserve_due
+            )
 
     def _open_within_caps(self) -> None:
         """Open a connection for a waiter if every cap has room; else free a sibling's idle
@@ -298,6 +346,11 @@ class Pool:
             waiter, deadline = self.waiters.popleft()
             observe_pool_wait(now - deadline + self.settings.query_wait_timeout)
             waiter.server_assigned(server)
+            return
+        if len(self.servers) > self.settings.size:
+            # A reserve connection (or one beyond a pool_size lowered by a reload) that
+            # nobody waits for: the pool goes back to its size.
+            self.discard_idle(server, "beyond pool_size with no client waiting")
             return
         server.idle_since = now
         self.idle.append(server)
@@ -514,7 +567,8 @@ class Pool:
     # --- upkeep (called by the janitor) -------------------------------------------------
 
     def maintain(self, now: float) -> None:
-        """Close idle connections past idle timeout or lifetime; top up to min_size."""
+        """Close idle connections past idle timeout or lifetime; top up to min_size; open
+        reserve connections for clients that have waited long enough."""
         s = self.settings
         keep = []
         for server in self.idle:
@@ -537,6 +591,8 @@ class Pool:
             if self.capped():
                 break
             self._start_connect(for_waiters=False)
+        if self.waiters:
+            self.use_reserve(now)
 
     def end_idle_transactions(self, now: float, timeout: float) -> None:
         """idle_transaction_timeout: disconnect each client that has held its server connection
@@ -588,6 +644,8 @@ class Pool:
             server.close("router shutting down")
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._reserve_check is not None:
+            self._reserve_check.cancel()
         waiters, self.waiters = self.waiters, deque()
         for waiter, _ in waiters:
             waiter.server_failed(RouterError(SQLState.ADMIN_SHUTDOWN, "router is shutting down"))

@@ -45,11 +45,12 @@ def test_show_commands_tell_pools_clients_servers_and_nodes(console_router: Rout
         assert result.returncode == 0, result.stderr
         busy.execute("COMMIT")
     lines = rows(result.stdout)
-    pools_header = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting", "caps"]
+    pools_header = ["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting",
+                    "waiting", "caps", "reserve"]  # fmt: skip
     assert lines[0] == pools_header
     pools = {(r[0], r[2], r[3]): r for r in lines[1:] if len(r) == len(pools_header)}
     primary = pools[("app", cluster.primary.host, str(cluster.primary.port))]
-    assert primary[4:] == ["transaction", "2", "1", "1", "0", "0", "0", ""]  # caps: none (NULL)
+    assert primary[4:] == ["transaction", "2", "1", "1", "0", "0", "0", "", ""]  # caps, reserve: none (NULL)
     clients_at = lines.index(["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"])
     clients = [r for r in lines[clients_at + 1 :] if len(r) == 8]
     assert [(r[0], r[1], r[4], r[5]) for r in clients] == [("carol", "app", "active", "off")]
@@ -99,8 +100,9 @@ def test_show_config_and_databases(console_router: RouterThread, cluster: Cluste
          "current_connections", "paused"]
     )  # fmt: skip
     databases = [r for r in lines[databases_at + 1 :] if len(r) == 11]
-    pools_at = lines.index(["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting", "caps"])
-    servers = sum(int(r[6]) for r in lines[pools_at + 1 :] if len(r) == 12 and r[0] == "app")
+    pools_at = lines.index(["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting",
+                            "waiting", "caps", "reserve"])  # fmt: skip
+    servers = sum(int(r[6]) for r in lines[pools_at + 1 :] if len(r) == 13 and r[0] == "app")
     assert servers >= 1
     assert databases == [
         ["app", "main", cluster.primary.host, str(cluster.primary.port), "2", "app", "postgres", "2", "transaction",

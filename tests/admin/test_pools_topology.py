@@ -31,11 +31,15 @@ def test_pools_count_clients_servers_and_waiters(start_admin: Callable[..., Admi
     wait_until(lambda: pools()["pools"][pool]["waiting"] == 1, 10, "the second client waits")
     body = pools()
     assert body["clients"] == {"total": 2, "active": 1, "waiting": 1, "pinned": 0}
-    assert body["pools"][pool] == {"size": 1, "servers": 1, "idle": 0, "active": 1, "connecting": 0, "waiting": 1}
+    assert body["pools"][pool] == {
+        "size": 1, "servers": 1, "idle": 0, "active": 1, "connecting": 0, "waiting": 1, "reserve_size": 0, "reserve_opened": 0
+    }
     holder.execute("COMMIT")
     waited.join(10)
     wait_until(lambda: pools()["clients"]["active"] == 0, 10, "both transactions done")
-    assert pools()["pools"][pool] == {"size": 1, "servers": 1, "idle": 1, "active": 0, "connecting": 0, "waiting": 0}
+    assert pools()["pools"][pool] == {
+        "size": 1, "servers": 1, "idle": 1, "active": 0, "connecting": 0, "waiting": 0, "reserve_size": 0, "reserve_opened": 0
+    }
     holder.close()
     waiter.close()
 

@@ -10,9 +10,12 @@ import time
 
 import psycopg
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors
 
 from router.admin.console import worker_rows
+from router.admin.metrics import metrics_registry
 from router.protocol import messages as m
 from router.protocol.framing import frame
 from tests.rawclient import RawClient
@@ -473,6 +476,81 @@ def test_a_database_s_own_max_db_connections(start_router):
     assert other.execute("SELECT 2").fetchone() == (2,)
     holder.close()
     other.close()
+
+
+def _pool_row(router) -> dict:
+    """The console's SHOW POOLS row of the (only) pool, by column."""
+    columns, rows = router.call(lambda r: worker_rows(r, "SHOW POOLS"))
+    assert len(rows) == 1
+    return dict(zip(columns, rows[0], strict=True))
+
+
+def test_reserve_pool_serves_a_client_that_waited(start_router):
+    """reserve_pool_size: a client that has waited reserve_pool_timeout for a full pool gets a
+    connection beyond pool_size, up to the reserve; another waits and may time out (53300).
+    The reserve connection is closed when it comes back with nobody waiting."""
+    router = start_router(pool_size=1, reserve_pool_size=1, reserve_pool_timeout=0.2, query_wait_timeout=1.5)
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    second = psycopg.connect(router.dsn("carol"), autocommit=True)
+    third = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder.execute("BEGIN")
+    first_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+    second.execute("BEGIN")
+    second_pid = second.execute("SELECT pg_backend_pid()").fetchone()[0]  # waits, then the reserve
+    assert second_pid != first_pid
+    assert server_pids(router) == {first_pid, second_pid}
+    row = _pool_row(router)
+    assert (row["size"], row["servers"], row["reserve"]) == (1, 2, "1/1")
+    with pytest.raises(errors.TooManyConnections):
+        third.execute("SELECT 1")  # pool and reserve both in transactions: no third connection
+    assert router.call(lambda r: next(iter(r.status()["pools"].values()))["reserve_opened"]) == 1
+    registry = router.call(metrics_registry)
+    text = router.call(lambda r: generate_latest(registry).decode())
+    assert [s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "pgrouter_pool_reserve_opened_total"] == [1]  # fmt: skip
+    holder.execute("COMMIT")  # nobody waits: the pool is above its size, so this one closes
+    poll(lambda: server_pids(router) == {second_pid}, "the connection beyond pool_size closed")
+    second.execute("COMMIT")  # back to the pool's size: kept
+    assert third.execute("SELECT pg_backend_pid()").fetchone() == (second_pid,)
+    assert _pool_row(router)["reserve"] == "0/1"
+    for conn in (holder, second, third):
+        conn.close()
+
+
+def test_reserve_pool_waits_for_its_timeout(start_router):
+    """Before reserve_pool_timeout a waiting client gets no reserve connection: here it times
+    out first (query_wait_timeout) with 53300, as without a reserve, though the pool's janitor
+    (once a second) looked at it on the way."""
+    router = start_router(pool_size=1, reserve_pool_size=1, reserve_pool_timeout=30, query_wait_timeout=2.5)
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    other = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    with pytest.raises(errors.TooManyConnections):
+        other.execute("SELECT 1")
+    assert len(server_pids(router)) == 1
+    holder.close()
+    other.close()
+
+
+def test_reload_keeps_each_pool_s_own_size(start_router, cluster):
+    """A reload applies the global pool settings to existing pools, but a pool made for a
+    [databases] entry with its own pool_size or query_wait_timeout keeps them."""
+    from router.config import Settings
+    from tests.conftest import router_config
+
+    overrides = {
+        "pool_size": 5,
+        "databases": {"app": {"cluster": "main", "server_user": "postgres", "pool_size": 2, "query_wait_timeout": 7}},
+    }
+    router = start_router(**overrides)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    changed = Settings(**router_config(cluster, **overrides, reserve_pool_size=3, server_idle_timeout=60))
+    applied = router.call(lambda r: r.reload(changed))["applied"]
+    assert applied == ["reserve_pool_size", "server_idle_timeout"]
+    settings = router.call(lambda r: [p.settings for p in r.pools.pools.values()])
+    assert [(s.size, s.query_wait_timeout, s.reserve_size, s.idle_timeout) for s in settings] == [(2, 7, 3, 60)]
 
 
 def _keepalive(transport) -> tuple[int, int, int, int]:

@@ -291,8 +291,9 @@ def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) ->
     for port, index in worker_of.items():
         assert listed.get(f"127.0.0.1:{port}") == str(index), (port, index, listed)
     pools_at = lines.index(
-        ["worker", "database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting", "caps"]
-    )
+        ["worker", "database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting", "waiting",
+         "caps", "reserve"]
+    )  # fmt: skip
     assert {row[0] for row in lines[pools_at + 1 :] if row[1] == "app"} == {str(i) for i in range(WORKERS)}
     for conn in clients:
         conn.close()

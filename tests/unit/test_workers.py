@@ -71,6 +71,25 @@ def test_worker_settings_take_their_part() -> None:
     assert settings.pool_size == 10  # the original is left alone
 
 
+def test_caps_and_reserves_are_split_too() -> None:
+    """max_db_connections / max_user_connections and reserve_pool_size are for the whole
+    router, as pool_size is: each worker gets its part (a cap at least 1, 0 stays no cap)."""
+    settings = Settings(
+        max_db_connections=10, max_user_connections=0, reserve_pool_size=3,
+        clusters={"main": {"primary": {"host": "h"}}},
+        databases={"app": {"cluster": "main", "max_db_connections": 4, "reserve_pool_size": 1},
+                   "other": {"cluster": "main", "max_db_connections": 0}},
+    )  # fmt: skip
+    parts = [slot(i, 3).settings_for(settings) for i in range(3)]
+    assert [p.max_db_connections for p in parts] == [4, 3, 3]
+    assert [p.max_user_connections for p in parts] == [0, 0, 0]
+    assert [p.reserve_pool_size for p in parts] == [1, 1, 1]
+    assert [p.databases["app"].max_db_connections for p in parts] == [2, 1, 1]
+    assert [p.databases["app"].reserve_pool_size for p in parts] == [1, 0, 0]
+    assert [p.databases["other"].max_db_connections for p in parts] == [0, 0, 0]
+    assert all(p.databases["other"].reserve_pool_size is None for p in parts)  # follows the global
+
+
 def test_a_limit_below_the_worker_count_still_gives_each_worker_one() -> None:
     settings = Settings(pool_size=2, max_client_conn=1)
     parts = [slot(i, 4).settings_for(settings) for i in range(4)]
