@@ -156,6 +156,7 @@ class Router:
         self._server: asyncio.Server | None = None
         self._unix_server: asyncio.Server | None = None  # unix_socket_dir
         self.db_gates: dict[str, Gate] = {}  # the console's PAUSE, by database ("": every client)
+        self.disabled_databases: set[str] = set()  # the console's DISABLE: no new logins
         self._unix_path: tuple[str, int] = ("", 0)  # its socket file and inode
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
@@ -542,6 +543,84 @@ class Router:
         if self.worker is not None:
             await sibling_database_pause(self.worker, name, pause=False)
 
+    def database_pools(self, name: str) -> list[Pool]:
+        """The pools serving settings-file database ``name`` ("": every pool): on its
+        cluster's nodes, of its real database, as its server user when the entry names one.
+        (Another entry naming the same real database and user shares them.)"""
+        pools = list(self.pools.pools.values())
+        if not name:
+            return pools
+        databases = self.settings.databases
+        db = databases.get(name) or databases.get("*")
+        if db is None:
+            return []
+        cluster = self.settings.clusters[db.cluster]
+        real = db.dbname or name
+        nodes = {(node.host, node.port) for node in (cluster.primary, *cluster.replicas)}
+        return [
+            pool for pool in pools
+            if pool.key.dbname == real and (pool.key.host, pool.key.port) in nodes
+            and (db.server_user is None or pool.key.user == db.server_user)
+        ]  # fmt: skip
+
+    def database_command(self, verb: str, name: str) -> int:
+        """The console's DISABLE, ENABLE, KILL, RECONNECT and WAIT_CLOSE of database ``name``,
+        in this process (PgBouncer's commands). Returns a count: the clients KILL
+        disconnected, the server connections RECONNECT marked, or those WAIT_CLOSE still
+        waits for."""
+        if verb == "DISABLE":
+            if name not in self.disabled_databases:
+                log.info("database %s disabled: new logins are refused", name)
+                self.disabled_databases.add(name)
+            return 0
+        if verb == "ENABLE":
+            if name in self.disabled_databases:
+                log.info("database %s enabled: new logins are accepted", name)
+                self.disabled_databases.discard(name)
+            return 0
+        if verb == "KILL":
+            # As PgBouncer: its clients go at once, and until RESUME new ones wait.
+            self.pause_database(name)
+            victims = [c for c in self.clients.values() if c.database == name and not c.console]
+            for client in victims:
+                client.fail(
+                    RouterError(
+                        SQLState.ADMIN_SHUTDOWN,
+                        "terminating connection due to administrator command",
+                        detail=f"KILL {name} in the admin console.",
+                    )
+                )
+            for pool in self.database_pools(name):
+                for server in list(pool.servers):
+                    server.close(f"KILL {name}")
+            log.warning("database %s killed: %d clients disconnected; new transactions wait for RESUME", name, len(victims))
+            return len(victims)
+        if verb == "RECONNECT":
+            return sum(pool.reconnect() for pool in self.database_pools(name))
+        if verb == "WAIT_CLOSE":
+            return sum(pool.closes_needed() for pool in self.database_pools(name))
+        raise ValueError(f"unknown database command {verb!r}")
+
+    async def database_command_everywhere(self, verb: str, name: str) -> int:
+        """``database_command`` in this process and every other worker; the counts added up
+        (a worker that does not answer counts 1)."""
+        from router.workers.control import sibling_database_command
+
+        count = self.database_command(verb, name)
+        if self.worker is not None:
+            count += sum(await sibling_database_command(self.worker, verb, name))
+        return count
+
+    async def wait_close_everywhere(self, name: str) -> int:
+        """WAIT_CLOSE: until no server connection RECONNECT marked is left open, in any
+        worker, or tenant_drop_timeout has passed; returns how many are still open."""
+        deadline = time.monotonic() + self.settings.tenant_drop_timeout
+        while True:
+            left = await self.database_command_everywhere("WAIT_CLOSE", name)
+            if not left or time.monotonic() >= deadline:
+                return left
+            await asyncio.sleep(0.05)
+
     def database_in_flight(self, name: str) -> int:
         """Clients of database ``name`` ("": any) holding a server connection."""
         return sum(1 for c in self.clients.values() if c.server is not None and (not name or c.database == name))
@@ -608,6 +687,12 @@ class Router:
             db = databases.get(client.database) or databases.get("*")
             if db is None:
                 raise RouterError(SQLState.INVALID_CATALOG_NAME, f'database "{client.database}" does not exist')
+            if self.disabled_databases and client.database in self.disabled_databases:
+                raise RouterError(
+                    SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    f'database "{client.database}" is not currently accepting connections',
+                    detail="DISABLE in the admin console; ENABLE lets new logins in again.",
+                )
             cluster = self.settings.clusters[db.cluster]
             pool = self.pools.pool_for(db, client.database, client.user, cluster.primary)
             split = self.splits.get(db.cluster)

@@ -13,7 +13,12 @@ the connection landed on):
     RELOAD        (re-read the settings file, as SIGHUP)
     PAUSE [db]    (new transactions of the database, or of every client, wait; answered once
                   none holds a server connection)
-    RESUME [db]   (they go on)
+    RESUME [db]   (they go on; also after KILL)
+    KILL db       (its clients are disconnected and its server connections closed at once;
+                  new transactions wait for RESUME)
+    DISABLE db    (new logins to it are refused, 55000)   ENABLE db   (they are let in again)
+    RECONNECT [db]  (each server connection is closed once released; idle ones now)
+    WAIT_CLOSE [db] (answered once those are closed)
 
 Results are text columns. Anything else gets 42601 naming the commands; an extended-protocol
 message gets 0A000 (and what follows it is skipped up to its Sync), as the console has no
@@ -47,10 +52,14 @@ CONSOLE_DATABASE = "pgrouter"
 # Messages of the extended query protocol: the first fails with 0A000, the rest wait for Sync.
 _EXTENDED = frozenset(b"PBDECHF")
 _COMMAND = re.compile(r"\s*(show\s+\w+|reload)\s*;?\s*", re.IGNORECASE)
-_PAUSE = re.compile(r'\s*(pause|resume)(?:\s+(\w+|"[^"]+"))?\s*;?\s*', re.IGNORECASE)
+_DB_COMMAND = re.compile(
+    r'\s*(pause|resume|kill|disable|enable|reconnect|wait_close)(?:\s+(\w+|"[^"]+"))?\s*;?\s*', re.IGNORECASE
+)
+_NEEDS_NAME = frozenset({"KILL", "DISABLE", "ENABLE"})
 _HELP = (
     "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW DATABASES", "SHOW CONFIG", "SHOW VERSION",
-    "SHOW HELP", "RELOAD", "PAUSE [db]", "RESUME [db]",
+    "SHOW HELP", "RELOAD", "PAUSE [db]", "RESUME [db]", "KILL db", "DISABLE db", "ENABLE db", "RECONNECT [db]",
+    "WAIT_CLOSE [db]",
 )  # fmt: skip
 # Settings SHOW CONFIG leaves out: tables of their own (SHOW DATABASES, SHOW NODES), and the
 # users', which hold password verifiers.
@@ -137,9 +146,10 @@ def _servers(router: Router, now: float) -> Rows:
             client = server.client
             rows.append(
                 [pool.name, server.backend_pid, "active" if client is not None else "idle",
-                 f"{client.user}@{client.peer}" if client is not None else None, f"{now - server.created_at:.0f}"]
+                 f"{client.user}@{client.peer}" if client is not None else None, f"{now - server.created_at:.0f}",
+                 "yes" if server.close_needed else "no"]
             )  # fmt: skip
-    return ["pool", "backend_pid", "state", "client", "age_seconds"], rows
+    return ["pool", "backend_pid", "state", "client", "age_seconds", "close_needed"], rows
 
 
 # What each worker holds for itself: with several, the console asks every one and adds a
@@ -169,22 +179,15 @@ def _databases(router: Router) -> bytes:
     rows = []
     for name, db in router.settings.databases.items():
         cluster = router.settings.clusters[db.cluster]
-        real = db.dbname or name
-        nodes = {(node.host, node.port) for node in (cluster.primary, *cluster.replicas)}
-        current = sum(
-            len(pool.servers)
-            for pool in router.pools.pools.values()
-            if pool.key.dbname == real
-            and (pool.key.host, pool.key.port) in nodes
-            and (db.server_user is None or pool.key.user == db.server_user)
-        )
+        current = sum(len(pool.servers) for pool in router.database_pools(name))
         rows.append(
-            [name, db.cluster, cluster.primary.host, cluster.primary.port, len(cluster.replicas), real, db.server_user,
-             db.pool_size or router.settings.pool_size, db.pool_mode or router.settings.pool_mode, current,
-             "yes" if name in router.db_gates or "" in router.db_gates else "no"]
+            [name, db.cluster, cluster.primary.host, cluster.primary.port, len(cluster.replicas), db.dbname or name,
+             db.server_user, db.pool_size or router.settings.pool_size, db.pool_mode or router.settings.pool_mode,
+             current, "yes" if name in router.db_gates or "" in router.db_gates else "no",
+             "yes" if name in router.disabled_databases else "no"]
         )  # fmt: skip
     columns = ["name", "cluster", "host", "port", "replicas", "database", "force_user", "pool_size", "pool_mode",
-               "current_connections", "paused"]  # fmt: skip
+               "current_connections", "paused", "disabled"]  # fmt: skip
     return _table(columns, rows)
 
 
@@ -303,18 +306,18 @@ class ConsoleSession(asyncio.Protocol):
                 elif kind == b"Q":
                     sql = m.parse_query(body)
                     command = _command(sql)
-                    pause = _PAUSE.fullmatch(sql)
-                    if pause is not None or (self.router.worker is not None and command in PER_WORKER):
+                    db_command = _DB_COMMAND.fullmatch(sql)
+                    if db_command is not None or (self.router.worker is not None and command in PER_WORKER):
                         # Answered in a task (it waits, or asks the other workers); what
                         # follows stays in the reader until it is done.
                         if out:
                             self.transport.write(bytes(out))
-                        if pause is not None:
-                            verb, name = pause.group(1).upper(), (pause.group(2) or "").strip('"')
-                            coro = self._pause(name) if verb == "PAUSE" else self._resume(name)
+                        if db_command is not None:
+                            verb, name = db_command.group(1).upper(), (db_command.group(2) or "").strip('"')
+                            coro = self._database_command(verb, name)
                         else:
-                            coro = self._answer_over_workers(command)
-                        self._busy = asyncio.get_running_loop().create_task(self._in_order(verb if pause else command, coro))
+                            verb, coro = command, self._answer_over_workers(command)
+                        self._busy = asyncio.get_running_loop().create_task(self._in_order(verb, coro))
                         return
                     out += answer(self.router, sql) + m.ready_for_query(m.IDLE)
                 elif kind[0] in _EXTENDED:
@@ -370,13 +373,41 @@ class ConsoleSession(asyncio.Protocol):
             return None
         return m.error_response(SQLState.INVALID_CATALOG_NAME, f'no database "{name}" in the settings file')
 
+    async def _database_command(self, verb: str, name: str) -> bytes:
+        if verb in _NEEDS_NAME and not name:
+            return m.error_response(SQLState.SYNTAX_ERROR, f"{verb} needs a database name")
+        refused = self._unknown_database(name)
+        if refused is not None:
+            return refused
+        if verb == "PAUSE":
+            return await self._pause(name)
+        if verb == "RESUME":
+            return await self._resume(name)
+        if verb == "WAIT_CLOSE":
+            left = await self.router.wait_close_everywhere(name)
+            if left:
+                warning = (
+                    f"{left} server connections RECONNECT marked are still in use after tenant_drop_timeout "
+                    f"({self.router.settings.tenant_drop_timeout:g}s); they close when released"
+                )
+                return m.notice_response("01000", warning, severity="WARNING") + m.command_complete(verb)
+            return m.command_complete(verb)
+        count = await self.router.database_command_everywhere(verb, name)
+        out = b""
+        if verb == "KILL":
+            out = m.notice_response(
+                SQLState.SUCCESSFUL_COMPLETION, f"{count} clients disconnected; new transactions wait for RESUME"
+            )
+        elif verb == "RECONNECT":
+            out = m.notice_response(
+                SQLState.SUCCESSFUL_COMPLETION, f"{count} server connections to close: idle ones now, the rest when released"
+            )
+        return out + m.command_complete(verb)
+
     async def _pause(self, name: str) -> bytes:
         """PAUSE [db]: new transactions of the database's clients (of every client, without a
         name) wait; answered once none holds a server connection, in every worker, or after
         tenant_drop_timeout with a WARNING saying how many still do."""
-        refused = self._unknown_database(name)
-        if refused is not None:
-            return refused
         busy = await self.router.pause_database_everywhere(name)
         if not busy:
             return m.command_complete("PAUSE")
@@ -389,9 +420,6 @@ class ConsoleSession(asyncio.Protocol):
     async def _resume(self, name: str) -> bytes:
         """RESUME [db]: the database's waiting transactions go on (without a name: every
         paused database's), in every worker."""
-        refused = self._unknown_database(name)
-        if refused is not None:
-            return refused
         await self.router.resume_database_everywhere(name)
         return m.command_complete("RESUME")
 

@@ -141,6 +141,7 @@ class ServerConnection(asyncio.Protocol):
         # to another client: the signal could otherwise land on that client's query.
         self.cancels_in_flight = 0
         self.release_after_cancel = False
+        self.close_needed = False  # the console's RECONNECT: closed when next released
         self._reader = MessageReader()
         self._wakeup: asyncio.Future | None = None
         self._lost = asyncio.get_running_loop().create_future()

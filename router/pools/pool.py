@@ -340,6 +340,9 @@ class Pool:
         if lifetime and now - server.created_at > lifetime:
             server.close("server_lifetime reached")
             return
+        if server.close_needed:
+            server.close("RECONNECT: closed once released")
+            return
         if self.caps and self._hand_slot_on(server):
             return
         if self.waiters:
@@ -367,6 +370,24 @@ class Pool:
                 self.discard_idle(server, f"{cap.setting} reached: making room for pool {sibling.name}")
                 return True
         return False
+
+    def reconnect(self) -> int:
+        """The console's RECONNECT: every open connection is closed, idle ones now and busy
+        ones when released; new ones are opened as clients need them. Returns how many."""
+        marked = 0
+        for server in list(self.servers):
+            if server.closed or server.close_needed:
+                continue
+            marked += 1
+            if server.client is None and server in self.idle:
+                self.discard_idle(server, "RECONNECT")
+            else:
+                server.close_needed = True
+        return marked
+
+    def closes_needed(self) -> int:
+        """Connections RECONNECT marked that are still open (WAIT_CLOSE)."""
+        return sum(1 for server in self.servers if server.close_needed and not server.closed)
 
     def forget(self, server: ServerConnection) -> None:
         """A connection closed: drop it and, if clients wait, open a replacement."""

@@ -45,9 +45,11 @@ STATUS = b"S"
 CONSOLE = b"K"  # an admin console SHOW of what each worker holds (POOLS, CLIENTS, SERVERS)
 DB_PAUSE = b"D"  # the console's PAUSE [db]: answered with the clients still holding servers
 DB_RESUME = b"E"
+DB_COMMAND = b"B"  # the console's KILL, DISABLE, ENABLE, RECONNECT, WAIT_CLOSE: "VERB name"
 # A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
 # should not wait on it.
 REQUEST_TIMEOUT = 2.0
+DATABASE_VERBS = frozenset({"KILL", "DISABLE", "ENABLE", "RECONNECT", "WAIT_CLOSE"})
 MAX_REQUEST = 128  # bytes; the largest request is a command byte and a tenant id (63 bytes)
 
 
@@ -132,6 +134,11 @@ class ControlServer:
         if command == DB_RESUME:
             self.router.resume_database(payload.decode())
             return b"0"
+        if command == DB_COMMAND:
+            verb, _, name = payload.decode().partition(" ")
+            if verb not in DATABASE_VERBS:
+                raise ProtocolError(f"control socket: no database command {verb[:20]!r}")
+            return str(self.router.database_command(verb, name)).encode()
         if command == CONSOLE:
             from router.admin.console import PER_WORKER, worker_rows
 
@@ -250,6 +257,21 @@ async def sibling_console_rows(slot: WorkerSlot, command: str) -> dict[int, list
 
     others = [i for i in range(slot.count) if i != slot.index]
     return dict(zip(others, await asyncio.gather(*(one(i) for i in others)), strict=True))
+
+
+async def sibling_database_command(slot: WorkerSlot, verb: str, name: str) -> list[int]:
+    """A console database command (Router.database_command) in every other worker; their
+    counts (a worker that does not answer counts 1)."""
+
+    async def one(index: int) -> int:
+        try:
+            return int(await request(slot.control_socket(index), DB_COMMAND + f"{verb} {name}".encode()))
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("worker %d did not answer a database %s request: %s", index, verb, exc)
+            return 1
+
+    others = [i for i in range(slot.count) if i != slot.index]
+    return list(await asyncio.gather(*(one(i) for i in others)))
 
 
 async def sibling_database_pause(slot: WorkerSlot, name: str, *, pause: bool) -> list[int]:

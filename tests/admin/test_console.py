@@ -54,8 +54,8 @@ def test_show_commands_tell_pools_clients_servers_and_nodes(console_router: Rout
     clients_at = lines.index(["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"])
     clients = [r for r in lines[clients_at + 1 :] if len(r) == 8]
     assert [(r[0], r[1], r[4], r[5]) for r in clients] == [("carol", "app", "active", "off")]
-    servers_at = lines.index(["pool", "backend_pid", "state", "client", "age_seconds"])
-    servers = [r for r in lines[servers_at + 1 :] if len(r) == 5]
+    servers_at = lines.index(["pool", "backend_pid", "state", "client", "age_seconds", "close_needed"])
+    servers = [r for r in lines[servers_at + 1 :] if len(r) == 6]
     assert [(r[1], r[2]) for r in servers if r[3]] == [(str(pid), "active")]
     assert [r for r in servers if r[3]][0][3].startswith("carol@127.0.0.1:")
 
@@ -97,16 +97,16 @@ def test_show_config_and_databases(console_router: RouterThread, cluster: Cluste
     assert "users" not in config and "SCRAM-SHA-256$" not in result.stdout
     databases_at = lines.index(
         ["name", "cluster", "host", "port", "replicas", "database", "force_user", "pool_size", "pool_mode",
-         "current_connections", "paused"]
+         "current_connections", "paused", "disabled"]
     )  # fmt: skip
-    databases = [r for r in lines[databases_at + 1 :] if len(r) == 11]
+    databases = [r for r in lines[databases_at + 1 :] if len(r) == 12]
     pools_at = lines.index(["database", "user", "host", "port", "mode", "size", "servers", "active", "idle", "connecting",
                             "waiting", "caps", "reserve"])  # fmt: skip
     servers = sum(int(r[6]) for r in lines[pools_at + 1 :] if len(r) == 13 and r[0] == "app")
     assert servers >= 1
     assert databases == [
         ["app", "main", cluster.primary.host, str(cluster.primary.port), "2", "app", "postgres", "2", "transaction",
-         str(servers), "no"]
+         str(servers), "no", "no"]
     ]  # fmt: skip
 
 
@@ -168,6 +168,110 @@ def test_pause_gives_up_waiting_after_tenant_drop_timeout(start_router) -> None:
     assert got == [(3,)]
     console.close()
     holder.close()
+
+
+def _backend_alive(cluster: Cluster, pid: int) -> bool:
+    return cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "1"
+
+
+def _poll(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_disable_refuses_new_logins_and_enable_lets_them_in(console_router: RouterThread) -> None:
+    """DISABLE app: a new login to app gets 55000, as from a database that does not allow
+    connections; clients already in keep working. ENABLE app: logins work again."""
+    console = psycopg.connect(console_router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
+    inside = psycopg.connect(console_router.dsn("carol"), autocommit=True)
+    assert console.execute("DISABLE app").statusmessage == "DISABLE"
+    with pytest.raises(psycopg.OperationalError, match='database "app" is not currently accepting connections'):
+        psycopg.connect(console_router.dsn("carol"))
+
+    async def login_sqlstate() -> str:
+        with pytest.raises(asyncpg.PostgresError) as exc:
+            await asyncpg.connect(console_router.dsn("carol"))
+        return exc.value.sqlstate
+
+    assert asyncio.run(login_sqlstate()) == "55000"
+    assert inside.execute("SELECT 1").fetchone() == (1,)
+    cur = console.execute("SHOW DATABASES")
+    names = [d.name for d in cur.description]
+    assert [row[names.index("disabled")] for row in cur.fetchall()] == ["yes"]
+    with pytest.raises(psycopg.errors.SyntaxError, match="needs a database name"):
+        console.execute("DISABLE")
+    with pytest.raises(psycopg.errors.InvalidCatalogName):
+        console.execute("DISABLE nosuch")
+    assert console.execute("ENABLE app").statusmessage == "ENABLE"
+    with psycopg.connect(console_router.dsn("carol"), autocommit=True) as again:
+        assert again.execute("SELECT 2").fetchone() == (2,)
+    for conn in (console, inside):
+        conn.close()
+
+
+def test_kill_drops_clients_and_servers_and_holds_new_transactions(start_router, cluster: Cluster) -> None:
+    """KILL app: its clients are disconnected (57P01) and its server connections closed at
+    once, a transaction's included; a client that logs in afterwards waits at the gate until
+    RESUME app, as after PAUSE."""
+    router = start_router(admin_console_users=["alice"], pool_size=2)
+    console = psycopg.connect(router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
+    notices: list[str] = []
+    console.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
+    idle = psycopg.connect(router.dsn("carol"), autocommit=True)
+    busy.execute("BEGIN")
+    pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]
+    idle_pid = idle.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert console.execute("KILL app").statusmessage == "KILL"
+    assert notices == ["2 clients disconnected; new transactions wait for RESUME"]
+    for conn in (busy, idle):
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            conn.execute("SELECT 1")
+    _poll(lambda: not _backend_alive(cluster, pid) and not _backend_alive(cluster, idle_pid), "servers closed")
+    assert console.execute("SHOW CLIENTS").fetchall() == []  # gone; the console itself goes on
+    later = psycopg.connect(router.dsn("carol"), autocommit=True)  # logins still work
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(later.execute("SELECT 3").fetchone()))
+    waiting.start()
+    router.wait_for(lambda r: len(r.db_gates["app"].waiters) == 1, what="the new transaction at the gate")
+    console.execute("RESUME app")
+    waiting.join(10)
+    assert got == [(3,)]
+    for conn in (console, busy, idle, later):
+        conn.close()
+
+
+def test_reconnect_closes_each_server_connection_once_released(start_router, cluster: Cluster) -> None:
+    """RECONNECT app: an idle server connection is closed now, one in a transaction when its
+    client is done with it; WAIT_CLOSE answers once none is left (here, first, with a
+    WARNING after tenant_drop_timeout). Clients go on, on new server connections."""
+    router = start_router(admin_console_users=["alice"], pool_size=2, tenant_drop_timeout=0.5)
+    console = psycopg.connect(router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
+    notices: list[str] = []
+    console.add_notice_handler(lambda diag: notices.append(f"{diag.severity}: {diag.message_primary}"))
+    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
+    idle = psycopg.connect(router.dsn("carol"), autocommit=True)
+    busy.execute("BEGIN")
+    pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]
+    idle_pid = idle.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert console.execute("RECONNECT app").statusmessage == "RECONNECT"
+    _poll(lambda: not _backend_alive(cluster, idle_pid), "the idle server connection closed")
+    assert _backend_alive(cluster, pid)
+    servers = {row[1]: row[5] for row in console.execute("SHOW SERVERS").fetchall()}
+    assert servers == {str(pid): "yes"}
+    assert console.execute("WAIT_CLOSE app").statusmessage == "WAIT_CLOSE"
+    assert notices[-1].startswith("WARNING: 1 server connections RECONNECT marked are still in use")
+    assert busy.execute("SELECT pg_backend_pid()").fetchone() == (pid,)  # its transaction goes on
+    busy.execute("COMMIT")
+    _poll(lambda: not _backend_alive(cluster, pid), "the busy one closed once released")
+    count = len(notices)
+    assert console.execute("WAIT_CLOSE").statusmessage == "WAIT_CLOSE"
+    assert len(notices) == count  # nothing left to wait for
+    assert busy.execute("SELECT pg_backend_pid()").fetchone()[0] not in (pid, idle_pid)
+    for conn in (console, busy, idle):
+        conn.close()
 
 
 def test_console_refuses_what_it_does_not_speak(console_router: RouterThread) -> None:

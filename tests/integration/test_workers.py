@@ -274,6 +274,31 @@ def test_pause_from_the_console_holds_every_worker_s_clients(workers: Workers) -
         conn.close()
 
 
+def test_kill_and_disable_from_the_console_reach_every_worker(workers: Workers) -> None:
+    """KILL app disconnects the database's clients on every worker (the NOTICE counts them
+    all); DISABLE app refuses logins whichever worker takes them, until ENABLE app."""
+    clients, _ = clients_on_every_worker(workers)
+    console = psycopg.connect(f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter", autocommit=True)
+    notices: list[str] = []
+    console.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+    try:
+        assert console.execute("KILL app").statusmessage == "KILL"
+        assert notices == [f"{len(clients)} clients disconnected; new transactions wait for RESUME"]
+        for conn in clients:
+            with pytest.raises(psycopg.OperationalError, match="administrator command"):
+                conn.execute("SELECT 1")
+        console.execute("DISABLE app")
+        for _ in range(20):  # the kernel spreads them over both workers
+            with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
+                psycopg.connect(f"postgresql://carol@127.0.0.1:{workers.port}/app")
+    finally:
+        console.execute("ENABLE app")
+        console.execute("RESUME app")
+    again, _ = clients_on_every_worker(workers)  # every worker lets them in and serves them
+    for conn in (console, *clients, *again):
+        conn.close()
+
+
 def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) -> None:
     """SHOW CLIENTS / POOLS / SERVERS on the admin console ask every worker and say which one
     holds each row, whichever worker the console connection itself landed on."""
