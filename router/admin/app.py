@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Response, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,6 +30,7 @@ from router.admin.metrics import (
 from router.admin.provision import DEFAULT_TIMEOUT
 from router.admin.queries import query_routes
 from router.admin.views import (
+    DatabaseCommandView,
     DatabasePauseView,
     ErrorView,
     HealthView,
@@ -180,6 +181,25 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f'no database "{name}" in the settings file')
         await router.resume_database_everywhere(name)
         return DatabasePauseView(database=name, paused=False, still_in_flight=0)
+
+    @app.post(
+        "/databases/{name}/{command}",
+        tags=["operations"],
+        summary="The console's KILL, DISABLE, ENABLE, RECONNECT or WAIT_CLOSE of a database of the settings file",
+        responses={**auth_errors, 404: {"model": ErrorView}},
+        dependencies=[Depends(require_token)],
+    )
+    async def database_command(
+        name: str, command: Literal["kill", "disable", "enable", "reconnect", "wait_close"]
+    ) -> DatabaseCommandView:
+        if not name or not router.known_database(name):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f'no database "{name}" in the settings file')
+        verb = command.upper()
+        if verb == "WAIT_CLOSE":
+            count = await router.wait_close_everywhere(name)
+        else:
+            count = await router.database_command_everywhere(verb, name)
+        return DatabaseCommandView(database=name, command=command, count=count)
 
     @app.post(
         "/reload",

@@ -123,6 +123,17 @@ class DatabasePauseView(BaseModel):
     still_in_flight: int  # clients still holding a server connection when the pause answered
 
 
+class DatabaseCommandView(BaseModel):
+    """POST /databases/{name}/kill, /disable, /enable, /reconnect, /wait_close: the console's
+    commands of those names, in every worker."""
+
+    database: str
+    command: str
+    # kill: clients disconnected; reconnect: server connections to close; wait_close: those
+    # still open when it answered (after tenant_drop_timeout); disable, enable: 0.
+    count: int
+
+
 class TopologyView(BaseModel):
     """GET /topology: every node of the clusters with replicas, as the lag monitor last saw it."""
 

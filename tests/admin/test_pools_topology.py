@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 import psycopg
+import pytest
 
 from tests.admin.conftest import AdminAPI, wait_until
 from tests.cluster import Cluster
@@ -92,3 +93,34 @@ def test_pause_and_resume_a_database_over_http(start_admin: Callable[..., AdminA
     waiting.join(10)
     assert got == [(2,)]
     busy.close()
+
+
+def test_database_commands_over_http(start_admin: Callable[..., AdminAPI]) -> None:
+    """POST /databases/app/{disable,enable,kill,reconnect,wait_close}: the console's commands.
+    DISABLE refuses logins until ENABLE; KILL disconnects the database's clients and counts
+    them; RECONNECT counts the server connections it closes. Unknown names 404, unknown
+    commands 422, no token 401."""
+    admin = start_admin(redis_url=None, secret_key=None)
+    assert admin.post("/databases/app/kill", token=None).status_code == 401
+    assert admin.post("/databases/nosuch/kill").status_code == 404
+    assert admin.post("/databases/app/explode").status_code == 422
+    client = psycopg.connect(admin.handle.dsn("carol"), autocommit=True)
+    client.execute("SELECT 1")  # a server connection, idle in the pool now
+    reply = admin.post("/databases/app/reconnect")
+    assert reply.status_code == 200
+    assert reply.json() == {"database": "app", "command": "reconnect", "count": 1}
+    assert admin.post("/databases/app/wait_close").json()["count"] == 0
+    assert admin.post("/databases/app/disable").json() == {"database": "app", "command": "disable", "count": 0}
+    with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
+        psycopg.connect(admin.handle.dsn("carol"))
+    admin.post("/databases/app/enable")
+    other = psycopg.connect(admin.handle.dsn("carol"), autocommit=True)
+    assert admin.post("/databases/app/kill").json() == {"database": "app", "command": "kill", "count": 2}
+    for conn in (client, other):
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            conn.execute("SELECT 1")
+    admin.post("/databases/app/resume")
+    with psycopg.connect(admin.handle.dsn("carol"), autocommit=True) as again:
+        assert again.execute("SELECT 2").fetchone() == (2,)
+    client.close()
+    other.close()
