@@ -59,6 +59,7 @@ LIVE_SETTINGS = frozenset({
     "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
     "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
     "client_idle_timeout", "query_timeout", "reserve_pool_size", "reserve_pool_timeout",
+    "users", "admin_console_users",
 })  # fmt: skip
 _REPLICA_READ = ("replica", RouteReason.READ)
 _Q = ord("Q")
@@ -359,8 +360,9 @@ class Router:
         """Apply what can change while running (SIGHUP, POST /reload); report the rest.
 
         Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
-        included), limits, lag thresholds, the log level and the client TLS certificate. Anything
-        else (listen address, clusters, databases, users, registry...) needs a restart."""
+        included), limits, lag thresholds, the log level, the client TLS certificate and the
+        logins (``users``, read at each login). Anything else (listen address, clusters,
+        databases, registry...) needs a restart."""
         if self.worker is not None:
             settings = self.worker.settings_for(settings)
         old = self.settings

@@ -92,7 +92,7 @@ def test_show_config_and_databases(console_router: RouterThread, cluster: Cluste
     assert config["listen_port"] == ["0", "6432", "no"]  # as configured: any free port
     assert config["pool_mode"] == ["transaction", "transaction", "no"]
     assert config["tcp_keepalive"] == ["on", "on", "no"]
-    assert config["admin_console_users"] == ["alice", "", "no"]
+    assert config["admin_console_users"] == ["alice", "", "yes"]  # a reload changes it
     assert config["admin_token"][0] == "********" and "console-test-token" not in result.stdout
     assert "users" not in config and "SCRAM-SHA-256$" not in result.stdout
     databases_at = lines.index(

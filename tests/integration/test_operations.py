@@ -112,3 +112,30 @@ def test_post_reload(cluster: Cluster, tmp_path) -> None:
             assert held.execute("SELECT 2").fetchone() == (2,)  # nothing dropped
     finally:
         proc.stop()
+
+
+def test_reload_adds_and_removes_logins(start_router, cluster: Cluster) -> None:
+    """[users] and admin_console_users change with a reload (PgBouncer re-reads its auth_file
+    on RELOAD): a login added can log in at once; one removed cannot log in again, while its
+    session already open goes on."""
+    from router.config import Settings
+    from router.protocol.auth import scram_verifier
+
+    router = start_router()
+    dave = router.dsn("dave", "dave-pw")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(dave)
+    config = router_config(cluster)
+    users = {**config["users"], "dave": {"auth": "scram-sha-256", "password": scram_verifier("dave-pw")}}
+    result = router.call(lambda r: r.reload(Settings(**{**config, "users": users, "admin_console_users": ["dave"]})))
+    assert result["applied"] == ["admin_console_users", "users"] and result["restart_required"] == []
+    with psycopg.connect(dave, autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    with psycopg.connect(router.dsn("dave", "dave-pw", "pgrouter"), autocommit=True) as console:
+        assert console.execute("SHOW VERSION").fetchone()
+    open_session = psycopg.connect(dave, autocommit=True)
+    router.call(lambda r: r.reload(Settings(**config)))
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(dave)
+    assert open_session.execute("SELECT 1").fetchone() == (1,)
+    open_session.close()
