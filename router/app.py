@@ -393,6 +393,18 @@ class Router:
                 applied.append(f"clusters.{name}")
         if "clusters" not in restart and set(settings.clusters) != set(old.clusters):
             restart.append("clusters")
+        # What needs a restart is not applied at all: logins read the databases, clusters and
+        # the rest from self.settings, and must not meet half of a new configuration.
+        clusters = {
+            name: cluster if f"clusters.{name}" in restart or name not in settings.clusters else settings.clusters[name]
+            for name, cluster in old.clusters.items()
+        }
+        settings = settings.model_copy(
+            update={
+                **{name: getattr(old, name) for name in type(settings).model_fields if name not in live},
+                "clusters": clusters,
+            }
+        )
         self.settings = settings
         self.pools.settings = settings
         for pool in self.pools.pools.values():

@@ -139,3 +139,29 @@ def test_reload_adds_and_removes_logins(start_router, cluster: Cluster) -> None:
         psycopg.connect(dave)
     assert open_session.execute("SELECT 1").fetchone() == (1,)
     open_session.close()
+
+
+def test_reload_applies_nothing_that_needs_a_restart(start_router, cluster: Cluster) -> None:
+    """A reload that changes [databases] or a cluster's nodes reports them as needing a
+    restart, and new logins go on meeting the configuration the router started with: not a
+    database added, not a primary moved, not a database removed."""
+    from router.config import Settings
+
+    router = start_router()
+    config = router_config(cluster)
+    changed = {
+        **config,
+        "databases": {"app2": {"cluster": "main", "dbname": "app", "server_user": "postgres"}},
+        "clusters": {"main": {"primary": {"host": cluster.primary.host, "port": 1}, "replicas": []}},
+        "pool_size": 9,
+    }
+    result = router.call(lambda r: r.reload(Settings(**changed)))
+    assert "pool_size" in result["applied"]  # (and users: each router_config() hashes anew)
+    assert {"databases", "clusters.main"} <= set(result["restart_required"])
+    with pytest.raises(psycopg.OperationalError, match='database "app2" does not exist'):
+        psycopg.connect(router.dsn("carol", dbname="app2"))
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:  # app, on the old primary
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert router.call(lambda r: (r.settings.pool_size, r.settings.clusters["main"].primary.port)) == (
+        9, cluster.primary.port,
+    )  # fmt: skip
