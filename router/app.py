@@ -61,6 +61,9 @@ LIVE_SETTINGS = frozenset({
     "client_idle_timeout", "query_timeout", "reserve_pool_size", "reserve_pool_timeout",
     "users", "admin_console_users",
 })  # fmt: skip
+# What a reload changes in an existing [databases] entry, its pools following; any other
+# change to an entry needs a restart (an entry added or removed is applied).
+LIVE_DATABASE_FIELDS = ("pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
 _REPLICA_READ = ("replica", RouteReason.READ)
 _Q = ord("Q")
 # Transaction durations (pgrouter_transaction_duration_seconds), from 100 µs to a minute.
@@ -361,8 +364,10 @@ class Router:
 
         Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
         included), limits, lag thresholds, the log level, the client TLS certificate and the
-        logins (``users``, read at each login). Anything else (listen address, clusters,
-        databases, registry...) needs a restart."""
+        logins (``users``, read at each login), and [databases] entries added, removed or
+        changed in LIVE_DATABASE_FIELDS only (``_reload_databases``). Anything else (listen
+        address, clusters' nodes, other changes to an entry, registry...) needs a restart and
+        is not applied at all."""
         if self.worker is not None:
             settings = self.worker.settings_for(settings)
         old = self.settings
@@ -399,24 +404,83 @@ class Router:
             name: cluster if f"clusters.{name}" in restart or name not in settings.clusters else settings.clusters[name]
             for name, cluster in old.clusters.items()
         }
+        databases, changed, kept = self._reload_databases(old, settings, clusters)
+        if "databases" in restart:
+            restart.remove("databases")
+            applied += changed
+            restart += kept
         settings = settings.model_copy(
             update={
                 **{name: getattr(old, name) for name in type(settings).model_fields if name not in live},
                 "clusters": clusters,
+                "databases": databases,
             }
         )
         self.settings = settings
         self.pools.settings = settings
         for pool in self.pools.pools.values():
-            # From the pool's own database entry (or tenant) as it was created: a changed
-            # [databases] entry needs a restart, the global settings apply now.
+            # From the pool's own database entry (or tenant): its own values, else the global.
             pool.settings = replace(pool.settings, **self.pools.live_settings(pool.db))
+        for name, db in databases.items():
+            if name not in old.databases:
+                self._open_min_pool(db, name)
         self._configure_query_stats(settings)
         if "client_tls_cert" in applied or "client_tls_key" in applied:
             self.client_tls_context = self._client_tls_context()
         logging.getLogger().setLevel(settings.log_level)
         log.info("reloaded: applied %s; needs a restart: %s", applied or "nothing", restart or "nothing")
         return {"applied": applied, "restart_required": restart}
+
+    def _reload_databases(
+        self, old: Settings, new: Settings, clusters: dict
+    ) -> tuple[dict[str, DatabaseConfig], list[str], list[str]]:
+        """[databases] after a reload, and the entries it applied and kept. An entry added (on
+        a running cluster) or removed applies to new logins; clients already in keep their
+        pools. An entry whose changes are all LIVE_DATABASE_FIELDS is applied and its pools
+        follow it (a new server password for the connections opened from now on, the function
+        catalog's next read included); any other change to an entry needs a restart, and the
+        entry stays as it was."""
+        merged: dict[str, DatabaseConfig] = {}
+        changed: list[str] = []
+        kept: list[str] = []
+        for name, db in new.databases.items():
+            before = old.databases.get(name)
+            if before == db:
+                merged[name] = before  # the same object: pools know their entry by identity
+            elif before is None:
+                if db.cluster in clusters and clusters[db.cluster] == new.clusters.get(db.cluster):
+                    merged[name] = db
+                    changed.append(f"databases.{name}")
+                else:
+                    kept.append(f"databases.{name}")  # its cluster is new or changed
+            elif before.model_copy(update={field: getattr(db, field) for field in LIVE_DATABASE_FIELDS}) == db:
+                merged[name] = db
+                changed.append(f"databases.{name}")
+                self._repoint_pools(before, db)
+            else:
+                merged[name] = before
+                kept.append(f"databases.{name}")
+        for name in old.databases.keys() - new.databases.keys():
+            changed.append(f"databases.{name}")  # removed: no new logins
+        return merged, sorted(changed), sorted(kept)
+
+    def _repoint_pools(self, before: DatabaseConfig, db: DatabaseConfig) -> None:
+        """The pools (and read/write routes) made for entry ``before`` follow ``db``."""
+        for pool in self.pools.pools.values():
+            if pool.db is before:
+                pool.db = db
+                if before.server_password != db.server_password:
+                    pool.password = db.server_password
+                    self.catalogs.set_password((db.cluster, pool.key.dbname), pool.key.user, db.server_password)
+        for route in self.db_routes.values():
+            if route.db is before:
+                route.db = db
+
+    def _open_min_pool(self, db: DatabaseConfig, name: str) -> None:
+        """A database added by a reload: its pool exists now, as at start, to keep
+        min_pool_size (when its server user is fixed and the name is not the wildcard)."""
+        if db.server_user and name != "*":
+            self.pools.pool_for(db, name, db.server_user, self.settings.clusters[db.cluster].primary)
 
     def reload_file(self) -> dict[str, list[str]] | dict[str, str]:
         """Re-read the settings file and ``reload()`` it (a worker's sibling asked)."""

@@ -293,6 +293,13 @@ class FunctionCatalogs:
         if self._started:
             self._spawn(db)
 
+    def set_password(self, key: Hashable, user: str, password: str | None) -> None:
+        """A reload changed the server password of ``user``: a tracked database read as that
+        user logs in with the new one from its next read."""
+        db = self._databases.get(key)
+        if db is not None and db.params.user == user:
+            self.register(key, replace(db.params, password=password), db.locate)
+
     async def forget(self, key: Hashable) -> None:
         """Stop tracking a database; get(key) returns the built-in catalog again."""
         db = self._databases.pop(key, None)

@@ -357,3 +357,19 @@ async def test_locate_names_the_node_at_each_load(
     loaded = await catalogs.wait_loaded(key, timeout=DEADLINE)
     assert catalogs.stats(key).source == where[-1]
     assert route("select f_stable()", loaded) == REPLICA
+
+
+async def test_a_new_server_password_reaches_the_catalog(cluster: Cluster, database: str, make_catalogs) -> None:
+    """set_password (a reload rotating a database's server password): a catalog that failed
+    with the old one loads with the new one; one read as another user is left alone."""
+    catalogs = make_catalogs(retry_interval=0.1)
+    key = ("primary", database)
+    params = replace(params_for(cluster, database), user="pgr_scram", password="old-pw")
+    catalogs.register(key, params)
+    await eventually(lambda: catalogs.stats(key).failures >= 1, "a failed load with the old password")
+    catalogs.set_password(key, "someone_else", "scram-pw")
+    with pytest.raises(TimeoutError):
+        await catalogs.wait_loaded(key, timeout=0.3)
+    catalogs.set_password(key, "pgr_scram", "scram-pw")
+    loaded = await catalogs.wait_loaded(key, timeout=DEADLINE)
+    assert route("select f_stable()", loaded) == REPLICA

@@ -142,22 +142,22 @@ def test_reload_adds_and_removes_logins(start_router, cluster: Cluster) -> None:
 
 
 def test_reload_applies_nothing_that_needs_a_restart(start_router, cluster: Cluster) -> None:
-    """A reload that changes [databases] or a cluster's nodes reports them as needing a
-    restart, and new logins go on meeting the configuration the router started with: not a
-    database added, not a primary moved, not a database removed."""
+    """A reload that moves a cluster's primary reports it as needing a restart, and so does
+    a database added on that cluster: new logins go on meeting the configuration the router
+    started with, not half of the new one."""
     from router.config import Settings
 
     router = start_router()
     config = router_config(cluster)
     changed = {
         **config,
-        "databases": {"app2": {"cluster": "main", "dbname": "app", "server_user": "postgres"}},
+        "databases": {**config["databases"], "app2": {"cluster": "main", "dbname": "app", "server_user": "pgr_trust"}},
         "clusters": {"main": {"primary": {"host": cluster.primary.host, "port": 1}, "replicas": []}},
         "pool_size": 9,
     }
     result = router.call(lambda r: r.reload(Settings(**changed)))
     assert "pool_size" in result["applied"]  # (and users: each router_config() hashes anew)
-    assert {"databases", "clusters.main"} <= set(result["restart_required"])
+    assert {"databases.app2", "clusters.main"} <= set(result["restart_required"])
     with pytest.raises(psycopg.OperationalError, match='database "app2" does not exist'):
         psycopg.connect(router.dsn("carol", dbname="app2"))
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:  # app, on the old primary
@@ -165,3 +165,44 @@ def test_reload_applies_nothing_that_needs_a_restart(start_router, cluster: Clus
     assert router.call(lambda r: (r.settings.pool_size, r.settings.clusters["main"].primary.port)) == (
         9, cluster.primary.port,
     )  # fmt: skip
+
+
+def test_reload_adds_changes_and_removes_databases(start_router, cluster: Cluster) -> None:
+    """[databases] with a reload, as PgBouncer's RELOAD: an entry added serves new logins at
+    once; a changed pool_size (or query_wait_timeout, reserve_pool_size, server_password)
+    applies to the entry's existing pools; any other change to an entry needs a restart and
+    leaves it as it was; an entry removed refuses new logins while its clients go on."""
+    from router.config import Settings
+
+    router = start_router()
+    config = router_config(cluster)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        conn.execute("SELECT 1")  # app's pool exists
+    app2 = {"cluster": "main", "dbname": "app", "server_user": "pgr_trust"}
+
+    def reload(databases: dict) -> dict:
+        result = router.call(lambda r: r.reload(Settings(**{**config, "databases": databases})))
+        result["applied"] = [name for name in result["applied"] if name != "users"]
+        return result
+
+    assert reload({**config["databases"], "app2": app2}) == {"applied": ["databases.app2"], "restart_required": []}
+    in_app2 = psycopg.connect(router.dsn("carol", dbname="app2"), autocommit=True)
+    assert in_app2.execute("SELECT current_user").fetchone() == ("pgr_trust",)
+    app = {**config["databases"]["app"], "pool_size": 2, "server_password": "rotated"}
+    assert reload({"app": app, "app2": app2}) == {"applied": ["databases.app"], "restart_required": []}
+
+    def app_pool():
+        return router.call(
+            lambda r: next((p.settings.size, p.password) for p in r.pools.pools.values() if p.key.user == "postgres")
+        )
+
+    assert app_pool() == (2, "rotated")
+    moved = {**app, "server_user": "pgr_trust"}
+    assert reload({"app": moved, "app2": app2}) == {"applied": [], "restart_required": ["databases.app"]}
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)  # as it was
+    assert reload({"app": app}) == {"applied": ["databases.app2"], "restart_required": []}
+    with pytest.raises(psycopg.OperationalError, match='database "app2" does not exist'):
+        psycopg.connect(router.dsn("carol", dbname="app2"))
+    assert in_app2.execute("SELECT 2").fetchone() == (2,)  # already in: goes on
+    in_app2.close()
