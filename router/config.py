@@ -7,11 +7,21 @@ objects as arguments.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from enum import StrEnum
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from router.protocol.auth import is_scram_verifier
@@ -46,6 +56,20 @@ class AuthMethod(StrEnum):
     SCRAM = "scram-sha-256"
     MD5 = "md5"
     TRUST = "trust"
+
+
+def address_allowed(networks: Sequence[IPvAnyNetwork], address: str | None) -> bool:
+    """Whether a client at ``address`` (None: a Unix socket) may log in under an
+    allowed_cidrs list; an empty list admits everyone."""
+    if not networks:
+        return True
+    try:
+        ip = ip_address(address or "")
+    except ValueError:
+        return False  # not an IP client (a Unix socket): only an empty list admits it
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:10.1.2.3 on a dual-stack listener
+    return any(ip in network for network in networks)
 
 
 class _Strict(BaseModel):
@@ -113,6 +137,9 @@ class UserConfig(_Strict):
 
     auth: AuthMethod = AuthMethod.SCRAM
     password: str | None = None
+    # Client addresses this login may come from ("10.0.0.0/8"); empty: any. Checked after
+    # authentication, as for a tenant's allowed_cidrs.
+    allowed_cidrs: list[IPvAnyNetwork] = []
 
     @model_validator(mode="after")
     def _check_secret(self) -> UserConfig:

@@ -12,7 +12,7 @@ import struct
 import time
 
 from router.admin.console import CONSOLE_DATABASE, ConsoleSession
-from router.config import AuthMethod, ClientTLS, PoolMode
+from router.config import AuthMethod, ClientTLS, PoolMode, address_allowed
 from router.protocol import messages as m
 from router.protocol.auth import (
     SCRAM_SHA_256,
@@ -178,6 +178,7 @@ class LoginMixin:
             SQLState.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
         )
         tenants = self.router.tenants
+        allowed_cidrs = None  # a settings-file login's own (a tenant's are its limits')
         # The admin console: only for the file's logins named in admin_console_users; anyone
         # else asking for that database name is an ordinary client.
         self.console = self.database == CONSOLE_DATABASE and self.user in self.settings.admin_console_users
@@ -197,6 +198,8 @@ class LoginMixin:
             user = self.settings.users.get(self.user)
             method = user.auth if user is not None else AuthMethod.SCRAM
             secret = user.password if user is not None else None
+            if user is not None and user.allowed_cidrs:
+                allowed_cidrs = user.allowed_cidrs
         if method is AuthMethod.TRUST:
             pass
         elif method is AuthMethod.MD5:
@@ -224,13 +227,18 @@ class LoginMixin:
                 # Log into the server as this user with the keys the client just proved.
                 self.scram_keys = (exchange.client_key(client_final), verifier.server_key)
             self.transport.write(m.auth_sasl_final(server_final))
+        if allowed_cidrs and not address_allowed(allowed_cidrs, self._peer_host()):
+            # As pg_hba.conf would refuse it, but only once the login is proven.
+            raise RouterError(
+                SQLState.INVALID_AUTHORIZATION,
+                f'host "{self._peer_host() or "local"}" is not in user "{self.user}"\'s allowed_cidrs',
+            )
         if self.tenant_login is not None:
             if self.tenant_login.tenant is None:
                 raise failed  # trust cannot reach here for an unknown tenant; kept for safety
             self.tenant = self.tenant_login.tenant
             self.user = self.tenant_login.user
-            peer = self.transport.get_extra_info("peername")
-            host = peer[0] if isinstance(peer, tuple) else None
+            host = self._peer_host()
             if not self.tenant.limits.allows(host):
                 # As pg_hba.conf would refuse it, but only once the login is proven: an
                 # address outside the list learns nothing of tenants or users.
@@ -240,6 +248,11 @@ class LoginMixin:
                 )
         # AuthenticationOk goes out with the ParameterStatus block (_finish_login): one write
         # and one wakeup of the client instead of two, per connection.
+
+    def _peer_host(self) -> str | None:
+        """The client's IP address; None over a Unix socket."""
+        peer = self.transport.get_extra_info("peername")
+        return peer[0] if isinstance(peer, tuple) else None
 
     def _start_console(self) -> None:
         """Hand the connection to an admin console session (no pool, no tenant): it takes over

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from ipaddress import ip_address
 from typing import Annotated, Any, ClassVar
 from uuid import UUID
 
@@ -33,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from router.config import AuthMethod, NodeAddress, PoolMode, ServerTLS
+from router.config import AuthMethod, NodeAddress, PoolMode, ServerTLS, address_allowed
 from router.protocol.auth import is_scram_verifier, md5_hash, scram_verifier
 
 # The tenant clients reach when their database name matches no tenant id.
@@ -103,15 +102,7 @@ class TenantLimits(_Strict):
     allowed_cidrs: list[IPvAnyNetwork] = []
 
     def allows(self, address: str | None) -> bool:
-        if not self.allowed_cidrs:
-            return True
-        try:
-            ip = ip_address(address or "")
-        except ValueError:
-            return False  # not an IP client (a Unix socket): only an empty list admits it
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:10.1.2.3 on a dual-stack listener
-        return any(ip in network for network in self.allowed_cidrs)
+        return address_allowed(self.allowed_cidrs, address)
 
 
 class TenantUser(_Strict):
