@@ -9,8 +9,9 @@ CLIENTS and SERVERS ask every worker and add a `worker` column; the rest answer 
 the connection landed on):
 
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
-    SHOW CONFIG   SHOW VERSION    SHOW HELP
-    RELOAD        (re-read the settings file, as SIGHUP)
+    SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP
+    RELOAD        (re-read the settings file, as SIGHUP; every worker)
+    SHUTDOWN      (stop as on SIGTERM: running transactions get shutdown_timeout)
     PAUSE [db]    (new transactions of the database, or of every client, wait; answered once
                   none holds a server connection)
     RESUME [db]   (they go on; also after KILL)
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import signal
 import time
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
@@ -51,14 +54,14 @@ log = logging.getLogger("pgrouter.console")
 CONSOLE_DATABASE = "pgrouter"
 # Messages of the extended query protocol: the first fails with 0A000, the rest wait for Sync.
 _EXTENDED = frozenset(b"PBDECHF")
-_COMMAND = re.compile(r"\s*(show\s+\w+|reload)\s*;?\s*", re.IGNORECASE)
+_COMMAND = re.compile(r"\s*(show\s+\w+|reload|shutdown)\s*;?\s*", re.IGNORECASE)
 _DB_COMMAND = re.compile(
     r'\s*(pause|resume|kill|disable|enable|reconnect|wait_close)(?:\s+(\w+|"[^"]+"))?\s*;?\s*', re.IGNORECASE
 )
 _NEEDS_NAME = frozenset({"KILL", "DISABLE", "ENABLE"})
 _HELP = (
     "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW DATABASES", "SHOW CONFIG", "SHOW VERSION",
-    "SHOW HELP", "RELOAD", "PAUSE [db]", "RESUME [db]", "KILL db", "DISABLE db", "ENABLE db", "RECONNECT [db]",
+    "SHOW USERS", "SHOW HELP", "RELOAD", "SHUTDOWN", "PAUSE [db]", "RESUME [db]", "KILL db", "DISABLE db", "ENABLE db", "RECONNECT [db]",
     "WAIT_CLOSE [db]",
 )  # fmt: skip
 # Settings SHOW CONFIG leaves out: tables of their own (SHOW DATABASES, SHOW NODES), and the
@@ -222,13 +225,9 @@ def _config(router: Router) -> bytes:
     return _table(["key", "value", "default", "changeable"], rows)
 
 
-def _reload(router: Router) -> bytes:
-    if router.worker is not None:
-        # One worker alone would leave the others on the old settings.
-        return m.error_response(
-            SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "with several workers, reload with SIGHUP or POST /reload: every worker re-reads the file",
-        )
+async def _reload(router: Router) -> bytes:
+    """RELOAD: this process re-reads the settings file, and with workers every other one too
+    (over the control sockets, as POST /reload)."""
     if router.config_path is None:
         return m.error_response(
             SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE, "no settings file to reload: the router was not started from one"
@@ -236,8 +235,39 @@ def _reload(router: Router) -> bytes:
     result = router.reload_file()
     if "error" in result:
         return m.error_response(SQLState.CONFIG_FILE_ERROR, str(result["error"]))
+    if router.worker is not None:
+        from router.workers.control import reload_siblings
+
+        failed = [a["error"] for a in (await reload_siblings(router.worker)).values() if "error" in a]
+        if failed:
+            return m.error_response(SQLState.CONFIG_FILE_ERROR, "; ".join(failed))
     notice = f"applied: {', '.join(result['applied']) or 'nothing'}; needs a restart: {', '.join(result['restart_required']) or 'nothing'}"
     return m.notice_response(SQLState.SUCCESSFUL_COMPLETION, notice) + m.command_complete("RELOAD")
+
+
+def _shutdown(router: Router) -> bytes:
+    """SHUTDOWN: the router stops as on SIGTERM (readiness off, no new connections, running
+    transactions get shutdown_timeout), every worker with it: the signal goes to the
+    supervisor, which passes it on."""
+    if router.config_path is None:
+        return m.error_response(
+            SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE, "no process to stop: the router was not started by pgrouter run"
+        )
+    target = os.getppid() if router.worker is not None else os.getpid()
+    log.warning("SHUTDOWN from the admin console: stopping")
+    # After this reply is written: the signal handler runs in the loop, later.
+    asyncio.get_running_loop().call_soon(os.kill, target, signal.SIGTERM)
+    return m.command_complete("SHUTDOWN")
+
+
+def _users(router: Router) -> bytes:
+    """The settings file's logins (never their secrets), as PgBouncer's SHOW USERS lists its."""
+    console = set(router.settings.admin_console_users)
+    rows = [
+        [name, str(user.auth), ", ".join(str(net) for net in user.allowed_cidrs) or None, "yes" if name in console else "no"]
+        for name, user in sorted(router.settings.users.items())
+    ]
+    return _table(["name", "auth", "allowed_cidrs", "console"], rows)
 
 
 def answer(router: Router, sql: str) -> bytes:
@@ -255,8 +285,10 @@ def answer(router: Router, sql: str) -> bytes:
         return _table(["version"], [[f"pgrouter {router_version()}"]])
     if command == "SHOW HELP":
         return _table(["command"], [[name] for name in _HELP])
-    if command == "RELOAD":
-        return _reload(router)
+    if command == "SHOW USERS":
+        return _users(router)
+    if command == "SHUTDOWN":
+        return _shutdown(router)
     if not sql.strip(" \t\n\r;"):
         return m.empty_query_response()
     return m.error_response(
@@ -307,7 +339,9 @@ class ConsoleSession(asyncio.Protocol):
                     sql = m.parse_query(body)
                     command = _command(sql)
                     db_command = _DB_COMMAND.fullmatch(sql)
-                    if db_command is not None or (self.router.worker is not None and command in PER_WORKER):
+                    if db_command is not None or command == "RELOAD" or (
+                        self.router.worker is not None and command in PER_WORKER
+                    ):
                         # Answered in a task (it waits, or asks the other workers); what
                         # follows stays in the reader until it is done.
                         if out:
@@ -315,6 +349,8 @@ class ConsoleSession(asyncio.Protocol):
                         if db_command is not None:
                             verb, name = db_command.group(1).upper(), (db_command.group(2) or "").strip('"')
                             coro = self._database_command(verb, name)
+                        elif command == "RELOAD":
+                            verb, coro = command, _reload(self.router)
                         else:
                             verb, coro = command, self._answer_over_workers(command)
                         self._busy = asyncio.get_running_loop().create_task(self._in_order(verb, coro))

@@ -310,6 +310,36 @@ def test_reload_from_the_console(router_process) -> None:
     assert result.stdout.strip() == "RELOAD"
 
 
+def test_show_users_lists_the_logins_without_secrets(console_router: RouterThread) -> None:
+    with psycopg.connect(console_router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True) as console:
+        cur = console.execute("SHOW USERS")
+        assert [d.name for d in cur.description] == ["name", "auth", "allowed_cidrs", "console"]
+        rows = cur.fetchall()
+    assert rows == [("alice", "scram-sha-256", None, "yes"), ("bob", "md5", None, "no"), ("carol", "trust", None, "no")]
+
+
+def test_shutdown_from_the_console_drains_and_exits(router_process) -> None:
+    """SHUTDOWN stops the router as SIGTERM does: a transaction running then may finish, and
+    the process exits 0. An in-process router (no `pgrouter run`) refuses it."""
+    proc = router_process(admin_console_users=["alice"], shutdown_timeout=20)
+    busy = psycopg.connect(proc.dsn("carol"))
+    busy.execute("SELECT 1")  # in a transaction now
+    result = psql(proc.dsn("alice", "alice-pw", "pgrouter"), "SHUTDOWN")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "SHUTDOWN"
+    assert busy.execute("SELECT 41 + 1").fetchone() == (42,)
+    busy.commit()
+    assert proc.proc.wait(20) == 0
+    busy.close()
+
+
+def test_shutdown_needs_a_process_of_its_own(console_router: RouterThread) -> None:
+    with psycopg.connect(console_router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True) as console:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not started by pgrouter run"):
+            console.execute("SHUTDOWN")
+        assert console.execute("SHOW VERSION").fetchone()
+
+
 def test_console_follows_the_protocol_in_a_pipeline(start_router) -> None:
     """An extended-protocol message fails at once and what follows it waits for the Sync (a
     Query too, as a server skips it); a Terminate after a Query goes out after its answer."""

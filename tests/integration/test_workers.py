@@ -493,6 +493,43 @@ def test_limits_are_split_and_reloads_reach_every_worker(cluster: Cluster, tmp_p
         workers.proc.stop()
 
 
+def test_reload_and_shutdown_from_the_console_reach_every_worker(cluster: Cluster, tmp_path: Path) -> None:
+    """RELOAD on a console connection that worker 0 took re-reads the file in worker 1 too
+    (its larger share of pool_size serves a client that got 53300 before); SHUTDOWN stops the
+    supervisor and every worker, exit status 0."""
+    admin_port = free_port()
+    config = router_config(
+        cluster, workers=WORKERS, admin_port=admin_port, admin_token="reload-token", pool_size=2,
+        query_wait_timeout=0.5, admin_console_users=["alice"],
+    )  # fmt: skip
+    path = write_toml(tmp_path / "router.toml", config)
+    workers = Workers(RouterProcess(path).start(), admin_port)
+    try:
+        holder = psycopg_on(workers, 1)
+        holder.execute("SELECT 1")  # worker 1's only server connection, in a transaction
+        other = psycopg_on(workers, 1, autocommit=True)
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            other.execute("SELECT 2")
+        write_toml(path, {**config, "pool_size": 4})
+        for _ in range(200):
+            console = psycopg.connect(workers.proc.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
+            if workers.worker_of(client_port(console)) == 0:
+                break
+            console.close()
+        notices: list[str] = []
+        console.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+        assert console.execute("RELOAD").statusmessage == "RELOAD"
+        assert notices == ["applied: pool_size; needs a restart: nothing"]
+        assert other.execute("SELECT 3").fetchone() == (3,)  # worker 1 reloaded too
+        holder.commit()
+        assert console.execute("SHUTDOWN").statusmessage == "SHUTDOWN"
+        assert workers.proc.proc.wait(20) == 0
+        for conn in (holder, other, console):
+            conn.close()
+    finally:
+        workers.proc.stop()
+
+
 def test_a_killed_supervisor_takes_its_workers_with_it(cluster: Cluster, tmp_path: Path) -> None:
     import shutil
 
