@@ -149,6 +149,23 @@ class RouterProcess:
         return self.proc.returncode
 
 
+def login_error(conninfo: str) -> tuple[str | None, str]:
+    """The SQLSTATE and message a login fails with (asyncpg reports the server's code), or
+    (None, "connected")."""
+
+    async def attempt() -> tuple[str | None, str]:
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(conninfo)
+        except asyncpg.PostgresError as exc:
+            return exc.sqlstate, str(exc)
+        await conn.close()
+        return None, "connected"
+
+    return asyncio.run(attempt())
+
+
 def write_toml(path: Path, data: dict[str, Any]) -> Path:
     """Write a (nested) dict as TOML; enough for our configuration files."""
 

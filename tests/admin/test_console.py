@@ -146,6 +146,18 @@ def test_pause_waits_for_running_transactions_and_resume_lets_the_waiting_go_on(
         conn.close()
 
 
+def _waits_at_the_gate(router: RouterThread, conn, gate: str, console, resume: str) -> None:
+    """``conn``'s next transaction waits at the console's gate ``gate`` ("": every database)
+    until the console sends ``resume``, then runs."""
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(conn.execute("SELECT 3").fetchone()))
+    waiting.start()
+    router.wait_for(lambda r: len(r.db_gates[gate].waiters) == 1, what="the next transaction at the gate")
+    console.execute(resume)
+    waiting.join(10)
+    assert got == [(3,)]
+
+
 def test_pause_gives_up_waiting_after_tenant_drop_timeout(start_router) -> None:
     """A client that keeps its transaction open: PAUSE answers after tenant_drop_timeout with
     a WARNING counting it, and its next transaction waits like the others."""
@@ -159,13 +171,7 @@ def test_pause_gives_up_waiting_after_tenant_drop_timeout(start_router) -> None:
     assert console.execute("PAUSE").statusmessage == "PAUSE"  # every database
     assert notices == ["WARNING: 1 clients still hold server connections after tenant_drop_timeout (0.5s); their next transactions wait"]
     holder.execute("COMMIT")  # in the transaction: goes on
-    got: list = []
-    waiting = threading.Thread(target=lambda: got.append(holder.execute("SELECT 3").fetchone()))
-    waiting.start()
-    router.wait_for(lambda r: len(r.db_gates[""].waiters) == 1, what="the next transaction at the gate")
-    console.execute("RESUME")
-    waiting.join(10)
-    assert got == [(3,)]
+    _waits_at_the_gate(router, holder, "", console, "RESUME")
     console.close()
     holder.close()
 
@@ -211,6 +217,17 @@ def test_disable_refuses_new_logins_and_enable_lets_them_in(console_router: Rout
         conn.close()
 
 
+def _busy_and_idle(router: RouterThread) -> tuple[psycopg.Connection, int, psycopg.Connection, int]:
+    """Two clients of app: one in a transaction (holding its server connection), one between
+    transactions (its server connection idle in the pool); each with its backend's pid."""
+    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
+    idle = psycopg.connect(router.dsn("carol"), autocommit=True)
+    busy.execute("BEGIN")
+    pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]
+    idle_pid = idle.execute("SELECT pg_backend_pid()").fetchone()[0]
+    return busy, pid, idle, idle_pid
+
+
 def test_kill_drops_clients_and_servers_and_holds_new_transactions(start_router, cluster: Cluster) -> None:
     """KILL app: its clients are disconnected (57P01) and its server connections closed at
     once, a transaction's included; a client that logs in afterwards waits at the gate until
@@ -219,11 +236,7 @@ def test_kill_drops_clients_and_servers_and_holds_new_transactions(start_router,
     console = psycopg.connect(router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
     notices: list[str] = []
     console.add_notice_handler(lambda diag: notices.append(diag.message_primary))
-    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
-    idle = psycopg.connect(router.dsn("carol"), autocommit=True)
-    busy.execute("BEGIN")
-    pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]
-    idle_pid = idle.execute("SELECT pg_backend_pid()").fetchone()[0]
+    busy, pid, idle, idle_pid = _busy_and_idle(router)
     assert console.execute("KILL app").statusmessage == "KILL"
     assert notices == ["2 clients disconnected; new transactions wait for RESUME"]
     for conn in (busy, idle):
@@ -232,13 +245,7 @@ def test_kill_drops_clients_and_servers_and_holds_new_transactions(start_router,
     _poll(lambda: not _backend_alive(cluster, pid) and not _backend_alive(cluster, idle_pid), "servers closed")
     assert console.execute("SHOW CLIENTS").fetchall() == []  # gone; the console itself goes on
     later = psycopg.connect(router.dsn("carol"), autocommit=True)  # logins still work
-    got: list = []
-    waiting = threading.Thread(target=lambda: got.append(later.execute("SELECT 3").fetchone()))
-    waiting.start()
-    router.wait_for(lambda r: len(r.db_gates["app"].waiters) == 1, what="the new transaction at the gate")
-    console.execute("RESUME app")
-    waiting.join(10)
-    assert got == [(3,)]
+    _waits_at_the_gate(router, later, "app", console, "RESUME app")
     for conn in (console, busy, idle, later):
         conn.close()
 
@@ -251,11 +258,7 @@ def test_reconnect_closes_each_server_connection_once_released(start_router, clu
     console = psycopg.connect(router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
     notices: list[str] = []
     console.add_notice_handler(lambda diag: notices.append(f"{diag.severity}: {diag.message_primary}"))
-    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
-    idle = psycopg.connect(router.dsn("carol"), autocommit=True)
-    busy.execute("BEGIN")
-    pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]
-    idle_pid = idle.execute("SELECT pg_backend_pid()").fetchone()[0]
+    busy, pid, idle, idle_pid = _busy_and_idle(router)
     assert console.execute("RECONNECT app").statusmessage == "RECONNECT"
     _poll(lambda: not _backend_alive(cluster, idle_pid), "the idle server connection closed")
     assert _backend_alive(cluster, pid)

@@ -15,6 +15,7 @@ import trustme
 
 from tests.cluster import SERVER_USERS
 from tests.conftest import CLIENT_USERS, users_config
+from tests.harness import login_error
 from tests.rawclient import RawClient
 
 
@@ -62,29 +63,19 @@ def test_a_login_s_allowed_cidrs(start_router, cluster):
     """users.NAME.allowed_cidrs: a login from outside the list fails with 28000 once its
     password is proven (a wrong one still gets 28P01); other logins are not touched; a reload
     changes the list for the next login."""
-    import asyncio
-
-    async def login_error(dsn: str) -> tuple[str | None, str]:
-        try:
-            conn = await asyncpg.connect(dsn)
-        except asyncpg.PostgresError as exc:
-            return exc.sqlstate, str(exc)
-        await conn.close()
-        return None, "connected"
-
     users = users_config()
     users["alice"]["allowed_cidrs"] = ["10.0.0.0/8", "2001:db8::/32"]
     router = start_router(users=users)
-    code, message = asyncio.run(login_error(router.dsn("alice", "alice-pw")))
+    code, message = login_error(router.dsn("alice", "alice-pw"))
     assert code == "28000" and message == 'host "127.0.0.1" is not in user "alice"\'s allowed_cidrs'
-    assert asyncio.run(login_error(router.dsn("alice", "wrong")))[0] == "28P01"
-    assert asyncio.run(login_error(router.dsn("bob", "bob-pw"))) == (None, "connected")
+    assert login_error(router.dsn("alice", "wrong"))[0] == "28P01"
+    assert login_error(router.dsn("bob", "bob-pw")) == (None, "connected")
     from router.config import Settings
     from tests.conftest import router_config
 
     users["alice"]["allowed_cidrs"] = ["127.0.0.0/8"]
     router.call(lambda r: r.reload(Settings(**router_config(cluster, users=users))))
-    assert asyncio.run(login_error(router.dsn("alice", "alice-pw"))) == (None, "connected")
+    assert login_error(router.dsn("alice", "alice-pw")) == (None, "connected")
 
 
 def test_unknown_user_looks_like_a_wrong_password(router):

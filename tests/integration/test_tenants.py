@@ -18,7 +18,7 @@ from router.registry.crypto import Keyring, generate_key
 from router.registry.models import TenantCreate
 from router.registry.store import RedisStore
 from tests.cluster import Cluster
-from tests.harness import RouterThread
+from tests.harness import RouterThread, login_error
 
 SERVER_USER, SERVER_PASSWORD = "pgr_scram", "scram-pw"
 
@@ -94,21 +94,6 @@ def tenant_router(start_router, registry, cluster, tenant_dbs) -> RouterThread:
     store_do(registry, lambda s: s.create(tenant_body(cluster, "acme", tenant_dbs["acme"], {"alice": "alice-t"})))
     store_do(registry, lambda s: s.create(tenant_body(cluster, "globex", tenant_dbs["globex"], {"bob": "bob-t"})))
     return start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
-
-
-def login_error(conninfo: str) -> tuple[str | None, str]:
-    """The SQLSTATE and message a login fails with (asyncpg reports the server's code)."""
-    async def attempt():
-        import asyncpg
-
-        try:
-            conn = await asyncpg.connect(conninfo)
-        except asyncpg.PostgresError as exc:
-            return exc.sqlstate, str(exc)
-        await conn.close()
-        return None, "connected"
-
-    return run(attempt())
 
 
 def dsn(router: RouterThread, user: str, password: str, db: str, **params) -> str:
