@@ -63,7 +63,7 @@ LIVE_SETTINGS = frozenset({
 })  # fmt: skip
 # What a reload changes in an existing [databases] entry, its pools following; any other
 # change to an entry needs a restart (an entry added or removed is applied).
-LIVE_DATABASE_FIELDS = ("pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
+LIVE_DATABASE_FIELDS = ("pool_size", "min_pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
 _REPLICA_READ = ("replica", RouteReason.READ)
 _Q = ord("Q")
 # Transaction durations (pgrouter_transaction_duration_seconds), from 100 µs to a minute.
@@ -522,9 +522,9 @@ class Router:
         self.clients[pid] = client
         return pid, new_cancel_key()
 
-    def share(self, total: int) -> int:
+    def share(self, total: int, minimum: int = 1) -> int:
         """This process's part of a limit set for the whole router (a tenant's pool size)."""
-        return total if self.worker is None else self.worker.part(total)
+        return total if self.worker is None else self.worker.part(total, minimum=minimum)
 
     def note_pinned(self, client: ClientConnection) -> None:
         if client.pins:

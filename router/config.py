@@ -121,6 +121,7 @@ class DatabaseConfig(_Strict):
     server_user: str | None = None  # defaults to the client's user name
     server_password: str | None = None
     pool_size: int | None = Field(None, ge=1)
+    min_pool_size: int | None = Field(None, ge=0)  # default: the global setting
     pool_mode: PoolMode | None = None
     query_wait_timeout: float | None = Field(None, gt=0)  # default: the global setting
     # Server connections all pools of the real database may hold together on a node (0 = no

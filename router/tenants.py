@@ -279,6 +279,7 @@ class TenantManager:
                 tenant.server_password.get_secret_value() if tenant.server_password else None
             ),
             pool_size=self.router.share(tenant.pool.size),  # this worker's part
+            min_pool_size=self.router.share(tenant.pool.min_size, minimum=0),
             pool_mode=tenant.pool.mode,
             query_wait_timeout=tenant.limits.query_wait_timeout,
             server_tls=tenant.cluster.tls,

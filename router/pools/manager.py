@@ -93,9 +93,10 @@ class PoolManager:
         then the global ones): at creation, and again at each reload."""
         s = self.settings
         size = db.pool_size or s.pool_size
+        min_size = s.min_pool_size if db.min_pool_size is None else db.min_pool_size
         return {
             "size": size,
-            "min_size": min(s.min_pool_size, size),
+            "min_size": min(min_size, size),
             "query_wait_timeout": db.query_wait_timeout or s.query_wait_timeout,
             "idle_timeout": s.server_idle_timeout,
             "lifetime": s.server_lifetime,

@@ -58,6 +58,8 @@ class WorkerSlot:
             parts["pool_size"] = self.part(db.pool_size)
         if db.reserve_pool_size:
             parts["reserve_pool_size"] = self.part(db.reserve_pool_size, minimum=0)
+        if db.min_pool_size:
+            parts["min_pool_size"] = self.part(db.min_pool_size, minimum=0)
         if db.max_db_connections:
             parts["max_db_connections"] = self.part(db.max_db_connections)
         return parts

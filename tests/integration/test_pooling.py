@@ -84,6 +84,15 @@ def test_min_pool_size_is_opened_at_start_and_kept(start_router):
     router.wait_for(lambda r: sum(p.stats()["idle"] for p in r.pools.pools.values()) == 2, what="pool topped up")
 
 
+def test_a_database_s_own_min_pool_size(start_router):
+    """databases.NAME.min_pool_size, as PgBouncer's per-database one, over the global 0."""
+    router = start_router(
+        pool_size=4, min_pool_size=0,
+        databases={"app": {"cluster": "main", "server_user": "postgres", "min_pool_size": 2}},
+    )  # fmt: skip
+    router.wait_for(lambda r: sum(p.stats()["idle"] for p in r.pools.pools.values()) == 2, what="2 idle servers")
+
+
 def test_server_idle_timeout_closes_idle_servers(start_router):
     router = start_router(server_idle_timeout=0.3)
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:

@@ -179,6 +179,19 @@ def test_allowed_cidrs_refuse_other_addresses_after_the_password(tenant_router: 
     connected.close()
 
 
+def test_a_tenant_s_pool_min_size(start_router, registry, cluster, tenant_dbs) -> None:
+    """pool.min_size of a tenant's record: once its first client has logged in (the pool
+    exists), the pool keeps that many server connections open, whatever min_pool_size says."""
+    url, key, prefix = registry
+    body = tenant_body(cluster, "acme", tenant_dbs["acme"], {"alice": "alice-t"}, pool={"size": 4, "min_size": 3})
+    store_do(registry, lambda s: s.create(body))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix, min_pool_size=1)
+    with psycopg.connect(dsn(router, "alice", "alice-t", "acme")) as conn:
+        conn.execute("SELECT 1")
+    router.wait_for(lambda r: [len(p.servers) for p in r.pools.pools.values() if p.key.dbname == tenant_dbs["acme"]] == [3],
+                    what="the tenant's pool at its min_size")
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message

@@ -72,12 +72,13 @@ def test_worker_settings_take_their_part() -> None:
 
 
 def test_caps_and_reserves_are_split_too() -> None:
-    """max_db_connections / max_user_connections and reserve_pool_size are for the whole
-    router, as pool_size is: each worker gets its part (a cap at least 1, 0 stays no cap)."""
+    """max_db_connections / max_user_connections, reserve_pool_size and a database's
+    min_pool_size are for the whole router, as pool_size is: each worker gets its part (a cap
+    at least 1, 0 stays no cap)."""
     settings = Settings(
         max_db_connections=10, max_user_connections=0, reserve_pool_size=3,
         clusters={"main": {"primary": {"host": "h"}}},
-        databases={"app": {"cluster": "main", "max_db_connections": 4, "reserve_pool_size": 1},
+        databases={"app": {"cluster": "main", "max_db_connections": 4, "reserve_pool_size": 1, "min_pool_size": 2},
                    "other": {"cluster": "main", "max_db_connections": 0}},
     )  # fmt: skip
     parts = [slot(i, 3).settings_for(settings) for i in range(3)]
@@ -86,6 +87,7 @@ def test_caps_and_reserves_are_split_too() -> None:
     assert [p.reserve_pool_size for p in parts] == [1, 1, 1]
     assert [p.databases["app"].max_db_connections for p in parts] == [2, 1, 1]
     assert [p.databases["app"].reserve_pool_size for p in parts] == [1, 0, 0]
+    assert [p.databases["app"].min_pool_size for p in parts] == [1, 1, 0]
     assert [p.databases["other"].max_db_connections for p in parts] == [0, 0, 0]
     assert all(p.databases["other"].reserve_pool_size is None for p in parts)  # follows the global
 
