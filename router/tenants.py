@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from router.config import (
@@ -372,7 +372,9 @@ class TenantManager:
         self.apply(tenant)
 
     def apply(self, tenant: Tenant) -> None:
-        """Bring this instance in line with ``tenant``'s record (pause state, login data)."""
+        """Bring this instance in line with ``tenant``'s record (pause state, login data, the
+        sizes and wait timeout of the pools its clients use)."""
+        self._resize_pools(tenant)
         for client in list(self.clients.get(tenant.tenant_id, ())):
             old = client.tenant
             client.tenant = tenant
@@ -382,6 +384,26 @@ class TenantManager:
             self.pause(tenant.tenant_id)
         else:
             self.resume(tenant.tenant_id)
+
+    def _resize_pools(self, tenant: Tenant) -> None:
+        """pool.size, pool.min_size and limits.query_wait_timeout apply to the tenant's
+        existing pools at once (its pool mode to new pools only: a client mid-session keeps
+        its own). A pool shared with other tenants (shared schema) follows the record changed
+        last."""
+        share = self.router.share
+        update = {
+            "pool_size": share(tenant.pool.size),
+            "min_pool_size": share(tenant.pool.min_size, minimum=0),
+            "query_wait_timeout": tenant.limits.query_wait_timeout,
+        }
+        pools = self.pools.get(tenant.tenant_id, set())
+        for pool in pools:
+            if pool.db is not None:
+                pool.db = pool.db.model_copy(update=update)
+                pool.settings = replace(pool.settings, **self.router.pools.live_settings(pool.db))
+        for route in self.router.db_routes.values():
+            if route.primary_pool in pools:  # its replicas' pools, opened later, alike
+                route.db = route.db.model_copy(update=update)
 
     def pause(self, tenant_id: str) -> None:
         if tenant_id not in self.gates:

@@ -192,6 +192,28 @@ def test_a_tenant_s_pool_min_size(start_router, registry, cluster, tenant_dbs) -
                     what="the tenant's pool at its min_size")
 
 
+def test_a_tenant_s_new_pool_size_applies_to_its_pool(tenant_router: RouterThread, registry, tenant_dbs) -> None:
+    """PATCH pool.size / pool.min_size / limits.query_wait_timeout: the tenant's existing pool
+    follows at once (clients stay connected), not only pools opened later."""
+    from router.registry.models import TenantPatch
+
+    conn = psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme"), autocommit=True)
+    conn.execute("SELECT 1")
+
+    def settings(r) -> list[tuple[int, int, float]]:
+        return [
+            (p.settings.size, p.settings.min_size, p.settings.query_wait_timeout)
+            for p in r.pools.pools.values() if p.key.dbname == tenant_dbs["acme"]
+        ]  # fmt: skip
+
+    assert tenant_router.call(settings) == [(20, 0, 120.0)]
+    patch = TenantPatch.model_validate({"pool": {"size": 3, "min_size": 2}, "limits": {"query_wait_timeout": 7}})
+    store_do(registry, lambda s: s.patch("acme", patch))
+    tenant_router.wait_for(lambda r: settings(r) == [(3, 2, 7.0)], what="the pool following the record")
+    assert conn.execute("SELECT 2").fetchone() == (2,)
+    conn.close()
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message
