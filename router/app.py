@@ -602,24 +602,11 @@ class Router:
     async def pause_database_everywhere(self, name: str) -> int:
         """PAUSE in this process and every worker, then wait (up to tenant_drop_timeout) until
         no client of the database holds a server connection; returns how many still do."""
-        from router.workers.control import sibling_database_pause
-
-        deadline = time.monotonic() + self.settings.tenant_drop_timeout
-        while True:
-            self.pause_database(name)  # again on each pass: a restarted worker is paused too
-            busy = self.database_in_flight(name)
-            if self.worker is not None:
-                busy += sum(await sibling_database_pause(self.worker, name, pause=True))
-            if not busy or time.monotonic() >= deadline:
-                return busy
-            await asyncio.sleep(0.05)
+        # Paused again on each pass: a restarted worker is paused too.
+        return await self._until_none_left("PAUSE", name)
 
     async def resume_database_everywhere(self, name: str) -> None:
-        from router.workers.control import sibling_database_pause
-
-        self.resume_database(name)
-        if self.worker is not None:
-            await sibling_database_pause(self.worker, name, pause=False)
+        await self.database_command_everywhere("RESUME", name)
 
     def database_pools(self, name: str) -> list[Pool]:
         """The pools serving settings-file database ``name`` ("": every pool): on its
@@ -642,10 +629,17 @@ class Router:
         ]  # fmt: skip
 
     def database_command(self, verb: str, name: str) -> int:
-        """The console's DISABLE, ENABLE, KILL, RECONNECT and WAIT_CLOSE of database ``name``,
-        in this process (PgBouncer's commands). Returns a count: the clients KILL
-        disconnected, the server connections RECONNECT marked, or those WAIT_CLOSE still
-        waits for."""
+        """The console's PAUSE, RESUME, DISABLE, ENABLE, KILL, RECONNECT and WAIT_CLOSE of
+        database ``name`` ("": every database, for PAUSE, RESUME, RECONNECT, WAIT_CLOSE), in
+        this process (PgBouncer's commands). Returns a count: the clients still holding a
+        server connection after PAUSE, those KILL disconnected, the server connections
+        RECONNECT marked, or those WAIT_CLOSE still waits for."""
+        if verb == "PAUSE":
+            self.pause_database(name)
+            return self.database_in_flight(name)
+        if verb == "RESUME":
+            self.resume_database(name)
+            return 0
         if verb == "DISABLE":
             if name not in self.disabled_databases:
                 log.info("database %s disabled: new logins are refused", name)
@@ -692,9 +686,14 @@ class Router:
     async def wait_close_everywhere(self, name: str) -> int:
         """WAIT_CLOSE: until no server connection RECONNECT marked is left open, in any
         worker, or tenant_drop_timeout has passed; returns how many are still open."""
+        return await self._until_none_left("WAIT_CLOSE", name)
+
+    async def _until_none_left(self, verb: str, name: str) -> int:
+        """Run ``verb`` everywhere until its count is 0, or tenant_drop_timeout has passed;
+        the last count."""
         deadline = time.monotonic() + self.settings.tenant_drop_timeout
         while True:
-            left = await self.database_command_everywhere("WAIT_CLOSE", name)
+            left = await self.database_command_everywhere(verb, name)
             if not left or time.monotonic() >= deadline:
                 return left
             await asyncio.sleep(0.05)

@@ -387,9 +387,9 @@ class TenantManager:
 
     def _resize_pools(self, tenant: Tenant) -> None:
         """pool.size, pool.min_size and limits.query_wait_timeout apply to the tenant's
-        existing pools at once (its pool mode to new pools only: a client mid-session keeps
-        its own). A pool shared with other tenants (shared schema) follows the record changed
-        last."""
+        existing pools at once (not pool.mode: an open pool keeps its mode, which clients
+        mid-session depend on). A pool shared with other tenants (shared schema) follows the
+        record changed last."""
         share = self.router.share
         update = {
             "pool_size": share(tenant.pool.size),

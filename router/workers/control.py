@@ -43,13 +43,13 @@ PAUSE = b"P"
 QUERIES = b"Q"
 STATUS = b"S"
 CONSOLE = b"K"  # an admin console SHOW of what each worker holds (POOLS, CLIENTS, SERVERS)
-DB_PAUSE = b"D"  # the console's PAUSE [db]: answered with the clients still holding servers
-DB_RESUME = b"E"
-DB_COMMAND = b"B"  # the console's KILL, DISABLE, ENABLE, RECONNECT, WAIT_CLOSE: "VERB name"
+# The console's PAUSE, RESUME, KILL, DISABLE, ENABLE, RECONNECT, WAIT_CLOSE: "VERB name",
+# answered with Router.database_command's count.
+DB_COMMAND = b"B"
 # A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
 # should not wait on it.
 REQUEST_TIMEOUT = 2.0
-DATABASE_VERBS = frozenset({"KILL", "DISABLE", "ENABLE", "RECONNECT", "WAIT_CLOSE"})
+DATABASE_VERBS = frozenset({"PAUSE", "RESUME", "KILL", "DISABLE", "ENABLE", "RECONNECT", "WAIT_CLOSE"})
 MAX_REQUEST = 128  # bytes; the largest request is a command byte and a tenant id (63 bytes)
 
 
@@ -128,12 +128,6 @@ class ControlServer:
         if command == STATUS:  # a tenant's, or (no payload) the whole router's
             status = self.router.tenants.status(payload.decode()) if payload else self.router.status()
             return json.dumps(status).encode()
-        if command == DB_PAUSE:
-            self.router.pause_database(payload.decode())
-            return str(self.router.database_in_flight(payload.decode())).encode()
-        if command == DB_RESUME:
-            self.router.resume_database(payload.decode())
-            return b"0"
         if command == DB_COMMAND:
             verb, _, name = payload.decode().partition(" ")
             if verb not in DATABASE_VERBS:
@@ -268,22 +262,6 @@ async def sibling_database_command(slot: WorkerSlot, verb: str, name: str) -> li
             return int(await request(slot.control_socket(index), DB_COMMAND + f"{verb} {name}".encode()))
         except (OSError, TimeoutError, ValueError) as exc:
             log.warning("worker %d did not answer a database %s request: %s", index, verb, exc)
-            return 1
-
-    others = [i for i in range(slot.count) if i != slot.index]
-    return list(await asyncio.gather(*(one(i) for i in others)))
-
-
-async def sibling_database_pause(slot: WorkerSlot, name: str, *, pause: bool) -> list[int]:
-    """PAUSE (or RESUME) database ``name`` in every other worker; for PAUSE, how many of
-    their clients still hold a server connection (a worker that does not answer counts 1:
-    it may)."""
-
-    async def one(index: int) -> int:
-        try:
-            return int(await request(slot.control_socket(index), (DB_PAUSE if pause else DB_RESUME) + name.encode()))
-        except (OSError, TimeoutError, ValueError) as exc:
-            log.warning("worker %d did not answer a database pause request: %s", index, exc)
             return 1
 
     others = [i for i in range(slot.count) if i != slot.index]

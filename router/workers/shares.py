@@ -48,8 +48,8 @@ class WorkerSlot:
     def part(self, total: int, *, minimum: int = 1) -> int:
         return share(total, self.index, self.count, minimum=minimum)
 
-    def _cap_part(self, cap: int | None) -> int | None:
-        return self.part(cap) if cap else cap
+    def _cap_part(self, cap: int) -> int:
+        return self.part(cap) if cap else 0  # 0 is no cap: it stays 0
 
     def _db_parts(self, db: DatabaseConfig) -> dict:
         """A [databases] entry's limits, this worker's part of each (unset ones stay unset)."""
