@@ -59,7 +59,7 @@ LIVE_SETTINGS = frozenset({
     "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
     "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
     "client_idle_timeout", "query_timeout", "reserve_pool_size", "reserve_pool_timeout",
-    "users", "admin_console_users",
+    "users", "admin_console_users", "stats_period",
 })  # fmt: skip
 # What a reload changes in an existing [databases] entry, its pools following; any other
 # change to an entry needs a restart (an entry added or removed is applied).
@@ -151,7 +151,8 @@ class Router:
         self.pools = PoolManager(settings, self.statements.validated)
         self.pools.on_tick = self.end_idle_clients
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
-        self.client_count = 0
+        self.client_count = 0  # admitted: logging in, logged in, or in the admin console
+        self.console_sessions = 0
         self.pinned_clients: set[ClientConnection] = set()  # counted for metrics
         # TLS SNI host names by handshake, until login reads them (_note_server_name).
         self.sni_names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()

@@ -223,6 +223,8 @@ class Settings(BaseSettings):
     # 0 turns statistics off. Calls slower than slow_query_ms are logged (0: no slow-query log).
     query_stats_max: int = Field(1000, ge=0)
     slow_query_ms: float = Field(1000.0, ge=0)
+    # Seconds over which SHOW STATS / GET /stats average (PgBouncer's stats_period).
+    stats_period: int = Field(60, ge=1)
     log_format: str = Field("json", pattern="^(json|text)$")  # json: one event per line
 
     # Read/write splitting (clusters with replicas; README "Read/write splitting").

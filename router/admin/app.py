@@ -32,10 +32,12 @@ from router.admin.queries import query_routes
 from router.admin.views import (
     DatabaseCommandView,
     DatabasePauseView,
+    DatabaseStatsView,
     ErrorView,
     HealthView,
     PoolsView,
     ReadinessView,
+    StatsView,
     TopologyView,
     json_safe,
 )
@@ -142,6 +144,32 @@ def create_app(
     async def pools() -> PoolsView:
         here = await router_status()
         return PoolsView(clients=here["clients"], pools=here["pools"])
+
+    @app.get(
+        "/stats",
+        tags=["operations"],
+        summary="Transactions, queries, bytes and waits per database (PgBouncer's SHOW STATS)",
+        responses=auth_errors,
+        dependencies=[Depends(require_token)],
+    )
+    async def stats() -> StatsView:
+        from router.admin.console import (
+            AVERAGE_COLUMNS,
+            TOTAL_COLUMNS,
+            every_worker,
+            merged_traffic,
+        )
+
+        everyone = await every_worker(router, "TRAFFIC")
+        databases = [
+            DatabaseStatsView(
+                database=row.database,
+                **dict(zip(TOTAL_COLUMNS + AVERAGE_COLUMNS, row.total_columns() + row.average_columns(), strict=True)),
+            )
+            for row in merged_traffic(everyone)
+        ]
+        reporting = sum(rows is not None for rows in everyone.values())
+        return StatsView(stats_period=router.settings.stats_period, workers_reporting=reporting, databases=databases)
 
     @app.get(
         "/topology",

@@ -5,11 +5,14 @@ A user named in ``admin_console_users`` (a ``[users]`` login of the settings fil
 usual) who connects to the database ``pgrouter`` gets this session instead of a pool. It
 speaks the simple query protocol (psql, ``psycopg``'s ``execute()`` without parameters) and
 answers each command itself, from this process's state (with several workers, SHOW POOLS,
-CLIENTS and SERVERS ask every worker and add a `worker` column; the rest answer for the worker
+CLIENTS and SERVERS ask every worker and add a `worker` column, SHOW STATS, STATS_TOTALS,
+STATS_AVERAGES, TOTALS and LISTS add every worker's figures up; the rest answer for the worker
 the connection landed on):
 
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
-    SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP
+    SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP     SHOW LISTS
+    SHOW STATS    SHOW STATS_TOTALS   SHOW STATS_AVERAGES   SHOW TOTALS
+                  (PgBouncer's figures per real database: router/stats/traffic.py)
     RELOAD        (re-read the settings file, as SIGHUP; every worker)
     SHUTDOWN      (stop as on SIGTERM: running transactions get shutdown_timeout)
     PAUSE [db]    (new transactions of the database, or of every client, wait; answered once
@@ -44,6 +47,7 @@ from pydantic_core import PydanticUndefined
 from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, SQLState
 from router.protocol.framing import MessageReader
+from router.stats.traffic import TOTALS, TrafficRow, merge_rows
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -61,7 +65,8 @@ _DB_COMMAND = re.compile(
 _NEEDS_NAME = frozenset({"KILL", "DISABLE", "ENABLE"})
 _HELP = (
     "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW DATABASES", "SHOW CONFIG", "SHOW VERSION",
-    "SHOW USERS", "SHOW HELP", "RELOAD", "SHUTDOWN", "PAUSE [db]", "RESUME [db]", "KILL db", "DISABLE db", "ENABLE db", "RECONNECT [db]",
+    "SHOW USERS", "SHOW HELP", "SHOW STATS", "SHOW STATS_TOTALS", "SHOW STATS_AVERAGES", "SHOW TOTALS", "SHOW LISTS",
+    "RELOAD", "SHUTDOWN", "PAUSE [db]", "RESUME [db]", "KILL db", "DISABLE db", "ENABLE db", "RECONNECT [db]",
     "WAIT_CLOSE [db]",
 )  # fmt: skip
 # Settings SHOW CONFIG leaves out: tables of their own (SHOW DATABASES, SHOW NODES), and the
@@ -159,10 +164,78 @@ def _servers(router: Router, now: float) -> Rows:
 # `worker` column (ConsoleSession._answer_over_workers).
 PER_WORKER = {"SHOW POOLS": _pools, "SHOW CLIENTS": _clients, "SHOW SERVERS": _servers}
 
+TOTAL_COLUMNS = ["total_xact_count", "total_query_count", "total_received", "total_sent", "total_xact_time",
+                 "total_query_time", "total_wait_time"]  # fmt: skip
+AVERAGE_COLUMNS = ["avg_xact_count", "avg_query_count", "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time",
+                   "avg_wait_time"]  # fmt: skip
+
+
+def _traffic(router: Router, now: float) -> Rows:
+    """This process's SHOW STATS figures, unrounded: each database's totals, how much they
+    grew in the last closed period, and its length (TrafficRow)."""
+    rows = [[row.database, *row.totals, *row.delta, row.seconds] for row in traffic_rows(router)]
+    return ["database", *TOTALS, *(f"period_{name}" for name in TOTALS), "period_seconds"], rows
+
+
+def traffic_rows(router: Router) -> list[TrafficRow]:
+    return [TrafficRow.of(name, traffic) for name, traffic in sorted(router.pools.traffic.items())]
+
+
+def _traffic_row(raw: list) -> TrafficRow:
+    k = len(TOTALS)
+    return TrafficRow(raw[0], raw[1 : 1 + k], raw[1 + k : 1 + 2 * k], raw[1 + 2 * k])
+
+
+def _list_counts(router: Router, now: float) -> Rows:
+    """SHOW LISTS' items that each worker counts for itself (added up over workers)."""
+    pools = router.pools.pools.values()
+    rows = [
+        ["pools", len(pools)],
+        ["used_clients", len(router.clients)],  # logged in to a database
+        ["login_clients", max(0, router.client_count - len(router.clients) - router.console_sessions)],
+        ["console_clients", router.console_sessions],
+        ["used_servers", sum(len(pool.servers) for pool in pools)],
+    ]
+    return ["list", "items"], rows
+
+
+# Figures that each worker keeps and the console adds up: merged, not listed per worker.
+SUMMED = {"TRAFFIC": _traffic, "LISTS": _list_counts}
+STATS_COMMANDS = frozenset({"SHOW STATS", "SHOW STATS_TOTALS", "SHOW STATS_AVERAGES", "SHOW TOTALS", "SHOW LISTS"})
+
 
 def worker_rows(router: Router, command: str) -> Rows:
-    """This process's rows of a PER_WORKER command (the control socket's CONSOLE request)."""
-    return PER_WORKER[command](router, time.monotonic())
+    """This process's rows of a PER_WORKER command or SUMMED table (the control socket's
+    CONSOLE request)."""
+    return (PER_WORKER.get(command) or SUMMED[command])(router, time.monotonic())
+
+
+def stats_reply(router: Router, command: str, traffic: list[TrafficRow], counts: list[list]) -> bytes:
+    """A STATS_COMMANDS reply from figures already added up over the workers: ``traffic``
+    for the SHOW STATS family, ``counts`` (SHOW LISTS' items) for SHOW LISTS."""
+    if command == "SHOW LISTS":
+        rows = [["databases", len(router.settings.databases)], ["users", len(router.settings.users)], *counts]
+        return _table(["list", "items"], rows)
+    if command == "SHOW TOTALS":
+        whole = merge_rows([[TrafficRow("", row.totals, row.delta, row.seconds) for row in traffic]])
+        values = whole[0].total_columns() + whole[0].average_columns() if whole else [0] * 2 * len(TOTALS)
+        return _table(["name", "value"], [list(pair) for pair in zip(TOTAL_COLUMNS + AVERAGE_COLUMNS, values, strict=True)])
+    totals, averages = command != "SHOW STATS_AVERAGES", command != "SHOW STATS_TOTALS"
+    columns = ["database", *(TOTAL_COLUMNS if totals else []), *(AVERAGE_COLUMNS if averages else [])]
+    rows = [
+        [row.database, *(row.total_columns() if totals else []), *(row.average_columns() if averages else [])]
+        for row in traffic
+    ]
+    return _table(columns, rows)
+
+
+def _merge_counts(groups: list[list[list]]) -> list[list]:
+    """Several workers' SHOW LISTS counts, item by item, in the first's order."""
+    totals: dict[str, int] = {}
+    for rows in groups:
+        for item, n in rows:
+            totals[item] = totals.get(item, 0) + n
+    return [[item, n] for item, n in totals.items()]
 
 
 def _command(sql: str) -> str | None:
@@ -275,6 +348,8 @@ def answer(router: Router, sql: str) -> bytes:
     command = _command(sql)
     if command in PER_WORKER:
         return _table(*worker_rows(router, command))
+    if command in STATS_COMMANDS:
+        return stats_reply(router, command, traffic_rows(router), _list_counts(router, 0.0)[1])
     if command == "SHOW NODES":
         return _nodes(router)
     if command == "SHOW DATABASES":
@@ -296,6 +371,33 @@ def answer(router: Router, sql: str) -> bytes:
     )
 
 
+async def every_worker(router: Router, table: str) -> dict[int, list | None]:
+    """Each worker's rows of a PER_WORKER or SUMMED ``table`` by worker index, this one's
+    included (None: that worker did not answer); without workers, this process's."""
+    from router.workers.control import sibling_console_rows
+
+    own = worker_rows(router, table)[1]
+    worker = router.worker
+    if worker is None:
+        return {0: own}
+    everyone = {worker.index: own, **await sibling_console_rows(worker, table)}
+    return {index: everyone[index] for index in sorted(everyone)}
+
+
+def _silent_workers(everyone: dict[int, list | None]) -> bytes:
+    """A NOTICE for each worker that did not answer (its rows are left out)."""
+    out = bytearray()
+    for index, rows in everyone.items():
+        if rows is None:
+            out += m.notice_response(SQLState.SUCCESSFUL_COMPLETION, f"worker {index} did not answer")
+    return bytes(out)
+
+
+def merged_traffic(everyone: dict[int, list | None]) -> list[TrafficRow]:
+    """The SUMMED table TRAFFIC of every worker that answered, one row per database."""
+    return merge_rows([[_traffic_row(raw) for raw in rows] for rows in everyone.values() if rows is not None])
+
+
 class ConsoleSession(asyncio.Protocol):
     """One logged-in console connection: takes over the client's transport."""
 
@@ -309,6 +411,7 @@ class ConsoleSession(asyncio.Protocol):
         self._busy: asyncio.Task | None = None
 
     def start(self, rest: bytes) -> None:
+        self.router.console_sessions += 1
         self.transport.set_protocol(self)
         self.transport.write(greeting(self.client.cancel_pid, self.client.cancel_key))
         if rest:
@@ -340,7 +443,7 @@ class ConsoleSession(asyncio.Protocol):
                     command = _command(sql)
                     db_command = _DB_COMMAND.fullmatch(sql)
                     if db_command is not None or command == "RELOAD" or (
-                        self.router.worker is not None and command in PER_WORKER
+                        self.router.worker is not None and (command in PER_WORKER or command in STATS_COMMANDS)
                     ):
                         # Answered in a task (it waits, or asks the other workers); what
                         # follows stays in the reader until it is done.
@@ -351,6 +454,8 @@ class ConsoleSession(asyncio.Protocol):
                             coro = self._database_command(verb, name)
                         elif command == "RELOAD":
                             verb, coro = command, _reload(self.router)
+                        elif command in STATS_COMMANDS:
+                            verb, coro = command, self._stats_over_workers(command)
                         else:
                             verb, coro = command, self._answer_over_workers(command)
                         self._busy = asyncio.get_running_loop().create_task(self._in_order(verb, coro))
@@ -389,20 +494,20 @@ class ConsoleSession(asyncio.Protocol):
     async def _answer_over_workers(self, command: str) -> bytes:
         """With workers: every worker's rows of a PER_WORKER table, each with its index in a
         first column `worker`; a NOTICE names a worker that did not answer."""
-        from router.workers.control import sibling_console_rows
+        columns, _ = worker_rows(self.router, command)
+        everyone = await every_worker(self.router, command)
+        merged = [[index, *row] for index, rows in everyone.items() if rows is not None for row in rows]
+        return _silent_workers(everyone) + _table(["worker", *columns], merged)
 
-        worker = self.router.worker
-        assert worker is not None
-        out = bytearray()
-        columns, rows = worker_rows(self.router, command)
-        everyone = {worker.index: rows, **await sibling_console_rows(worker, command)}
-        merged = []
-        for index in sorted(everyone):
-            if everyone[index] is None:
-                out += m.notice_response(SQLState.SUCCESSFUL_COMPLETION, f"worker {index} did not answer")
-                continue
-            merged += [[index, *row] for row in everyone[index]]
-        return bytes(out + _table(["worker", *columns], merged))
+    async def _stats_over_workers(self, command: str) -> bytes:
+        """With workers: a STATS_COMMANDS reply from every worker's figures added up; a NOTICE
+        names a worker that did not answer (its figures are missing)."""
+        if command == "SHOW LISTS":
+            everyone = await every_worker(self.router, "LISTS")
+            counts = _merge_counts([rows for rows in everyone.values() if rows is not None])
+            return _silent_workers(everyone) + stats_reply(self.router, command, [], counts)
+        everyone = await every_worker(self.router, "TRAFFIC")
+        return _silent_workers(everyone) + stats_reply(self.router, command, merged_traffic(everyone), [])
 
     def _unknown_database(self, name: str) -> bytes | None:
         if self.router.known_database(name):
@@ -462,4 +567,5 @@ class ConsoleSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._busy is not None:
             self._busy.cancel()
+        self.router.console_sessions -= 1
         self.router.forget_client(self.client)

@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from router.stats.histogram import FastHistogram
+from router.stats.traffic import TOTALS
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -55,6 +56,17 @@ POOL_WAIT_BUCKETS = (
 # which under load is nearly all of them, and prometheus_client's Histogram takes a lock per
 # bucket and sum. Read at scrape time by PoolWaitCollector.
 POOL_WAIT = FastHistogram(POOL_WAIT_BUCKETS)
+
+# The families of router/stats/traffic.py's TOTALS, in their order.
+_TRAFFIC_FAMILIES = (
+    ("pgrouter_database_transactions_total", "Transactions ended (ReadyForQuery idle)"),
+    ("pgrouter_database_queries_total", "Queries answered (one per Query, or per Sync)"),
+    ("pgrouter_database_received_bytes_total", "Bytes of client messages forwarded to servers"),
+    ("pgrouter_database_sent_bytes_total", "Bytes of server messages forwarded to clients"),
+    ("pgrouter_database_transaction_seconds_total", "Time from a transaction's first message to its end"),
+    ("pgrouter_database_query_seconds_total", "Time from a query's message to its ReadyForQuery"),
+    ("pgrouter_database_wait_seconds_total", "Time transactions waited for a server connection of a full pool"),
+)
 observe_pool_wait = POOL_WAIT.observe
 """Record one wait for a server connection (called by the pool when it hands one over)."""
 
@@ -111,10 +123,12 @@ class RouterCollector(Collector):
         self.tenant_labels = LabelBudget(max_tenant_labels)
         self.tenant_server_labels = LabelBudget(max_tenant_labels)
         self.pool_labels = LabelBudget(max_pool_labels)
+        self.database_labels = LabelBudget(max_pool_labels)
 
     def collect(self) -> Iterator[Metric]:
         yield self._client_connections()
         yield from self._server_connections()
+        yield from self._traffic()
         yield from self._routing()
         yield from self._registry()
         router = self.router
@@ -265,6 +279,22 @@ class RouterCollector(Collector):
         for (tenant, state), n in sorted(per_tenant.items()):
             family.add_metric([tenant, state], n)
         yield family
+
+    def _traffic(self) -> Iterator[Metric]:
+        """SHOW STATS' totals (router/stats/traffic.py), by real database (`other`: beyond
+        max_pool_labels databases)."""
+        traffic = self.router.pools.traffic
+        labels = self.database_labels.assign(traffic)
+        sums: dict[str, list] = {}
+        for name, counters in traffic.items():
+            into = sums.setdefault(labels[name], [0] * len(TOTALS))
+            for i, value in enumerate(counters.totals()):
+                into[i] += value
+        for i, (name, text) in enumerate(_TRAFFIC_FAMILIES):
+            family = CounterMetricFamily(name, f"{text}, by real database (SHOW STATS)", labels=["database"])
+            for database, values in sorted(sums.items()):
+                family.add_metric([database], values[i])
+            yield family
 
     def _routing(self) -> Iterator[Metric]:
         routed = CounterMetricFamily(

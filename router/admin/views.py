@@ -115,6 +115,35 @@ class PoolsView(BaseModel):
     pools: dict[str, dict[str, int]]
 
 
+class DatabaseStatsView(BaseModel):
+    """One real database's figures, as PgBouncer's SHOW STATS row (router/stats/traffic.py):
+    totals since the start, averages over the last closed stats_period; times in µs."""
+
+    database: str
+    total_xact_count: int
+    total_query_count: int
+    total_received: int  # bytes of client messages forwarded to servers
+    total_sent: int  # bytes of server messages forwarded to clients
+    total_xact_time: int
+    total_query_time: int
+    total_wait_time: int
+    avg_xact_count: int  # per second
+    avg_query_count: int
+    avg_recv: int
+    avg_sent: int
+    avg_xact_time: int  # per transaction
+    avg_query_time: int  # per query
+    avg_wait_time: int  # waited per second of the period
+
+
+class StatsView(BaseModel):
+    """GET /stats: every database's figures, every worker's added up."""
+
+    stats_period: int
+    workers_reporting: int  # workers whose figures are included (the others did not answer)
+    databases: list[DatabaseStatsView]
+
+
 class DatabasePauseView(BaseModel):
     """POST /databases/{name}/pause and /resume."""
 

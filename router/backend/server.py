@@ -162,6 +162,10 @@ class ServerConnection(asyncio.Protocol):
         self.call_rows = 0
         self.call_error: str | None = None
         self.tx_t0 = 0.0
+        # When the request now owed its ReadyForQuery went out (0.0: none), and where its
+        # database's SHOW STATS figures go (router/stats/traffic.py).
+        self.query_t0 = 0.0
+        self.traffic = pool.traffic
         self.node = f"{pool.key.host}:{pool.key.port}"
 
     # --- asyncio.Protocol ------------------------------------------------------------
@@ -245,6 +249,14 @@ class ServerConnection(asyncio.Protocol):
                     rest = data[pos + 6 :]
                     data = data[: pos + 6]
                     n = pos + 6
+                elif self.query_t0:
+                    # (A restore's ReadyForQuery ends the query whose it stands in for.)
+                    if not now:
+                        now = perf_counter()
+                    traffic = self.traffic
+                    traffic.query_count += 1
+                    traffic.query_time += now - self.query_t0
+                    self.query_t0 = now if st.recv_z < st.sent_z else 0.0
             elif t == _E:
                 if pos + 1 + length > n and length <= MAX_HELD_ERROR:
                     # Only a whole ErrorResponse can be judged (stale plan, duplicate name,
@@ -343,10 +355,15 @@ class ServerConnection(asyncio.Protocol):
         if data:
             self.forwarded = True
             self.retry_data = None
+            self.traffic.sent += len(data)
             client.transport.write(data)
         if ready and st.recv_z == st.sent_z:
             if self.tx_status == _IDLE and self.tx_t0:
-                client.router.transaction_durations.observe((now or perf_counter()) - self.tx_t0)
+                duration = (now or perf_counter()) - self.tx_t0
+                client.router.transaction_durations.observe(duration)
+                traffic = self.traffic
+                traffic.xact_count += 1
+                traffic.xact_time += duration
                 self.tx_t0 = 0.0
             client.server_ready(self)
         elif self.restoring and rest:
@@ -473,7 +490,7 @@ class ServerConnection(asyncio.Protocol):
             self.calls.clear()
         self.call_rows = 0
         self.call_error = None
-        self.tx_t0 = 0.0
+        self.tx_t0 = self.query_t0 = 0.0
         self._skip = 0
         self._head = b""
         self.restore_after.clear()

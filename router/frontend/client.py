@@ -1517,8 +1517,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self._wait_for_replies(data, start, syncs, rewrite)
             return
         now = 0.0
-        if not server.tx_t0:
-            server.tx_t0 = now = perf_counter()
+        if not server.query_t0:
+            server.query_t0 = now = perf_counter()
+            if not server.tx_t0:
+                server.tx_t0 = now
         if self.router.query_stats is not None:
             # A call: a Query, or extended messages up to a Sync; the server times it out.
             if not self._call_t0:
@@ -1573,6 +1575,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 restores >>= 1
                 k += 1
         st.sent_z += syncs
+        server.traffic.received += len(sent)
         server.transport.write(sent)
         # Whatever SETs this chunk carries, the server will carry too; after a RESET it carries
         # its own defaults, which match no client's key, so the next transaction re-primes it.

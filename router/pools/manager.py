@@ -11,6 +11,7 @@ from collections.abc import Callable
 from router.config import DatabaseConfig, ServerTLS, Settings
 from router.pools.pool import ConnectionCap, Pool, PoolKey, PoolSettings
 from router.sockopts import keepalive_options
+from router.stats.traffic import Traffic
 
 log = logging.getLogger("pgrouter.pool")
 
@@ -59,6 +60,10 @@ class PoolManager:
         self.on_tick: Callable[[float], None] | None = None
         # max_db_connections / max_user_connections, by (setting, host, port, name).
         self.caps: dict[tuple[str, str, int, str], ConnectionCap] = {}
+        # SHOW STATS counters by real database name, kept when its pools go (a dropped
+        # tenant's): totals only grow. The current period began at _period_start.
+        self.traffic: dict[str, Traffic] = {}
+        self._period_start = time.monotonic()
 
     def pool_for(self, db: DatabaseConfig, client_dbname: str, client_user: str, node) -> Pool:
         dbname = db.dbname or client_dbname
@@ -85,6 +90,10 @@ class PoolManager:
             )
             pool.db = db
             pool.caps = self._caps_for(pool)
+            traffic = self.traffic.get(dbname)
+            if traffic is None:
+                traffic = self.traffic[dbname] = Traffic()
+            pool.traffic = traffic
             self.pools[key] = pool
         return pool
 
@@ -175,6 +184,10 @@ class PoolManager:
                         pool.end_long_queries(now, query_timeout)
                 except Exception:
                     log.exception("janitor failed on pool %s", pool.name)
+            if now - self._period_start >= self.settings.stats_period:
+                for traffic in self.traffic.values():
+                    traffic.close_period(now - self._period_start)
+                self._period_start = now
             if self.on_tick is not None:
                 try:
                     self.on_tick(now)

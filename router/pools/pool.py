@@ -22,6 +22,7 @@ from router.protocol import messages as m
 from router.protocol.errors import RouterError, SQLState
 from router.session import set_config_sql
 from router.sockopts import SocketOptions
+from router.stats.traffic import Traffic
 
 # What PostgreSQL refuses in a startup packet, found when the router applies a client's
 # startup settings at login: an unrecognized parameter, an invalid value, one the user may
@@ -204,6 +205,8 @@ class Pool:
         self.db: DatabaseConfig | None = None
         self._reserve_check: asyncio.TimerHandle | None = None
         self.reserve_opened = 0  # connections opened beyond pool_size, ever
+        # The database's SHOW STATS counters (PoolManager.pool_for shares one per database).
+        self.traffic = Traffic()
 
     # --- the data path ---------------------------------------------------------------
 
@@ -347,7 +350,10 @@ class Pool:
             return
         if self.waiters:
             waiter, deadline = self.waiters.popleft()
-            observe_pool_wait(now - deadline + self.settings.query_wait_timeout)
+            waited = now - deadline + self.settings.query_wait_timeout
+            observe_pool_wait(waited)
+            if not isinstance(waiter, _FutureWaiter):  # a client's transaction, not a login's look
+                self.traffic.wait_time += waited
             waiter.server_assigned(server)
             return
         if len(self.servers) > self.settings.size:

@@ -42,7 +42,7 @@ RELOAD = b"R"
 PAUSE = b"P"
 QUERIES = b"Q"
 STATUS = b"S"
-CONSOLE = b"K"  # an admin console SHOW of what each worker holds (POOLS, CLIENTS, SERVERS)
+CONSOLE = b"K"  # an admin console table of what each worker holds (SHOW POOLS, ...; TRAFFIC, LISTS)
 # The console's PAUSE, RESUME, KILL, DISABLE, ENABLE, RECONNECT, WAIT_CLOSE: "VERB name",
 # answered with Router.database_command's count.
 DB_COMMAND = b"B"
@@ -134,10 +134,10 @@ class ControlServer:
                 raise ProtocolError(f"control socket: no database command {verb[:20]!r}")
             return str(self.router.database_command(verb, name)).encode()
         if command == CONSOLE:
-            from router.admin.console import PER_WORKER, worker_rows
+            from router.admin.console import PER_WORKER, SUMMED, worker_rows
 
             name = payload.decode()
-            if name not in PER_WORKER:
+            if name not in PER_WORKER and name not in SUMMED:
                 raise ProtocolError(f"control socket: no console table {name[:20]!r}")
             columns, rows = worker_rows(self.router, name)
             return json.dumps({"columns": columns, "rows": rows}, default=str).encode()

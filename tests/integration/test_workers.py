@@ -324,6 +324,40 @@ def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) ->
         conn.close()
 
 
+def test_stats_add_up_every_worker_s_traffic(workers: Workers) -> None:
+    """SHOW STATS_TOTALS and SHOW LISTS on the console, GET /stats and /metrics count the
+    transactions of clients on both workers, whichever worker answers."""
+    console = psycopg.connect(f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter", autocommit=True)
+
+    def totals() -> tuple[int, int, float]:
+        cur = console.execute("SHOW STATS_TOTALS")
+        names = [d.name for d in cur.description]
+        app = next(row for row in cur.fetchall() if row[0] == "app")
+        body = json.loads(workers.admin_get("/stats"))
+        assert body["workers_reporting"] == WORKERS
+        http = next(db for db in body["databases"] if db["database"] == "app")
+        assert http["total_xact_count"] == int(app[names.index("total_xact_count")])
+        metric = sample(workers.metrics(), "pgrouter_database_transactions_total", database="app")
+        return int(app[names.index("total_xact_count")]), int(app[names.index("total_query_count")]), metric
+
+    before = totals()
+    clients, _ = clients_on_every_worker(workers)  # one SELECT each
+    for conn in clients:
+        with conn.transaction():  # BEGIN, SELECT, COMMIT: one more transaction
+            conn.execute("SELECT 1")
+    after = totals()
+    # Two queries of it reach a server: with read/write splitting the router answers the
+    # BEGIN itself, and sends it on with the statement that tells where the transaction goes.
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (
+        2 * len(clients), 3 * len(clients), 2 * len(clients)
+    )
+    cur = console.execute("SHOW LISTS")
+    lists = dict(cur.fetchall())
+    assert int(lists["used_clients"]) >= len(clients) and lists["console_clients"] == "1"
+    for conn in (console, *clients):
+        conn.close()
+
+
 def test_an_unknown_cancel_key_is_ignored(workers: Workers) -> None:
     before = workers.metrics()
     conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
