@@ -354,6 +354,10 @@ class Router:
                 pool.name: {
                     "size": pool.settings.size, **pool.stats(), "reserve_size": pool.settings.reserve_size,
                     "reserve_opened": pool.reserve_opened,
+                    # Each cap the pool counts towards (SHOW POOLS' caps): its limit, and the
+                    # connections all its pools hold now.
+                    **{cap.setting: cap.limit for cap in pool.caps},
+                    **{f"{cap.setting}_used": cap.used() for cap in pool.caps},
                 }
                 for pool in self.pools.pools.values()
             },

@@ -111,7 +111,9 @@ class PoolsView(BaseModel):
 
     clients: dict[str, int]  # total, active (holding a server connection), waiting, pinned
     # By pool ("database/user@host:port"): size, servers, idle, active, connecting, waiting,
-    # reserve_size, reserve_opened (connections opened beyond size for clients that waited).
+    # reserve_size, reserve_opened (connections opened beyond size for clients that waited);
+    # for each cap it counts towards, max_db_connections / max_user_connections (the limit)
+    # and max_db_connections_used / max_user_connections_used (held by all the cap's pools).
     pools: dict[str, dict[str, int]]
 
 

@@ -394,6 +394,8 @@ def test_max_db_connections_caps_the_pools_of_a_database_together(start_router, 
     assert held() == [(0, 0, 0), (2, 0, 0)]
     columns, pools = router.call(lambda r: worker_rows(r, "SHOW POOLS"))  # the console's table
     assert {row[columns.index("caps")] for row in pools} == {"max_db_connections 2/2"}
+    statuses = router.call(lambda r: r.status())["pools"].values()  # GET /pools
+    assert [(s["max_db_connections"], s["max_db_connections_used"]) for s in statuses] == [(2, 2), (2, 2)]
     e = psycopg.connect(router.dsn("carol", dbname="app"), autocommit=True)
     with pytest.raises(errors.TooManyConnections) as exc:
         e.execute("SELECT 1")
