@@ -5,9 +5,9 @@ A user named in ``admin_console_users`` (a ``[users]`` login of the settings fil
 usual) who connects to the database ``pgrouter`` gets this session instead of a pool. It
 speaks the simple query protocol (psql, ``psycopg``'s ``execute()`` without parameters) and
 answers each command itself, from this process's state (with several workers, SHOW POOLS,
-CLIENTS and SERVERS ask every worker and add a `worker` column, SHOW STATS, STATS_TOTALS,
-STATS_AVERAGES, TOTALS and LISTS add every worker's figures up; the rest answer for the worker
-the connection landed on):
+CLIENTS and SERVERS ask every worker and add a `worker` column; SHOW STATS, STATS_TOTALS,
+STATS_AVERAGES, TOTALS, LISTS, DATABASES and NODES add every worker's figures up; the rest
+answer for the worker the connection landed on):
 
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
     SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP     SHOW LISTS
@@ -199,9 +199,21 @@ def _list_counts(router: Router, now: float) -> Rows:
     return ["list", "items"], rows
 
 
+def _connections(router: Router, now: float) -> Rows:
+    """Server connections the pools of each [databases] entry hold in this process."""
+    rows = [[name, sum(len(pool.servers) for pool in router.database_pools(name))] for name in router.settings.databases]
+    return ["name", "current_connections"], rows
+
+
+def _in_flight(router: Router, now: float) -> Rows:
+    """Transactions this process runs on each monitored node now."""
+    rows = [[name, node.host, node.port, node.in_flight] for name, split in router.splits.items()
+            for node in split.topology.nodes]  # fmt: skip
+    return ["cluster", "host", "port", "in_flight"], rows
+
+
 # Figures that each worker keeps and the console adds up: merged, not listed per worker.
-SUMMED = {"TRAFFIC": _traffic, "LISTS": _list_counts}
-STATS_COMMANDS = frozenset({"SHOW STATS", "SHOW STATS_TOTALS", "SHOW STATS_AVERAGES", "SHOW TOTALS", "SHOW LISTS"})
+SUMMED = {"TRAFFIC": _traffic, "LISTS": _list_counts, "CONNECTIONS": _connections, "IN_FLIGHT": _in_flight}
 
 
 def worker_rows(router: Router, command: str) -> Rows:
@@ -210,12 +222,19 @@ def worker_rows(router: Router, command: str) -> Rows:
     return (PER_WORKER.get(command) or SUMMED[command])(router, time.monotonic())
 
 
-def stats_reply(router: Router, command: str, traffic: list[TrafficRow], counts: list[list]) -> bytes:
-    """A STATS_COMMANDS reply from figures already added up over the workers: ``traffic``
-    for the SHOW STATS family, ``counts`` (SHOW LISTS' items) for SHOW LISTS."""
-    if command == "SHOW LISTS":
-        rows = [["databases", len(router.settings.databases)], ["users", len(router.settings.users)], *counts]
-        return _table(["list", "items"], rows)
+def _summed(everyone: dict[int, list | None]) -> dict[tuple, int]:
+    """SUMMED rows ``[key..., n]`` of every worker that answered, n added up by key (in the
+    order the keys first come)."""
+    totals: dict[tuple, int] = {}
+    for rows in everyone.values():
+        for *key, n in rows or ():
+            totals[tuple(key)] = totals.get(tuple(key), 0) + n
+    return totals
+
+
+def _stats(router: Router, command: str, everyone: dict[int, list | None]) -> bytes:
+    """SHOW STATS, STATS_TOTALS, STATS_AVERAGES and TOTALS."""
+    traffic = merged_traffic(everyone)
     if command == "SHOW TOTALS":
         whole = merge_rows([[TrafficRow("", row.totals, row.delta, row.seconds) for row in traffic]])
         values = whole[0].total_columns() + whole[0].average_columns() if whole else [0] * 2 * len(TOTALS)
@@ -229,42 +248,64 @@ def stats_reply(router: Router, command: str, traffic: list[TrafficRow], counts:
     return _table(columns, rows)
 
 
-def _merge_counts(groups: list[list[list]]) -> list[list]:
-    """Several workers' SHOW LISTS counts, item by item, in the first's order."""
-    totals: dict[str, int] = {}
-    for rows in groups:
-        for item, n in rows:
-            totals[item] = totals.get(item, 0) + n
-    return [[item, n] for item, n in totals.items()]
+def _lists(router: Router, command: str, everyone: dict[int, list | None]) -> bytes:
+    counts = [[item, n] for (item,), n in _summed(everyone).items()]
+    rows = [["databases", len(router.settings.databases)], ["users", len(router.settings.users)], *counts]
+    return _table(["list", "items"], rows)
 
 
-def _command(sql: str) -> str | None:
-    match = _COMMAND.fullmatch(sql)
-    return " ".join(match.group(1).upper().split()) if match else None
-
-
-def _nodes(router: Router) -> bytes:
+def _nodes(router: Router, command: str, everyone: dict[int, list | None]) -> bytes:
+    """The monitored nodes as this process's monitor sees them, with every worker's
+    transactions in flight."""
+    in_flight = _summed(everyone)
     columns = ["cluster", "host", "port", "role", "healthy", "eligible", "lag_seconds", "lag_bytes", "in_flight"]
-    rows = [[node[c] for c in columns] for node in router.status()["nodes"]]
+    rows = []
+    for name, split in router.splits.items():
+        for node in split.topology.nodes:
+            status = {"cluster": name, **node.status(), "in_flight": in_flight.get((name, node.host, node.port), 0)}
+            rows.append([status[c] for c in columns])
     return _table(columns, rows)
 
 
-def _databases(router: Router) -> bytes:
+def _databases(router: Router, command: str, everyone: dict[int, list | None]) -> bytes:
     """The settings file's databases: where each is served and how many server connections
-    its pools hold now (tenants of the registry are in the admin API's /tenants)."""
+    its pools hold now, in every worker (tenants of the registry are in the admin API's /tenants)."""
+    current = _summed(everyone)
     rows = []
     for name, db in router.settings.databases.items():
         cluster = router.settings.clusters[db.cluster]
-        current = sum(len(pool.servers) for pool in router.database_pools(name))
         rows.append(
             [name, db.cluster, cluster.primary.host, cluster.primary.port, len(cluster.replicas), db.dbname or name,
              db.server_user, db.pool_size or router.settings.pool_size, db.pool_mode or router.settings.pool_mode,
-             current, "yes" if name in router.db_gates or "" in router.db_gates else "no",
+             current.get((name,), 0), "yes" if name in router.db_gates or "" in router.db_gates else "no",
              "yes" if name in router.disabled_databases else "no"]
         )  # fmt: skip
     columns = ["name", "cluster", "host", "port", "replicas", "database", "force_user", "pool_size", "pool_mode",
                "current_connections", "paused", "disabled"]  # fmt: skip
     return _table(columns, rows)
+
+
+# Commands answered from figures every worker keeps, added up: the SUMMED table each needs,
+# and what makes the reply of it.
+GATHERED = {
+    "SHOW STATS": ("TRAFFIC", _stats),
+    "SHOW STATS_TOTALS": ("TRAFFIC", _stats),
+    "SHOW STATS_AVERAGES": ("TRAFFIC", _stats),
+    "SHOW TOTALS": ("TRAFFIC", _stats),
+    "SHOW LISTS": ("LISTS", _lists),
+    "SHOW NODES": ("IN_FLIGHT", _nodes),
+    "SHOW DATABASES": ("CONNECTIONS", _databases),
+}
+
+
+def gathered_reply(router: Router, command: str, everyone: dict[int, list | None]) -> bytes:
+    """A GATHERED command's reply from each worker's rows of its table (``every_worker``)."""
+    return _silent_workers(everyone) + GATHERED[command][1](router, command, everyone)
+
+
+def _command(sql: str) -> str | None:
+    match = _COMMAND.fullmatch(sql)
+    return " ".join(match.group(1).upper().split()) if match else None
 
 
 def _config_value(value: object) -> str | None:
@@ -348,12 +389,8 @@ def answer(router: Router, sql: str) -> bytes:
     command = _command(sql)
     if command in PER_WORKER:
         return _table(*worker_rows(router, command))
-    if command in STATS_COMMANDS:
-        return stats_reply(router, command, traffic_rows(router), _list_counts(router, 0.0)[1])
-    if command == "SHOW NODES":
-        return _nodes(router)
-    if command == "SHOW DATABASES":
-        return _databases(router)
+    if command in GATHERED:
+        return gathered_reply(router, command, {0: worker_rows(router, GATHERED[command][0])[1]})
     if command == "SHOW CONFIG":
         return _config(router)
     if command == "SHOW VERSION":
@@ -443,7 +480,7 @@ class ConsoleSession(asyncio.Protocol):
                     command = _command(sql)
                     db_command = _DB_COMMAND.fullmatch(sql)
                     if db_command is not None or command == "RELOAD" or (
-                        self.router.worker is not None and (command in PER_WORKER or command in STATS_COMMANDS)
+                        self.router.worker is not None and (command in PER_WORKER or command in GATHERED)
                     ):
                         # Answered in a task (it waits, or asks the other workers); what
                         # follows stays in the reader until it is done.
@@ -454,8 +491,8 @@ class ConsoleSession(asyncio.Protocol):
                             coro = self._database_command(verb, name)
                         elif command == "RELOAD":
                             verb, coro = command, _reload(self.router)
-                        elif command in STATS_COMMANDS:
-                            verb, coro = command, self._stats_over_workers(command)
+                        elif command in GATHERED:
+                            verb, coro = command, self._gathered(command)
                         else:
                             verb, coro = command, self._answer_over_workers(command)
                         self._busy = asyncio.get_running_loop().create_task(self._in_order(verb, coro))
@@ -499,15 +536,10 @@ class ConsoleSession(asyncio.Protocol):
         merged = [[index, *row] for index, rows in everyone.items() if rows is not None for row in rows]
         return _silent_workers(everyone) + _table(["worker", *columns], merged)
 
-    async def _stats_over_workers(self, command: str) -> bytes:
-        """With workers: a STATS_COMMANDS reply from every worker's figures added up; a NOTICE
-        names a worker that did not answer (its figures are missing)."""
-        if command == "SHOW LISTS":
-            everyone = await every_worker(self.router, "LISTS")
-            counts = _merge_counts([rows for rows in everyone.values() if rows is not None])
-            return _silent_workers(everyone) + stats_reply(self.router, command, [], counts)
-        everyone = await every_worker(self.router, "TRAFFIC")
-        return _silent_workers(everyone) + stats_reply(self.router, command, merged_traffic(everyone), [])
+    async def _gathered(self, command: str) -> bytes:
+        """With workers: a GATHERED command's reply from every worker's figures added up; a
+        NOTICE names a worker that did not answer (its figures are missing)."""
+        return gathered_reply(self.router, command, await every_worker(self.router, GATHERED[command][0]))
 
     def _unknown_database(self, name: str) -> bytes | None:
         if self.router.known_database(name):

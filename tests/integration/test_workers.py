@@ -358,6 +358,34 @@ def test_stats_add_up_every_worker_s_traffic(workers: Workers) -> None:
         conn.close()
 
 
+def test_show_databases_and_nodes_count_every_worker_s_connections(workers: Workers) -> None:
+    """SHOW DATABASES' current_connections and SHOW NODES' in_flight add up every worker's,
+    whichever worker the console landed on: read-only transactions held open on replicas
+    through both workers are all counted, and so are their server connections."""
+    clients, _ = clients_on_every_worker(workers)
+    for conn in clients:
+        conn.execute("BEGIN READ ONLY")
+        conn.execute("SELECT 1")  # on a replica, held
+    console = psycopg.connect(f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter", autocommit=True)
+
+    def table(command: str) -> list[dict]:
+        cur = console.execute(command)
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    try:
+        in_flight = sum(int(node["in_flight"]) for node in table("SHOW NODES") if node["role"] == "replica")
+        assert in_flight == len(clients)
+        servers = sum(int(pool["servers"]) for pool in table("SHOW POOLS") if pool["database"] == "app")
+        app = next(db for db in table("SHOW DATABASES") if db["name"] == "app")
+        assert int(app["current_connections"]) == servers >= len(clients)
+    finally:
+        for conn in clients:
+            conn.execute("COMMIT")
+            conn.close()
+        console.close()
+
+
 def test_an_unknown_cancel_key_is_ignored(workers: Workers) -> None:
     before = workers.metrics()
     conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
