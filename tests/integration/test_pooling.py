@@ -365,7 +365,7 @@ def test_max_db_connections_caps_the_pools_of_a_database_together(start_router, 
     that many server connections together, whatever pool_size allows. A pool at the cap
     takes a sibling's idle connection at once, and a connection released while a sibling's
     client waits goes to that sibling; a client that waits too long gets 53300 naming the cap."""
-    router = _capped_router(start_router, query_wait_timeout=2.0)
+    router = _capped_router(start_router, query_wait_timeout=2.0, admin_console_users=["alice"])
 
     def held() -> list[tuple[int, int, int]]:
         return _held(router)
@@ -396,6 +396,11 @@ def test_max_db_connections_caps_the_pools_of_a_database_together(start_router, 
     assert {row[columns.index("caps")] for row in pools} == {"max_db_connections 2/2"}
     statuses = router.call(lambda r: r.status())["pools"].values()  # GET /pools
     assert [(s["max_db_connections"], s["max_db_connections_used"]) for s in statuses] == [(2, 2), (2, 2)]
+    # The entries share the real database but not the server user: SHOW DATABASES counts
+    # (and KILL, RECONNECT close) each one's own pool.
+    with psycopg.connect(router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True) as console:
+        current = {row[0]: row[9] for row in console.execute("SHOW DATABASES").fetchall()}
+    assert current == {"app": "0", "app_t": "2"}
     e = psycopg.connect(router.dsn("carol", dbname="app"), autocommit=True)
     with pytest.raises(errors.TooManyConnections) as exc:
         e.execute("SELECT 1")
