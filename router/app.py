@@ -64,6 +64,8 @@ LIVE_SETTINGS = frozenset({
 # What a reload changes in an existing [databases] entry, its pools following; any other
 # change to an entry needs a restart (an entry added or removed is applied).
 LIVE_DATABASE_FIELDS = ("pool_size", "min_pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
+# What of a cluster changes in place with a reload; any other change makes a new monitor.
+_LIVE_LAG = ("max_replica_lag", "max_replica_lag_bytes", "replica_fallback")
 _REPLICA_READ = ("replica", RouteReason.READ)
 _Q = ord("Q")
 # Transaction durations (pgrouter_transaction_duration_seconds), from 100 µs to a minute.
@@ -369,10 +371,11 @@ class Router:
 
         Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
         included), limits, lag thresholds, the log level, the client TLS certificate and the
-        logins (``users``, read at each login), and [databases] entries added, removed or
-        changed in LIVE_DATABASE_FIELDS only (``_reload_databases``). Anything else (listen
-        address, clusters' nodes, other changes to an entry, registry...) needs a restart and
-        is not applied at all."""
+        logins (``users``, read at each login), [databases] entries added, removed, moved to
+        another cluster or changed in LIVE_DATABASE_FIELDS only (``_reload_databases``), and
+        clusters added or with new nodes (``_follow_moves``). Anything else (listen address,
+        a cluster removed, other changes to an entry, registry...) needs a restart and is not
+        applied at all."""
         if self.worker is not None:
             settings = self.worker.settings_for(settings)
         old = self.settings
@@ -385,11 +388,15 @@ class Router:
         for name in sorted(live):
             if getattr(settings, name) != getattr(old, name):
                 applied.append(name)
-        # Cluster lag thresholds change live; nodes do not.
+        # Clusters change live: lag thresholds in place; a new cluster, or new nodes (or
+        # monitor login) for one, through _follow_moves once the new settings are in. A cluster
+        # removed needs a restart: its clients' pools and routes still use it.
+        moved_clusters: set[str] = set()
         for name, cluster in settings.clusters.items():
             before = old.clusters.get(name)
-            if before is None or before.primary != cluster.primary or before.replicas != cluster.replicas:
-                restart.append(f"clusters.{name}")
+            if before is None or before.model_copy(update={field: getattr(cluster, field) for field in _LIVE_LAG}) != cluster:
+                moved_clusters.add(name)
+                applied.append(f"clusters.{name}")
                 continue
             split = self.splits.get(name)
             if split is not None and (
@@ -401,15 +408,12 @@ class Router:
                 split.topology.max_lag_bytes = cluster.max_replica_lag_bytes
                 split.config = cluster
                 applied.append(f"clusters.{name}")
-        if "clusters" not in restart and set(settings.clusters) != set(old.clusters):
+        if set(old.clusters) - set(settings.clusters):
             restart.append("clusters")
         # What needs a restart is not applied at all: logins read the databases, clusters and
         # the rest from self.settings, and must not meet half of a new configuration.
-        clusters = {
-            name: cluster if f"clusters.{name}" in restart or name not in settings.clusters else settings.clusters[name]
-            for name, cluster in old.clusters.items()
-        }
-        databases, changed, kept = self._reload_databases(old, settings, clusters)
+        clusters = {**old.clusters, **settings.clusters}
+        databases, changed, kept, moved_databases = self._reload_databases(old, settings, clusters)
         if "databases" in restart:
             restart.remove("databases")
             applied += changed
@@ -425,9 +429,12 @@ class Router:
         self.pools.settings = settings
         for pool in self.pools.pools.values():
             # From the pool's own database entry (or tenant): its own values, else the global.
-            pool.settings = replace(pool.settings, **self.pools.live_settings(pool.db))
+            if not pool.retired:
+                pool.settings = replace(pool.settings, **self.pools.live_settings(pool.db))
+        if moved_clusters or moved_databases:
+            self._follow_moves(old, moved_clusters, moved_databases)
         for name, db in databases.items():
-            if name not in old.databases:
+            if name not in old.databases or name in moved_databases or db.cluster in moved_clusters:
                 self._open_min_pool(db, name)
         self._configure_query_stats(settings)
         if "client_tls_cert" in applied or "client_tls_key" in applied:
@@ -438,36 +445,77 @@ class Router:
 
     def _reload_databases(
         self, old: Settings, new: Settings, clusters: dict
-    ) -> tuple[dict[str, DatabaseConfig], list[str], list[str]]:
-        """[databases] after a reload, and the entries it applied and kept. An entry added (on
-        a running cluster) or removed applies to new logins; clients already in keep their
-        pools. An entry whose changes are all LIVE_DATABASE_FIELDS is applied and its pools
-        follow it (a new server password for the connections opened from now on, the function
-        catalog's next read included); any other change to an entry needs a restart, and the
-        entry stays as it was."""
+    ) -> tuple[dict[str, DatabaseConfig], list[str], list[str], set[str]]:
+        """[databases] after a reload, the entries it applied and kept, and those moved to
+        another cluster. An entry added or removed applies to new logins; clients already in
+        keep their pools. An entry whose changes are all LIVE_DATABASE_FIELDS is applied and its
+        pools follow it (a new server password for the connections opened from now on, the
+        function catalog's next read included). One moved to another cluster is applied too:
+        its clients follow it (_follow_moves). Any other change to an entry needs a restart,
+        and the entry stays as it was."""
         merged: dict[str, DatabaseConfig] = {}
         changed: list[str] = []
         kept: list[str] = []
+        moved: set[str] = set()
         for name, db in new.databases.items():
             before = old.databases.get(name)
             if before == db:
                 merged[name] = before  # the same object: pools know their entry by identity
             elif before is None:
-                if db.cluster in clusters and clusters[db.cluster] == new.clusters.get(db.cluster):
-                    merged[name] = db
-                    changed.append(f"databases.{name}")
-                else:
-                    kept.append(f"databases.{name}")  # its cluster is new or changed
+                merged[name] = db
+                changed.append(f"databases.{name}")
             elif before.model_copy(update={field: getattr(db, field) for field in LIVE_DATABASE_FIELDS}) == db:
                 merged[name] = db
                 changed.append(f"databases.{name}")
                 self._repoint_pools(before, db)
+            elif before.model_copy(update={field: getattr(db, field) for field in (*LIVE_DATABASE_FIELDS, "cluster")}) == db:
+                merged[name] = db
+                changed.append(f"databases.{name}")
+                moved.add(name)
             else:
                 merged[name] = before
                 kept.append(f"databases.{name}")
         for name in old.databases.keys() - new.databases.keys():
             changed.append(f"databases.{name}")  # removed: no new logins
-        return merged, sorted(changed), sorted(kept)
+        return merged, sorted(changed), sorted(kept), moved
+
+    def _follow_moves(self, old: Settings, clusters: set[str], databases: set[str]) -> None:
+        """A reload changed the nodes of ``clusters`` (or added them) and moved ``databases``
+        to another cluster, as PgBouncer follows a host changed in its file. Each such cluster
+        gets a new lag monitor; the clients of its entries (and of the moved ones) send their
+        next transactions to the new nodes (a transaction running now finishes where it is,
+        and a session-mode client keeps its server connection until it leaves). Pools of
+        settings-file entries on nodes no cluster names any more are retired: idle
+        connections close now, busy ones once released, and the pool goes when empty."""
+        settings = self.settings
+        for name in clusters:
+            split = self.splits.pop(name, None)
+            if split is not None:
+                self.spawn(split.stop())
+            cluster = settings.clusters[name]
+            if cluster.replicas:
+                split = self.splits[name] = SplitCluster(name, cluster, settings)
+                self.spawn(split.start())
+        for key in [key for key in self.db_routes if key[0] in clusters]:
+            del self.db_routes[key]  # made again at the next login or retarget
+        entries = {id(db) for db in (*old.databases.values(), *settings.databases.values())}
+        nodes = {(n.host, n.port) for c in settings.clusters.values() for n in (c.primary, *c.replicas)}
+        for pool in list(self.pools.pools.values()):
+            if id(pool.db) in entries and (pool.key.host, pool.key.port) not in nodes and not pool.retired:
+                pool.retire()
+        for client in list(self.clients.values()):
+            if client.tenant is not None:
+                continue
+            db = settings.databases.get(client.database) or settings.databases.get("*")
+            if db is not None and (db.cluster in clusters or client.database in databases):
+                try:
+                    target = self.resolve_database(client, attach=False)
+                except RouterError as exc:  # DISABLEd: the client stays where it is
+                    log.warning("client %s@%s not moved: %s", client.user, client.peer, exc.message)
+                    continue
+                client.pool = target.pool
+                client.db_route = target.route
+                client.function_catalog = self.function_catalog(client, target)
 
     def _repoint_pools(self, before: DatabaseConfig, db: DatabaseConfig) -> None:
         """The pools (and read/write routes) made for entry ``before`` follow ``db``."""
@@ -801,17 +849,14 @@ class Router:
             return None
         db, pool = target.database, target.pool
         key = (db.cluster, pool.key.dbname)
+        if tenant is not None:
+            tls = asyncpg_ssl(tenant)
+        else:
+            tls = asyncpg_tls(db.server_tls or self.settings.server_tls, db.server_tls_ca or self.settings.server_tls_ca)
+        # (Registered again at each login: a reload may have moved the cluster's primary.)
+        params = ConnectParams(pool.key.host, pool.key.port, pool.key.dbname, pool.key.user, db.server_password, tls)
+        self.catalogs.register(key, params)
         watch = self.catalogs.watch(key)
-        if watch is None:
-            if tenant is not None:
-                tls = asyncpg_ssl(tenant)
-            else:
-                tls = asyncpg_tls(db.server_tls or self.settings.server_tls, db.server_tls_ca or self.settings.server_tls_ca)
-            params = ConnectParams(
-                pool.key.host, pool.key.port, pool.key.dbname, pool.key.user, db.server_password, tls
-            )
-            self.catalogs.register(key, params)
-            watch = self.catalogs.watch(key)
         if pool.on_undefined_function is None:
             # The function may be new (created since the last read): read the catalog again.
             pool.on_undefined_function = lambda: self.catalogs.invalidate(key)

@@ -176,6 +176,9 @@ class PoolManager:
             idle_transaction_timeout = self.settings.idle_transaction_timeout
             query_timeout = self.settings.query_timeout
             for pool in list(self.pools.values()):
+                if pool.retired and not pool.servers and not pool.connecting and not pool.waiters:
+                    self.drop(pool)  # its node left its cluster, and it is empty now
+                    continue
                 try:
                     pool.maintain(now)
                     if idle_transaction_timeout:

@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from router.admin.metrics import observe_pool_wait
@@ -207,6 +207,8 @@ class Pool:
         self.reserve_opened = 0  # connections opened beyond pool_size, ever
         # The database's SHOW STATS counters (PoolManager.pool_for shares one per database).
         self.traffic = Traffic()
+        # On a node a reload took out of its cluster: no minimum kept, dropped when empty.
+        self.retired = False
 
     # --- the data path ---------------------------------------------------------------
 
@@ -390,6 +392,14 @@ class Pool:
             else:
                 server.close_needed = True
         return marked
+
+    def retire(self) -> None:
+        """Its node left its cluster (a reload): close its connections (busy ones when
+        released) and keep none open; PoolManager drops it once it is empty."""
+        self.retired = True
+        self.settings = replace(self.settings, min_size=0)
+        self.reconnect()
+        log.info("pool %s retired: its node left the cluster", self.name)
 
     def closes_needed(self) -> int:
         """Connections RECONNECT marked that are still open (WAIT_CLOSE)."""

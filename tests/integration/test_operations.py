@@ -142,29 +142,103 @@ def test_reload_adds_and_removes_logins(start_router, cluster: Cluster) -> None:
 
 
 def test_reload_applies_nothing_that_needs_a_restart(start_router, cluster: Cluster) -> None:
-    """A reload that moves a cluster's primary reports it as needing a restart, and so does
-    a database added on that cluster: new logins go on meeting the configuration the router
-    started with, not half of the new one."""
+    """A reload that also removes a cluster and changes the listen port reports both as
+    needing a restart and applies neither: new logins go on meeting the configuration the
+    router started with, not half of the new one; what is live (pool_size) applies."""
     from router.config import Settings
 
-    router = start_router()
-    config = router_config(cluster)
-    changed = {
-        **config,
-        "databases": {**config["databases"], "app2": {"cluster": "main", "dbname": "app", "server_user": "pgr_trust"}},
-        "clusters": {"main": {"primary": {"host": cluster.primary.host, "port": 1}, "replicas": []}},
-        "pool_size": 9,
-    }
+    router = start_router(clusters={**router_config(cluster)["clusters"], "spare": router_config(cluster)["clusters"]["main"]})
+    config = router_config(cluster)  # without the cluster "spare"
+    changed = {**config, "listen_port": 1, "pool_size": 9}
     result = router.call(lambda r: r.reload(Settings(**changed)))
     assert "pool_size" in result["applied"]  # (and users: each router_config() hashes anew)
-    assert {"databases.app2", "clusters.main"} <= set(result["restart_required"])
-    with pytest.raises(psycopg.OperationalError, match='database "app2" does not exist'):
-        psycopg.connect(router.dsn("carol", dbname="app2"))
-    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:  # app, on the old primary
+    assert {"clusters", "listen_port"} <= set(result["restart_required"])
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert router.call(lambda r: (r.settings.pool_size, r.settings.clusters["main"].primary.port)) == (
-        9, cluster.primary.port,
+    assert router.call(lambda r: (r.settings.pool_size, r.settings.listen_port, sorted(r.settings.clusters))) == (
+        9, 0, ["main", "spare"],
     )  # fmt: skip
+
+
+def test_reload_moves_a_cluster_to_its_new_primary(start_router, cluster: Cluster) -> None:
+    """As PgBouncer follows a host changed in its file: a reload naming a new primary for a
+    cluster sends the next transactions of clients already connected there, and new logins;
+    a transaction running at the reload finishes where it began, and the old node's pool is
+    retired once its connections come back. (The new "node" is the same server through its
+    Unix socket: inet_server_addr() is NULL there.)"""
+    from router.config import Settings
+
+    router = start_router(admin_console_users=["alice"])
+    config = router_config(cluster, admin_console_users=["alice"])
+    idle = psycopg.connect(router.dsn("carol"), autocommit=True)
+    busy = psycopg.connect(router.dsn("carol"), autocommit=True)
+    over_tcp = "SELECT inet_server_addr() IS NOT NULL"
+    assert idle.execute(over_tcp).fetchone() == (True,)
+    busy.execute("BEGIN")
+    assert busy.execute(over_tcp).fetchone() == (True,)
+
+    moved = {**config, "clusters": {"main": {"primary": {"host": str(cluster.primary.socket_dir), "port": cluster.primary.port}}}}
+    result = router.call(lambda r: r.reload(Settings(**moved)))
+    assert "clusters.main" in result["applied"] and result["restart_required"] == []
+    assert idle.execute(over_tcp).fetchone() == (False,)  # the same client, on the new node
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as new:
+        assert new.execute(over_tcp).fetchone() == (False,)
+    assert busy.execute(over_tcp).fetchone() == (True,)  # its transaction goes on where it began
+    busy.execute("COMMIT")
+    assert busy.execute(over_tcp).fetchone() == (False,)
+
+    def hosts() -> list[str]:
+        return sorted(pool.key.host for pool in router.call(lambda r: list(r.pools.pools.values())))
+
+    router_poll = time.monotonic() + 10
+    while hosts() != [str(cluster.primary.socket_dir)]:
+        assert time.monotonic() < router_poll, f"the old node's pool is still there: {hosts()}"
+        time.sleep(0.05)
+    for conn in (idle, busy):
+        conn.close()
+
+
+def test_reload_moves_a_database_to_another_cluster(start_router, cluster: Cluster) -> None:
+    """A [databases] entry whose cluster a reload changes takes its connected clients along;
+    its other changes follow the same rules (here a live pool_size)."""
+    from router.config import Settings
+
+    clusters = {
+        **router_config(cluster)["clusters"],
+        "local": {"primary": {"host": str(cluster.primary.socket_dir), "port": cluster.primary.port}},
+    }
+    router = start_router(clusters=clusters)
+    config = router_config(cluster, clusters=clusters)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    assert conn.execute("SELECT inet_server_addr() IS NOT NULL").fetchone() == (True,)
+    moved = {**config, "databases": {"app": {**config["databases"]["app"], "cluster": "local", "pool_size": 3}}}
+    result = router.call(lambda r: r.reload(Settings(**moved)))
+    assert "databases.app" in result["applied"] and result["restart_required"] == []
+    assert conn.execute("SELECT inet_server_addr() IS NOT NULL").fetchone() == (False,)
+    sizes = router.call(lambda r: {p.key.host: p.settings.size for p in r.pools.pools.values()})
+    assert sizes[str(cluster.primary.socket_dir)] == 3
+    conn.close()
+
+
+def test_reload_adds_a_replica_to_a_cluster(start_router, cluster: Cluster) -> None:
+    """A replica added to a cluster by a reload gets a lag monitor and serves reads once it
+    is eligible, to the clients already connected too."""
+    from router.config import Settings
+
+    first, second = cluster.replicas
+    config = router_config(cluster, split=True)
+    one = {"main": {**config["clusters"]["main"], "replicas": [{"host": first.host, "port": first.port}]}}
+    router = start_router(split=True, clusters=one)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    result = router.call(lambda r: r.reload(Settings(**config)))
+    assert "clusters.main" in result["applied"]
+    router.wait_for(
+        lambda r: sum(n.eligible for n in r.splits["main"].topology.nodes) == 2, timeout=30, what="both replicas eligible"
+    )
+    ports = {conn.execute("SELECT inet_server_port()").fetchone()[0] for _ in range(60)}
+    assert ports == {first.port, second.port}
+    conn.close()
 
 
 def test_reload_adds_changes_and_removes_databases(start_router, cluster: Cluster) -> None:
