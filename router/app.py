@@ -849,14 +849,16 @@ class Router:
             return None
         db, pool = target.database, target.pool
         key = (db.cluster, pool.key.dbname)
-        if tenant is not None:
-            tls = asyncpg_ssl(tenant)
-        else:
-            tls = asyncpg_tls(db.server_tls or self.settings.server_tls, db.server_tls_ca or self.settings.server_tls_ca)
-        # (Registered again at each login: a reload may have moved the cluster's primary.)
-        params = ConnectParams(pool.key.host, pool.key.port, pool.key.dbname, pool.key.user, db.server_password, tls)
-        self.catalogs.register(key, params)
         watch = self.catalogs.watch(key)
+        if watch is None or self.catalogs.reads_from(key) != (pool.key.host, pool.key.port):
+            # (Registered again when a reload has moved the cluster's primary.)
+            if tenant is not None:
+                tls = asyncpg_ssl(tenant)
+            else:
+                tls = asyncpg_tls(db.server_tls or self.settings.server_tls, db.server_tls_ca or self.settings.server_tls_ca)
+            params = ConnectParams(pool.key.host, pool.key.port, pool.key.dbname, pool.key.user, db.server_password, tls)
+            self.catalogs.register(key, params)
+            watch = self.catalogs.watch(key)
         if pool.on_undefined_function is None:
             # The function may be new (created since the last read): read the catalog again.
             pool.on_undefined_function = lambda: self.catalogs.invalidate(key)

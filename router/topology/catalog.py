@@ -255,6 +255,12 @@ class FunctionCatalogs:
         lookup. None for a key never registered."""
         return self._databases.get(key)
 
+    def reads_from(self, key: Hashable) -> tuple[str, int] | None:
+        """The node (host, port) a registered database's catalog is read from, as registered
+        (a ``locate`` may send reads elsewhere); None for a key never registered."""
+        db = self._databases.get(key)
+        return None if db is None else (db.params.host, db.params.port)
+
     def invalidate(self, key: Hashable) -> None:
         """Reload the database's catalog soon (coalesced and rate-limited; see the module
         docstring). Cheap: call it on every 42883 answer. Unknown keys are ignored."""

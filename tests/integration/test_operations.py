@@ -181,6 +181,8 @@ def test_reload_moves_a_cluster_to_its_new_primary(start_router, cluster: Cluste
     result = router.call(lambda r: r.reload(Settings(**moved)))
     assert "clusters.main" in result["applied"] and result["restart_required"] == []
     assert idle.execute(over_tcp).fetchone() == (False,)  # the same client, on the new node
+    # Its function catalog is read from there too.
+    assert router.call(lambda r: r.catalogs.reads_from(("main", "app"))) == (str(cluster.primary.socket_dir), cluster.primary.port)
     with psycopg.connect(router.dsn("carol"), autocommit=True) as new:
         assert new.execute(over_tcp).fetchone() == (False,)
     assert busy.execute(over_tcp).fetchone() == (True,)  # its transaction goes on where it began
