@@ -413,7 +413,7 @@ class Router:
         # What needs a restart is not applied at all: logins read the databases, clusters and
         # the rest from self.settings, and must not meet half of a new configuration.
         clusters = {**old.clusters, **settings.clusters}
-        databases, changed, kept, moved_databases = self._reload_databases(old, settings, clusters)
+        databases, changed, kept, moved_databases = self._reload_databases(old, settings)
         if "databases" in restart:
             restart.remove("databases")
             applied += changed
@@ -444,7 +444,7 @@ class Router:
         return {"applied": applied, "restart_required": restart}
 
     def _reload_databases(
-        self, old: Settings, new: Settings, clusters: dict
+        self, old: Settings, new: Settings
     ) -> tuple[dict[str, DatabaseConfig], list[str], list[str], set[str]]:
         """[databases] after a reload, the entries it applied and kept, and those moved to
         another cluster. An entry added or removed applies to new logins; clients already in

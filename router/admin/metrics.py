@@ -1,9 +1,9 @@
 """Prometheus metrics: read from the router's own state when /metrics is scraped.
 
 The router already keeps what these report (clients, pools' stats, routing decisions, node
-states, cache counters), so nothing on the data path is instrumented for them: ``RouterCollector``
-walks those objects at scrape time, in the router's event loop (the admin API runs there), so it
-reads them without locks.
+states, cache counters, each database's SHOW STATS counters), so nothing on the data path is
+instrumented for them alone: ``RouterCollector`` walks those objects at scrape time, in the
+router's event loop (the admin API runs there), so it reads them without locks.
 
 One measurement has no state to read back: how long transactions wait for a server connection.
 The pool reports each wait through ``observe_pool_wait()`` into a module-level histogram, shared
@@ -12,7 +12,7 @@ process-wide total).
 
 Label cardinality is bounded: tenant ids and pool names come from the registry, which may hold
 thousands. ``LabelBudget`` keeps at most N distinct values (``max_tenant_labels``, and
-``max_pool_labels`` for pools) and folds the rest into ``other``. A value keeps its label while
+``max_pool_labels`` for pools and databases) and folds the rest into ``other``. A value keeps its label while
 it stays present, so series do not hop between names from one scrape to the next.
 """
 
@@ -56,6 +56,8 @@ POOL_WAIT_BUCKETS = (
 # which under load is nearly all of them, and prometheus_client's Histogram takes a lock per
 # bucket and sum. Read at scrape time by PoolWaitCollector.
 POOL_WAIT = FastHistogram(POOL_WAIT_BUCKETS)
+observe_pool_wait = POOL_WAIT.observe
+"""Record one wait for a server connection (called by the pool when it hands one over)."""
 
 # The families of router/stats/traffic.py's TOTALS, in their order.
 _TRAFFIC_FAMILIES = (
@@ -65,10 +67,8 @@ _TRAFFIC_FAMILIES = (
     ("pgrouter_database_sent_bytes_total", "Bytes of server messages forwarded to clients"),
     ("pgrouter_database_transaction_seconds_total", "Time from a transaction's first message to its end"),
     ("pgrouter_database_query_seconds_total", "Time from a query's message to its ReadyForQuery"),
-    ("pgrouter_database_wait_seconds_total", "Time transactions waited for a server connection of a full pool"),
+    ("pgrouter_database_wait_seconds_total", "Time transactions waited for a server connection"),
 )
-observe_pool_wait = POOL_WAIT.observe
-"""Record one wait for a server connection (called by the pool when it hands one over)."""
 
 
 class PoolWaitCollector(Collector):

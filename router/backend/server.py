@@ -250,7 +250,7 @@ class ServerConnection(asyncio.Protocol):
                     data = data[: pos + 6]
                     n = pos + 6
                 elif self.query_t0:
-                    # (A restore's ReadyForQuery ends the query whose it stands in for.)
+                    # (A restore's ReadyForQuery ends the query it stands in for.)
                     if not now:
                         now = perf_counter()
                     traffic = self.traffic
