@@ -182,6 +182,9 @@ class Router:
         self.admin = None  # the admin HTTP API server, when admin_port >= 0
         self.draining = False  # shutting down: /readyz answers 503
         self.config_path = None  # the file the settings came from (reload re-reads it)
+        # The whole router's settings, as SHOW CONFIG tells them: with workers, ``settings``
+        # holds this worker's part of each limit (WorkerSlot.settings_for); cli.py sets these.
+        self.configured_settings = settings
         self._split_starts: dict[str, asyncio.Task] = {}  # tenant clusters' monitors starting
         # Measured on the hot path (router/stats/): query statistics and the slow-query log,
         # transaction durations, errors sent to clients by SQLSTATE class.
@@ -376,6 +379,7 @@ class Router:
         clusters added or with new nodes (``_follow_moves``). Anything else (listen address,
         a cluster removed, other changes to an entry, registry...) needs a restart and is not
         applied at all."""
+        configured = settings
         if self.worker is not None:
             settings = self.worker.settings_for(settings)
         old = self.settings
@@ -426,6 +430,9 @@ class Router:
             }
         )
         self.settings = settings
+        self.configured_settings = configured.model_copy(
+            update={name: getattr(self.configured_settings, name) for name in type(settings).model_fields if name not in live}
+        )
         self.pools.settings = settings
         for pool in self.pools.pools.values():
             # From the pool's own database entry (or tenant): its own values, else the global.

@@ -34,6 +34,8 @@ def _run(args: argparse.Namespace) -> int:
         worker = WorkerSlot(
             args.worker, args.worker_count, Path(args.worker_dir), args.worker_port, settings.listen_port
         )
+    configured = settings
+    if worker is not None:
         settings = worker.settings_for(settings)
     try:
         import uvloop
@@ -43,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     async def main() -> None:
         router = Router(settings, worker)
         router.config_path = args.config
+        router.configured_settings = configured
         await router.start()
         print(f"pgrouter listening on {settings.listen_host}:{router.port}", flush=True)
         stop = asyncio.Event()

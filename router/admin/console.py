@@ -6,8 +6,8 @@ usual) who connects to the database ``pgrouter`` gets this session instead of a 
 speaks the simple query protocol (psql, ``psycopg``'s ``execute()`` without parameters) and
 answers each command itself, from this process's state (with several workers, SHOW POOLS,
 CLIENTS and SERVERS ask every worker and add a `worker` column; SHOW STATS, STATS_TOTALS,
-STATS_AVERAGES, TOTALS, LISTS, DATABASES and NODES add every worker's figures up; the rest
-answer for the worker the connection landed on):
+STATS_AVERAGES, TOTALS, LISTS, DATABASES and NODES add every worker's figures up; SHOW CONFIG
+tells the whole router's settings; the rest answer for the worker the connection landed on):
 
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
     SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP     SHOW LISTS
@@ -324,10 +324,11 @@ def _config_value(value: object) -> str | None:
 
 def _config(router: Router) -> bytes:
     """Each setting with its value and default, and whether a reload changes it (changeable)
-    or it needs a restart, as PgBouncer's SHOW CONFIG. Secrets show as ********."""
+    or it needs a restart, as PgBouncer's SHOW CONFIG. Secrets show as ********. With
+    workers, the whole router's values (each worker holds its part of the limits)."""
     from router.app import LIVE_SETTINGS
 
-    settings = router.settings
+    settings = router.configured_settings
     rows = []
     for key, field in type(settings).model_fields.items():
         if key in _NOT_IN_CONFIG:

@@ -158,6 +158,8 @@ def test_reload_applies_nothing_that_needs_a_restart(start_router, cluster: Clus
     assert router.call(lambda r: (r.settings.pool_size, r.settings.listen_port, sorted(r.settings.clusters))) == (
         9, 0, ["main", "spare"],
     )  # fmt: skip
+    # SHOW CONFIG's values: those in effect.
+    assert router.call(lambda r: (r.configured_settings.pool_size, r.configured_settings.listen_port)) == (9, 0)
 
 
 def test_reload_moves_a_cluster_to_its_new_primary(start_router, cluster: Cluster) -> None:

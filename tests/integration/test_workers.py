@@ -386,6 +386,25 @@ def test_show_databases_and_nodes_count_every_worker_s_connections(workers: Work
         console.close()
 
 
+def test_show_config_tells_the_whole_router_s_settings(workers: Workers) -> None:
+    """SHOW CONFIG on whichever worker: the settings file's values, not the worker's part of
+    the limits (pool_size 4 over two workers) nor its own admin_port (only worker 0 serves it)."""
+    seen: set[int] = set()
+    consoles = []
+    while seen != set(range(WORKERS)):
+        assert len(consoles) < 60, "SO_REUSEPORT never spread the consoles over both workers"
+        console = psycopg.connect(f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter", autocommit=True)
+        consoles.append(console)
+        worker = workers.worker_of(client_port(console))
+        if worker in seen:
+            continue
+        seen.add(worker)
+        config = {row[0]: row[1] for row in console.execute("SHOW CONFIG").fetchall()}
+        assert (config["pool_size"], config["admin_port"], config["workers"]) == ("4", str(workers.admin_port), "2"), worker
+    for console in consoles:
+        console.close()
+
+
 def test_an_unknown_cancel_key_is_ignored(workers: Workers) -> None:
     before = workers.metrics()
     conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
