@@ -129,6 +129,9 @@ class DatabaseRoute:
         """A server answered 42883: the function may be new; read the catalog again."""
         self.router.catalogs.invalidate(self.catalog_key)
 
+    def uses(self, pool: Pool) -> bool:
+        return pool is self.primary_pool or pool in self._pools.values()
+
     def pool(self, node: NodeState) -> Pool:
         pool = self._pools.get(node)
         if pool is None:
@@ -152,6 +155,7 @@ class Router:
         self.client_text_encoding = "utf-8"
         self.pools = PoolManager(settings, self.statements.validated)
         self.pools.on_tick = self.end_idle_clients
+        self.pools.pool_in_use = self._pool_in_use
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
         self.client_count = 0  # admitted: logging in, logged in, or in the admin console
         self.console_sessions = 0
@@ -523,6 +527,16 @@ class Router:
                 client.pool = target.pool
                 client.db_route = target.route
                 client.function_catalog = self.function_catalog(client, target)
+
+    def _pool_in_use(self, pool: Pool) -> bool:
+        """A client points at ``pool`` (its pool, or its server connection's): the janitor
+        keeps a retired pool until none does, so that no connection escapes its care."""
+        return any(
+            client.pool is pool
+            or (client.server is not None and client.server.pool is pool)
+            or (client.db_route is not None and client.db_route.uses(pool))
+            for client in self.clients.values()
+        )
 
     def _repoint_pools(self, before: DatabaseConfig, db: DatabaseConfig) -> None:
         """The pools (and read/write routes) made for entry ``before`` follow ``db``."""

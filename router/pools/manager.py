@@ -58,6 +58,10 @@ class PoolManager:
         self._janitor: asyncio.Task | None = None
         # Called on every janitor pass with its time (the router's client_idle_timeout).
         self.on_tick: Callable[[float], None] | None = None
+        # Whether a client still points at a pool (Router: its pool or server's): a retired
+        # pool is kept, and maintained, until none does.
+        self.pool_in_use: Callable[[Pool], bool] = lambda pool: False
+        self.passes = 0  # janitor passes done
         # max_db_connections / max_user_connections, by (setting, host, port, name).
         self.caps: dict[tuple[str, str, int, str], ConnectionCap] = {}
         # SHOW STATS counters by real database name, kept when its pools go (a dropped
@@ -147,6 +151,13 @@ class PoolManager:
         limits = [default if db.max_db_connections is None else db.max_db_connections for db in entries]
         return min((limit for limit in limits if limit), default=0)
 
+    def _done_with(self, pool: Pool) -> bool:
+        """A retired pool (its node left its cluster): what it opened since closes too, as
+        a client may still use it (one that was logging in at the reload, say); done once it
+        holds nothing and no client points at it."""
+        pool.reconnect()
+        return not pool.servers and not pool.connecting and not pool.waiters and not self.pool_in_use(pool)
+
     def drop(self, pool: Pool) -> None:
         """Forget a closed pool (a deleted tenant's): its connections no longer count."""
         self.pools.pop(pool.key, None)
@@ -176,10 +187,10 @@ class PoolManager:
             idle_transaction_timeout = self.settings.idle_transaction_timeout
             query_timeout = self.settings.query_timeout
             for pool in list(self.pools.values()):
-                if pool.retired and not pool.servers and not pool.connecting and not pool.waiters:
-                    self.drop(pool)  # its node left its cluster, and it is empty now
-                    continue
                 try:
+                    if pool.retired and self._done_with(pool):
+                        self.drop(pool)
+                        continue
                     pool.maintain(now)
                     if idle_transaction_timeout:
                         pool.end_idle_transactions(now, idle_transaction_timeout)
@@ -191,6 +202,7 @@ class PoolManager:
                 for traffic in self.traffic.values():
                     traffic.close_period(now - self._period_start)
                 self._period_start = now
+            self.passes += 1
             if self.on_tick is not None:
                 try:
                     self.on_tick(now)

@@ -395,7 +395,8 @@ class Pool:
 
     def retire(self) -> None:
         """Its node left its cluster (a reload): close its connections (busy ones when
-        released) and keep none open; PoolManager drops it once it is empty."""
+        released) and keep none open; PoolManager drops it once it is empty and no client
+        points at it."""
         self.retired = True
         self.settings = replace(self.settings, min_size=0)
         self.reconnect()

@@ -202,6 +202,45 @@ def test_reload_moves_a_cluster_to_its_new_primary(start_router, cluster: Cluste
         conn.close()
 
 
+def test_a_retired_pool_stays_while_a_client_still_uses_it(start_router, cluster: Cluster) -> None:
+    """A client that a reload could not move (its database DISABLEd, so no new pool is made
+    for it) goes on through its old pool, now retired: the pool closes each connection once
+    released and stays in the janitor's care while the client is there, then goes."""
+    from router.config import Settings
+
+    router = start_router()
+    config = router_config(cluster)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    assert conn.execute("SELECT inet_server_addr() IS NOT NULL").fetchone() == (True,)
+    router.call(lambda r: r.database_command("DISABLE", "app"))
+    moved = {**config, "clusters": {"main": {"primary": {"host": str(cluster.primary.socket_dir), "port": cluster.primary.port}}}}
+    router.call(lambda r: r.reload(Settings(**moved)))
+    assert conn.execute("SELECT inet_server_addr() IS NOT NULL").fetchone() == (True,)  # not moved
+
+    def old_pool() -> tuple[bool, int, int]:
+        return router.call(
+            lambda r: next(
+                ((True, len(p.servers), r.pools.passes) for p in r.pools.pools.values() if p.key.host == cluster.primary.host),
+                (False, 0, r.pools.passes),
+            )
+        )
+
+    deadline = time.monotonic() + 10
+    while old_pool()[1]:  # its connection is closed once released
+        assert time.monotonic() < deadline, "the retired pool kept its connection"
+        time.sleep(0.05)
+    passes = old_pool()[2]
+    while old_pool()[2] < passes + 2:  # two janitor passes with the pool empty
+        assert time.monotonic() < deadline + 5
+        time.sleep(0.05)
+    assert old_pool()[0], "dropped while a client still used it"
+    conn.close()
+    while old_pool()[0]:
+        assert time.monotonic() < deadline + 10, "the retired pool outlived its last client"
+        time.sleep(0.05)
+    router.call(lambda r: r.database_command("ENABLE", "app"))
+
+
 def test_reload_moves_a_database_to_another_cluster(start_router, cluster: Cluster) -> None:
     """A [databases] entry whose cluster a reload changes takes its connected clients along;
     its other changes follow the same rules (here a live pool_size)."""
