@@ -61,9 +61,12 @@ LIVE_SETTINGS = frozenset({
     "client_idle_timeout", "query_timeout", "reserve_pool_size", "reserve_pool_timeout",
     "users", "admin_console_users", "stats_period",
 })  # fmt: skip
-# What a reload changes in an existing [databases] entry, its pools following; any other
-# change to an entry needs a restart (an entry added or removed is applied).
+# What a reload changes in an existing [databases] entry, its pools following; with
+# MOVING_DATABASE_FIELDS below its clients move to new pools; any other change to an entry
+# needs a restart (an entry added or removed is applied).
 LIVE_DATABASE_FIELDS = ("pool_size", "min_pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
+# What a reload may change in an entry by moving its clients to new pools (_follow_moves).
+MOVING_DATABASE_FIELDS = ("cluster", "dbname", "server_user")
 # What of a cluster changes in place with a reload; any other change makes a new monitor.
 _LIVE_LAG = ("max_replica_lag", "max_replica_lag_bytes", "replica_fallback")
 _REPLICA_READ = ("replica", RouteReason.READ)
@@ -458,12 +461,13 @@ class Router:
         self, old: Settings, new: Settings
     ) -> tuple[dict[str, DatabaseConfig], list[str], list[str], set[str]]:
         """[databases] after a reload, the entries it applied and kept, and those moved to
-        another cluster. An entry added or removed applies to new logins; clients already in
-        keep their pools. An entry whose changes are all LIVE_DATABASE_FIELDS is applied and its
-        pools follow it (a new server password for the connections opened from now on, the
-        function catalog's next read included). One moved to another cluster is applied too:
-        its clients follow it (_follow_moves). Any other change to an entry needs a restart,
-        and the entry stays as it was."""
+        another cluster, real database or server user. An entry added or removed applies to new
+        logins; clients already in keep their pools. An entry whose changes are all
+        LIVE_DATABASE_FIELDS is applied and its pools follow it (a new server password for the
+        connections opened from now on, the function catalog's next read included). One whose
+        MOVING_DATABASE_FIELDS changed too is applied as well: its clients move to new pools
+        (_follow_moves). Any other change to an entry needs a restart, and the entry stays as
+        it was."""
         merged: dict[str, DatabaseConfig] = {}
         changed: list[str] = []
         kept: list[str] = []
@@ -479,7 +483,7 @@ class Router:
                 merged[name] = db
                 changed.append(f"databases.{name}")
                 self._repoint_pools(before, db)
-            elif before.model_copy(update={field: getattr(db, field) for field in (*LIVE_DATABASE_FIELDS, "cluster")}) == db:
+            elif before.model_copy(update={f: getattr(db, f) for f in (*LIVE_DATABASE_FIELDS, *MOVING_DATABASE_FIELDS)}) == db:
                 merged[name] = db
                 changed.append(f"databases.{name}")
                 moved.add(name)
@@ -492,12 +496,13 @@ class Router:
 
     def _follow_moves(self, old: Settings, clusters: set[str], databases: set[str]) -> None:
         """A reload changed the nodes of ``clusters`` (or added them) and moved ``databases``
-        to another cluster, as PgBouncer follows a host changed in its file. Each such cluster
-        gets a new lag monitor; the clients of its entries (and of the moved ones) send their
-        next transactions to the new nodes (a transaction running now finishes where it is,
-        and a session-mode client keeps its server connection until it leaves). Pools of
-        settings-file entries on nodes no cluster names any more are retired: idle
-        connections close now, busy ones once released, and the pool goes when empty."""
+        to another cluster, real database or server user, as PgBouncer follows a connect
+        string changed in its file. Each such cluster gets a new lag monitor; the clients of
+        its entries (and of the moved ones) send their next transactions to the new pools (a
+        transaction running now finishes where it is, and a session-mode client keeps its
+        server connection until it leaves). Pools that no entry makes any more (of an entry
+        still there, or of a moved one as it was) are retired: idle connections close now,
+        busy ones once released, and the pool goes when empty and unused."""
         settings = self.settings
         for name in clusters:
             split = self.splits.pop(name, None)
@@ -509,10 +514,10 @@ class Router:
                 self.spawn(split.start())
         for key in [key for key in self.db_routes if key[0] in clusters]:
             del self.db_routes[key]  # made again at the next login or retarget
-        entries = {id(db) for db in (*old.databases.values(), *settings.databases.values())}
-        nodes = {(n.host, n.port) for c in settings.clusters.values() for n in (c.primary, *c.replicas)}
+        # (A removed entry's pools stay as they are: its clients go on.)
+        entries = {id(db) for db in settings.databases.values()} | {id(old.databases[name]) for name in databases}
         for pool in list(self.pools.pools.values()):
-            if id(pool.db) in entries and (pool.key.host, pool.key.port) not in nodes and not pool.retired:
+            if id(pool.db) in entries and not pool.retired and not self._made_by_an_entry(pool):
                 pool.retire()
         for client in list(self.clients.values()):
             if client.tenant is not None:
@@ -527,6 +532,21 @@ class Router:
                 client.pool = target.pool
                 client.db_route = target.route
                 client.function_catalog = self.function_catalog(client, target)
+
+    def _made_by_an_entry(self, pool: Pool) -> bool:
+        """Some [databases] entry (of the current settings) makes pools like ``pool``: on a
+        node of its cluster, of its real database, as its server user."""
+        key = pool.key
+        for name, db in self.settings.databases.items():
+            cluster = self.settings.clusters[db.cluster]
+            real = db.dbname or (None if name == "*" else name)  # None: the client's
+            if (
+                any((n.host, n.port) == (key.host, key.port) for n in (cluster.primary, *cluster.replicas))
+                and real in (None, key.dbname)
+                and db.server_user in (None, key.user)
+            ):
+                return True
+        return False
 
     def _pool_in_use(self, pool: Pool) -> bool:
         """A client points at ``pool`` (its pool, or its server connection's): the janitor

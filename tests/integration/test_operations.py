@@ -241,6 +241,32 @@ def test_a_retired_pool_stays_while_a_client_still_uses_it(start_router, cluster
     router.call(lambda r: r.database_command("ENABLE", "app"))
 
 
+def test_reload_moves_a_database_to_another_server_user(start_router, cluster: Cluster) -> None:
+    """A [databases] entry whose server_user, then dbname, a reload changes: its connected
+    clients' next transactions run there, and the old pool is retired each time."""
+    from router.config import Settings
+
+    router = start_router()
+    config = router_config(cluster)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    moved = {**config, "databases": {"app": {**config["databases"]["app"], "server_user": "pgr_trust"}}}
+    result = router.call(lambda r: r.reload(Settings(**moved)))
+    assert "databases.app" in result["applied"] and result["restart_required"] == []
+    assert conn.execute("SELECT current_user").fetchone() == ("pgr_trust",)
+    deadline = time.monotonic() + 10
+    while router.call(lambda r: sorted(p.key.user for p in r.pools.pools.values())) != ["pgr_trust"]:
+        assert time.monotonic() < deadline, "the old server user's pool is still there"
+        time.sleep(0.05)
+    again = {**moved, "databases": {"app": {**moved["databases"]["app"], "dbname": "postgres"}}}
+    assert "databases.app" in router.call(lambda r: r.reload(Settings(**again)))["applied"]
+    assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)
+    while router.call(lambda r: sorted(p.key.dbname for p in r.pools.pools.values())) != ["postgres"]:
+        assert time.monotonic() < deadline + 10, "the old database's pool is still there"
+        time.sleep(0.05)
+    conn.close()
+
+
 def test_reload_moves_a_database_to_another_cluster(start_router, cluster: Cluster) -> None:
     """A [databases] entry whose cluster a reload changes takes its connected clients along;
     its other changes follow the same rules (here a live pool_size)."""
@@ -314,10 +340,11 @@ def test_reload_adds_changes_and_removes_databases(start_router, cluster: Cluste
         )
 
     assert app_pool() == (2, "rotated")
-    moved = {**app, "server_user": "pgr_trust"}
-    assert reload({"app": moved, "app2": app2}) == {"applied": [], "restart_required": ["databases.app"]}
+    session = {**app, "pool_mode": "session"}
+    assert reload({"app": session, "app2": app2}) == {"applied": [], "restart_required": ["databases.app"]}
+    assert router.call(lambda r: r.settings.databases["app"].pool_mode) is None  # as it was
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
-        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)  # as it was
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
     assert reload({"app": app}) == {"applied": ["databases.app2"], "restart_required": []}
     with pytest.raises(psycopg.OperationalError, match='database "app2" does not exist'):
         psycopg.connect(router.dsn("carol", dbname="app2"))
