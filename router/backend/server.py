@@ -250,13 +250,21 @@ class ServerConnection(asyncio.Protocol):
                     data = data[: pos + 6]
                     n = pos + 6
                 elif self.query_t0:
-                    # (A restore's ReadyForQuery ends the query it stands in for.)
+                    # (A restore's ReadyForQuery ends the query it stands in for.) What is
+                    # still owed (a pipeline) starts now.
                     if not now:
                         now = perf_counter()
+                    owed = st.recv_z < st.sent_z
                     traffic = self.traffic
                     traffic.query_count += 1
                     traffic.query_time += now - self.query_t0
-                    self.query_t0 = now if st.recv_z < st.sent_z else 0.0
+                    self.query_t0 = now if owed else 0.0
+                    if self.tx_status == _IDLE and self.tx_t0:
+                        duration = now - self.tx_t0
+                        client.router.transaction_durations.observe(duration)
+                        traffic.xact_count += 1
+                        traffic.xact_time += duration
+                        self.tx_t0 = now if owed else 0.0
             elif t == _E:
                 if pos + 1 + length > n and length <= MAX_HELD_ERROR:
                     # Only a whole ErrorResponse can be judged (stale plan, duplicate name,
@@ -358,13 +366,6 @@ class ServerConnection(asyncio.Protocol):
             self.traffic.sent += len(data)
             client.transport.write(data)
         if ready and st.recv_z == st.sent_z:
-            if self.tx_status == _IDLE and self.tx_t0:
-                duration = (now or perf_counter()) - self.tx_t0
-                client.router.transaction_durations.observe(duration)
-                traffic = self.traffic
-                traffic.xact_count += 1
-                traffic.xact_time += duration
-                self.tx_t0 = 0.0
             client.server_ready(self)
         elif self.restoring and rest:
             self.data_received(rest)

@@ -7,15 +7,17 @@ The totals count since the process started and never go down, so /metrics serves
 counters.
 
 What counts, with the router's meaning of PgBouncer's words:
-- a transaction: from the first message sent to a server connection to its ReadyForQuery
-  with status idle (a session's transactions, in session mode, likewise);
+- a transaction: from the first message sent to a server connection (in a pipeline, from
+  the end of the one before it) to its ReadyForQuery with status idle (a session's
+  transactions, in session mode, likewise);
 - a query: from a message sent to the ReadyForQuery that answers it (one per Query, or per
   Sync of the extended protocol); the router's own statements (settings replayed on a
   server connection, a reset) are not counted, nor a BEGIN the router answers itself while
   it decides where a split transaction goes (sent on with the next statement);
 - received / sent: the client's bytes forwarded to a server, and the server's forwarded to
   the client (what the router answers itself is not traffic of a database);
-- wait: how long a transaction waited for a server connection of a full pool.
+- wait: how long a client's transaction waited for a server connection (of a full pool, or
+  one being opened); not the router's own wait at a login.
 """
 
 from __future__ import annotations

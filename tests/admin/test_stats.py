@@ -67,7 +67,7 @@ def _table(console: psycopg.Connection, command: str) -> dict[str, dict[str, str
     return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
 
 
-def _metric(admin: AdminAPI, name: str, database: str) -> float:
+def _metric(admin: AdminAPI, name: str, database: str | None) -> float:
     for family in text_string_to_metric_families(admin.get("/metrics").text):
         for sample in family.samples:
             if sample.name == name and sample.labels.get("database") == database:
@@ -76,9 +76,9 @@ def _metric(admin: AdminAPI, name: str, database: str) -> float:
 
 
 def test_stats_count_transactions_queries_and_bytes(start_admin: Callable[..., AdminAPI]) -> None:
-    """Five transactions of seven queries, with the simple and the extended protocol: the
-    console, GET /stats and /metrics count them, and the bytes each way, exactly (the router's
-    own replies, the login's among them, are not a database's traffic)."""
+    """Seven transactions of nine queries, with the simple and the extended protocol, two of
+    them pipelined: the console, GET /stats and /metrics count them, and the bytes each way,
+    exactly (the router's own replies, the login's among them, are not a database's traffic)."""
     admin = start_admin(redis_url=None, secret_key=None, admin_console_users=["alice"])
     client = RawClient(admin.handle.port)
     client.login_trust("carol")
@@ -87,6 +87,7 @@ def test_stats_count_transactions_queries_and_bytes(start_admin: Callable[..., A
         _query("SELECT 1"), _query("SELECT 2"), _query("SELECT 3"),  # 3 transactions
         _extended_select(4),  # 1 transaction of 1 query (one Sync)
         _query("BEGIN"), _query("SELECT 5"), _query("COMMIT"),  # 1 transaction of 3 queries
+        _query("SELECT 6") + _query("SELECT 7"),  # pipelined: 2 transactions
     ):  # fmt: skip
         received += len(request)
         sent += _exchange(client, request)
@@ -94,7 +95,7 @@ def test_stats_count_transactions_queries_and_bytes(start_admin: Callable[..., A
     console = _console(admin)
     row = _table(console, "SHOW STATS_TOTALS")["app"]
     assert list(row) == ["database", *TOTAL_COLUMNS]
-    assert (row["total_xact_count"], row["total_query_count"]) == ("5", "7")
+    assert (row["total_xact_count"], row["total_query_count"]) == ("7", "9")
     assert (row["total_received"], row["total_sent"]) == (str(received), str(sent))
     assert int(row["total_query_time"]) > 0 and int(row["total_xact_time"]) >= int(row["total_query_time"])
     # Nobody waited: the login opened the connection (its own wait for it is no transaction's).
@@ -104,13 +105,14 @@ def test_stats_count_transactions_queries_and_bytes(start_admin: Callable[..., A
     assert body["stats_period"] == 60 and body["workers_reporting"] == 1
     app = next(db for db in body["databases"] if db["database"] == "app")
     assert {k: app[k] for k in TOTAL_COLUMNS} == {k: int(v) for k, v in row.items() if k in TOTAL_COLUMNS}
-    assert _metric(admin, "pgrouter_database_transactions_total", "app") == 5
-    assert _metric(admin, "pgrouter_database_queries_total", "app") == 7
+    assert _metric(admin, "pgrouter_database_transactions_total", "app") == 7
+    assert _metric(admin, "pgrouter_database_queries_total", "app") == 9
+    assert _metric(admin, "pgrouter_transaction_duration_seconds_count", None) == 7  # (no label)
     assert _metric(admin, "pgrouter_database_received_bytes_total", "app") == received
     assert _metric(admin, "pgrouter_database_sent_bytes_total", "app") == sent
 
     totals = _table(console, "SHOW TOTALS")
-    assert totals["total_xact_count"]["value"] == "5" and totals["total_sent"]["value"] == str(sent)
+    assert totals["total_xact_count"]["value"] == "7" and totals["total_sent"]["value"] == str(sent)
     lists = _table(console, "SHOW LISTS")
     assert {item: int(r["items"]) for item, r in lists.items()} == {
         "databases": 1, "users": len(admin.router.settings.users), "pools": 1,
