@@ -536,17 +536,19 @@ class Router:
     def _made_by_an_entry(self, pool: Pool) -> bool:
         """Some [databases] entry (of the current settings) makes pools like ``pool``: on a
         node of its cluster, of its real database, as its server user."""
+        databases = self.settings.databases.items()
+        return any(self._entry_makes(db, db.dbname or (None if name == "*" else name), pool) for name, db in databases)
+
+    def _entry_makes(self, db: DatabaseConfig, real: str | None, pool: Pool) -> bool:
+        """Entry ``db`` makes ``pool``, or one like it: on a node of its cluster, of real
+        database ``real`` (None: any, the client's), as its server user when it names one."""
         key = pool.key
-        for name, db in self.settings.databases.items():
-            cluster = self.settings.clusters[db.cluster]
-            real = db.dbname or (None if name == "*" else name)  # None: the client's
-            if (
-                any((n.host, n.port) == (key.host, key.port) for n in (cluster.primary, *cluster.replicas))
-                and real in (None, key.dbname)
-                and db.server_user in (None, key.user)
-            ):
-                return True
-        return False
+        cluster = self.settings.clusters[db.cluster]
+        return (
+            any((node.host, node.port) == (key.host, key.port) for node in (cluster.primary, *cluster.replicas))
+            and real in (None, key.dbname)
+            and db.server_user in (None, key.user)
+        )
 
     def _pool_in_use(self, pool: Pool) -> bool:
         """A client points at ``pool`` (its pool, or its server connection's): the janitor
@@ -713,14 +715,8 @@ class Router:
         db = databases.get(name) or databases.get("*")
         if db is None:
             return []
-        cluster = self.settings.clusters[db.cluster]
         real = db.dbname or name
-        nodes = {(node.host, node.port) for node in (cluster.primary, *cluster.replicas)}
-        return [
-            pool for pool in pools
-            if pool.key.dbname == real and (pool.key.host, pool.key.port) in nodes
-            and (db.server_user is None or pool.key.user == db.server_user)
-        ]  # fmt: skip
+        return [pool for pool in pools if self._entry_makes(db, real, pool)]
 
     def database_command(self, verb: str, name: str) -> int:
         """The console's PAUSE, RESUME, DISABLE, ENABLE, KILL, RECONNECT and WAIT_CLOSE of
