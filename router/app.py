@@ -22,7 +22,7 @@ from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
 from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager, asyncpg_tls
-from router.pools.pool import Pool, is_unix_socket, unix_socket_path
+from router.pools.pool import Pool, PoolKey, is_unix_socket, unix_socket_path
 from router.prepared import StatementRegistry
 from router.protocol.errors import RouterError, SQLState
 from router.protocol.startup import build_cancel_request
@@ -66,7 +66,7 @@ LIVE_SETTINGS = frozenset({
 # needs a restart (an entry added or removed is applied).
 LIVE_DATABASE_FIELDS = ("pool_size", "min_pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
 # What a reload may change in an entry by moving its clients to new pools (_follow_moves).
-MOVING_DATABASE_FIELDS = ("cluster", "dbname", "server_user")
+MOVING_DATABASE_FIELDS = ("cluster", "dbname", "server_user", "server_tls", "server_tls_ca")
 # What of a cluster changes in place with a reload; any other change makes a new monitor.
 _LIVE_LAG = ("max_replica_lag", "max_replica_lag_bytes", "replica_fallback")
 _REPLICA_READ = ("replica", RouteReason.READ)
@@ -180,7 +180,7 @@ class Router:
             for name, cluster in settings.clusters.items()
             if cluster.replicas
         }
-        self.db_routes: dict[tuple[str, str, str], DatabaseRoute] = {}
+        self.db_routes: dict[tuple[str, PoolKey], DatabaseRoute] = {}  # by cluster, primary pool
         self.catalogs = FunctionCatalogs(
             refresh_interval=settings.function_catalog_refresh, builtin=self.functions
         )
@@ -461,8 +461,8 @@ class Router:
         self, old: Settings, new: Settings
     ) -> tuple[dict[str, DatabaseConfig], list[str], list[str], set[str]]:
         """[databases] after a reload, the entries it applied and kept, and those moved to
-        another cluster, real database or server user. An entry added or removed applies to new
-        logins; clients already in keep their pools. An entry whose changes are all
+        another cluster, real database, server user or server TLS. An entry added or removed
+        applies to new logins; clients already in keep their pools. An entry whose changes are all
         LIVE_DATABASE_FIELDS is applied and its pools follow it (a new server password for the
         connections opened from now on, the function catalog's next read included). One whose
         MOVING_DATABASE_FIELDS changed too is applied as well: its clients move to new pools
@@ -496,8 +496,8 @@ class Router:
 
     def _follow_moves(self, old: Settings, clusters: set[str], databases: set[str]) -> None:
         """A reload changed the nodes of ``clusters`` (or added them) and moved ``databases``
-        to another cluster, real database or server user, as PgBouncer follows a connect
-        string changed in its file. Each such cluster gets a new lag monitor; the clients of
+        to another cluster, real database, server user or server TLS, as PgBouncer follows
+        a connect string changed in its file. Each such cluster gets a new lag monitor; the clients of
         its entries (and of the moved ones) send their next transactions to the new pools (a
         transaction running now finishes where it is, and a session-mode client keeps its
         server connection until it leaves). Pools that no entry makes any more (of an entry
@@ -541,13 +541,15 @@ class Router:
 
     def _entry_makes(self, db: DatabaseConfig, real: str | None, pool: Pool) -> bool:
         """Entry ``db`` makes ``pool``, or one like it: on a node of its cluster, of real
-        database ``real`` (None: any, the client's), as its server user when it names one."""
+        database ``real`` (None: any, the client's), as its server user when it names one,
+        in its pool mode and server TLS."""
         key = pool.key
         cluster = self.settings.clusters[db.cluster]
         return (
             any((node.host, node.port) == (key.host, key.port) for node in (cluster.primary, *cluster.replicas))
             and real in (None, key.dbname)
             and db.server_user in (None, key.user)
+            and self.pools.kind_of(db) == (key.mode, key.tls)
         )
 
     def _pool_in_use(self, pool: Pool) -> bool:
@@ -706,8 +708,9 @@ class Router:
 
     def database_pools(self, name: str) -> list[Pool]:
         """The pools serving settings-file database ``name`` ("": every pool): on its
-        cluster's nodes, of its real database, as its server user when the entry names one.
-        (Another entry naming the same real database and user shares them.)"""
+        cluster's nodes, of its real database, as its server user when the entry names one,
+        in its pool mode and server TLS. (Another entry naming the same real database and
+        user, in the same mode and TLS, shares them.)"""
         pools = list(self.pools.pools.values())
         if not name:
             return pools
@@ -865,7 +868,7 @@ class Router:
             split = self.splits.get(db.cluster)
         route = None
         if split is not None:
-            key = (db.cluster, pool.key.dbname, pool.key.user)
+            key = (db.cluster, pool.key)
             route = self.db_routes.get(key)
             if route is None:
                 route = self.db_routes[key] = DatabaseRoute(self, db, client.database, client.user, pool, split)

@@ -387,9 +387,10 @@ class TenantManager:
 
     def _resize_pools(self, tenant: Tenant) -> None:
         """pool.size, pool.min_size and limits.query_wait_timeout apply to the tenant's
-        existing pools at once (not pool.mode: an open pool keeps its mode, which clients
-        mid-session depend on). A pool shared with other tenants (shared schema) follows the
-        record changed last."""
+        existing pools at once. A new pool.mode applies to new logins, which get pools in
+        that mode (PoolKey); the clients already in keep theirs, which they may depend on
+        mid-session, and the old mode's pools keep no idle connections open for them. A pool
+        shared with other tenants (shared schema) follows the record changed last."""
         share = self.router.share
         update = {
             "pool_size": share(tenant.pool.size),
@@ -399,11 +400,13 @@ class TenantManager:
         pools = self.pools.get(tenant.tenant_id, set())
         for pool in pools:
             if pool.db is not None:
-                pool.db = pool.db.model_copy(update=update)
+                own = update if pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}
+                pool.db = pool.db.model_copy(update=own)
                 pool.settings = replace(pool.settings, **self.router.pools.live_settings(pool.db))
         for route in self.router.db_routes.values():
             if route.primary_pool in pools:  # its replicas' pools, opened later, alike
-                route.db = route.db.model_copy(update=update)
+                own = update if route.primary_pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}
+                route.db = route.db.model_copy(update=own)
 
     def pause(self, tenant_id: str) -> None:
         if tenant_id not in self.gates:

@@ -8,7 +8,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from router.config import DatabaseConfig, ServerTLS, Settings
+from router.config import DatabaseConfig, PoolMode, ServerTLS, Settings
 from router.pools.pool import ConnectionCap, Pool, PoolKey, PoolSettings
 from router.sockopts import keepalive_options
 from router.stats.traffic import Traffic
@@ -72,7 +72,8 @@ class PoolManager:
     def pool_for(self, db: DatabaseConfig, client_dbname: str, client_user: str, node) -> Pool:
         dbname = db.dbname or client_dbname
         user = db.server_user or client_user
-        key = PoolKey(node.host, node.port, dbname, user)
+        mode, tls = self.kind_of(db)
+        key = PoolKey(node.host, node.port, dbname, user, mode, tls)
         pool = self.pools.get(key)
         if pool is None:
             s = self.settings
@@ -80,7 +81,7 @@ class PoolManager:
                 key,
                 db.server_password,
                 PoolSettings(
-                    mode=db.pool_mode or s.pool_mode,
+                    mode=mode,
                     reset_query=s.server_reset_query,
                     tls=self._tls if db.server_tls is None else self._tls_for(db.server_tls, db.server_tls_ca),
                     tls_required=(db.server_tls or s.server_tls) not in (ServerTLS.PREFER, ServerTLS.DISABLE),
@@ -100,6 +101,16 @@ class PoolManager:
             pool.traffic = traffic
             self.pools[key] = pool
         return pool
+
+    def kind_of(self, db: DatabaseConfig) -> tuple[PoolMode, str]:
+        """The mode and TLS of ``db``'s pools (PoolKey): entries of one real database in
+        two modes, or one with server TLS of its own, get pools of their own, as a shared
+        pool would give them the first one's."""
+        s = self.settings
+        tls = ""
+        if db.server_tls is not None and (db.server_tls, db.server_tls_ca) != (s.server_tls, s.server_tls_ca):
+            tls = " ".join(filter(None, (db.server_tls.value, str(db.server_tls_ca or ""))))
+        return db.pool_mode or s.pool_mode, tls
 
     def live_settings(self, db: DatabaseConfig) -> dict:
         """The pool settings a reload changes, for a pool of ``db`` (its own values first,

@@ -60,10 +60,25 @@ def _unchanged_for(
 
 @dataclass(frozen=True, slots=True)
 class PoolKey:
+    """What makes server connections interchangeable: the node, real database and server
+    user, and the two things that differ between [databases] entries (or tenants) naming
+    the same three: pool mode, and server TLS set on the entry itself ("": the global)."""
+
     host: str
     port: int
     dbname: str
     user: str
+    mode: PoolMode = PoolMode.TRANSACTION
+    tls: str = ""
+
+    @property
+    def name(self) -> str:
+        """Unique among pools: the mode and TLS are named when not the defaults."""
+        extras = [self.mode.value] if self.mode is not PoolMode.TRANSACTION else []
+        if self.tls:
+            extras.append(f"server_tls={self.tls}")
+        base = f"{self.dbname}/{self.user}@{self.host}:{self.port}"
+        return f"{base} ({', '.join(extras)})" if extras else base
 
 
 @dataclass(slots=True)
@@ -180,7 +195,7 @@ class Pool:
         self.key = key
         # Shared with the router's StatementRegistry (router/prepared.py).
         self.validated_statements = validated_statements if validated_statements is not None else set()
-        self.name = f"{key.dbname}/{key.user}@{key.host}:{key.port}"
+        self.name = key.name
         self.password = password
         self.settings = settings
         self.idle: deque[ServerConnection] = deque()
@@ -394,13 +409,13 @@ class Pool:
         return marked
 
     def retire(self) -> None:
-        """Its node left its cluster (a reload): close its connections (busy ones when
-        released) and keep none open; PoolManager drops it once it is empty and no client
-        points at it."""
+        """No [databases] entry makes it any more (a reload moved its node, real database,
+        server user or TLS): close its connections (busy ones when released) and keep none
+        open; PoolManager drops it once it is empty and no client points at it."""
         self.retired = True
         self.settings = replace(self.settings, min_size=0)
         self.reconnect()
-        log.info("pool %s retired: its node left the cluster", self.name)
+        log.info("pool %s retired: no database entry makes it since the reload", self.name)
 
     def closes_needed(self) -> int:
         """Connections RECONNECT marked that are still open (WAIT_CLOSE)."""

@@ -106,7 +106,9 @@ def test_catalog_reloads_from_the_promoted_primary(failover_cluster: Cluster) ->
             # Routed by the new catalog: a volatile function (not merely an unknown one) goes to
             # the primary, and so does f_flip, which the old catalog would send to the follower.
             assert conn.execute(WHERE.format(call="f_new()")).fetchone() == (2, False, promoted.port)
-            route = lambda r: r.db_routes[("main", "app", "postgres")]  # noqa: E731
+            route = lambda r: next(  # noqa: E731
+                route for (name, key), route in r.db_routes.items() if (name, key.dbname, key.user) == ("main", "app", "postgres")
+            )
             verdict = router.call(lambda r: route(r).verdicts.verdict(b"SELECT f_new()"))
             assert verdict.reason is Reason.VOLATILE_FUNCTION, verdict
             assert conn.execute(WHERE.format(call="f_flip()")).fetchone() == (1, False, promoted.port)

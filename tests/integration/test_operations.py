@@ -267,6 +267,27 @@ def test_reload_moves_a_database_to_another_server_user(start_router, cluster: C
     conn.close()
 
 
+def test_reload_moves_a_database_to_server_tls(start_router, cluster: Cluster) -> None:
+    """An entry given server_tls by a reload: its connected client's next transaction runs
+    over TLS, on a new pool, and the plaintext pool is retired."""
+    from router.config import Settings
+
+    router = start_router()
+    config = router_config(cluster)
+    conn = psycopg.connect(router.dsn("carol"), autocommit=True)
+    tls_sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    assert conn.execute(tls_sql).fetchone() == (False,)
+    moved = {**config, "databases": {"app": {**config["databases"]["app"], "server_tls": "require"}}}
+    result = router.call(lambda r: r.reload(Settings(**moved)))
+    assert "databases.app" in result["applied"] and result["restart_required"] == []
+    assert conn.execute(tls_sql).fetchone() == (True,)
+    deadline = time.monotonic() + 10
+    while router.call(lambda r: [p.key.tls for p in r.pools.pools.values()]) != ["require"]:
+        assert time.monotonic() < deadline, "the plaintext pool is still there"
+        time.sleep(0.05)
+    conn.close()
+
+
 def test_reload_moves_a_database_to_another_cluster(start_router, cluster: Cluster) -> None:
     """A [databases] entry whose cluster a reload changes takes its connected clients along;
     its other changes follow the same rules (here a live pool_size)."""

@@ -650,3 +650,30 @@ def test_session_mode_keeps_server_and_resets_it(start_router):
     with psycopg.connect(router.dsn("carol"), autocommit=True) as nxt:
         assert nxt.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
         assert nxt.execute("SHOW search_path").fetchone() == ('"$user", public',)
+
+
+def test_entries_of_one_real_database_in_two_pool_modes_get_a_pool_each(start_router):
+    """A session-mode entry and a transaction-mode entry of the same real database and
+    server user: each client gets the mode of the entry it asked for, whichever logged in
+    first (a shared pool would give both the first one's mode)."""
+    router = start_router(
+        pool_size=1,
+        query_wait_timeout=0.5,
+        databases={
+            "app": {"cluster": "main", "server_user": "postgres"},
+            "app_session": {"cluster": "main", "dbname": "app", "server_user": "postgres", "pool_mode": "session"},
+        },
+    )
+    with (
+        psycopg.connect(router.dsn("carol", dbname="app_session"), autocommit=True) as session,
+        psycopg.connect(router.dsn("carol"), autocommit=True) as one,
+        psycopg.connect(router.dsn("carol"), autocommit=True) as two,
+    ):
+        pid = session.execute("SELECT pg_backend_pid()").fetchone()[0]  # kept: session mode
+        # Transaction mode: the two take turns on one server connection, not the session's.
+        for i in range(3):
+            assert one.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+            assert two.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        assert session.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
+        modes = router.call(lambda r: sorted((p.key.dbname, p.settings.mode.value) for p in r.pools.pools.values()))
+        assert modes == [("app", "session"), ("app", "transaction")]

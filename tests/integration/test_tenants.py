@@ -522,3 +522,32 @@ def test_tenant_move_under_load(start_router, registry, cluster, tenant_dbs) -> 
     switch = [i for i in range(1, len(seen)) if seen[i] != seen[i - 1]]
     assert seen[0] == tenant_dbs["acme"] and seen[-1] == tenant_dbs["globex"] and len(switch) == 1, switch
     print(f"tenant moved in {moved_in * 1000:.0f} ms under load, {len(seen)} transactions, no errors")
+
+
+def test_a_tenant_s_new_pool_mode_applies_to_new_logins(tenant_router: RouterThread, registry, tenant_dbs) -> None:
+    """PATCH pool.mode: logins from then on get the new mode, in a pool of their own;
+    a client already in keeps the mode it logged in with, and the old mode's pool keeps no
+    connections open for min_size."""
+    from router.registry.models import TenantPatch
+
+    before = psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme"), autocommit=True)
+    before.execute("SELECT 1")
+    store_do(registry, lambda s: s.patch("acme", TenantPatch.model_validate({"pool": {"mode": "session", "min_size": 1}})))
+    tenant_router.wait_for(
+        lambda r: all(c.tenant.pool.mode == "session" for c in r.clients.values() if c.tenant is not None),
+        what="the new record",
+    )
+    after = psycopg.connect(dsn(tenant_router, "alice", "alice-t", "acme"), autocommit=True)
+    pid = after.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+    def modes(r) -> list[tuple[str, bool, int]]:
+        return sorted((c.pool.key.mode.value, c.session_mode, c.pool.settings.min_size) for c in r.clients.values())
+
+    assert tenant_router.call(modes) == [("session", True, 1), ("transaction", False, 0)]
+    # The session-mode client holds its server connection between transactions; the other
+    # one runs beside it on another.
+    assert tenant_router.call(lambda r: sum(c.server is not None for c in r.clients.values())) == 1
+    assert before.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    assert after.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
+    before.close()
+    after.close()
