@@ -291,7 +291,56 @@ class Settings(BaseSettings):
             raise ValueError("server_tls = verify-full needs server_tls_ca")
         if self.min_pool_size > self.pool_size:
             raise ValueError("min_pool_size must not exceed pool_size")
+        self._check_shared_pools()
         return self
+
+    def _check_shared_pools(self) -> None:
+        """[databases] entries that can meet in one pool (same node, real database, server
+        user, pool mode and server TLS: PoolKey) must agree on what the pool takes from its
+        entry, or the pool would follow whichever entry made it first."""
+        nodes = {
+            name: {(n.host, n.port) for n in (c.primary, *c.replicas)} for name, c in self.clusters.items()
+        }
+
+        def real(name: str, db: DatabaseConfig) -> str | None:  # None: the client's (a "*" entry)
+            return db.dbname or (None if name == "*" else name)
+
+        def kind(db: DatabaseConfig) -> tuple:
+            own_tls = db.server_tls is not None
+            return (
+                db.pool_mode or self.pool_mode,
+                db.server_tls if own_tls else self.server_tls,
+                db.server_tls_ca if own_tls else self.server_tls_ca,
+            )
+
+        def pool_values(db: DatabaseConfig) -> dict[str, object]:
+            return {
+                "pool_size": db.pool_size or self.pool_size,
+                "min_pool_size": self.min_pool_size if db.min_pool_size is None else db.min_pool_size,
+                "query_wait_timeout": db.query_wait_timeout or self.query_wait_timeout,
+                "reserve_pool_size": self.reserve_pool_size if db.reserve_pool_size is None else db.reserve_pool_size,
+                "server_password": db.server_password,
+            }
+
+        entries = list(self.databases.items())
+        for i, (name, db) in enumerate(entries):
+            for other, odb in entries[i + 1 :]:
+                a, b = real(name, db), real(other, odb)
+                if not (
+                    nodes.get(db.cluster, set()) & nodes.get(odb.cluster, set())
+                    and (a == b or (a is None and b not in self.databases) or (b is None and a not in self.databases))
+                    and (db.server_user is None or odb.server_user is None or db.server_user == odb.server_user)
+                    and kind(db) == kind(odb)
+                ):
+                    continue
+                mine, theirs = pool_values(db), pool_values(odb)
+                differ = [field for field in mine if mine[field] != theirs[field]]
+                if differ:
+                    raise ValueError(
+                        f"databases {name!r} and {other!r} share pools (same real database, server "
+                        f"user, pool mode and server TLS on a node) but differ in {', '.join(differ)}: "
+                        "give them the same values, or another server_user"
+                    )
 
     @classmethod
     def settings_customise_sources(
