@@ -12,7 +12,7 @@ tells the whole router's settings; the rest answer for the worker the connection
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
     SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP     SHOW LISTS
     SHOW STATS    SHOW STATS_TOTALS   SHOW STATS_AVERAGES   SHOW TOTALS
-                  (PgBouncer's figures per real database: router/stats/traffic.py)
+                  (PgBouncer's figures per database clients name: router/stats/traffic.py)
     RELOAD        (re-read the settings file, as SIGHUP; every worker)
     SHUTDOWN      (stop as on SIGTERM: running transactions get shutdown_timeout)
     PAUSE [db]    (new transactions of the database, or of every client, wait; answered once

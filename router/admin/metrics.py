@@ -281,8 +281,8 @@ class RouterCollector(Collector):
         yield family
 
     def _traffic(self) -> Iterator[Metric]:
-        """SHOW STATS' totals (router/stats/traffic.py), by real database (`other`: beyond
-        max_pool_labels databases)."""
+        """SHOW STATS' totals (router/stats/traffic.py), by database as clients name it
+        (`other`: beyond max_pool_labels databases)."""
         traffic = self.router.pools.traffic
         labels = self.database_labels.assign(traffic)
         sums: dict[str, list] = {}
@@ -291,7 +291,7 @@ class RouterCollector(Collector):
             for i, value in enumerate(counters.totals()):
                 into[i] += value
         for i, (name, text) in enumerate(_TRAFFIC_FAMILIES):
-            family = CounterMetricFamily(name, f"{text}, by real database (SHOW STATS)", labels=["database"])
+            family = CounterMetricFamily(name, f"{text}, by database as clients name it or tenant (SHOW STATS)", labels=["database"])
             for database, values in sorted(sums.items()):
                 family.add_metric([database], values[i])
             yield family

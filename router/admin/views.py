@@ -118,8 +118,9 @@ class PoolsView(BaseModel):
 
 
 class DatabaseStatsView(BaseModel):
-    """One real database's figures, as PgBouncer's SHOW STATS row (router/stats/traffic.py):
-    totals since the start, averages over the last closed stats_period; times in µs."""
+    """One database's figures (as clients name it; a registry tenant's id), as PgBouncer's
+    SHOW STATS row (router/stats/traffic.py): totals since the start, averages over the
+    last closed stats_period; times in µs."""
 
     database: str
     total_xact_count: int

@@ -40,6 +40,7 @@ from router.protocol.auth import (
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import MessageReader
 from router.protocol.startup import build_ssl_request, build_startup_message
+from router.stats.traffic import NO_TRAFFIC
 
 if TYPE_CHECKING:
     from router.frontend.client import ClientConnection
@@ -163,9 +164,9 @@ class ServerConnection(asyncio.Protocol):
         self.call_error: str | None = None
         self.tx_t0 = 0.0
         # When the request now owed its ReadyForQuery went out (0.0: none), and where its
-        # database's SHOW STATS figures go (router/stats/traffic.py).
+        # SHOW STATS figures go (router/stats/traffic.py): the client's database's.
         self.query_t0 = 0.0
-        self.traffic = pool.traffic
+        self.traffic = NO_TRAFFIC
         self.node = f"{pool.key.host}:{pool.key.port}"
 
     # --- asyncio.Protocol ------------------------------------------------------------
@@ -485,6 +486,7 @@ class ServerConnection(asyncio.Protocol):
 
     def link(self, client: ClientConnection) -> None:
         self.client = client
+        self.traffic = client.traffic
         self.retry_data = None
         self.forwarded = False  # whether any reply byte has reached this client yet
         if self.calls:

@@ -42,6 +42,7 @@ from router.routing.verdict import (
     Target,
 )
 from router.session import IDENTITY_SETTINGS, STARTUP_IDENTITY_PIN, SessionSettings, set_config_sql
+from router.stats.traffic import NO_TRAFFIC
 from router.tenants import TenantPaused
 
 if TYPE_CHECKING:
@@ -259,6 +260,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.rollback_to_tags = 0
         self.admitted = False
         self.pool: Pool | None = None
+        self.traffic = NO_TRAFFIC  # its database's (login sets it)
         self.pool_mode = PoolMode.TRANSACTION
         self.server: ServerConnection | None = None
         # Router-issued BackendKeyData; a CancelRequest carrying it reaches this client.

@@ -288,6 +288,9 @@ class LoginMixin:
             self.router.note_pinned(self)
         self.pool = target.pool
         self.db_route = target.route
+        # SHOW STATS figures go to the database as the client names it (PgBouncer's rows):
+        # a [databases] entry (for "*", the name asked for), or a registry tenant.
+        self.traffic = self.router.pools.traffic_for(self.tenant.tenant_id if self.tenant is not None else self.database)
         self.startup_read_only = startup_read_only(self.startup_params)
         self.read_only_session = self.startup_read_only
         status = await self.pool.login_parameter_status(

@@ -64,8 +64,8 @@ class PoolManager:
         self.passes = 0  # janitor passes done
         # max_db_connections / max_user_connections, by (setting, host, port, name).
         self.caps: dict[tuple[str, str, int, str], ConnectionCap] = {}
-        # SHOW STATS counters by real database name, kept when its pools go (a dropped
-        # tenant's): totals only grow. The current period began at _period_start.
+        # SHOW STATS counters by the database name clients use (a tenant's id), kept when
+        # its clients go (a dropped tenant's): totals only grow. The current period began at _period_start.
         self.traffic: dict[str, Traffic] = {}
         self._period_start = time.monotonic()
 
@@ -95,12 +95,15 @@ class PoolManager:
             )
             pool.db = db
             pool.caps = self._caps_for(pool)
-            traffic = self.traffic.get(dbname)
-            if traffic is None:
-                traffic = self.traffic[dbname] = Traffic()
-            pool.traffic = traffic
             self.pools[key] = pool
         return pool
+
+    def traffic_for(self, database: str) -> Traffic:
+        """The SHOW STATS counters of ``database``, a name clients use (or a tenant's id)."""
+        traffic = self.traffic.get(database)
+        if traffic is None:
+            traffic = self.traffic[database] = Traffic()
+        return traffic
 
     def kind_of(self, db: DatabaseConfig) -> tuple[PoolMode, str]:
         """The mode and TLS of ``db``'s pools (PoolKey): entries of one real database in

@@ -22,7 +22,6 @@ from router.protocol import messages as m
 from router.protocol.errors import RouterError, SQLState
 from router.session import set_config_sql
 from router.sockopts import SocketOptions
-from router.stats.traffic import Traffic
 
 # What PostgreSQL refuses in a startup packet, found when the router applies a client's
 # startup settings at login: an unrecognized parameter, an invalid value, one the user may
@@ -220,8 +219,6 @@ class Pool:
         self.db: DatabaseConfig | None = None
         self._reserve_check: asyncio.TimerHandle | None = None
         self.reserve_opened = 0  # connections opened beyond pool_size, ever
-        # The database's SHOW STATS counters (PoolManager.pool_for shares one per database).
-        self.traffic = Traffic()
         # On a node a reload took out of its cluster: no minimum kept, dropped when empty.
         self.retired = False
 
@@ -370,7 +367,7 @@ class Pool:
             waited = now - deadline + self.settings.query_wait_timeout
             observe_pool_wait(waited)
             if not isinstance(waiter, _FutureWaiter):  # a client's transaction, not a login's look
-                self.traffic.wait_time += waited
+                waiter.traffic.wait_time += waited
             waiter.server_assigned(server)
             return
         if len(self.servers) > self.settings.size:

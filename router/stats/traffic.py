@@ -1,5 +1,10 @@
 """What each database's clients did through the router: PgBouncer's SHOW STATS figures.
 
+A database is the name clients use, as in PgBouncer: a [databases] entry (for the "*" entry,
+each name asked for), or a registry tenant, by its id. So two entries (or shared-schema
+tenants) of one pool have rows of their own, and tenants of two clusters whose databases have
+one name are not added up.
+
 The data path adds to a database's ``Traffic`` as it forwards (a few additions per
 transaction, no lock: the event loop is the only writer). The pools' janitor closes a period
 every ``stats_period`` seconds; the averages are over the last closed period, as PgBouncer's.
@@ -30,7 +35,7 @@ _TIMES = frozenset({"xact_time", "query_time", "wait_time"})
 
 
 class Traffic:
-    """One database's counters (its pools' on every node and for every server user)."""
+    """One database's counters (its clients', over every pool and node they use)."""
 
     __slots__ = (*TOTALS, "_closed", "period_delta", "period_seconds")
 
@@ -57,6 +62,10 @@ class Traffic:
         self.period_delta = tuple(a - b for a, b in zip(now, self._closed, strict=True))
         self._closed = now
         self.period_seconds = seconds
+
+
+# Where a connection not serving any database yet counts: read by nobody.
+NO_TRAFFIC = Traffic()
 
 
 @dataclass

@@ -159,3 +159,24 @@ def test_stats_time_waits_and_average_over_the_period(start_admin: Callable[...,
     assert stats == {"database": "app", **dict.fromkeys(AVERAGE_COLUMNS, "0")}
     for conn in (holder, waiter, console):
         conn.close()
+
+
+def test_stats_rows_are_the_databases_clients_name(start_admin: Callable[..., AdminAPI]) -> None:
+    """Two [databases] entries of one real database, sharing its pool, each have a row of
+    their own, as in PgBouncer; a "*" entry has one per name asked for."""
+    databases = {
+        "app": {"cluster": "main", "server_user": "postgres"},
+        "alias": {"cluster": "main", "dbname": "app", "server_user": "postgres"},
+        "*": {"cluster": "main", "dbname": "app", "server_user": "postgres"},
+    }
+    admin = start_admin(redis_url=None, secret_key=None, admin_console_users=["alice"], databases=databases)
+    for name, transactions in (("app", 1), ("alias", 2), ("anything", 3)):
+        with psycopg.connect(admin.handle.dsn("carol", dbname=name), autocommit=True) as conn:
+            for i in range(transactions):
+                conn.execute("SELECT %s::int", (i,))
+    assert len(admin.get("/pools").json()["pools"]) == 1  # one pool for all three
+    console = _console(admin)
+    rows = _table(console, "SHOW STATS_TOTALS")
+    assert {name: int(row["total_xact_count"]) for name, row in rows.items()} == {"app": 1, "alias": 2, "anything": 3}
+    assert _metric(admin, "pgrouter_database_transactions_total", "alias") == 2
+    console.close()

@@ -245,6 +245,9 @@ def test_shared_schema_isolation(start_router, registry, cluster, tenant_dbs) ->
                 assert [r[0] for r in rows] == [f"note of {tid}"]
                 pids.add(rows[0][1])
         assert len(pids) == 1, "the two tenants were not served by the same server connection"
+        # One pool, but each tenant's traffic is its own (SHOW STATS rows by tenant id).
+        counts = router.call(lambda r: {name: t.xact_count for name, t in r.pools.traffic.items()})
+        assert counts == {"t1": 5, "t2": 5}
         # The client cannot change the setting...
         for sql in (
             f"SET app.current_tenant = '{keys['t2']}'",
