@@ -723,10 +723,11 @@ class Router:
 
     def database_command(self, verb: str, name: str) -> int:
         """The console's PAUSE, RESUME, DISABLE, ENABLE, KILL, RECONNECT and WAIT_CLOSE of
-        database ``name`` ("": every database, for PAUSE, RESUME, RECONNECT, WAIT_CLOSE), in
-        this process (PgBouncer's commands). Returns a count: the clients still holding a
-        server connection after PAUSE, those KILL disconnected, the server connections
-        RECONNECT marked, or those WAIT_CLOSE still waits for."""
+        database ``name`` ("": every database, for PAUSE, RESUME, RECONNECT, WAIT_CLOSE), and
+        KILL_CLIENT of the client whose id ``name`` is, in this process (PgBouncer's
+        commands). Returns a count: the clients still holding a server connection after
+        PAUSE, those KILL or KILL_CLIENT disconnected, the server connections RECONNECT
+        marked, or those WAIT_CLOSE still waits for."""
         if verb == "PAUSE":
             self.pause_database(name)
             return self.database_in_flight(name)
@@ -760,6 +761,8 @@ class Router:
                     server.close(f"KILL {name}")
             log.warning("database %s killed: %d clients disconnected; new transactions wait for RESUME", name, len(victims))
             return len(victims)
+        if verb == "KILL_CLIENT":
+            return self.kill_client(int(name))
         if verb == "RECONNECT":
             return sum(pool.reconnect() for pool in self.database_pools(name))
         if verb == "WAIT_CLOSE":
@@ -794,6 +797,27 @@ class Router:
     def database_in_flight(self, name: str) -> int:
         """Clients of database ``name`` ("": any) holding a server connection."""
         return sum(1 for c in self.clients.values() if c.server is not None and (not name or c.database == name))
+
+    def kill_client(self, client_id: int) -> int:
+        """KILL_CLIENT: disconnect the client of that id (its cancel pid) with 57P01; a query
+        it is running is cancelled, and its server connection, rolled back or closed, goes
+        back as when a client leaves. Returns 1, or 0 if no client of this process has it."""
+        client = self.clients.get(client_id)
+        if client is None:
+            return 0
+        server = client.server
+        if server is not None and server.pending:
+            self.cancel_query(server)
+        log.warning("client %s@%s/%s: KILL_CLIENT %d from the admin console", client.user, client.peer, client.database, client_id)
+        client.fail(
+            RouterError(
+                SQLState.ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+                detail=f"KILL_CLIENT {client_id} in the admin console.",
+            ),
+            logged=True,
+        )
+        return 1
 
     def cancel_query(self, server: ServerConnection) -> None:
         """Send the server connection's backend a CancelRequest (in the background)."""

@@ -20,6 +20,8 @@ tells the whole router's settings; the rest answer for the worker the connection
     RESUME [db]   (they go on; also after KILL)
     KILL db       (its clients are disconnected and its server connections closed at once;
                   new transactions wait for RESUME)
+    KILL_CLIENT id  (one client, by SHOW CLIENTS' id: the process id it was given at login,
+                  which drivers report as the backend's; its running query is cancelled)
     DISABLE db    (new logins to it are refused, 55000)   ENABLE db   (they are let in again)
     RECONNECT [db]  (each server connection is closed once released; idle ones now)
     WAIT_CLOSE [db] (answered once those are closed)
@@ -60,14 +62,16 @@ CONSOLE_DATABASE = "pgrouter"
 _EXTENDED = frozenset(b"PBDECHF")
 _COMMAND = re.compile(r"\s*(show\s+\w+|reload|shutdown)\s*;?\s*", re.IGNORECASE)
 _DB_COMMAND = re.compile(
-    r'\s*(pause|resume|kill|disable|enable|reconnect|wait_close)(?:\s+(\w+|"[^"]+"))?\s*;?\s*', re.IGNORECASE
+    r'\s*(pause|resume|kill_client|kill|disable|enable|reconnect|wait_close)(?:\s+(\w+|"[^"]+"))?\s*;?\s*',
+    re.IGNORECASE,
 )
 _NEEDS_NAME = frozenset({"KILL", "DISABLE", "ENABLE"})
+_NOT_AN_ID = re.compile(r"\D")
 _HELP = (
     "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW DATABASES", "SHOW CONFIG", "SHOW VERSION",
     "SHOW USERS", "SHOW HELP", "SHOW STATS", "SHOW STATS_TOTALS", "SHOW STATS_AVERAGES", "SHOW TOTALS", "SHOW LISTS",
-    "RELOAD", "SHUTDOWN", "PAUSE [db]", "RESUME [db]", "KILL db", "DISABLE db", "ENABLE db", "RECONNECT [db]",
-    "WAIT_CLOSE [db]",
+    "RELOAD", "SHUTDOWN", "PAUSE [db]", "RESUME [db]", "KILL db", "KILL_CLIENT id", "DISABLE db", "ENABLE db",
+    "RECONNECT [db]", "WAIT_CLOSE [db]",
 )  # fmt: skip
 # Settings SHOW CONFIG leaves out: tables of their own (SHOW DATABASES, SHOW NODES), and the
 # users', which hold password verifiers.
@@ -142,9 +146,9 @@ def _clients(router: Router, now: float) -> Rows:
         since = f"{now - client.logged_in_at:.0f}" if client.logged_in_at else None
         rows.append(
             [client.user, client.database, tenant, client.peer, state, "on" if client.tls else "off",
-             ", ".join(sorted(client.pins)), since]
+             ", ".join(sorted(client.pins)), since, client.cancel_pid]
         )  # fmt: skip
-    return ["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"], rows
+    return ["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds", "id"], rows
 
 
 def _servers(router: Router, now: float) -> Rows:
@@ -548,6 +552,8 @@ class ConsoleSession(asyncio.Protocol):
         return m.error_response(SQLState.INVALID_CATALOG_NAME, f'no database "{name}" in the settings file')
 
     async def _database_command(self, verb: str, name: str) -> bytes:
+        if verb == "KILL_CLIENT":
+            return await self._kill_client(name)
         if verb in _NEEDS_NAME and not name:
             return m.error_response(SQLState.SYNTAX_ERROR, f"{verb} needs a database name")
         refused = self._unknown_database(name)
@@ -577,6 +583,15 @@ class ConsoleSession(asyncio.Protocol):
                 SQLState.SUCCESSFUL_COMPLETION, f"{count} server connections to close: idle ones now, the rest when released"
             )
         return out + m.command_complete(verb)
+
+    async def _kill_client(self, name: str) -> bytes:
+        """KILL_CLIENT id: the client whose id (SHOW CLIENTS) it is, on whichever worker,
+        is disconnected with 57P01 (PgBouncer's command)."""
+        if not name or _NOT_AN_ID.search(name) or len(name) > 10:
+            return m.error_response(SQLState.SYNTAX_ERROR, "KILL_CLIENT needs a client id: the id column of SHOW CLIENTS")
+        if not await self.router.database_command_everywhere("KILL_CLIENT", name):
+            return m.error_response(SQLState.UNDEFINED_OBJECT, f"no client with id {name}")
+        return m.command_complete("KILL_CLIENT")
 
     async def _pause(self, name: str) -> bytes:
         """PAUSE [db]: new transactions of the database's clients (of every client, without a

@@ -49,7 +49,7 @@ DB_COMMAND = b"B"
 # A sibling is a local process: anything slower than this is stuck, and a scrape or a cancel
 # should not wait on it.
 REQUEST_TIMEOUT = 2.0
-DATABASE_VERBS = frozenset({"PAUSE", "RESUME", "KILL", "DISABLE", "ENABLE", "RECONNECT", "WAIT_CLOSE"})
+DATABASE_VERBS = frozenset({"PAUSE", "RESUME", "KILL", "KILL_CLIENT", "DISABLE", "ENABLE", "RECONNECT", "WAIT_CLOSE"})
 MAX_REQUEST = 128  # bytes; the largest request is a command byte and a tenant id (63 bytes)
 
 

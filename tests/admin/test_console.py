@@ -51,8 +51,8 @@ def test_show_commands_tell_pools_clients_servers_and_nodes(console_router: Rout
     pools = {(r[0], r[2], r[3]): r for r in lines[1:] if len(r) == len(pools_header)}
     primary = pools[("app", cluster.primary.host, str(cluster.primary.port))]
     assert primary[4:] == ["transaction", "2", "1", "1", "0", "0", "0", "", ""]  # caps, reserve: none (NULL)
-    clients_at = lines.index(["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"])
-    clients = [r for r in lines[clients_at + 1 :] if len(r) == 8]
+    clients_at = lines.index(["user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds", "id"])
+    clients = [r for r in lines[clients_at + 1 :] if len(r) == 9]
     assert [(r[0], r[1], r[4], r[5]) for r in clients] == [("carol", "app", "active", "off")]
     servers_at = lines.index(["pool", "backend_pid", "state", "client", "age_seconds", "close_needed"])
     servers = [r for r in lines[servers_at + 1 :] if len(r) == 6]
@@ -247,6 +247,50 @@ def test_kill_drops_clients_and_servers_and_holds_new_transactions(start_router,
     later = psycopg.connect(router.dsn("carol"), autocommit=True)  # logins still work
     _waits_at_the_gate(router, later, "app", console, "RESUME app")
     for conn in (console, busy, idle, later):
+        conn.close()
+
+
+def test_kill_client_disconnects_one_client_and_cancels_its_query(start_router, cluster: Cluster) -> None:
+    """KILL_CLIENT id (SHOW CLIENTS' id, the process id the client was given, which drivers
+    report): that client gets 57P01 at once, its running query is cancelled, and the other
+    client goes on. An id nobody has is 42704; anything but an id 42601."""
+    router = start_router(admin_console_users=["alice"], pool_size=2)
+    console = psycopg.connect(router.dsn("alice", "alice-pw", "pgrouter"), autocommit=True)
+    sleeper = psycopg.connect(router.dsn("carol"), autocommit=True)
+    other = psycopg.connect(router.dsn("carol"), autocommit=True)
+    other.execute("SELECT 1")
+    failed: list[BaseException] = []
+
+    def sleep() -> None:
+        try:
+            sleeper.execute("SELECT pg_sleep(60)")
+        except psycopg.Error as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=sleep)
+    thread.start()
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'"
+    _poll(lambda: cluster.psql(sleeping) == "1", "the query running")
+    cur = console.execute("SHOW CLIENTS")
+    names = [d.name for d in cur.description]
+    ids = {int(row[names.index("id")]) for row in cur.fetchall()}
+    assert ids == {sleeper.info.backend_pid, other.info.backend_pid}
+    assert console.execute(f"KILL_CLIENT {sleeper.info.backend_pid}").statusmessage == "KILL_CLIENT"
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(failed) == 1 and isinstance(failed[0], psycopg.OperationalError)
+    assert "terminating connection due to administrator command" in str(failed[0])
+    _poll(lambda: cluster.psql(sleeping) == "0", "the query cancelled")
+    assert other.execute("SELECT 2").fetchone() == (2,)
+    rows_left = console.execute("SHOW CLIENTS").fetchall()
+    assert [int(row[names.index("id")]) for row in rows_left] == [other.info.backend_pid]
+    with pytest.raises(psycopg.errors.UndefinedObject, match=f"no client with id {sleeper.info.backend_pid}"):
+        console.execute(f"KILL_CLIENT {sleeper.info.backend_pid}")
+    for bad in ("KILL_CLIENT", "KILL_CLIENT carol"):
+        with pytest.raises(psycopg.errors.SyntaxError, match="needs a client id"):
+            console.execute(bad)
+    assert other.execute("SELECT 3").fetchone() == (3,)
+    for conn in (console, sleeper, other):
         conn.close()
 
 

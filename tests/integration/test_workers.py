@@ -299,6 +299,25 @@ def test_kill_and_disable_from_the_console_reach_every_worker(workers: Workers) 
         conn.close()
 
 
+def test_kill_client_reaches_the_worker_that_holds_the_client(workers: Workers) -> None:
+    """KILL_CLIENT id disconnects that client whichever worker holds it (one on each here,
+    whichever worker the console landed on), and no other."""
+    clients, worker_of = clients_on_every_worker(workers)
+    console = psycopg.connect(f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter", autocommit=True)
+    victims = {}  # worker -> client
+    for conn in clients:
+        victims.setdefault(worker_of[client_port(conn)], conn)
+    for conn in victims.values():
+        assert console.execute(f"KILL_CLIENT {conn.info.backend_pid}").statusmessage == "KILL_CLIENT"
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            conn.execute("SELECT 1")
+    for conn in clients:
+        if conn not in victims.values():
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+    for conn in (console, *clients):
+        conn.close()
+
+
 def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) -> None:
     """SHOW CLIENTS / POOLS / SERVERS on the admin console ask every worker and say which one
     holds each row, whichever worker the console connection itself landed on."""
@@ -311,8 +330,9 @@ def test_the_console_shows_every_worker_s_clients_and_pools(workers: Workers) ->
     assert out.returncode == 0, out.stderr
     assert "did not answer" not in out.stderr
     lines = [line.split("|") for line in out.stdout.splitlines() if line and not line.startswith("(")]
-    assert lines[0] == ["worker", "user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds"]
-    listed = {row[4]: row[0] for row in lines[1:] if len(row) == 9}  # address -> worker
+    assert lines[0] == ["worker", "user", "database", "tenant", "address", "state", "tls", "pinned", "connected_seconds",
+                        "id"]  # fmt: skip
+    listed = {row[4]: row[0] for row in lines[1:] if len(row) == 10}  # address -> worker
     for port, index in worker_of.items():
         assert listed.get(f"127.0.0.1:{port}") == str(index), (port, index, listed)
     pools_at = lines.index(
