@@ -67,6 +67,8 @@ LIVE_SETTINGS = frozenset({
 LIVE_DATABASE_FIELDS = ("pool_size", "min_pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
 # What a reload may change in an entry by moving its clients to new pools (_follow_moves).
 MOVING_DATABASE_FIELDS = ("cluster", "dbname", "server_user", "server_tls", "server_tls_ca")
+# What a reload changes for the logins after it (new pools); clients already in keep theirs.
+NEW_LOGIN_DATABASE_FIELDS = ("pool_mode",)
 # What of a cluster changes in place with a reload; any other change makes a new monitor.
 _LIVE_LAG = ("max_replica_lag", "max_replica_lag_bytes", "replica_fallback")
 _REPLICA_READ = ("replica", RouteReason.READ)
@@ -381,8 +383,9 @@ class Router:
 
         Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
         included), limits, lag thresholds, the log level, the client TLS certificate and the
-        logins (``users``, read at each login), [databases] entries added, removed, moved to
-        another cluster or changed in LIVE_DATABASE_FIELDS only (``_reload_databases``), and
+        logins (``users``, read at each login), [databases] entries added, removed, moved
+        (MOVING_DATABASE_FIELDS), in a new pool mode for new logins, or changed in
+        LIVE_DATABASE_FIELDS (``_reload_databases``), and
         clusters added or with new nodes (``_follow_moves``). Anything else (listen address,
         a cluster removed, other changes to an entry, registry...) needs a restart and is not
         applied at all."""
@@ -448,7 +451,12 @@ class Router:
         if moved_clusters or moved_databases:
             self._follow_moves(old, moved_clusters, moved_databases)
         for name, db in databases.items():
-            if name not in old.databases or name in moved_databases or db.cluster in moved_clusters:
+            if (
+                name not in old.databases
+                or name in moved_databases
+                or db.cluster in moved_clusters
+                or db.pool_mode != old.databases[name].pool_mode
+            ):
                 self._open_min_pool(db, name)
         self._configure_query_stats(settings)
         if "client_tls_cert" in applied or "client_tls_key" in applied:
@@ -466,8 +474,10 @@ class Router:
         LIVE_DATABASE_FIELDS is applied and its pools follow it (a new server password for the
         connections opened from now on, the function catalog's next read included). One whose
         MOVING_DATABASE_FIELDS changed too is applied as well: its clients move to new pools
-        (_follow_moves). Any other change to an entry needs a restart, and the entry stays as
-        it was."""
+        (_follow_moves). One whose pool_mode changed is applied for new logins: they get
+        pools in the new mode, while the clients already in keep theirs, whose mode they
+        logged in with (_keep_old_mode_pools). Any other change to an entry needs a restart,
+        and the entry stays as it was."""
         merged: dict[str, DatabaseConfig] = {}
         changed: list[str] = []
         kept: list[str] = []
@@ -487,6 +497,14 @@ class Router:
                 merged[name] = db
                 changed.append(f"databases.{name}")
                 moved.add(name)
+            elif before.model_copy(
+                update={f: getattr(db, f) for f in (*LIVE_DATABASE_FIELDS, *MOVING_DATABASE_FIELDS, *NEW_LOGIN_DATABASE_FIELDS)}
+            ) == db:
+                merged[name] = db
+                changed.append(f"databases.{name}")
+                if before.model_copy(update={f: getattr(db, f) for f in MOVING_DATABASE_FIELDS}) != before:
+                    moved.add(name)
+                self._keep_old_mode_pools(before, db)
             else:
                 merged[name] = before
                 kept.append(f"databases.{name}")
@@ -528,6 +546,11 @@ class Router:
                     target = self.resolve_database(client, attach=False)
                 except RouterError as exc:  # DISABLEd: the client stays where it is
                     log.warning("client %s@%s not moved: %s", client.user, client.peer, exc.message)
+                    continue
+                if target.pool_mode is not client.pool_mode:
+                    # The reload changed the entry's mode too: the client keeps the one it
+                    # logged in with, and its pool, until it leaves.
+                    log.warning("client %s@%s not moved: its pool mode changed", client.user, client.peer)
                     continue
                 client.pool = target.pool
                 client.db_route = target.route
@@ -573,6 +596,19 @@ class Router:
         for route in self.db_routes.values():
             if route.db is before:
                 route.db = db
+
+    def _keep_old_mode_pools(self, before: DatabaseConfig, db: DatabaseConfig) -> None:
+        """A reload changed entry ``before``'s pool mode: its pools (and read/write routes)
+        stay for the clients already in, with ``db``'s live values but no connections kept
+        open for min_pool_size; new logins get pools in the new mode."""
+        kept = db.model_copy(update={"pool_mode": before.pool_mode, "min_pool_size": 0})
+        for pool in self.pools.pools.values():
+            if pool.db is before:
+                pool.db = kept
+                pool.password = db.server_password
+        for route in self.db_routes.values():
+            if route.db is before:
+                route.db = kept
 
     def _open_min_pool(self, db: DatabaseConfig, name: str) -> None:
         """A database added by a reload: its pool exists now, as at start, to keep

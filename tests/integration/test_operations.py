@@ -288,6 +288,45 @@ def test_reload_moves_a_database_to_server_tls(start_router, cluster: Cluster) -
     conn.close()
 
 
+def test_reload_changes_a_database_s_pool_mode_for_new_logins(start_router, cluster: Cluster) -> None:
+    """An entry's pool_mode changed by a reload: logins from then on get the new mode, in
+    pools of their own (min_pool_size opened); a client already in keeps the mode it logged
+    in with, and its pool keeps no connections open for min_pool_size any more."""
+    from router.config import Settings
+
+    config = router_config(cluster, databases={"app": {"cluster": "main", "server_user": "postgres", "min_pool_size": 1}})
+    router = start_router(databases=config["databases"])
+    before = psycopg.connect(router.dsn("carol"), autocommit=True)
+    before.execute("SELECT 1")
+    changed = {**config, "databases": {"app": {**config["databases"]["app"], "pool_mode": "session"}}}
+    result = router.call(lambda r: r.reload(Settings(**changed)))
+    assert "databases.app" in result["applied"] and result["restart_required"] == []
+
+    def pools(r) -> list[tuple[str, int, bool]]:
+        return sorted((p.key.mode.value, p.settings.min_size, bool(p.servers)) for p in r.pools.pools.values())
+
+    router.wait_for(lambda r: pools(r)[0] == ("session", 1, True), what="the session pool at its minimum")
+    assert router.call(pools)[1][:2] == ("transaction", 0)
+    after = psycopg.connect(router.dsn("carol"), autocommit=True)
+    pid = after.execute("SELECT pg_backend_pid()").fetchone()[0]
+    modes = router.call(lambda r: sorted((c.pool_mode.value, c.pool.key.mode.value) for c in r.clients.values()))
+    assert modes == [("session", "session"), ("transaction", "transaction")]
+    # The session-mode client holds its server connection between transactions.
+    assert router.call(lambda r: sum(c.server is not None for c in r.clients.values())) == 1
+    assert before.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    assert after.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
+    # Back to transaction mode, and to another server user: the transaction-mode client moves
+    # with the entry; the session-mode one keeps its mode and its place until it leaves.
+    again = {**config, "databases": {"app": {**config["databases"]["app"], "server_user": "pgr_trust"}}}
+    assert "databases.app" in router.call(lambda r: r.reload(Settings(**again)))["applied"]
+    assert before.execute("SELECT current_user").fetchone() == ("pgr_trust",)
+    assert after.execute("SELECT current_user, pg_backend_pid()").fetchone() == ("postgres", pid)
+    modes = router.call(lambda r: sorted((c.pool_mode.value, c.pool.key.mode.value, c.pool.key.user) for c in r.clients.values()))
+    assert modes == [("session", "session", "postgres"), ("transaction", "transaction", "pgr_trust")]
+    before.close()
+    after.close()
+
+
 def test_reload_moves_a_database_to_another_cluster(start_router, cluster: Cluster) -> None:
     """A [databases] entry whose cluster a reload changes takes its connected clients along;
     its other changes follow the same rules (here a live pool_size)."""
@@ -361,9 +400,9 @@ def test_reload_adds_changes_and_removes_databases(start_router, cluster: Cluste
         )
 
     assert app_pool() == (2, "rotated")
-    session = {**app, "pool_mode": "session"}
-    assert reload({"app": session, "app2": app2}) == {"applied": [], "restart_required": ["databases.app"]}
-    assert router.call(lambda r: r.settings.databases["app"].pool_mode) is None  # as it was
+    capped = {**app, "max_db_connections": 1}
+    assert reload({"app": capped, "app2": app2}) == {"applied": [], "restart_required": ["databases.app"]}
+    assert router.call(lambda r: r.settings.databases["app"].max_db_connections) is None  # as it was
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
     assert reload({"app": app}) == {"applied": ["databases.app2"], "restart_required": []}
