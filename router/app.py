@@ -470,9 +470,9 @@ class Router:
     ) -> tuple[dict[str, DatabaseConfig], list[str], list[str], set[str]]:
         """[databases] after a reload, the entries it applied and kept, and those moved to
         another cluster, real database, server user or server TLS. An entry added or removed
-        applies to new logins; clients already in keep their pools. An entry whose changes are all
-        LIVE_DATABASE_FIELDS is applied and its pools follow it (a new server password for the
-        connections opened from now on, the function catalog's next read included). One whose
+        applies to new logins; clients already in keep their pools. An entry whose changes are
+        all LIVE_DATABASE_FIELDS is applied and its pools follow it (a new server password for
+        the connections opened from now on, the function catalog's next read included). One whose
         MOVING_DATABASE_FIELDS changed too is applied as well: its clients move to new pools
         (_follow_moves). One whose pool_mode changed is applied for new logins: they get
         pools in the new mode, while the clients already in keep theirs, whose mode they
@@ -515,12 +515,12 @@ class Router:
     def _follow_moves(self, old: Settings, clusters: set[str], databases: set[str]) -> None:
         """A reload changed the nodes of ``clusters`` (or added them) and moved ``databases``
         to another cluster, real database, server user or server TLS, as PgBouncer follows
-        a connect string changed in its file. Each such cluster gets a new lag monitor; the clients of
-        its entries (and of the moved ones) send their next transactions to the new pools (a
-        transaction running now finishes where it is, and a session-mode client keeps its
-        server connection until it leaves). Pools that no entry makes any more (of an entry
-        still there, or of a moved one as it was) are retired: idle connections close now,
-        busy ones once released, and the pool goes when empty and unused."""
+        a connect string changed in its file. Each such cluster gets a new lag monitor; the
+        clients of its entries (and of the moved ones) send their next transactions to the new
+        pools (a transaction running now finishes where it is, and a session-mode client keeps
+        its server connection until it leaves). Pools that no entry makes any more (of an
+        entry still there, or of a moved one as it was) are retired: idle connections close
+        now, busy ones once released, and the pool goes when empty and unused."""
         settings = self.settings
         for name in clusters:
             split = self.splits.pop(name, None)
@@ -601,14 +601,7 @@ class Router:
         """A reload changed entry ``before``'s pool mode: its pools (and read/write routes)
         stay for the clients already in, with ``db``'s live values but no connections kept
         open for min_pool_size; new logins get pools in the new mode."""
-        kept = db.model_copy(update={"pool_mode": before.pool_mode, "min_pool_size": 0})
-        for pool in self.pools.pools.values():
-            if pool.db is before:
-                pool.db = kept
-                pool.password = db.server_password
-        for route in self.db_routes.values():
-            if route.db is before:
-                route.db = kept
+        self._repoint_pools(before, db.model_copy(update={"pool_mode": before.pool_mode, "min_pool_size": 0}))
 
     def _open_min_pool(self, db: DatabaseConfig, name: str) -> None:
         """A database added by a reload: its pool exists now, as at start, to keep

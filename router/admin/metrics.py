@@ -291,7 +291,7 @@ class RouterCollector(Collector):
             for i, value in enumerate(counters.totals()):
                 into[i] += value
         for i, (name, text) in enumerate(_TRAFFIC_FAMILIES):
-            family = CounterMetricFamily(name, f"{text}, by database as clients name it or tenant (SHOW STATS)", labels=["database"])
+            family = CounterMetricFamily(name, f"{text}, by database as clients name it, or tenant (SHOW STATS)", labels=["database"])
             for database, values in sorted(sums.items()):
                 family.add_metric([database], values[i])
             yield family
