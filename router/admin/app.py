@@ -15,7 +15,7 @@ import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Response, Security, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Response, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
@@ -30,6 +30,7 @@ from router.admin.metrics import (
 from router.admin.provision import DEFAULT_TIMEOUT
 from router.admin.queries import query_routes
 from router.admin.views import (
+    ClientKillView,
     DatabaseCommandView,
     DatabasePauseView,
     DatabaseStatsView,
@@ -228,6 +229,20 @@ def create_app(
         else:
             count = await router.database_command_everywhere(verb, name)
         return DatabaseCommandView(database=name, command=command, count=count)
+
+    @app.post(
+        "/clients/{client_id}/kill",
+        tags=["operations"],
+        summary="The console's KILL_CLIENT: disconnect one client (57P01), cancelling its running query",
+        responses={**auth_errors, 404: {"model": ErrorView}},
+        dependencies=[Depends(require_token)],
+    )
+    async def kill_client(client_id: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> ClientKillView:
+        # The id is SHOW CLIENTS' id: the process id the client was given at login, which
+        # its driver reports as the backend's.
+        if not await router.database_command_everywhere("KILL_CLIENT", str(client_id)):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no client with id {client_id}")
+        return ClientKillView(client_id=client_id, killed=True)
 
     @app.post(
         "/reload",

@@ -166,6 +166,14 @@ class DatabaseCommandView(BaseModel):
     count: int
 
 
+class ClientKillView(BaseModel):
+    """POST /clients/{client_id}/kill: the console's KILL_CLIENT, on whichever worker holds
+    the client."""
+
+    client_id: int
+    killed: bool
+
+
 class TopologyView(BaseModel):
     """GET /topology: every node of the clusters with replicas, as the lag monitor last saw it."""
 

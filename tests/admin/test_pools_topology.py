@@ -124,3 +124,24 @@ def test_database_commands_over_http(start_admin: Callable[..., AdminAPI]) -> No
         assert again.execute("SELECT 2").fetchone() == (2,)
     client.close()
     other.close()
+
+
+def test_kill_client_over_http(start_admin: Callable[..., AdminAPI]) -> None:
+    """POST /clients/{id}/kill: the console's KILL_CLIENT. The client with that id (its
+    driver's backend pid) is disconnected, the other goes on; an id nobody has is 404,
+    anything but an id 422, no token 401."""
+    admin = start_admin(redis_url=None, secret_key=None)
+    victim = psycopg.connect(admin.handle.dsn("carol"), autocommit=True)
+    other = psycopg.connect(admin.handle.dsn("carol"), autocommit=True)
+    pid = victim.info.backend_pid
+    assert admin.post(f"/clients/{pid}/kill", token=None).status_code == 401
+    assert admin.post("/clients/carol/kill").status_code == 422
+    assert admin.post("/clients/0/kill").status_code == 422
+    assert admin.post(f"/clients/{pid}/kill").json() == {"client_id": pid, "killed": True}
+    with pytest.raises(psycopg.OperationalError, match="administrator command"):
+        victim.execute("SELECT 1")
+    assert other.execute("SELECT 2").fetchone() == (2,)
+    missing = admin.post(f"/clients/{pid}/kill")
+    assert missing.status_code == 404 and f"no client with id {pid}" in missing.text
+    victim.close()
+    other.close()
