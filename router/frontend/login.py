@@ -288,15 +288,16 @@ class LoginMixin:
             self.router.note_pinned(self)
         self.pool = target.pool
         self.db_route = target.route
-        # SHOW STATS figures go to the database as the client names it (PgBouncer's rows):
-        # a [databases] entry (for "*", the name asked for), or a registry tenant.
-        self.traffic = self.router.pools.traffic_for(self.tenant.tenant_id if self.tenant is not None else self.database)
         self.startup_read_only = startup_read_only(self.startup_params)
         self.read_only_session = self.startup_read_only
         status = await self.pool.login_parameter_status(
             self.startup_params.get("application_name"),
             {name: value for name, value in self.session.startup_values.items() if name != "application_name"},
         )
+        # SHOW STATS figures go to the database as the client names it (PgBouncer's rows):
+        # a [databases] entry (for "*", the name asked for), or a registry tenant. Only once
+        # the server took the login: a name it refuses makes no row.
+        self.traffic = self.router.pools.traffic_for(self.tenant.tenant_id if self.tenant is not None else self.database)
         self.function_catalog = self.router.function_catalog(self, target)
         self.cancel_pid, self.cancel_key = self.router.register_client(self)
         out = bytearray(m.auth_ok())

@@ -65,7 +65,8 @@ class PoolManager:
         # max_db_connections / max_user_connections, by (setting, host, port, name).
         self.caps: dict[tuple[str, str, int, str], ConnectionCap] = {}
         # SHOW STATS counters by the database name clients use (a tenant's id), kept when
-        # its clients go (a dropped tenant's): totals only grow. The current period began at _period_start.
+        # its clients go (a dropped tenant's): totals only grow. The current period began at
+        # _period_start.
         self.traffic: dict[str, Traffic] = {}
         self._period_start = time.monotonic()
 

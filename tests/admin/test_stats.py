@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.protocol.framing import frame
@@ -163,20 +164,24 @@ def test_stats_time_waits_and_average_over_the_period(start_admin: Callable[...,
 
 def test_stats_rows_are_the_databases_clients_name(start_admin: Callable[..., AdminAPI]) -> None:
     """Two [databases] entries of one real database, sharing its pool, each have a row of
-    their own, as in PgBouncer; a "*" entry has one per name asked for."""
+    their own, as in PgBouncer; a "*" entry has one per name asked for that the server has
+    (a login the server refuses makes none)."""
     databases = {
         "app": {"cluster": "main", "server_user": "postgres"},
         "alias": {"cluster": "main", "dbname": "app", "server_user": "postgres"},
-        "*": {"cluster": "main", "dbname": "app", "server_user": "postgres"},
+        "*": {"cluster": "main", "server_user": "postgres"},
     }
     admin = start_admin(redis_url=None, secret_key=None, admin_console_users=["alice"], databases=databases)
-    for name, transactions in (("app", 1), ("alias", 2), ("anything", 3)):
+    for name, transactions in (("app", 1), ("alias", 2), ("postgres", 3)):
         with psycopg.connect(admin.handle.dsn("carol", dbname=name), autocommit=True) as conn:
             for i in range(transactions):
                 conn.execute("SELECT %s::int", (i,))
-    assert len(admin.get("/pools").json()["pools"]) == 1  # one pool for all three
+    with pytest.raises(psycopg.OperationalError, match='database "nosuch" does not exist'):
+        psycopg.connect(admin.handle.dsn("carol", dbname="nosuch"))
+    pools = admin.get("/pools").json()["pools"]
+    assert sum(name.startswith("app/") for name in pools) == 1  # one pool for app and alias
     console = _console(admin)
     rows = _table(console, "SHOW STATS_TOTALS")
-    assert {name: int(row["total_xact_count"]) for name, row in rows.items()} == {"app": 1, "alias": 2, "anything": 3}
+    assert {name: int(row["total_xact_count"]) for name, row in rows.items()} == {"app": 1, "alias": 2, "postgres": 3}
     assert _metric(admin, "pgrouter_database_transactions_total", "alias") == 2
     console.close()
