@@ -31,6 +31,8 @@ from router.admin.provision import DEFAULT_TIMEOUT
 from router.admin.queries import query_routes
 from router.admin.views import (
     ClientKillView,
+    ClientsView,
+    ClientView,
     DatabaseCommandView,
     DatabasePauseView,
     DatabaseStatsView,
@@ -229,6 +231,34 @@ def create_app(
         else:
             count = await router.database_command_everywhere(verb, name)
         return DatabaseCommandView(database=name, command=command, count=count)
+
+    @app.get(
+        "/clients",
+        tags=["operations"],
+        summary="Logged-in clients, over every worker (PgBouncer's SHOW CLIENTS)",
+        responses=auth_errors,
+        dependencies=[Depends(require_token)],
+    )
+    async def clients() -> ClientsView:
+        from router.admin.console import every_worker, worker_rows
+
+        columns, _ = worker_rows(router, "SHOW CLIENTS")
+        everyone = await every_worker(router, "SHOW CLIENTS")
+        listed = []
+        for index, rows in everyone.items():
+            for row in rows or ():
+                c = dict(zip(columns, row, strict=True))
+                since = c["connected_seconds"]
+                listed.append(
+                    ClientView(
+                        worker=index, id=c["id"], user=c["user"], database=c["database"], tenant=c["tenant"],
+                        address=c["address"], state=c["state"], tls=c["tls"] == "on",
+                        pinned=c["pinned"].split(", ") if c["pinned"] else [],
+                        connected_seconds=None if since is None else int(since),
+                    )
+                )  # fmt: skip
+        reporting = sum(rows is not None for rows in everyone.values())
+        return ClientsView(workers_reporting=reporting, clients=listed)
 
     @app.post(
         "/clients/{client_id}/kill",

@@ -166,6 +166,28 @@ class DatabaseCommandView(BaseModel):
     count: int
 
 
+class ClientView(BaseModel):
+    """A logged-in client, as SHOW CLIENTS lists it."""
+
+    worker: int  # the worker process holding it (0 without workers)
+    id: int  # the process id it was given at login (its driver's backend pid): /clients/{id}/kill
+    user: str
+    database: str
+    tenant: str | None
+    address: str
+    state: str  # active (holding a server connection), waiting (for one), idle
+    tls: bool
+    pinned: list[str]  # what keeps it on its server connection (LISTEN, advisory lock, ...)
+    connected_seconds: int | None
+
+
+class ClientsView(BaseModel):
+    """GET /clients: every worker's clients; workers_reporting says how many answered."""
+
+    workers_reporting: int
+    clients: list[ClientView]
+
+
 class ClientKillView(BaseModel):
     """POST /clients/{client_id}/kill: the console's KILL_CLIENT, on whichever worker holds
     the client."""

@@ -127,13 +127,23 @@ def test_database_commands_over_http(start_admin: Callable[..., AdminAPI]) -> No
 
 
 def test_kill_client_over_http(start_admin: Callable[..., AdminAPI]) -> None:
-    """POST /clients/{id}/kill: the console's KILL_CLIENT. The client with that id (its
-    driver's backend pid) is disconnected, the other goes on; an id nobody has is 404,
-    anything but an id 422, no token 401."""
+    """GET /clients lists the clients, with the id their driver reports as the backend pid;
+    POST /clients/{id}/kill, the console's KILL_CLIENT, disconnects the one with that id and
+    the other goes on. An id nobody has is 404, anything but an id 422, no token 401."""
     admin = start_admin(redis_url=None, secret_key=None)
     victim = psycopg.connect(admin.handle.dsn("carol"), autocommit=True)
     other = psycopg.connect(admin.handle.dsn("carol"), autocommit=True)
+    other.execute("SELECT pg_advisory_lock(7)")  # pins it
     pid = victim.info.backend_pid
+    assert admin.get("/clients", token=None).status_code == 401
+    listed = admin.get("/clients").json()
+    assert listed["workers_reporting"] == 1
+    by_id = {c["id"]: c for c in listed["clients"]}
+    assert by_id.keys() == {pid, other.info.backend_pid}
+    assert {k: v for k, v in by_id[other.info.backend_pid].items() if k not in ("address", "connected_seconds")} == {
+        "worker": 0, "id": other.info.backend_pid, "user": "carol", "database": "app", "tenant": None,
+        "state": "active", "tls": False, "pinned": ["advisory lock"],
+    }  # fmt: skip
     assert admin.post(f"/clients/{pid}/kill", token=None).status_code == 401
     assert admin.post("/clients/carol/kill").status_code == 422
     assert admin.post("/clients/0/kill").status_code == 422
@@ -141,6 +151,7 @@ def test_kill_client_over_http(start_admin: Callable[..., AdminAPI]) -> None:
     with pytest.raises(psycopg.OperationalError, match="administrator command"):
         victim.execute("SELECT 1")
     assert other.execute("SELECT 2").fetchone() == (2,)
+    assert [c["id"] for c in admin.get("/clients").json()["clients"]] == [other.info.backend_pid]
     missing = admin.post(f"/clients/{pid}/kill")
     assert missing.status_code == 404 and f"no client with id {pid}" in missing.text
     victim.close()

@@ -301,8 +301,14 @@ def test_kill_and_disable_from_the_console_reach_every_worker(workers: Workers) 
 
 def test_kill_client_reaches_the_worker_that_holds_the_client(workers: Workers) -> None:
     """KILL_CLIENT id disconnects that client whichever worker holds it (one on each here,
-    whichever worker the console landed on), and no other."""
+    whichever worker the console landed on), and no other. GET /clients lists them all, each
+    with its worker."""
     clients, worker_of = clients_on_every_worker(workers)
+    listed = json.loads(workers.admin_get("/clients"))
+    assert listed["workers_reporting"] == WORKERS
+    assert {(c["id"], c["worker"]) for c in listed["clients"]} == {
+        (conn.info.backend_pid, worker_of[client_port(conn)]) for conn in clients
+    }
     console = psycopg.connect(f"postgresql://alice:alice-pw@127.0.0.1:{workers.port}/pgrouter", autocommit=True)
     victims = {}  # worker -> client
     for conn in clients:
