@@ -59,12 +59,15 @@ LIVE_SETTINGS = frozenset({
     "shutdown_timeout", "function_catalog_refresh", "log_format", "query_stats_max",
     "slow_query_ms", "idle_transaction_timeout", "log_connections", "log_disconnections",
     "client_idle_timeout", "query_timeout", "reserve_pool_size", "reserve_pool_timeout",
-    "users", "admin_console_users", "stats_period",
+    "users", "admin_console_users", "stats_period", "max_db_connections", "max_user_connections",
 })  # fmt: skip
 # What a reload changes in an existing [databases] entry, its pools following; with
-# MOVING_DATABASE_FIELDS below its clients move to new pools; any other change to an entry
-# needs a restart (an entry added or removed is applied).
-LIVE_DATABASE_FIELDS = ("pool_size", "min_pool_size", "query_wait_timeout", "reserve_pool_size", "server_password")
+# MOVING_DATABASE_FIELDS below its clients move to new pools; NEW_LOGIN_DATABASE_FIELDS apply
+# to new logins. Every field of an entry is in one of the three (an entry added or removed is
+# applied too).
+LIVE_DATABASE_FIELDS = (
+    "pool_size", "min_pool_size", "query_wait_timeout", "reserve_pool_size", "server_password", "max_db_connections",
+)  # fmt: skip
 # What a reload may change in an entry by moving its clients to new pools (_follow_moves).
 MOVING_DATABASE_FIELDS = ("cluster", "dbname", "server_user", "server_tls", "server_tls_ca")
 # What a reload changes for the logins after it (new pools); clients already in keep theirs.
@@ -382,13 +385,12 @@ class Router:
         """Apply what can change while running (SIGHUP, POST /reload); report the rest.
 
         Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
-        included), limits, lag thresholds, the log level, the client TLS certificate and the
+        included), limits and connection caps (``PoolManager.recap``), lag thresholds, the log level, the client TLS certificate and the
         logins (``users``, read at each login), [databases] entries added, removed, moved
         (MOVING_DATABASE_FIELDS), in a new pool mode for new logins, or changed in
         LIVE_DATABASE_FIELDS (``_reload_databases``), and
         clusters added or with new nodes (``_follow_moves``). Anything else (listen address,
-        a cluster removed, other changes to an entry, registry...) needs a restart and is not
-        applied at all."""
+        a cluster removed, registry...) needs a restart and is not applied at all."""
         configured = settings
         if self.worker is not None:
             settings = self.worker.settings_for(settings)
@@ -427,11 +429,10 @@ class Router:
         # What needs a restart is not applied at all: logins read the databases, clusters and
         # the rest from self.settings, and must not meet half of a new configuration.
         clusters = {**old.clusters, **settings.clusters}
-        databases, changed, kept, moved_databases = self._reload_databases(old, settings)
+        databases, changed, moved_databases = self._reload_databases(old, settings)
         if "databases" in restart:
             restart.remove("databases")
             applied += changed
-            restart += kept
         settings = settings.model_copy(
             update={
                 **{name: getattr(old, name) for name in type(settings).model_fields if name not in live},
@@ -448,6 +449,7 @@ class Router:
             # From the pool's own database entry (or tenant): its own values, else the global.
             if not pool.retired:
                 pool.settings = replace(pool.settings, **self.pools.live_settings(pool.db))
+        self.pools.recap()
         if moved_clusters or moved_databases:
             self._follow_moves(old, moved_clusters, moved_databases)
         for name, db in databases.items():
@@ -467,8 +469,8 @@ class Router:
 
     def _reload_databases(
         self, old: Settings, new: Settings
-    ) -> tuple[dict[str, DatabaseConfig], list[str], list[str], set[str]]:
-        """[databases] after a reload, the entries it applied and kept, and those moved to
+    ) -> tuple[dict[str, DatabaseConfig], list[str], set[str]]:
+        """[databases] after a reload, the entries it changed, and those moved to
         another cluster, real database, server user or server TLS. An entry added or removed
         applies to new logins; clients already in keep their pools. An entry whose changes are
         all LIVE_DATABASE_FIELDS is applied and its pools follow it (a new server password for
@@ -476,11 +478,10 @@ class Router:
         MOVING_DATABASE_FIELDS changed too is applied as well: its clients move to new pools
         (_follow_moves). One whose pool_mode changed is applied for new logins: they get
         pools in the new mode, while the clients already in keep theirs, whose mode they
-        logged in with (_keep_old_mode_pools). Any other change to an entry needs a restart,
-        and the entry stays as it was."""
+        logged in with (_keep_old_mode_pools). Every field of an entry is of one of these
+        kinds (tests/unit/test_reload_fields.py), so no change to an entry waits for a restart."""
         merged: dict[str, DatabaseConfig] = {}
         changed: list[str] = []
-        kept: list[str] = []
         moved: set[str] = set()
         for name, db in new.databases.items():
             before = old.databases.get(name)
@@ -497,20 +498,15 @@ class Router:
                 merged[name] = db
                 changed.append(f"databases.{name}")
                 moved.add(name)
-            elif before.model_copy(
-                update={f: getattr(db, f) for f in (*LIVE_DATABASE_FIELDS, *MOVING_DATABASE_FIELDS, *NEW_LOGIN_DATABASE_FIELDS)}
-            ) == db:
+            else:  # the pool mode changed (every field of an entry is one of the three kinds)
                 merged[name] = db
                 changed.append(f"databases.{name}")
                 if before.model_copy(update={f: getattr(db, f) for f in MOVING_DATABASE_FIELDS}) != before:
                     moved.add(name)
                 self._keep_old_mode_pools(before, db)
-            else:
-                merged[name] = before
-                kept.append(f"databases.{name}")
         for name in old.databases.keys() - new.databases.keys():
             changed.append(f"databases.{name}")  # removed: no new logins
-        return merged, sorted(changed), sorted(kept), moved
+        return merged, sorted(changed), moved
 
     def _follow_moves(self, old: Settings, clusters: set[str], databases: set[str]) -> None:
         """A reload changed the nodes of ``clusters`` (or added them) and moved ``databases``

@@ -403,6 +403,8 @@ class TenantManager:
                 own = update if pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}
                 pool.db = pool.db.model_copy(update=own)
                 pool.settings = replace(pool.settings, **self.router.pools.live_settings(pool.db))
+                if pool.waiters:
+                    pool.open_for_waiters()  # a raised size serves them at once
         for route in self.router.db_routes.values():
             if route.primary_pool in pools:  # its replicas' pools, opened later, alike
                 own = update if route.primary_pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}

@@ -152,6 +152,22 @@ class PoolManager:
             caps.append(cap)
         return tuple(caps)
 
+    def recap(self) -> None:
+        """A reload: every pool counts towards the caps of the current settings (raised,
+        lowered, added or removed). Pools over a lowered cap close idle connections now and
+        busy ones as they come back; waiting clients get the room a raised size or cap (or
+        one removed) makes."""
+        self.caps = {}
+        pools = list(self.pools.values())
+        for pool in pools:
+            pool.caps = self._caps_for(pool)
+        for cap in self.caps.values():
+            cap.trim()
+            cap.slot_freed()
+        for pool in pools:
+            if pool.waiters and not pool.retired:
+                pool.open_for_waiters()
+
     def _max_db_connections(self, dbname: str) -> int:
         """The cap of a real database: the smallest set by the [databases] entries that
         name it (their own, else the global), 0 for none; else the wildcard entry's; else

@@ -148,6 +148,20 @@ class ConnectionCap:
     def full(self) -> bool:
         return self.used() >= self.limit
 
+    def trim(self) -> None:
+        """A reload lowered the limit below what the member pools hold: their idle
+        connections close now, longest idle first, until the cap is kept (busy ones close
+        as they are released, Pool._hand_slot_on)."""
+        excess = self.used() - self.limit
+        if excess <= 0:
+            return
+        idle = sorted(
+            (server for pool in self.pools for server in pool.idle if not server.closed),
+            key=lambda server: server.idle_since,
+        )
+        for server in idle[:excess]:
+            server.pool.discard_idle(server, f"{self.setting} lowered to {self.limit} for {self.name}")
+
     def longest_waiting(self, exclude: Pool | None = None) -> Pool | None:
         """The member pool (other than ``exclude``) with room of its own whose oldest waiter
         queued first."""
@@ -380,16 +394,30 @@ class Pool:
 
     def _hand_slot_on(self, server: ServerConnection) -> bool:
         """Under a full cap, a released connection whose slot a sibling pool's client has
-        waited for longer than this pool's own is closed, and the sibling opens one."""
+        waited for longer than this pool's own is closed, and the sibling opens one; under a
+        cap a reload lowered below what its pools hold, it is closed."""
         mine = self.waiting_since() if self.waiters else None
         for cap in self.caps:
-            if not cap.full():
+            used = cap.used()
+            if used < cap.limit:
                 continue
+            if used > cap.limit:
+                self.discard_idle(server, f"{cap.setting} lowered to {cap.limit} for {cap.name}")
+                return True
             sibling = cap.longest_waiting(exclude=self)
             if sibling is not None and (mine is None or sibling.waiting_since() < mine):
                 self.discard_idle(server, f"{cap.setting} reached: making room for pool {sibling.name}")
                 return True
         return False
+
+    def open_for_waiters(self) -> None:
+        """After a reload raised pool_size or a cap (or removed one): open a connection for
+        each waiting client that none being opened will serve, as far as the size and caps
+        now allow, rather than leaving them to wait for a release."""
+        for _ in range(min(len(self.waiters) - self.connecting, self.settings.size - len(self.servers) - self.connecting)):
+            if self.capped():
+                break
+            self._start_connect(for_waiters=True)
 
     def reconnect(self) -> int:
         """The console's RECONNECT: every open connection is closed, idle ones now and busy

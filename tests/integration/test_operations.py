@@ -372,9 +372,9 @@ def test_reload_adds_a_replica_to_a_cluster(start_router, cluster: Cluster) -> N
 
 def test_reload_adds_changes_and_removes_databases(start_router, cluster: Cluster) -> None:
     """[databases] with a reload, as PgBouncer's RELOAD: an entry added serves new logins at
-    once; a changed pool_size (or query_wait_timeout, reserve_pool_size, server_password)
-    applies to the entry's existing pools; any other change to an entry needs a restart and
-    leaves it as it was; an entry removed refuses new logins while its clients go on."""
+    once; a changed pool_size (or query_wait_timeout, reserve_pool_size, server_password,
+    max_db_connections) applies to the entry's existing pools; an entry removed refuses new
+    logins while its clients go on."""
     from router.config import Settings
 
     router = start_router()
@@ -401,11 +401,13 @@ def test_reload_adds_changes_and_removes_databases(start_router, cluster: Cluste
 
     assert app_pool() == (2, "rotated")
     capped = {**app, "max_db_connections": 1}
-    assert reload({"app": capped, "app2": app2}) == {"applied": [], "restart_required": ["databases.app"]}
-    assert router.call(lambda r: r.settings.databases["app"].max_db_connections) is None  # as it was
+    assert reload({"app": capped, "app2": app2}) == {"applied": ["databases.app"], "restart_required": []}
+    caps = router.call(lambda r: sorted((cap.name, cap.limit, len(cap.pools)) for cap in r.pools.caps.values()))
+    assert caps == [(f"database app on 127.0.0.1:{cluster.primary.port}", 1, 2)]  # app's pool and app2's
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
-    assert reload({"app": app}) == {"applied": ["databases.app2"], "restart_required": []}
+    assert reload({"app": app}) == {"applied": ["databases.app", "databases.app2"], "restart_required": []}
+    assert router.call(lambda r: r.pools.caps) == {}
     with pytest.raises(psycopg.OperationalError, match='database "app2" does not exist'):
         psycopg.connect(router.dsn("carol", dbname="app2"))
     assert in_app2.execute("SELECT 2").fetchone() == (2,)  # already in: goes on

@@ -18,6 +18,7 @@ from router.admin.console import worker_rows
 from router.admin.metrics import metrics_registry
 from router.protocol import messages as m
 from router.protocol.framing import frame
+from tests.conftest import router_config
 from tests.rawclient import RawClient
 
 
@@ -492,6 +493,67 @@ def test_a_database_s_own_max_db_connections(start_router):
     assert other.execute("SELECT 2").fetchone() == (2,)
     holder.close()
     other.close()
+
+
+def test_a_reload_raises_lowers_and_removes_max_db_connections(start_router, cluster):
+    """max_db_connections changes with a reload, as with PgBouncer's RELOAD: raised, a client
+    waiting at the cap gets a connection at once (no release needed); lowered below what the
+    pools hold, idle connections close now and busy ones as they come back; 0 removes the cap.
+    A raised pool_size likewise serves a waiting client at once."""
+    from router.config import Settings
+
+    databases = {
+        "app": {"cluster": "main", "server_user": "postgres"},
+        "app_t": {"cluster": "main", "dbname": "app", "server_user": "pgr_trust"},
+    }
+    router = _capped_router(start_router, query_wait_timeout=30.0)
+
+    def reload(**overrides) -> list[str]:
+        config = router_config(cluster, pool_size=3, max_db_connections=2, databases=databases, query_wait_timeout=30.0)
+        return router.call(lambda r: r.reload(Settings(**{**config, **overrides})))["applied"]
+
+    def wait_in(conn, name: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: got.setdefault(name, conn.execute("SELECT current_user").fetchone()))
+        thread.start()
+        return thread
+
+    got: dict[str, tuple] = {}
+    a1, a2, a3, b = (psycopg.connect(router.dsn("carol", dbname=db), autocommit=True) for db in ("app", "app", "app", "app_t"))
+    for conn in (a1, a2):
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+    waiting = wait_in(b, "b")
+    poll(lambda: _held(router) == [(0, 0, 1), (2, 0, 0)], f"app_t should wait at the cap: {_held(router)}")
+    assert "max_db_connections" in reload(max_db_connections=3)
+    waiting.join(timeout=10)
+    assert got == {"b": ("pgr_trust",)}, "the raised cap should have let the waiting client in"
+    assert _held(router) == [(1, 1, 0), (2, 0, 0)]
+
+    reload(max_db_connections=1)  # 3 held: app_t's idle one closes now, app's busy ones later
+    assert _held(router) == [(0, 0, 0), (2, 0, 0)]
+    a1.execute("COMMIT")  # comes back over the cap: closed
+    poll(lambda: _held(router) == [(0, 0, 0), (1, 0, 0)], f"a1's connection should close: {_held(router)}")
+    a2.execute("COMMIT")  # at the cap now: kept
+    assert _held(router) == [(0, 0, 0), (1, 1, 0)]
+    a1.execute("BEGIN")
+    a1.execute("SELECT 1")
+    waiting = wait_in(a2, "a2")
+    poll(lambda: _held(router) == [(0, 0, 0), (1, 0, 1)], f"a2 should wait at the lowered cap: {_held(router)}")
+    reload(max_db_connections=0)  # no cap: pool_size 3 is the limit
+    waiting.join(timeout=10)
+    assert got["a2"] == ("postgres",)
+    assert router.call(lambda r: r.pools.caps) == {}
+
+    reload(max_db_connections=0, pool_size=2)
+    a2.execute("BEGIN")
+    a2.execute("SELECT 1")
+    waiting = wait_in(a3, "a3")
+    poll(lambda: _held(router) == [(0, 0, 0), (2, 0, 1)], f"a3 should wait at pool_size 2: {_held(router)}")
+    reload(max_db_connections=0, pool_size=3)
+    waiting.join(timeout=10)
+    assert got["a3"] == ("postgres",), "the raised pool_size should have let the waiting client in"
+    for conn in (a1, a2, a3, b):
+        conn.close()
 
 
 def _pool_row(router) -> dict:

@@ -214,6 +214,33 @@ def test_a_tenant_s_new_pool_size_applies_to_its_pool(tenant_router: RouterThrea
     conn.close()
 
 
+def test_a_tenant_s_raised_pool_size_serves_its_waiting_client_at_once(
+    start_router, registry, cluster, tenant_dbs
+) -> None:
+    """PATCH pool.size up while a client waits for the tenant's full pool: it gets a server
+    connection at once, not when the busy one is released."""
+    from router.registry.models import TenantPatch
+
+    url, key, prefix = registry
+    body = tenant_body(cluster, "acme", tenant_dbs["acme"], {"alice": "alice-t"}, pool={"size": 1})
+    store_do(registry, lambda s: s.create(body))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    holder, waiter = (psycopg.connect(dsn(router, "alice", "alice-t", "acme"), autocommit=True) for _ in range(2))
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(waiter.execute("SELECT 2").fetchone()))
+    thread.start()
+    router.wait_for(lambda r: [len(p.waiters) for p in r.pools.pools.values() if p.key.dbname == tenant_dbs["acme"]] == [1],
+                    what="the client waiting for the tenant's pool")
+    store_do(registry, lambda s: s.patch("acme", TenantPatch.model_validate({"pool": {"size": 2}})))
+    thread.join(timeout=10)
+    assert got == [(2,)], "the raised pool.size should have served the waiting client"
+    holder.execute("COMMIT")
+    for conn in (holder, waiter):
+        conn.close()
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message
