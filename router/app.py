@@ -385,8 +385,9 @@ class Router:
         """Apply what can change while running (SIGHUP, POST /reload); report the rest.
 
         Applied at once, without dropping a connection: pool sizes and timeouts (existing pools
-        included), limits and connection caps (``PoolManager.recap``), lag thresholds, the log level, the client TLS certificate and the
-        logins (``users``, read at each login), [databases] entries added, removed, moved
+        included), limits and connection caps (``PoolManager.recap``), lag thresholds, the log
+        level, the client TLS certificate and the logins (``users``, read at each login),
+        [databases] entries added, removed, moved
         (MOVING_DATABASE_FIELDS), in a new pool mode for new logins, or changed in
         LIVE_DATABASE_FIELDS (``_reload_databases``), and
         clusters added or with new nodes (``_follow_moves``). Anything else (listen address,
