@@ -1,11 +1,12 @@
 """Where the CPU goes per transaction: the proxy, PostgreSQL, pgbench, and what stays idle.
 
-    .venv/bin/python -m bench.cpu [--rounds 3] [--duration 6] [--clients 32] [--workers 2] [--split]
+    .venv/bin/python -m bench.cpu [--rounds 3] [--duration 6] [--clients 32] [--workers 2] [--split] [--floor]
 
 TPS alone does not say why a proxy is slower. This runs `pgbench -S -M simple` against
 PostgreSQL directly, PgBouncer and the router (and, with --workers N, the router with
-`workers = N`; with --split, the router splitting reads over two replicas), interleaved as `bench.run` does, and reads the kernel's accounting around each
-run: the proxy's user and system CPU (its worker processes included) from /proc/PID/stat,
+`workers = N`; with --split, the router splitting reads over two replicas; with --floor,
+bench/floor.py, the bare Python/uvloop byte pipe), interleaved as `bench.run` does, and reads
+the kernel's accounting around each run: the proxy's user and system CPU (its worker processes included) from /proc/PID/stat,
 every PostgreSQL process's, pgbench's own from wait4(), all divided by the transactions
 pgbench made; and the machine's idle share from /proc/stat. It prints the medians over the
 rounds. On a machine whose cores are all busy, throughput is about the cores divided by the
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.pgbouncer import PgBouncer
-from bench.run import router_process
+from bench.run import FloorProcess, router_process
 from tests.cluster import HOST, Cluster
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                    "many worker processes (default 1: only the single-process router)")
     p.add_argument("--split", action="store_true", help="also measure the router with read/write "
                    "splitting over two streaming replicas (all nodes on this machine)")
+    p.add_argument("--floor", action="store_true", help="also measure bench/floor.py, a bare "
+                   "Python/uvloop byte pipe: what forwarding alone costs in this language")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pgrouter-cpu-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
@@ -143,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(split.stop)
             split.start()
             proxies.append(Proxy("split", split.port, "bench", split.proc.pid))
+        if args.floor:
+            floor = FloorProcess(workdir / "floor.log")
+            stack.callback(floor.stop)
+            floor.start(cluster.primary.port)
+            proxies.append(Proxy("floor", floor.port, "postgres", floor.proc.pid))
         rows: dict[str, list[dict[str, float]]] = {proxy.name: [] for proxy in proxies}
         for rnd in range(1, args.rounds + 1):
             for proxy in proxies:
