@@ -140,6 +140,9 @@ class DatabaseRoute:
     def uses(self, pool: Pool) -> bool:
         return pool is self.primary_pool or pool in self._pools.values()
 
+    def pools(self) -> list[Pool]:
+        return [self.primary_pool, *self._pools.values()]
+
     def pool(self, node: NodeState) -> Pool:
         pool = self._pools.get(node)
         if pool is None:
@@ -162,7 +165,7 @@ class Router:
         self.functions = FunctionCatalog.builtin()
         self.client_text_encoding = "utf-8"
         self.pools = PoolManager(settings, self.statements.validated)
-        self.pools.on_tick = self.end_idle_clients
+        self.pools.on_tick = self._tick
         self.pools.pool_in_use = self._pool_in_use
         self.clients: dict[int, ClientConnection] = {}  # by router-issued cancel pid
         self.client_count = 0  # admitted: logging in, logged in, or in the admin console
@@ -198,6 +201,11 @@ class Router:
         # holds this worker's part of each limit (WorkerSlot.settings_for); cli.py sets these.
         self.configured_settings = settings
         self._split_starts: dict[str, asyncio.Task] = {}  # tenant clusters' monitors starting
+        # What a reload left without a [databases] entry or cluster, kept while clients of
+        # before the reload use it (_sweep_leftovers): pools no entry makes (min_pool_size
+        # dropped), and removed clusters by name with their lag monitors (None: no replicas).
+        self.leftover_pools: set[Pool] = set()
+        self.leftover_clusters: list[tuple[str, SplitCluster | None]] = []
         # Measured on the hot path (router/stats/): query statistics and the slow-query log,
         # transaction durations, errors sent to clients by SQLSTATE class.
         self.query_stats: QueryStats | None = None
@@ -327,7 +335,7 @@ class Router:
         for client in list(self.clients.values()):
             client.fail(RouterError(SQLState.ADMIN_SHUTDOWN, "terminating connection: router is shutting down"))
         await self.pools.stop()
-        for split in self.splits.values():
+        for split in [*self.splits.values(), *(split for _, split in self.leftover_clusters if split is not None)]:
             await split.stop()
         await self.catalogs.stop()
         if self.control is not None:
@@ -389,9 +397,11 @@ class Router:
         level, the client TLS certificate and the logins (``users``, read at each login),
         [databases] entries added, removed, moved
         (MOVING_DATABASE_FIELDS), in a new pool mode for new logins, or changed in
-        LIVE_DATABASE_FIELDS (``_reload_databases``), and
-        clusters added or with new nodes (``_follow_moves``). Anything else (listen address,
-        a cluster removed, registry...) needs a restart and is not applied at all."""
+        LIVE_DATABASE_FIELDS (``_reload_databases``), clusters added or with new nodes
+        (``_follow_moves``), and clusters removed. What a removed entry or cluster leaves
+        (pools, lag monitors, function catalogs) serves its clients until they leave, then
+        goes (``_sweep_leftovers``). Anything else (listen address, registry...) needs a
+        restart and is not applied at all."""
         configured = settings
         if self.worker is not None:
             settings = self.worker.settings_for(settings)
@@ -407,7 +417,8 @@ class Router:
                 applied.append(name)
         # Clusters change live: lag thresholds in place; a new cluster, or new nodes (or
         # monitor login) for one, through _follow_moves once the new settings are in. A cluster
-        # removed needs a restart: its clients' pools and routes still use it.
+        # removed (its entries are gone or moved too) serves new logins no more; its clients
+        # keep its pools and monitor until they leave (_sweep_leftovers).
         moved_clusters: set[str] = set()
         for name, cluster in settings.clusters.items():
             before = old.clusters.get(name)
@@ -425,11 +436,11 @@ class Router:
                 split.topology.max_lag_bytes = cluster.max_replica_lag_bytes
                 split.config = cluster
                 applied.append(f"clusters.{name}")
-        if set(old.clusters) - set(settings.clusters):
-            restart.append("clusters")
+        removed_clusters = sorted(set(old.clusters) - set(settings.clusters))
+        applied += [f"clusters.{name}" for name in removed_clusters]
         # What needs a restart is not applied at all: logins read the databases, clusters and
         # the rest from self.settings, and must not meet half of a new configuration.
-        clusters = {**old.clusters, **settings.clusters}
+        clusters = dict(settings.clusters)
         databases, changed, moved_databases = self._reload_databases(old, settings)
         if "databases" in restart:
             restart.remove("databases")
@@ -453,6 +464,11 @@ class Router:
         self.pools.recap()
         if moved_clusters or moved_databases:
             self._follow_moves(old, moved_clusters, moved_databases)
+        for name in removed_clusters:
+            self.leftover_clusters.append((name, self.splits.pop(name, None)))
+            for key in [key for key in self.db_routes if key[0] == name]:
+                del self.db_routes[key]  # its clients keep theirs
+        self._note_leftover_pools(old)
         for name, db in databases.items():
             if (
                 name not in old.databases
@@ -558,6 +574,58 @@ class Router:
         node of its cluster, of its real database, as its server user."""
         databases = self.settings.databases.items()
         return any(self._entry_makes(db, db.dbname or (None if name == "*" else name), pool) for name, db in databases)
+
+    def _note_leftover_pools(self, old: Settings) -> None:
+        """After a reload: pools of the settings file's entries that no entry makes any more
+        (of an entry removed, or in a pool mode changed) keep no minimum open and are retired
+        once no client uses them (_sweep_leftovers), as PgBouncer's RELOAD closes the server
+        connections of a database removed from its file; one an entry makes again is kept."""
+        for pool in self.pools.pools.values():
+            if pool.retired or pool.db is None or pool.db.cluster not in old.clusters:
+                continue  # retired already, or a registry tenant's
+            if self._made_by_an_entry(pool):
+                self.leftover_pools.discard(pool)
+            elif pool not in self.leftover_pools:
+                self.leftover_pools.add(pool)
+                pool.settings = replace(pool.settings, min_size=0)
+
+    def _sweep_leftovers(self) -> None:
+        """On each janitor pass: a leftover pool no client points at (nor waits in) is
+        retired, closing its connections; a removed cluster no client uses any more has its
+        lag monitor stopped and, unless a reload has brought the name back, its function
+        catalogs forgotten."""
+        if not self.leftover_pools and not self.leftover_clusters:
+            return
+        pools: set[Pool] = set()
+        splits: set[int] = set()
+        clusters: set[str] = set()
+        for client in self.clients.values():
+            for pool in (client.pool, None if client.server is None else client.server.pool):
+                if pool is not None:
+                    pools.add(pool)
+                    if pool.db is not None:
+                        clusters.add(pool.db.cluster)
+            route = client.db_route
+            if route is not None:
+                pools.update(route.pools())
+                splits.add(id(route.split))
+        for pool in [pool for pool in self.leftover_pools if pool not in pools and not pool.waiters]:
+            self.leftover_pools.discard(pool)
+            if not pool.retired:  # (a later reload's move may have retired it already)
+                pool.retire()
+        kept = []
+        for name, split in self.leftover_clusters:
+            if (split is not None and id(split) in splits) or (name in clusters and name not in self.settings.clusters):
+                kept.append((name, split))
+                continue
+            if split is not None:
+                self.spawn(split.stop())
+            if name not in self.settings.clusters:
+                for key in self.catalogs.keys():
+                    if isinstance(key, tuple) and key[0] == name:
+                        self.spawn(self.catalogs.forget(key))
+            log.info("cluster %s: removed by a reload, and no client uses it any more", name)
+        self.leftover_clusters = kept
 
     def _entry_makes(self, db: DatabaseConfig, real: str | None, pool: Pool) -> bool:
         """Entry ``db`` makes ``pool``, or one like it: on a node of its cluster, of real
@@ -849,6 +917,11 @@ class Router:
         """Send the server connection's backend a CancelRequest (in the background)."""
         server.cancels_in_flight += 1
         self.spawn(self._send_cancel(server))
+
+    def _tick(self, now: float) -> None:
+        """Each pool janitor pass (PoolManager.on_tick)."""
+        self.end_idle_clients(now)
+        self._sweep_leftovers()
 
     def end_idle_clients(self, now: float) -> None:
         """client_idle_timeout, on each pool janitor pass: a client that has sent nothing

@@ -306,6 +306,10 @@ class FunctionCatalogs:
         if db is not None and db.params.user == user:
             self.register(key, replace(db.params, password=password), db.locate)
 
+    def keys(self) -> list[Hashable]:
+        """The databases tracked."""
+        return list(self._databases)
+
     async def forget(self, key: Hashable) -> None:
         """Stop tracking a database; get(key) returns the built-in catalog again."""
         db = self._databases.pop(key, None)

@@ -154,6 +154,11 @@ class TopologyMonitor:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="topology-monitor")
         self._task.add_done_callback(_log_if_failed)
 
+    @property
+    def running(self) -> bool:
+        """Started, and neither stopped nor dead."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         """Stop polling and close the monitoring connections. Re-raises what killed the task."""
         task = self._task

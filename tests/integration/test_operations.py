@@ -142,24 +142,72 @@ def test_reload_adds_and_removes_logins(start_router, cluster: Cluster) -> None:
 
 
 def test_reload_applies_nothing_that_needs_a_restart(start_router, cluster: Cluster) -> None:
-    """A reload that also removes a cluster and changes the listen port reports both as
-    needing a restart and applies neither: new logins go on meeting the configuration the
-    router started with, not half of the new one; what is live (pool_size) applies."""
+    """A reload that also changes the listen port reports it as needing a restart and does not
+    apply it: new logins go on meeting the listener the router started with, not half of the
+    new configuration; what is live (pool_size, a cluster removed) applies."""
     from router.config import Settings
 
     router = start_router(clusters={**router_config(cluster)["clusters"], "spare": router_config(cluster)["clusters"]["main"]})
     config = router_config(cluster)  # without the cluster "spare"
     changed = {**config, "listen_port": 1, "pool_size": 9}
     result = router.call(lambda r: r.reload(Settings(**changed)))
-    assert "pool_size" in result["applied"]  # (and users: each router_config() hashes anew)
-    assert {"clusters", "listen_port"} <= set(result["restart_required"])
+    assert {"pool_size", "clusters.spare"} <= set(result["applied"])  # (and users: each router_config() hashes anew)
+    assert result["restart_required"] == ["listen_port"]
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert router.call(lambda r: (r.settings.pool_size, r.settings.listen_port, sorted(r.settings.clusters))) == (
-        9, 0, ["main", "spare"],
+        9, 0, ["main"],
     )  # fmt: skip
     # SHOW CONFIG's values: those in effect.
     assert router.call(lambda r: (r.configured_settings.pool_size, r.configured_settings.listen_port)) == (9, 0)
+
+
+def test_reload_removes_a_cluster_once_its_clients_have_left(start_router, cluster: Cluster) -> None:
+    """A cluster removed by a reload, with its entry: new logins to the entry get 3D000, the
+    client already in keeps its pool (the same server connection) and the cluster's lag
+    monitor; once it leaves, the pool's connections (its min_pool_size ones too) close, the
+    monitor stops and the function catalogs read from the cluster are forgotten."""
+    from router.config import Settings
+
+    config = router_config(cluster)
+    spare = {**router_config(cluster, split=True)["clusters"]["main"]}
+    clusters = {**config["clusters"], "spare": spare}
+    databases = {
+        **config["databases"],
+        "gone": {"cluster": "spare", "dbname": "app", "server_user": "pgr_trust", "min_pool_size": 2},
+    }
+    router = start_router(clusters=clusters, databases=databases)
+    held = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'pgr_trust' AND application_name NOT LIKE 'pgrouter-%'"
+    with psycopg.connect(cluster.primary.dsn("app"), autocommit=True) as direct:
+        gone = psycopg.connect(router.dsn("carol", dbname="gone"), autocommit=True)
+        pid = gone.execute("/* pgrouter: primary */ SELECT pg_backend_pid()").fetchone()[0]
+        router.wait_for(lambda r: r.splits["spare"].monitor.running, what="spare's lag monitor")
+        split = router.call(lambda r: r.splits["spare"])
+        assert router.call(lambda r: any(key[0] == "spare" for key in r.catalogs.keys()))
+        result = router.call(lambda r: r.reload(Settings(**config)))
+        assert {"clusters.spare", "databases.gone"} <= set(result["applied"]) and result["restart_required"] == []
+        with pytest.raises(psycopg.OperationalError, match='database "gone" does not exist'):
+            psycopg.connect(router.dsn("carol", dbname="gone"))
+        # Already in: the same pool and server connection, its cluster's monitor still running,
+        # past two janitor passes (which sweep what no client uses).
+        passes = router.call(lambda r: r.pools.passes)
+        router.wait_for(lambda r: r.pools.passes >= passes + 2, what="two janitor passes")
+        for _ in range(3):
+            assert gone.execute("/* pgrouter: primary */ SELECT pg_backend_pid()").fetchone() == (pid,)
+        assert router.call(lambda r: split.monitor.running and "spare" not in r.splits)
+        assert direct.execute(held).fetchone()[0] >= 1
+        gone.close()
+        router.wait_for(lambda r: not split.monitor.running and not r.leftover_clusters, what="spare's monitor stopped")
+        router.wait_for(lambda r: not any(key[0] == "spare" for key in r.catalogs.keys()), what="catalogs forgotten")
+        router.wait_for(
+            lambda r: not any(p.key.user == "pgr_trust" for p in r.pools.pools.values()), what="the pools dropped"
+        )
+        deadline = time.monotonic() + 10
+        while direct.execute(held).fetchone()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert direct.execute(held).fetchone()[0] == 0
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:  # app goes on
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_reload_moves_a_cluster_to_its_new_primary(start_router, cluster: Cluster) -> None:
@@ -325,6 +373,11 @@ def test_reload_changes_a_database_s_pool_mode_for_new_logins(start_router, clus
     assert modes == [("session", "session", "postgres"), ("transaction", "transaction", "pgr_trust")]
     before.close()
     after.close()
+    # Both gone: the pools no entry makes any more close (the session one it kept too).
+    router.wait_for(
+        lambda r: sorted((p.key.mode.value, p.key.user) for p in r.pools.pools.values()) == [("transaction", "pgr_trust")],
+        what="only the pool the entry makes now",
+    )
 
 
 def test_reload_moves_a_database_to_another_cluster(start_router, cluster: Cluster) -> None:
