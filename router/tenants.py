@@ -282,9 +282,15 @@ class TenantManager:
             min_pool_size=self.router.share(tenant.pool.min_size, minimum=0),
             pool_mode=tenant.pool.mode,
             query_wait_timeout=tenant.limits.query_wait_timeout,
+            max_db_connections=self._max_db_connections(tenant),
             server_tls=tenant.cluster.tls,
             server_tls_ca=tenant.cluster.tls_ca,
         )
+
+    def _max_db_connections(self, tenant: Tenant) -> int | None:
+        """This worker's part of the tenant's cap, None when it sets none."""
+        limit = tenant.limits.max_db_connections
+        return None if limit is None else self.router.share(limit)
 
     @staticmethod
     def cluster_name(tenant: Tenant) -> str:
@@ -386,8 +392,8 @@ class TenantManager:
             self.resume(tenant.tenant_id)
 
     def _resize_pools(self, tenant: Tenant) -> None:
-        """pool.size, pool.min_size and limits.query_wait_timeout apply to the tenant's
-        existing pools at once. A new pool.mode applies to new logins, which get pools in
+        """pool.size, pool.min_size, limits.query_wait_timeout and limits.max_db_connections
+        apply to the tenant's existing pools at once. A new pool.mode applies to new logins, which get pools in
         that mode (PoolKey); the clients already in keep theirs, which they may depend on
         mid-session, and the old mode's pools keep no idle connections open for them. A pool
         shared with other tenants (shared schema) follows the record changed last."""
@@ -396,10 +402,13 @@ class TenantManager:
             "pool_size": share(tenant.pool.size),
             "min_pool_size": share(tenant.pool.min_size, minimum=0),
             "query_wait_timeout": tenant.limits.query_wait_timeout,
+            "max_db_connections": self._max_db_connections(tenant),
         }
         pools = self.pools.get(tenant.tenant_id, set())
+        recap = False
         for pool in pools:
             if pool.db is not None:
+                recap = recap or pool.db.max_db_connections != update["max_db_connections"]
                 own = update if pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}
                 pool.db = pool.db.model_copy(update=own)
                 pool.settings = replace(pool.settings, **self.router.pools.live_settings(pool.db))
@@ -409,6 +418,8 @@ class TenantManager:
             if route.primary_pool in pools:  # its replicas' pools, opened later, alike
                 own = update if route.primary_pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}
                 route.db = route.db.model_copy(update=own)
+        if recap:
+            self.router.pools.recap()  # a raised cap serves waiting clients, a lowered one trims
 
     def pause(self, tenant_id: str) -> None:
         if tenant_id not in self.gates:

@@ -137,8 +137,14 @@ class PoolManager:
         """The caps a new pool counts towards (none when both settings are 0)."""
         key = pool.key
         caps = []
+        db = pool.db
+        if db is not None and db.cluster not in self.settings.clusters:
+            # A registry tenant's pool: the tenant's own cap, else the global one.
+            db_limit = self.settings.max_db_connections if db.max_db_connections is None else db.max_db_connections
+        else:
+            db_limit = self._max_db_connections(key.dbname)
         for setting, limit, name in (
-            ("max_db_connections", self._max_db_connections(key.dbname), key.dbname),
+            ("max_db_connections", db_limit, key.dbname),
             ("max_user_connections", self.settings.max_user_connections, key.user),
         ):
             if not limit:
@@ -148,6 +154,8 @@ class PoolManager:
             if cap is None:
                 what = "database" if setting == "max_db_connections" else "user"
                 cap = self.caps[cap_key] = ConnectionCap(setting, f"{what} {name} on {key.host}:{key.port}", limit)
+            elif limit < cap.limit:
+                cap.limit = limit  # a tenant's and an entry's pools of one database: the smaller
             cap.pools.append(pool)
             caps.append(cap)
         return tuple(caps)

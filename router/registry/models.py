@@ -97,6 +97,9 @@ class TenantLimits(_Strict):
     max_replica_lag: float = Field(1.0, ge=0)  # seconds; a replica further behind is skipped
     max_replica_lag_bytes: int | None = Field(None, ge=0)
     statements_per_second: float | None = Field(None, gt=0)  # None: no rate limit
+    # Server connections the tenant's pools (of every server user and pool mode) may hold
+    # together on one node, as PgBouncer's max_db_connections; None: the global setting.
+    max_db_connections: int | None = Field(None, ge=1)
     # Client addresses the tenant's logins may come from ("10.0.0.0/8", "2001:db8::/32");
     # empty: any. Checked after authentication, so only a valid login learns of the refusal.
     allowed_cidrs: list[IPvAnyNetwork] = []
@@ -267,13 +270,14 @@ class PoolPatch(_Patch):
 
 
 class LimitsPatch(_Patch):
-    nullable = frozenset({"max_replica_lag_bytes", "statements_per_second"})
+    nullable = frozenset({"max_replica_lag_bytes", "statements_per_second", "max_db_connections"})
 
     max_client_conn: int | None = Field(None, ge=1)
     query_wait_timeout: float | None = Field(None, gt=0)
     max_replica_lag: float | None = Field(None, ge=0)
     max_replica_lag_bytes: int | None = Field(None, ge=0)
     statements_per_second: float | None = Field(None, gt=0)
+    max_db_connections: int | None = Field(None, ge=1)
     allowed_cidrs: list[IPvAnyNetwork] | None = None
 
 

@@ -241,6 +241,66 @@ def test_a_tenant_s_raised_pool_size_serves_its_waiting_client_at_once(
         conn.close()
 
 
+def test_a_tenant_s_max_db_connections_caps_its_pools_together(start_router, registry, cluster, tenant_dbs) -> None:
+    """limits.max_db_connections: the tenant's pools (one per login here, auth_query) hold at
+    most that many server connections together on a node, though each pool's size allows
+    more. A client of a pool at the cap waits and gets the slot a sibling pool's released
+    connection frees; PATCHing the cap up serves a waiting client at once."""
+    from router.registry.models import TenantPatch
+
+    for role in ("pgr_cap_a", "pgr_cap_b"):
+        cluster.psql(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
+            f"CREATE ROLE {role} LOGIN PASSWORD '{role}-pw'; END IF; END $$"
+        )
+    url, key, prefix = registry
+    store_do(registry, lambda s: s.create(TenantCreate(
+        tenant_id="capped",
+        cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port}},
+        database=tenant_dbs["acme"], server_user="postgres", auth_query=True,
+        pool={"size": 2}, limits={"max_db_connections": 2, "query_wait_timeout": 60},
+    )))  # fmt: skip
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    a1, a2, b1, b2 = (
+        psycopg.connect(dsn(router, role, f"{role}-pw", "capped"), autocommit=True)
+        for role in ("pgr_cap_a", "pgr_cap_a", "pgr_cap_b", "pgr_cap_b")
+    )
+    held = "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('pgr_cap_a', 'pgr_cap_b')"
+
+    def waiting(r) -> list[tuple[str, int]]:
+        return sorted((p.key.user, len(p.waiters)) for p in r.pools.pools.values() if p.key.user.startswith("pgr_cap_"))
+
+    def in_thread(conn, sql: str) -> tuple[threading.Thread, list]:
+        got: list = []
+        thread = threading.Thread(target=lambda: got.append(conn.execute(sql).fetchone()))
+        thread.start()
+        return thread, got
+
+    with psycopg.connect(cluster.primary.dsn(tenant_dbs["acme"]), autocommit=True) as direct:
+        for conn in (a1, a2):
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1")  # pgr_cap_a's pool: both of the tenant's connections
+        thread, got = in_thread(b1, "SELECT current_user")
+        router.wait_for(lambda r: ("pgr_cap_b", 1) in waiting(r), what="pgr_cap_b's client waiting at the cap")
+        assert direct.execute(held).fetchone() == (2,)
+        a1.execute("COMMIT")  # released while pgr_cap_b's client waits: the slot goes to it
+        thread.join(timeout=10)
+        assert got == [("pgr_cap_b",)]
+        assert direct.execute(held).fetchone() == (2,)
+        b1.execute("BEGIN")
+        b1.execute("SELECT 1")  # a2 and b1 hold the two
+        thread, got = in_thread(b2, "SELECT 2")
+        router.wait_for(lambda r: ("pgr_cap_b", 1) in waiting(r), what="pgr_cap_b's second client waiting")
+        store_do(registry, lambda s: s.patch("capped", TenantPatch.model_validate({"limits": {"max_db_connections": 3}})))
+        thread.join(timeout=10)
+        assert got == [(2,)], "the raised cap should have served the waiting client"
+        assert direct.execute(held).fetchone() == (3,)
+    for conn in (a2, b1):
+        conn.execute("COMMIT")
+    for conn in (a1, a2, b1, b2):
+        conn.close()
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message
