@@ -283,6 +283,7 @@ class TenantManager:
             pool_mode=tenant.pool.mode,
             query_wait_timeout=tenant.limits.query_wait_timeout,
             max_db_connections=self._max_db_connections(tenant),
+            reserve_pool_size=self._reserve_size(tenant),
             server_tls=tenant.cluster.tls,
             server_tls_ca=tenant.cluster.tls_ca,
         )
@@ -291,6 +292,11 @@ class TenantManager:
         """This worker's part of the tenant's cap, None when it sets none."""
         limit = tenant.limits.max_db_connections
         return None if limit is None else self.router.share(limit)
+
+    def _reserve_size(self, tenant: Tenant) -> int | None:
+        """This worker's part of the tenant's reserve, None when it sets none."""
+        size = tenant.pool.reserve_size
+        return None if size is None else self.router.share(size, minimum=0)
 
     @staticmethod
     def cluster_name(tenant: Tenant) -> str:
@@ -392,8 +398,8 @@ class TenantManager:
             self.resume(tenant.tenant_id)
 
     def _resize_pools(self, tenant: Tenant) -> None:
-        """pool.size, pool.min_size, limits.query_wait_timeout and limits.max_db_connections
-        apply to the tenant's existing pools at once. A new pool.mode applies to new logins, which get pools in
+        """pool.size, pool.min_size, pool.reserve_size, limits.query_wait_timeout and
+        limits.max_db_connections apply to the tenant's existing pools at once. A new pool.mode applies to new logins, which get pools in
         that mode (PoolKey); the clients already in keep theirs, which they may depend on
         mid-session, and the old mode's pools keep no idle connections open for them. A pool
         shared with other tenants (shared schema) follows the record changed last."""
@@ -403,6 +409,7 @@ class TenantManager:
             "min_pool_size": share(tenant.pool.min_size, minimum=0),
             "query_wait_timeout": tenant.limits.query_wait_timeout,
             "max_db_connections": self._max_db_connections(tenant),
+            "reserve_pool_size": self._reserve_size(tenant),
         }
         pools = self.pools.get(tenant.tenant_id, set())
         recap = False

@@ -83,6 +83,9 @@ class TenantPool(_Strict):
     size: int = Field(20, ge=1)
     min_size: int = Field(0, ge=0)
     mode: PoolMode = PoolMode.TRANSACTION
+    # Connections beyond size for a client that waited reserve_pool_timeout, as PgBouncer's
+    # reserve_pool; None: the global reserve_pool_size.
+    reserve_size: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check_sizes(self) -> TenantPool:
@@ -264,9 +267,12 @@ class ClusterPatch(_Patch):
 
 
 class PoolPatch(_Patch):
+    nullable = frozenset({"reserve_size"})
+
     size: int | None = Field(None, ge=1)
     min_size: int | None = Field(None, ge=0)
     mode: PoolMode | None = None
+    reserve_size: int | None = Field(None, ge=0)
 
 
 class LimitsPatch(_Patch):

@@ -301,6 +301,37 @@ def test_a_tenant_s_max_db_connections_caps_its_pools_together(start_router, reg
         conn.close()
 
 
+def test_a_tenant_s_reserve_pool(start_router, registry, cluster, tenant_dbs) -> None:
+    """pool.reserve_size: a client of the tenant that has waited reserve_pool_timeout for its
+    full pool gets a connection beyond pool.size (the global reserve being 0); a PATCH sets
+    the existing pool's reserve at once."""
+    from router.registry.models import TenantPatch
+
+    url, key, prefix = registry
+    body = tenant_body(
+        cluster, "acme", tenant_dbs["acme"], {"alice": "alice-t"},
+        pool={"size": 1, "reserve_size": 1}, limits={"query_wait_timeout": 3},
+    )  # fmt: skip
+    store_do(registry, lambda s: s.create(body))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix, reserve_pool_timeout=0.2)
+    holder, second = (psycopg.connect(dsn(router, "alice", "alice-t", "acme"), autocommit=True) for _ in range(2))
+    holder.execute("BEGIN")
+    holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert second.execute("SELECT pg_backend_pid()").fetchone()[0] != holder_pid  # the reserve's
+    holder.execute("COMMIT")
+
+    def reserves(r) -> list[int]:
+        return [p.settings.reserve_size for p in r.pools.pools.values() if p.key.dbname == tenant_dbs["acme"]]
+
+    assert router.call(reserves) == [1]
+    store_do(registry, lambda s: s.patch("acme", TenantPatch.model_validate({"pool": {"reserve_size": 3}})))
+    router.wait_for(lambda r: reserves(r) == [3], what="the PATCHed reserve")
+    store_do(registry, lambda s: s.patch("acme", TenantPatch.model_validate({"pool": {"reserve_size": None}})))
+    router.wait_for(lambda r: reserves(r) == [0], what="the global reserve again")
+    for conn in (holder, second):
+        conn.close()
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message

@@ -83,6 +83,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("negative max_replica_lag_bytes", base(limits={"max_replica_lag_bytes": -1}), "max_replica_lag_bytes"),
     ("statements_per_second 0", base(limits={"statements_per_second": 0}), "statements_per_second"),
     ("max_db_connections 0", base(limits={"max_db_connections": 0}), "max_db_connections"),
+    ("negative pool.reserve_size", base(pool={"reserve_size": -1}), "reserve_size"),
     ("allowed_cidrs with host bits", base(limits={"allowed_cidrs": ["10.0.0.1/8"]}), "allowed_cidrs"),
     ("allowed_cidrs not a network", base(limits={"allowed_cidrs": ["db.example.com"]}), "allowed_cidrs"),
     ("allowed_cidrs not a list", base(limits={"allowed_cidrs": "10.0.0.0/8"}), "allowed_cidrs"),
