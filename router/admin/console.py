@@ -10,7 +10,7 @@ STATS_AVERAGES, TOTALS, LISTS, DATABASES and NODES add every worker's figures up
 tells the whole router's settings; the rest answer for the worker the connection landed on):
 
     SHOW POOLS    SHOW CLIENTS    SHOW SERVERS    SHOW NODES    SHOW DATABASES
-    SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP     SHOW LISTS
+    SHOW CONFIG   SHOW USERS      SHOW VERSION    SHOW HELP     SHOW LISTS    SHOW STATE
     SHOW STATS    SHOW STATS_TOTALS   SHOW STATS_AVERAGES   SHOW TOTALS
                   (PgBouncer's figures per database clients name: router/stats/traffic.py)
     RELOAD        (re-read the settings file, as SIGHUP; every worker)
@@ -70,6 +70,7 @@ _NOT_AN_ID = re.compile(r"\D")
 _HELP = (
     "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW NODES", "SHOW DATABASES", "SHOW CONFIG", "SHOW VERSION",
     "SHOW USERS", "SHOW HELP", "SHOW STATS", "SHOW STATS_TOTALS", "SHOW STATS_AVERAGES", "SHOW TOTALS", "SHOW LISTS",
+    "SHOW STATE",
     "RELOAD", "SHUTDOWN", "PAUSE [db]", "RESUME [db]", "KILL db", "KILL_CLIENT id", "DISABLE db", "ENABLE db",
     "RECONNECT [db]", "WAIT_CLOSE [db]",
 )  # fmt: skip
@@ -389,6 +390,20 @@ def _users(router: Router) -> bytes:
     return _table(["name", "auth", "allowed_cidrs", "console"], rows)
 
 
+def _state(router: Router) -> bytes:
+    """PgBouncer's SHOW STATE, of the worker answering: ``paused`` after a PAUSE of every
+    client (a database's own PAUSE shows in SHOW DATABASES), ``suspended`` never (there is no
+    SUSPEND: it serves PgBouncer's online restart, which a restart with SO_REUSEPORT workers
+    replaces), ``active`` when neither is so and the router is not shutting down."""
+    paused = "" in router.db_gates
+    rows = [
+        ["active", "no" if paused or router.draining else "yes"],
+        ["paused", "yes" if paused else "no"],
+        ["suspended", "no"],
+    ]
+    return _table(["key", "value"], rows)
+
+
 def answer(router: Router, sql: str) -> bytes:
     """The reply to one Query of the console (without its ReadyForQuery)."""
     command = _command(sql)
@@ -404,6 +419,8 @@ def answer(router: Router, sql: str) -> bytes:
         return _table(["command"], [[name] for name in _HELP])
     if command == "SHOW USERS":
         return _users(router)
+    if command == "SHOW STATE":
+        return _state(router)
     if command == "SHUTDOWN":
         return _shutdown(router)
     if not sql.strip(" \t\n\r;"):

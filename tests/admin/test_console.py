@@ -168,10 +168,13 @@ def test_pause_gives_up_waiting_after_tenant_drop_timeout(start_router) -> None:
     holder = psycopg.connect(router.dsn("carol"), autocommit=True)
     holder.execute("BEGIN")
     holder.execute("SELECT 1")
+    assert console.execute("SHOW STATE").fetchall() == [("active", "yes"), ("paused", "no"), ("suspended", "no")]
     assert console.execute("PAUSE").statusmessage == "PAUSE"  # every database
     assert notices == ["WARNING: 1 clients still hold server connections after tenant_drop_timeout (0.5s); their next transactions wait"]
+    assert console.execute("SHOW STATE").fetchall() == [("active", "no"), ("paused", "yes"), ("suspended", "no")]
     holder.execute("COMMIT")  # in the transaction: goes on
     _waits_at_the_gate(router, holder, "", console, "RESUME")
+    assert console.execute("SHOW STATE").fetchall()[:2] == [("active", "yes"), ("paused", "no")]
     console.close()
     holder.close()
 
