@@ -116,16 +116,20 @@ REPORTED = ("application_name", "client_encoding", "DateStyle", "IntervalStyle",
             "standard_conforming_strings")
 
 
+SHOWN = ("search_path", "work_mem", "TimeZone", "default_transaction_read_only", "role", "application_name",
+         "DateStyle", "IntervalStyle", "client_encoding", "statement_timeout", "default_transaction_isolation",
+         "transaction_isolation")
+# One query for them all (SHOW's values): a round trip per setting made this suite's longest test.
+SHOW_ALL = "SELECT " + ", ".join(f"current_setting('{name}')" for name in SHOWN)
+
+
 def _show(conn: psycopg.Connection) -> list[str]:
     # What the server reported (ParameterStatus), as the client's driver keeps it.
     out = [f"{name}={conn.info.parameter_status(name)}" for name in REPORTED]
-    for name in ("search_path", "work_mem", "TimeZone", "default_transaction_read_only", "role",
-                 "application_name", "DateStyle", "IntervalStyle", "client_encoding",
-                 "statement_timeout", "default_transaction_isolation", "transaction_isolation"):
-        try:
-            out.append(conn.execute(f"SHOW {name}").fetchone()[0])
-        except psycopg.Error as exc:
-            out.append(f"error {exc.sqlstate}")
+    try:
+        out.extend(conn.execute(SHOW_ALL).fetchone())
+    except psycopg.Error as exc:
+        out.extend([f"error {exc.sqlstate}"] * len(SHOWN))
     try:
         out.append(conn.execute("SELECT array_agg(c ORDER BY c) FROM pg_listening_channels() c").fetchone()[0])
     except psycopg.Error as exc:
