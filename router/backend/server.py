@@ -602,9 +602,16 @@ class ServerConnection(asyncio.Protocol):
             self.write(build_ssl_request())
             answer = await self.read_raw(1)
             if answer == b"S":
-                self.transport = await loop.start_tls(
-                    self.transport, self, tls, server_hostname=host
-                )
+                try:
+                    self.transport = await loop.start_tls(self.transport, self, tls, server_hostname=host)
+                except OSError as exc:  # ssl.SSLError among them: a certificate refused, say
+                    refused = isinstance(exc, ssl.SSLCertVerificationError)
+                    reason = f"certificate verify failed: {exc.verify_message}" if refused else str(exc)
+                    raise RouterError(
+                        SQLState.SQLCLIENT_UNABLE_TO_ESTABLISH,
+                        f"TLS with server {self.pool.name} failed: {reason}",
+                        hint="Check server_tls and server_tls_ca against the server's certificate." if refused else None,
+                    ) from exc
             elif tls_required:
                 raise RouterError(
                     SQLState.SQLCLIENT_UNABLE_TO_ESTABLISH,

@@ -520,6 +520,12 @@ class Pool:
                         {"application_name": self.settings.application_name},
                         scram_keys=self.scram_keys,
                     )
+                except OSError as exc:  # the connection broke while logging in
+                    server.close()
+                    raise RouterError(
+                        SQLState.CONNECTION_FAILURE,
+                        f"server {self.name} closed the connection during login: {exc.strerror or exc}",
+                    ) from exc
                 except BaseException:
                     server.close()
                     raise

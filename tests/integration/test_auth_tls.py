@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import os
+import time
 
 import asyncpg
 import psycopg
@@ -157,8 +158,11 @@ def test_server_tls_verify_full_rejects_unknown_ca(start_router, cluster, tmp_pa
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     router = _tls_server_user_router(start_router, cluster, server_tls="verify-full", server_tls_ca=str(other_ca))
-    with pytest.raises(psycopg.OperationalError):
+    # At once, with the reason (not after query_wait_timeout, 10 s here, naming the pool only).
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError, match="TLS with server .* failed: certificate verify failed"):
         psycopg.connect(router.dsn("carol"))
+    assert time.monotonic() - started < 5
 
 
 def test_server_tls_disabled_cannot_reach_hostssl_user(start_router, cluster):
