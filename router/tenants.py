@@ -399,10 +399,11 @@ class TenantManager:
 
     def _resize_pools(self, tenant: Tenant) -> None:
         """pool.size, pool.min_size, pool.reserve_size, limits.query_wait_timeout and
-        limits.max_db_connections apply to the tenant's existing pools at once. A new pool.mode applies to new logins, which get pools in
-        that mode (PoolKey); the clients already in keep theirs, which they may depend on
-        mid-session, and the old mode's pools keep no idle connections open for them. A pool
-        shared with other tenants (shared schema) follows the record changed last."""
+        limits.max_db_connections apply to the tenant's existing pools at once, on its
+        replicas too. A new pool.mode applies to new logins, which get pools in that mode
+        (PoolKey); the clients already in keep theirs, which they may depend on mid-session,
+        and the old mode's pools keep no idle connections open for them. A pool shared with
+        other tenants (shared schema) follows the record changed last."""
         share = self.router.share
         update = {
             "pool_size": share(tenant.pool.size),
@@ -411,7 +412,14 @@ class TenantManager:
             "max_db_connections": self._max_db_connections(tenant),
             "reserve_pool_size": self._reserve_size(tenant),
         }
-        pools = self.pools.get(tenant.tenant_id, set())
+        primaries = self.pools.get(tenant.tenant_id, set())
+        pools = set(primaries)
+        for route in self.router.db_routes.values():
+            if route.primary_pool in primaries:
+                # Its pools on the replicas (and those it opens later, from route.db) alike.
+                own = update if route.primary_pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}
+                route.db = route.db.model_copy(update=own)
+                pools.update(route.pools())
         recap = False
         for pool in pools:
             if pool.db is not None:
@@ -421,10 +429,6 @@ class TenantManager:
                 pool.settings = replace(pool.settings, **self.router.pools.live_settings(pool.db))
                 if pool.waiters:
                     pool.open_for_waiters()  # a raised size serves them at once
-        for route in self.router.db_routes.values():
-            if route.primary_pool in pools:  # its replicas' pools, opened later, alike
-                own = update if route.primary_pool.key.mode is tenant.pool.mode else {**update, "min_pool_size": 0}
-                route.db = route.db.model_copy(update=own)
         if recap:
             self.router.pools.recap()  # a raised cap serves waiting clients, a lowered one trims
 

@@ -332,6 +332,44 @@ def test_a_tenant_s_reserve_pool(start_router, registry, cluster, tenant_dbs) ->
         conn.close()
 
 
+def test_a_tenant_s_patch_resizes_its_pools_on_replicas_too(start_router, registry, cluster, tenant_dbs) -> None:
+    """A tenant with replicas: PATCHing pool.size and limits.max_db_connections reaches the
+    pools its reads opened on the replicas, not only its primary's."""
+    from router.registry.models import TenantPatch
+
+    url, key, prefix = registry
+    body = TenantCreate(
+        tenant_id="acme",
+        cluster={"primary": {"host": cluster.primary.host, "port": cluster.primary.port},
+                 "replicas": [{"host": r.host, "port": r.port} for r in cluster.replicas]},
+        database=tenant_dbs["acme"], server_user=SERVER_USER, server_password=SERVER_PASSWORD,
+        users=[{"name": "alice", "password": "alice-t"}], pool={"size": 1},
+    )  # fmt: skip
+    store_do(registry, lambda s: s.create(body))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    with psycopg.connect(dsn(router, "alice", "alice-t", "acme"), autocommit=True) as conn:
+        replica_ports = {r.port for r in cluster.replicas}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # reads reach a replica once the monitor finds it eligible
+            if conn.execute("SELECT inet_server_port()").fetchone()[0] in replica_ports:
+                break
+        else:
+            raise AssertionError("no read reached a replica")
+
+        def sizes(r) -> dict[bool, set[tuple[int, int]]]:
+            out: dict[bool, set[tuple[int, int]]] = {}
+            for p in r.pools.pools.values():
+                if p.key.dbname == tenant_dbs["acme"]:
+                    limits = {cap.limit for cap in p.caps} or {0}
+                    out.setdefault(p.key.port in replica_ports, set()).add((p.settings.size, max(limits)))
+            return out
+
+        assert router.call(sizes) == {False: {(1, 0)}, True: {(1, 0)}}
+        patch = {"pool": {"size": 3}, "limits": {"max_db_connections": 2}}
+        store_do(registry, lambda s: s.patch("acme", TenantPatch.model_validate(patch)))
+        router.wait_for(lambda r: sizes(r) == {False: {(3, 2)}, True: {(3, 2)}}, what="every pool resized and capped")
+
+
 def test_unknown_tenant_wrong_password_and_cross_tenant_login(tenant_router: RouterThread) -> None:
     code, message = login_error(dsn(tenant_router, "alice", "alice-t", "nosuch"))
     assert code == "3D000" and "nosuch" in message
