@@ -837,7 +837,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return None
         try:
             return router_targets_for_server(
-                data[start:end].decode(self.router.client_text_encoding), _refuse_router_target
+                data[start:end].decode(self.router.client_text_encoding),
+                _refuse_router_target,
+                keep_values=self.session_mode,
             )
         except UnicodeDecodeError:
             return None

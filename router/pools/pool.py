@@ -20,6 +20,7 @@ from router.backend.server import ServerConnection
 from router.config import ChannelBinding, DatabaseConfig, PoolMode
 from router.protocol import messages as m
 from router.protocol.errors import RouterError, SQLState
+from router.routing.verdict import ROUTER_TARGET_GUC
 from router.session import set_config_sql
 from router.sockopts import SocketOptions
 
@@ -517,7 +518,7 @@ class Pool:
                         None if is_unix_socket(key.host) else self.settings.tls,
                         self.settings.tls_required,
                         self.settings.channel_binding,
-                        {"application_name": self.settings.application_name},
+                        self._login_params(),
                         scram_keys=self.scram_keys,
                     )
                 except OSError as exc:  # the connection broke while logging in
@@ -538,6 +539,16 @@ class Pool:
             self.server_params = dict(server.params)
         self.servers.add(server)
         return server
+
+    def _login_params(self) -> dict[str, str]:
+        params = {"application_name": self.settings.application_name}
+        if self.settings.mode is PoolMode.SESSION:
+            # The router's own setting as the login value of a session's server connection:
+            # SHOW pgrouter.target then answers `auto` until the session sets it (which the
+            # server then holds, see router_targets_for_server), and RESET, RESET ALL,
+            # DISCARD ALL and a rollback come back to it as to any login value.
+            params[ROUTER_TARGET_GUC] = "auto"
+        return params
 
     def _start_connect(self, for_waiters: bool) -> None:
         # Counted now, not when the task first runs: several clients queueing in the same

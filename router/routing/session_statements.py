@@ -224,12 +224,19 @@ class RouterTargetsOnServer:
     lone: bool  # the text is that one statement and nothing else
 
 
-def router_targets_for_server(sql: str, refusal: Callable[[str], str]) -> RouterTargetsOnServer | None:
+def router_targets_for_server(
+    sql: str, refusal: Callable[[str], str], keep_values: bool = False
+) -> RouterTargetsOnServer | None:
     """Each statement of ``sql`` that sets pgrouter.target becomes the placeholder, which
     PostgreSQL answers as it would the SET. One with a value other than primary, replica or
     auto becomes ``refusal(value)`` (a statement that fails), and what follows it is left out:
     PostgreSQL runs nothing of a Query after its first error. None when ``sql`` sets no
-    pgrouter.target."""
+    pgrouter.target.
+
+    ``keep_values`` (session pooling, where the client keeps its server connection): a SET
+    becomes ``SET pgrouter.target TO 'value'`` with its valid value spelt as the router does,
+    so the server holds the session's value, undone by a rollback as any setting, and
+    answers SHOW pgrouter.target with it."""
     found = router_target_sets(sql)
     if not found:
         return None
@@ -243,7 +250,12 @@ def router_targets_for_server(sql: str, refusal: Callable[[str], str]) -> Router
             runs = "".join(pieces)
             pieces.append(refusal(target.value))
             break
-        pieces.append(ROUTER_TARGET_RESET_ON_SERVER if target.reset else ROUTER_TARGET_ON_SERVER)
+        if target.reset:
+            pieces.append(ROUTER_TARGET_RESET_ON_SERVER)
+        elif keep_values:
+            pieces.append(f"SET {ROUTER_TARGET_GUC} TO '{target.value}'")
+        else:
+            pieces.append(ROUTER_TARGET_ON_SERVER)
         values.append(target.value)
         last = target.end
     else:

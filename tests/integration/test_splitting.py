@@ -344,25 +344,52 @@ async def test_router_target_prepared_by_asyncpg(split_router: RouterThread) -> 
 
 def test_router_target_in_session_mode(start_router, cluster: Cluster) -> None:
     """Session pooling runs everything on the primary, but a SET pgrouter.target still never
-    reaches a server as written: it is answered as a SET, or fails with 22023."""
-    router = start_router(split=True, pool_mode="session")
+    reaches a server as written (`= primary` is a syntax error there): it becomes a SET of the
+    placeholder to its valid value, or fails with 22023. The client keeps its server
+    connection, so the server holds the value and SHOW answers it in every form, `auto` before
+    any SET (the pool's login value), undone by a rollback, back to `auto` after RESET and
+    DISCARD ALL, and never seen by the next client of that connection."""
+    router = start_router(split=True, pool_mode="session", pool_size=1)
+
+    def show(conn: psycopg.Connection, **how) -> str:
+        return conn.execute("SHOW pgrouter.target", **how).fetchone()[0]
+
     with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
-        for value in ("primary", "replica", "auto", "DEFAULT"):
+        assert show(conn) == show(conn, prepare=True) == "auto"
+        for value, seen in (("primary", "primary"), ("replica", "replica"), ("auto", "auto"),
+                            ("REPLICA", "replica"), ("DEFAULT", "auto")):
             assert conn.execute(f"SET pgrouter.target = {value}").statusmessage == "SET"
-            assert _placeholder(conn) == ""
+            assert show(conn) == _placeholder(conn) == seen
         cur = conn.cursor()
-        cur.execute("SELECT 1; SET SESSION pgrouter.target TO primary")
+        cur.execute("SELECT 1; SET SESSION pgrouter.target TO primary; SHOW pgrouter.target")
         assert cur.statusmessage == "SELECT 1" and cur.nextset() and cur.statusmessage == "SET"
+        assert cur.nextset() and cur.fetchone() == ("primary",)
         assert conn.execute("RESET pgrouter.target").statusmessage == "RESET"
-        cur.execute("SET pgrouter.target = primary", binary=True)
+        assert show(conn) == "auto"
+        cur.execute("SET pgrouter.target = replica", binary=True)  # Parse/Bind/Execute
         assert cur.statusmessage == "SET"
+        assert show(conn, prepare=True) == "replica"
+        with conn.transaction(force_rollback=True):
+            conn.execute("SET pgrouter.target = primary")
+            assert show(conn) == "primary"
+        assert show(conn) == "replica"  # the rollback undid it, as any SET
         with pytest.raises(psycopg.errors.InvalidParameterValue, match='"sideways"'):
             conn.execute("SET pgrouter.target = sideways")
         with pytest.raises(psycopg.errors.InvalidParameterValue):
             cur.execute("SET pgrouter.target = sideways", binary=True)
+        assert show(conn) == "replica"
         # Only that statement: the text of a string or a function body is the client's.
         assert conn.execute("SELECT 'SET pgrouter.target = primary'").fetchone() == ("SET pgrouter.target = primary",)
-        assert _placeholder(conn) == ""
+        conn.execute("DISCARD ALL")
+        assert show(conn) == "auto"
+        conn.execute("SET pgrouter.target = primary")
+        pid = conn.info.backend_pid
+        server_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    # pool_size 1: the next session gets the same server connection, reset for it.
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == server_pid
+        assert conn.info.backend_pid != pid
+        assert show(conn) == "auto"
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "no-replicas"])

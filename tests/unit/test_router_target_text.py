@@ -129,3 +129,32 @@ def test_never_raises_and_never_sends_the_text_as_written(sql: str) -> None:
     for found in router_target_sets(out.sql):
         assert out.sql[found.start : found.end] in (ROUTER_TARGET_ON_SERVER, ROUTER_TARGET_RESET_ON_SERVER)
     assert out.sql.startswith(out.runs)
+
+
+# Session pooling (keep_values): (text, text sent)
+SENT_KEEPING_VALUES = [
+    ("SET pgrouter.target = primary", "SET pgrouter.target TO 'primary'"),
+    ("set session PGROUTER.target TO Replica;", "SET pgrouter.target TO 'replica';"),
+    ("SET pgrouter.target TO DEFAULT", "SET pgrouter.target TO 'auto'"),
+    ("SET pgrouter.target = 'auto'; SELECT 7", "SET pgrouter.target TO 'auto'; SELECT 7"),
+    ("RESET pgrouter.target", ROUTER_TARGET_RESET_ON_SERVER),
+    ("SET pgrouter.target = replica; SET pgrouter.target = x; SELECT 1", "SET pgrouter.target TO 'replica'; REFUSED(x)"),
+]
+
+
+@pytest.mark.parametrize(("sql", "sent"), SENT_KEEPING_VALUES)
+def test_text_for_a_session_keeps_the_value(sql: str, sent: str) -> None:
+    out = router_targets_for_server(sql, refuse, keep_values=True)
+    assert out is not None and out.sql == sent
+    # What the server gets is still a router-target statement of the same value.
+    infos = [s for s in classify(out.runs, CATALOG).statements if s.verdict.kind is StatementKind.ROUTER_TARGET]
+    assert tuple(info.value for info in infos) == out.values
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(WORDS, max_size=20).map(" ".join))
+def test_a_session_text_sets_only_valid_values(sql: str) -> None:
+    out = router_targets_for_server(sql, refuse, keep_values=True)
+    if out is None:
+        return
+    assert [found.value for found in router_target_sets(out.runs)] == list(out.values)
