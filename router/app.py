@@ -73,7 +73,7 @@ MOVING_DATABASE_FIELDS = ("cluster", "dbname", "server_user", "server_tls", "ser
 # What a reload changes for the logins after it (new pools); clients already in keep theirs.
 NEW_LOGIN_DATABASE_FIELDS = ("pool_mode",)
 # What of a cluster changes in place with a reload; any other change makes a new monitor.
-_LIVE_LAG = ("max_replica_lag", "max_replica_lag_bytes", "replica_fallback")
+_LIVE_LAG = ("max_replica_lag", "max_replica_lag_bytes", "replica_fallback", "replica_affinity")
 _REPLICA_READ = ("replica", RouteReason.READ)
 _Q = ord("Q")
 # Transaction durations (pgrouter_transaction_duration_seconds), from 100 µs to a minute.
@@ -431,6 +431,7 @@ class Router:
                 before.max_replica_lag != cluster.max_replica_lag
                 or before.max_replica_lag_bytes != cluster.max_replica_lag_bytes
                 or before.replica_fallback != cluster.replica_fallback
+                or before.replica_affinity != cluster.replica_affinity
             ):
                 split.topology.max_lag_seconds = cluster.max_replica_lag
                 split.topology.max_lag_bytes = cluster.max_replica_lag_bytes

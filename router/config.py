@@ -86,6 +86,11 @@ class ReplicaFallback(StrEnum):
     ERROR = "error"
 
 
+class ReplicaAffinity(StrEnum):
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
 class ReadYourWrites(StrEnum):
     SESSION = "session"
     OFF = "off"
@@ -106,6 +111,9 @@ class ClusterConfig(_Strict):
     max_replica_lag_bytes: int | None = Field(None, ge=0)
     # No eligible replica: run the read on the primary, or fail it with SQLSTATE 57P03.
     replica_fallback: ReplicaFallback = ReplicaFallback.PRIMARY
+    # Among the least busy eligible replicas: a random one for each read (transaction), or
+    # the one the client read from last while it is among them (session).
+    replica_affinity: ReplicaAffinity = ReplicaAffinity.TRANSACTION
     # What the topology monitor logs in as (default: the server_user/password of the first
     # database on this cluster, else postgres) and to which database.
     monitor_user: str | None = None

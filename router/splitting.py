@@ -20,7 +20,7 @@ from collections import Counter
 from random import Random
 from typing import TYPE_CHECKING
 
-from router.config import ClusterConfig, ReadYourWrites, ReplicaFallback, Settings
+from router.config import ClusterConfig, ReadYourWrites, ReplicaAffinity, ReplicaFallback, Settings
 from router.protocol.errors import RouterError, SQLState
 from router.routing.route import RouteReason
 from router.topology.cluster import NodeState, Role
@@ -130,7 +130,11 @@ class SplitCluster:
             min_lsn = client.ryw_lsn
         tenant = client.tenant
         max_lag = tenant.limits.max_replica_lag if tenant is not None else None
-        node = self._pick(min_lsn, max_lag)
+        if self.config.replica_affinity is ReplicaAffinity.SESSION:
+            node = self._pick(min_lsn, max_lag, client.last_replica)
+            client.last_replica = node
+        else:
+            node = self._pick(min_lsn, max_lag)
         if node is not None:
             return node, None
         if min_lsn is not None and self.topology.pick_replica(self.rng) is not None:
@@ -139,12 +143,16 @@ class SplitCluster:
             return None, RouteReason.LAG_FALLBACK
         return None, RouteReason.NODE_DOWN_FALLBACK
 
-    def _pick(self, min_lsn: int | None, max_lag: float | None = None) -> NodeState | None:
+    def _pick(
+        self, min_lsn: int | None, max_lag: float | None = None, prefer: NodeState | None = None
+    ) -> NodeState | None:
         """ClusterTopology.pick_replica's rule (weighted least in-flight, ties weighted-random)
-        in one pass without lists: this runs for every routed read."""
+        in one pass without lists: this runs for every routed read. ``prefer`` (replica_affinity
+        = session: the client's last replica) wins the tie when it is among the least busy."""
         best = None
         best_load = 0.0
         tied_weight = 0.0
+        kept = False
         for node in self.topology.nodes:
             weight = node.weight
             if not node.eligible or weight <= 0 or node.role is not Role.REPLICA:
@@ -156,7 +164,14 @@ class SplitCluster:
             load = node.in_flight / weight
             if best is None or load < best_load:
                 best, best_load, tied_weight = node, load, weight
+                kept = node is prefer
             elif load == best_load:
+                if kept:
+                    continue
+                if node is prefer:
+                    best = node
+                    kept = True
+                    continue
                 tied_weight += weight
                 if self.rng.random() * tied_weight < weight:
                     best = node

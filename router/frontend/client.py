@@ -318,6 +318,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.read_only_session = False  # default_transaction_read_only
         self.last_unnamed = None  # verdict of the last unnamed Parse
         self.replica_node = None  # the replica serving the current transaction
+        self.last_replica = None  # the replica that served the last read (SplitCluster._pick)
         self.wrote = False  # the current transaction went to the primary to write
         self.watch_writes = False  # ...or went there for BEGIN, and may still write
         self.ryw_round: int | None = None  # read-your-writes token (router/splitting.py)

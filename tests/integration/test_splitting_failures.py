@@ -120,6 +120,47 @@ def test_paused_replica_skipped_then_used_again(make_router, split_cluster: Clus
         assert paused.port in read_ports(conn, 100)
 
 
+def test_replica_affinity_session(make_router, split_cluster: Cluster) -> None:
+    """replica_affinity = session: a client keeps the replica it read from last while that one
+    is among the least busy; new clients still pick at random; a busier replica loses the tie,
+    an ineligible one the client, which then stays where it went."""
+    router = make_router(max_replica_lag=0.5, replica_affinity="session")
+    replicas = {r.port for r in split_cluster.replicas}
+    with Writer(split_cluster), psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        ports = read_ports(conn, 100)
+        assert len(ports) == 1 and set(ports) <= replicas, ports
+        (home,) = ports
+        (other,) = replicas - {home}
+        firsts = set()
+        for _ in range(30):  # each new client's first read: random (all on one: p = 2^-29)
+            with psycopg.connect(router.dsn("carol"), autocommit=True) as new:
+                firsts.add(new.execute(WHERE).fetchone()[1])
+        assert firsts == replicas
+        # Another client's read-only transaction in flight on `home`: busier, it loses the tie.
+        while True:
+            holder = psycopg.connect(router.dsn("carol"))
+            holder.execute("SET TRANSACTION READ ONLY")
+            if holder.execute(WHERE).fetchone()[1] == home:
+                break
+            holder.close()
+        try:
+            assert read_ports(conn, 20) == Counter({other: 20})
+        finally:
+            holder.close()
+        assert read_ports(conn, 50) == Counter({other: 50})  # idle again: it stays
+        index = [r.port for r in split_cluster.replicas].index(other)
+        replay(split_cluster, index, paused=True)
+        try:
+            router.wait_for(lambda r: not r.splits["main"].topology.node("127.0.0.1", other).eligible,
+                            timeout=10, what="the paused replica to lose eligibility")
+            assert read_ports(conn, 50) == Counter({home: 50})
+        finally:
+            replay(split_cluster, index, paused=False)
+        router.wait_for(lambda r: r.splits["main"].topology.node("127.0.0.1", other).eligible,
+                        timeout=10, what="the resumed replica to be eligible again")
+        assert read_ports(conn, 50) == Counter({home: 50})
+
+
 @pytest.mark.parametrize("fallback", ["primary", "error"])
 def test_every_replica_lagging(make_router, split_cluster: Cluster, fallback: str) -> None:
     router = make_router(max_replica_lag=0.3, replica_fallback=fallback)
