@@ -60,10 +60,11 @@ class FloorProcess:
 
 
 def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool,
-                   workers: int = 1) -> RouterProcess:
+                   workers: int = 1, replica_affinity: str = "transaction") -> RouterProcess:
     """`pgrouter run` configured like PgBouncer: one transaction pool as postgres; with
-    ``split``, read/write splitting over the cluster's replicas too (a pool per node); with
-    ``workers`` > 1, that many processes sharing the port and the pool size."""
+    ``split``, read/write splitting over the cluster's replicas too (a pool per node, the
+    cluster's ``replica_affinity``); with ``workers`` > 1, that many processes sharing the
+    port and the pool size."""
     replicas = [{"host": HOST, "port": r.port} for r in cluster.replicas] if split else []
     config = {
         "listen_host": HOST,
@@ -73,7 +74,7 @@ def router_process(workdir: Path, cluster: Cluster, pool_size: int, split: bool,
         "max_client_conn": 500,
         "admin_port": -1,
         "clusters": {"bench": {"primary": {"host": HOST, "port": cluster.primary.port},
-                               "replicas": replicas}},
+                               "replicas": replicas, "replica_affinity": replica_affinity}},
         "databases": {"app": {"cluster": "bench", "server_user": "postgres"}},
         "users": {"bench": {"auth": "trust"}},
     }
@@ -136,6 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="add the floor target: a bare Python/uvloop byte pipe (bench/floor.py)")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes (`workers`) of both router targets (default 1)")
+    p.add_argument("--replica-affinity", choices=["transaction", "session"], default="transaction",
+                   help="replica_affinity of the router-split target's cluster (default transaction)")
     args = p.parse_args(argv)
     names = [w.name for w in WORKLOADS]
     args.workloads = args.workloads.split(",") if args.workloads else names
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                        Target("pgbouncer", bouncer.port, "bench", bouncer.log),
                        Target("router", router.port, "bench", router.log_path)]
             if cluster.replicas:
-                split = router_process(workdir, cluster, args.pool_size, split=True, workers=args.workers)
+                split = router_process(workdir, cluster, args.pool_size, split=True, workers=args.workers,
+                                       replica_affinity=args.replica_affinity)
                 stack.callback(split.stop)
                 split.start()
                 targets.append(Target("router-split", split.port, "bench", split.log_path))
