@@ -377,6 +377,12 @@ class Pool:
             return
         if self.caps and self._hand_slot_on(server):
             return
+        s = self.settings
+        if len(self.servers) > s.size + (s.reserve_size if s.reserve_timeout else 0):
+            # A reload lowered pool_size (or the reserve) below what the pool holds: it
+            # shrinks as connections come back, waiters or not, and serves them once at size.
+            self.discard_idle(server, f"pool_size lowered to {s.size}")
+            return
         if self.waiters:
             waiter, deadline = self.waiters.popleft()
             waited = now - deadline + self.settings.query_wait_timeout
@@ -385,9 +391,8 @@ class Pool:
                 waiter.traffic.wait_time += waited
             waiter.server_assigned(server)
             return
-        if len(self.servers) > self.settings.size:
-            # A reserve connection (or one beyond a pool_size lowered by a reload) that
-            # nobody waits for: the pool goes back to its size.
+        if len(self.servers) > s.size:
+            # A reserve connection that nobody waits for: the pool goes back to its size.
             self.discard_idle(server, "beyond pool_size with no client waiting")
             return
         server.idle_since = now
@@ -676,6 +681,13 @@ class Pool:
                 self.servers.discard(server)
             else:
                 keep.append(server)
+        # Above a pool_size a reload lowered: idle connections beyond it close, oldest first.
+        over = len(self.servers) - s.size - (s.reserve_size if s.reserve_timeout else 0)
+        while over > 0 and keep:
+            server = keep.pop(0)
+            server.close(f"pool_size lowered to {s.size}")
+            self.servers.discard(server)
+            over -= 1
         closed = len(self.idle) - len(keep)
         self.idle = deque(keep)
         if closed:

@@ -631,6 +631,67 @@ def test_reload_keeps_each_pool_s_own_size(start_router, cluster):
     assert [(s.size, s.query_wait_timeout, s.reserve_size, s.idle_timeout) for s in settings] == [(2, 7, 3, 60)]
 
 
+def test_reload_lowering_pool_size_shrinks_a_busy_pool(start_router, cluster):
+    """A reload that lowers pool_size below what a pool holds: connections coming back while
+    clients wait are closed until the pool is down to its new size (none is handed on beyond
+    it), and only then serve the waiters; nothing is lost on the way."""
+    from router.config import Settings
+
+    router = start_router(pool_size=3, query_wait_timeout=20)
+    holders = [psycopg.connect(router.dsn("carol"), autocommit=True) for _ in range(3)]
+    pids = []
+    for conn in holders:
+        conn.execute("BEGIN")
+        pids.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+    assert server_pids(router) == set(pids)
+    router.call(lambda r: r.reload(Settings(**router_config(cluster, pool_size=1, query_wait_timeout=20))))
+    results: list[int] = []
+
+    def wait_and_query(i: int) -> None:
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            results.append(conn.execute("SELECT pg_backend_pid() * 0 + %s::int", (i,)).fetchone()[0])
+
+    threads = [threading.Thread(target=wait_and_query, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    waiting = lambda r: sum(p.stats()["waiting"] for p in r.pools.pools.values())  # noqa: E731
+    router.wait_for(lambda r: waiting(r) == 2, what="2 waiters")
+    holders[0].execute("COMMIT")  # 3 open, size 1: closed, not handed on
+    poll(lambda: server_pids(router) == set(pids[1:]), "the first connection back closed")
+    assert router.call(waiting) == 2
+    holders[1].execute("COMMIT")  # 2 open: closed as well
+    poll(lambda: server_pids(router) == {pids[2]}, "the second connection back closed")
+    assert router.call(waiting) == 2 and results == []
+    holders[2].execute("COMMIT")  # at the new size: it serves the waiters, one after the other
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == [0, 1]
+    assert server_pids(router) == {pids[2]}
+    for conn in holders:
+        conn.close()
+
+
+def test_reload_lowering_pool_size_closes_idle_connections_beyond_it(start_router, cluster):
+    """Idle connections above a pool_size a reload lowered close within a janitor round, the
+    most recently used one kept; the pool serves on at its new size."""
+    from router.config import Settings
+
+    router = start_router(pool_size=3, server_idle_timeout=0)
+    conns = [psycopg.connect(router.dsn("carol"), autocommit=True) for _ in range(3)]
+    for conn in conns:
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+    for conn in conns:
+        conn.execute("COMMIT")
+    assert len(server_pids(router)) == 3
+    last = router.call(lambda r: next(iter(r.pools.pools.values())).idle[-1].backend_pid)
+    router.call(lambda r: r.reload(Settings(**router_config(cluster, pool_size=1, server_idle_timeout=0))))
+    poll(lambda: server_pids(router) == {last}, "idle connections beyond the lowered pool_size closed")
+    assert [c.execute("SELECT pg_backend_pid()").fetchone()[0] for c in conns] == [last] * 3
+    for conn in conns:
+        conn.close()
+
+
 def _keepalive(transport) -> tuple[int, int, int, int]:
     sock = transport.get_extra_info("socket")
     return (
