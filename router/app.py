@@ -125,6 +125,9 @@ class DatabaseRoute:
         classifier = router.classifier
         self.verdicts = VerdictCache(lambda sql: classifier.classify(sql, self.catalog))
         self._pools: dict[NodeState, Pool] = {}
+        # In a pool mode its entry no longer has (clients in from before a reload changed
+        # it): the pools it opens from now on are leftovers too (Router._sweep_leftovers).
+        self.leftover = False
 
     def current_catalog(self) -> None:
         """Follow the catalog of this database (a reload is a new object)."""
@@ -150,6 +153,8 @@ class DatabaseRoute:
             pool.on_undefined_function = self.undefined_function
             pool.scram_keys = self.primary_pool.scram_keys  # auth_query: the same login
             self._pools[node] = pool
+            if self.leftover:
+                self.router.leftover_pools.add(pool)
         return pool
 
 
@@ -557,15 +562,15 @@ class Router:
             db = settings.databases.get(client.database) or settings.databases.get("*")
             if db is not None and (db.cluster in clusters or client.database in databases):
                 try:
-                    target = self.resolve_database(client, attach=False)
+                    # If the reload changed the entry's mode too, the client keeps the one it
+                    # logged in with, in pools of that mode where the entry now points; they
+                    # are leftovers (_note_leftover_pools), retired once no client uses them.
+                    target = self.resolve_database(client, attach=False, pool_mode=client.pool_mode)
                 except RouterError as exc:  # DISABLEd: the client stays where it is
                     log.warning("client %s@%s not moved: %s", client.user, client.peer, exc.message)
                     continue
-                if target.pool_mode is not client.pool_mode:
-                    # The reload changed the entry's mode too: the client keeps the one it
-                    # logged in with, and its pool, until it leaves.
-                    log.warning("client %s@%s not moved: its pool mode changed", client.user, client.peer)
-                    continue
+                if target.route is not None and target.pool_mode is not db.pool_mode:
+                    target.route.leftover = True
                 client.pool = target.pool
                 client.db_route = target.route
                 client.function_catalog = self.function_catalog(client, target)
@@ -582,8 +587,10 @@ class Router:
         once no client uses them (_sweep_leftovers), as PgBouncer's RELOAD closes the server
         connections of a database removed from its file; one an entry makes again is kept."""
         for pool in self.pools.pools.values():
-            if pool.retired or pool.db is None or pool.db.cluster not in old.clusters:
-                continue  # retired already, or a registry tenant's
+            if pool.retired or pool.db is None:
+                continue
+            if pool.db.cluster not in old.clusters and pool.db.cluster not in self.settings.clusters:
+                continue  # a registry tenant's
             if self._made_by_an_entry(pool):
                 self.leftover_pools.discard(pool)
             elif pool not in self.leftover_pools:
@@ -667,6 +674,9 @@ class Router:
         """A reload changed entry ``before``'s pool mode: its pools (and read/write routes)
         stay for the clients already in, with ``db``'s live values but no connections kept
         open for min_pool_size; new logins get pools in the new mode."""
+        for route in self.db_routes.values():
+            if route.db is before:
+                route.leftover = True
         self._repoint_pools(before, db.model_copy(update={"pool_mode": before.pool_mode, "min_pool_size": 0}))
 
     def _open_min_pool(self, db: DatabaseConfig, name: str) -> None:
@@ -962,7 +972,10 @@ class Router:
 
     # --- the routing seam ------------------------------------------------------------
 
-    def resolve_database(self, client: ClientConnection, attach: bool = True) -> Target:
+    def resolve_database(self, client: ClientConnection, attach: bool = True, pool_mode: PoolMode | None = None) -> Target:
+        """The pool (and read/write route) that serves ``client`` now. ``pool_mode``: the
+        file entry's pools in that mode rather than the entry's own (a client that logged in
+        before a reload changed the mode, moved with the entry)."""
         tenant = client.tenant
         if tenant is not None:
             db = self.tenants.database_config(tenant, client.tenant_login.database)
@@ -987,6 +1000,8 @@ class Router:
                     f'database "{client.database}" is not currently accepting connections',
                     detail="DISABLE in the admin console; ENABLE lets new logins in again.",
                 )
+            if pool_mode is not None and db.pool_mode is not pool_mode:
+                db = db.model_copy(update={"pool_mode": pool_mode, "min_pool_size": 0})
             cluster = self.settings.clusters[db.cluster]
             pool = self.pools.pool_for(db, client.database, client.user, cluster.primary)
             split = self.splits.get(db.cluster)

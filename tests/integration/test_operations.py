@@ -363,14 +363,14 @@ def test_reload_changes_a_database_s_pool_mode_for_new_logins(start_router, clus
     assert router.call(lambda r: sum(c.server is not None for c in r.clients.values())) == 1
     assert before.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
     assert after.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
-    # Back to transaction mode, and to another server user: the transaction-mode client moves
-    # with the entry; the session-mode one keeps its mode and its place until it leaves.
+    # Back to transaction mode, and to another server user: both clients move with the entry,
+    # each in its own mode; the session-mode one keeps its server connection until it leaves.
     again = {**config, "databases": {"app": {**config["databases"]["app"], "server_user": "pgr_trust"}}}
     assert "databases.app" in router.call(lambda r: r.reload(Settings(**again)))["applied"]
     assert before.execute("SELECT current_user").fetchone() == ("pgr_trust",)
     assert after.execute("SELECT current_user, pg_backend_pid()").fetchone() == ("postgres", pid)
     modes = router.call(lambda r: sorted((c.pool_mode.value, c.pool.key.mode.value, c.pool.key.user) for c in r.clients.values()))
-    assert modes == [("session", "session", "postgres"), ("transaction", "transaction", "pgr_trust")]
+    assert modes == [("session", "session", "pgr_trust"), ("transaction", "transaction", "pgr_trust")]
     before.close()
     after.close()
     # Both gone: the pools no entry makes any more close (the session one it kept too).
@@ -378,6 +378,65 @@ def test_reload_changes_a_database_s_pool_mode_for_new_logins(start_router, clus
         lambda r: sorted((p.key.mode.value, p.key.user) for p in r.pools.pools.values()) == [("transaction", "pgr_trust")],
         what="only the pool the entry makes now",
     )
+
+
+def test_reload_moves_clients_of_an_entry_whose_pool_mode_changed_too(start_router, cluster: Cluster) -> None:
+    """One reload changes an entry's pool_mode and moves it to a cluster added with it (as
+    after a failover, to a new primary): the clients already in keep the mode they logged in
+    with, but their next transactions run where the entry points now; the pool in that old
+    mode is closed once the last of them has left."""
+    from router.config import Settings
+
+    config = router_config(cluster, databases={"app": {"cluster": "main", "server_user": "postgres"}})
+    router = start_router(databases=config["databases"])
+    tcp = "SELECT inet_server_addr() IS NOT NULL, pg_backend_pid()"
+    before = psycopg.connect(router.dsn("carol"), autocommit=True)
+    assert before.execute(tcp).fetchone()[0] is True
+    local = {"primary": {"host": str(cluster.primary.socket_dir), "port": cluster.primary.port}}
+    changed = {
+        **config,
+        "clusters": {**config["clusters"], "local": local},
+        "databases": {"app": {"cluster": "local", "server_user": "postgres", "pool_mode": "session"}},
+    }
+    assert "databases.app" in router.call(lambda r: r.reload(Settings(**changed)))["applied"]
+    assert {before.execute(tcp).fetchone()[0] for _ in range(3)} == {False}
+    after = psycopg.connect(router.dsn("carol"), autocommit=True)
+    assert after.execute(tcp).fetchone()[0] is False
+
+    def pools(r) -> list[tuple[str, str]]:
+        return sorted((p.key.mode.value, "tcp" if p.key.host.startswith("127.") else "unix") for p in r.pools.pools.values())
+
+    modes = router.call(lambda r: sorted((c.pool_mode.value, c.pool.key.mode.value) for c in r.clients.values()))
+    assert modes == [("session", "session"), ("transaction", "transaction")]
+    assert ("transaction", "unix") in router.call(pools)
+    before.close()
+    router.wait_for(lambda r: pools(r) == [("session", "unix")], what="only the pool the entry makes now")
+    assert after.execute(tcp).fetchone()[0] is False
+    after.close()
+
+
+def test_reload_pool_mode_change_closes_replica_pools_opened_after_it(start_router, cluster: Cluster) -> None:
+    """With read/write splitting, a client kept in its old pool mode by a reload opens replica
+    pools in that mode as its reads go there; they are leftovers as well, closed once it has
+    left, so no pool in a mode no entry has outlives its clients."""
+    from router.config import Settings
+
+    config = router_config(cluster, split=True)
+    router = start_router(clusters=config["clusters"])
+    before = psycopg.connect(router.dsn("carol"), autocommit=True)
+    session = {**config, "databases": {"app": {**config["databases"]["app"], "pool_mode": "session"}}}
+    assert "databases.app" in router.call(lambda r: r.reload(Settings(**session)))["applied"]
+    ports = {before.execute("SELECT inet_server_port()").fetchone()[0] for _ in range(40)}
+    assert ports == {r.port for r in cluster.replicas}  # both replica pools opened since the reload
+
+    def modes(r) -> list[tuple[str, int]]:
+        return sorted((p.key.mode.value, p.key.port) for p in r.pools.pools.values())
+
+    assert [port for mode, port in router.call(modes) if mode == "transaction"] == sorted(
+        [cluster.primary.port, *(r.port for r in cluster.replicas)]
+    )
+    before.close()
+    router.wait_for(lambda r: {mode for mode, _ in modes(r)} == {"session"}, what="only session-mode pools")
 
 
 def test_reload_moves_a_database_to_another_cluster(start_router, cluster: Cluster) -> None:
