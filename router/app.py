@@ -1147,7 +1147,7 @@ class Router:
                 node.in_flight += 1
                 client.replica_node = node
                 return route.pool(node)
-            split.fallback(why)
+            split.fallback(why, client)
             reason = why
         node = split.primary()
         split.decisions["primary", reason] += 1

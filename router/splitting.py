@@ -129,8 +129,13 @@ class SplitCluster:
                 client.ryw_lsn = self.topology.primary_insert_lsn
             min_lsn = client.ryw_lsn
         tenant = client.tenant
-        max_lag = tenant.limits.max_replica_lag if tenant is not None else None
-        if self.config.replica_affinity is ReplicaAffinity.SESSION:
+        if tenant is None:
+            max_lag = None
+            affinity = self.config.replica_affinity
+        else:  # (tenants with the same nodes share the cluster, not these settings)
+            max_lag = tenant.limits.max_replica_lag
+            affinity = tenant.limits.replica_affinity
+        if affinity is ReplicaAffinity.SESSION:
             node = self._pick(min_lsn, max_lag, client.last_replica)
             client.last_replica = node
         else:
@@ -177,16 +182,23 @@ class SplitCluster:
                     best = node
         return best
 
-    def fallback(self, reason: RouteReason) -> None:
-        """No replica for a read: count it, and fail it if so configured."""
+    def fallback(self, reason: RouteReason, client: ClientConnection) -> None:
+        """No replica for ``client``'s read: count it, and fail it if so configured (by the
+        cluster, or the client's tenant)."""
         self.fallbacks[reason] += 1
-        if reason is not RouteReason.READ_YOUR_WRITES and self.config.replica_fallback is ReplicaFallback.ERROR:
+        tenant = client.tenant
+        setting = self.config.replica_fallback if tenant is None else tenant.limits.replica_fallback
+        if reason is not RouteReason.READ_YOUR_WRITES and setting is ReplicaFallback.ERROR:
             what = "too far behind" if reason is RouteReason.LAG_FALLBACK else "down"
+            if tenant is None:
+                whose, setting_name = f'cluster "{self.name}"', "replica_fallback"
+            else:
+                whose, setting_name = f'tenant "{tenant.tenant_id}"', "the tenant's limits.replica_fallback"
             raise RouterError(
                 SQLState.CANNOT_CONNECT_NOW,
-                f'no replica of cluster "{self.name}" can serve reads: every replica is {what}',
+                f"no replica of {whose} can serve reads: every replica is {what}",
                 severity="ERROR",
-                hint="replica_fallback = error is set; use primary to read from the primary instead.",
+                hint=f"{setting_name} = error is set; use primary to read from the primary instead.",
             )
 
     def node_failed(self, node: NodeState, error: str) -> None:

@@ -32,7 +32,15 @@ from pydantic import (
     model_validator,
 )
 
-from router.config import AuthMethod, NodeAddress, PoolMode, ServerTLS, address_allowed
+from router.config import (
+    AuthMethod,
+    NodeAddress,
+    PoolMode,
+    ReplicaAffinity,
+    ReplicaFallback,
+    ServerTLS,
+    address_allowed,
+)
 from router.protocol.auth import is_scram_verifier, md5_hash, scram_verifier
 
 # The tenant clients reach when their database name matches no tenant id.
@@ -99,6 +107,11 @@ class TenantLimits(_Strict):
     query_wait_timeout: float = Field(120.0, gt=0)  # seconds a transaction may wait for a server
     max_replica_lag: float = Field(1.0, ge=0)  # seconds; a replica further behind is skipped
     max_replica_lag_bytes: int | None = Field(None, ge=0)
+    # As the [clusters] settings of these names, for this tenant's reads: with no replica
+    # within bounds, read on the primary or fail; a random least-busy replica for each read,
+    # or the client's last one while it is among the least busy.
+    replica_fallback: ReplicaFallback = ReplicaFallback.PRIMARY
+    replica_affinity: ReplicaAffinity = ReplicaAffinity.TRANSACTION
     statements_per_second: float | None = Field(None, gt=0)  # None: no rate limit
     # Server connections the tenant's pools (of every server user and pool mode) may hold
     # together on one node, as PgBouncer's max_db_connections; None: the global setting.
@@ -282,6 +295,8 @@ class LimitsPatch(_Patch):
     query_wait_timeout: float | None = Field(None, gt=0)
     max_replica_lag: float | None = Field(None, ge=0)
     max_replica_lag_bytes: int | None = Field(None, ge=0)
+    replica_fallback: ReplicaFallback | None = None
+    replica_affinity: ReplicaAffinity | None = None
     statements_per_second: float | None = Field(None, gt=0)
     max_db_connections: int | None = Field(None, ge=1)
     allowed_cidrs: list[IPvAnyNetwork] | None = None

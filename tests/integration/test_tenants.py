@@ -17,7 +17,7 @@ import pytest
 from router.registry.crypto import Keyring, generate_key
 from router.registry.models import TenantCreate
 from router.registry.store import RedisStore
-from tests.cluster import Cluster
+from tests.cluster import Cluster, free_port
 from tests.harness import RouterThread, login_error
 
 SERVER_USER, SERVER_PASSWORD = "pgr_scram", "scram-pw"
@@ -523,6 +523,67 @@ def test_redis_down_known_tenants_keep_working(tenant_router: RouterThread, clus
             cluster.start_redis()
         tenant_router.wait_for(lambda r: not r.tenants.cache.stale, timeout=15, what="the cache to resync")
         assert held.execute("SELECT 3").fetchone() == (3,)
+
+
+def _on_nodes(nodes: dict, tenant_id: str, database: str, user: str, **limits) -> TenantCreate:
+    return TenantCreate(
+        tenant_id=tenant_id, cluster=nodes, database=database, server_user=SERVER_USER,
+        server_password=SERVER_PASSWORD, users=[{"name": user, "password": "pw"}], limits=limits,
+    )  # fmt: skip
+
+
+def test_a_tenant_s_replica_fallback(start_router, registry, cluster, tenant_dbs) -> None:
+    """limits.replica_fallback is the tenant's own: two tenants on the same nodes, whose only
+    replica is down; the one with ``error`` gets 57P03 naming it for its reads (its writes and
+    its connection are unaffected), the other reads from the primary. A PATCH applies to the
+    connected client."""
+    from router.registry.models import TenantPatch
+
+    url, key, prefix = registry
+    nodes = {"primary": {"host": cluster.primary.host, "port": cluster.primary.port},
+             "replicas": [{"host": "127.0.0.1", "port": free_port()}]}  # nothing listens there  # fmt: skip
+    for tenant_id, user, fallback in [("strict", "sam", "error"), ("lenient", "lee", "primary")]:
+        body = _on_nodes(nodes, tenant_id, tenant_dbs["acme"], user, replica_fallback=fallback)
+        store_do(registry, lambda s, body=body: s.create(body))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    read = "SELECT pg_is_in_recovery()"
+    with (
+        psycopg.connect(dsn(router, "sam", "pw", "strict"), autocommit=True) as strict,
+        psycopg.connect(dsn(router, "lee", "pw", "lenient"), autocommit=True) as lenient,
+    ):
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.CannotConnectNow, match='tenant "strict" can serve reads: every replica is down'):
+                strict.execute(read)
+            assert lenient.execute(read).fetchone() == (False,)
+        with strict.transaction():  # a read-write transaction runs on the primary
+            assert strict.execute(read).fetchone() == (False,)
+        store_do(registry, lambda s: s.patch("strict", TenantPatch.model_validate({"limits": {"replica_fallback": "primary"}})))
+        router.wait_for(lambda r: all(c.tenant.limits.replica_fallback == "primary" for c in r.clients.values()),
+                        what="the PATCH to reach the connected client")  # fmt: skip
+        assert strict.execute(read).fetchone() == (False,)
+
+
+def test_a_tenant_s_replica_affinity(start_router, registry, cluster, tenant_dbs) -> None:
+    """limits.replica_affinity is the tenant's own: on the same two replicas, a client of the
+    tenant with ``session`` keeps to one while they are equally idle; the other tenant's
+    client reads from both."""
+    url, key, prefix = registry
+    nodes = {"primary": {"host": cluster.primary.host, "port": cluster.primary.port},
+             "replicas": [{"host": r.host, "port": r.port} for r in cluster.replicas]}  # fmt: skip
+    for tenant_id, user, affinity in [("sticky", "sid", "session"), ("roving", "rob", "transaction")]:
+        body = _on_nodes(nodes, tenant_id, tenant_dbs["acme"], user, replica_affinity=affinity)
+        store_do(registry, lambda s, body=body: s.create(body))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    replicas = {r.port for r in cluster.replicas}
+    with (
+        psycopg.connect(dsn(router, "sid", "pw", "sticky"), autocommit=True) as sticky,
+        psycopg.connect(dsn(router, "rob", "pw", "roving"), autocommit=True) as roving,
+    ):
+        router.wait_for(lambda r: all(len(s.topology.eligible_replicas()) == 2 for s in r.splits.values()),
+                        what="both replicas eligible")  # fmt: skip
+        ports = lambda conn: {conn.execute("SELECT inet_server_port()").fetchone()[0] for _ in range(60)}  # noqa: E731
+        assert len(ports(sticky)) == 1 and ports(sticky) <= replicas
+        assert ports(roving) == replicas  # (all 60 on one replica: p = 2^-59)
 
 
 def test_tenant_limits(start_router, registry, cluster, tenant_dbs) -> None:

@@ -82,6 +82,8 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("negative max_replica_lag", base(limits={"max_replica_lag": -0.5}), "max_replica_lag"),
     ("negative max_replica_lag_bytes", base(limits={"max_replica_lag_bytes": -1}), "max_replica_lag_bytes"),
     ("statements_per_second 0", base(limits={"statements_per_second": 0}), "statements_per_second"),
+    ("unknown replica_fallback", base(limits={"replica_fallback": "replica"}), "replica_fallback"),
+    ("unknown replica_affinity", base(limits={"replica_affinity": "sticky"}), "replica_affinity"),
     ("max_db_connections 0", base(limits={"max_db_connections": 0}), "max_db_connections"),
     ("negative pool.reserve_size", base(pool={"reserve_size": -1}), "reserve_size"),
     ("allowed_cidrs with host bits", base(limits={"allowed_cidrs": ["10.0.0.1/8"]}), "allowed_cidrs"),
@@ -210,6 +212,7 @@ def test_patch_changes_only_what_it_names() -> None:
     assert patched.cluster.tls == "require" and patched.cluster.primary == current.cluster.primary
     assert patched.cluster.replicas == current.cluster.replicas
     assert patched.limits.statements_per_second is None
+    assert (patched.limits.replica_fallback, patched.limits.replica_affinity) == ("primary", "transaction")
     assert patched.limits.max_client_conn == current.limits.max_client_conn
     assert patched.paused is True
     assert patched.users == current.users and patched.server_password == current.server_password
@@ -237,6 +240,8 @@ def test_patch_sets_and_clears_secrets_and_users() -> None:
         ({"pool": {"size": None}}, "size"),
         ({"cluster": {"primary": None}}, "primary"),
         ({"paused": None}, "paused"),
+        ({"limits": {"replica_fallback": None}}, "replica_fallback"),
+        ({"limits": {"replica_affinity": None}}, "replica_affinity"),
         ({"version": 9}, "version"),
         ({"tenant_id": "other"}, "tenant_id"),
         ({"pool": {"size": 0}}, "size"),
