@@ -368,7 +368,8 @@ class Pool:
             server.release_after_cancel = True  # Router._send_cancel releases it when done
             return
         now = time.monotonic()
-        lifetime = self.settings.lifetime
+        s = self.settings
+        lifetime = s.lifetime
         if lifetime and now - server.created_at > lifetime:
             server.close("server_lifetime reached")
             return
@@ -377,23 +378,24 @@ class Pool:
             return
         if self.caps and self._hand_slot_on(server):
             return
-        s = self.settings
-        if len(self.servers) > s.size + (s.reserve_size if s.reserve_timeout else 0):
-            # A reload lowered pool_size (or the reserve) below what the pool holds: it
-            # shrinks as connections come back, waiters or not, and serves them once at size.
-            self.discard_idle(server, f"pool_size lowered to {s.size}")
-            return
+        held = len(self.servers)
+        if held > s.size:
+            if not self.waiters:
+                # A reserve connection that nobody waits for: the pool goes back to its size.
+                self.discard_idle(server, "beyond pool_size with no client waiting")
+                return
+            if held > s.size + (s.reserve_size if s.reserve_timeout else 0):
+                # A reload lowered pool_size (or the reserve) below what the pool holds: it
+                # shrinks as connections come back, waiters or not, and serves them at size.
+                self.discard_idle(server, f"pool_size lowered to {s.size}")
+                return
         if self.waiters:
             waiter, deadline = self.waiters.popleft()
-            waited = now - deadline + self.settings.query_wait_timeout
+            waited = now - deadline + s.query_wait_timeout
             observe_pool_wait(waited)
             if not isinstance(waiter, _FutureWaiter):  # a client's transaction, not a login's look
                 waiter.traffic.wait_time += waited
             waiter.server_assigned(server)
-            return
-        if len(self.servers) > s.size:
-            # A reserve connection that nobody waits for: the pool goes back to its size.
-            self.discard_idle(server, "beyond pool_size with no client waiting")
             return
         server.idle_since = now
         self.idle.append(server)
