@@ -31,6 +31,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgrouter.routing")
 
+
+class CausalToken:
+    """Read-your-writes shared by the sessions of one tenant (read_your_writes = tenant): the
+    monitor round started when the last of their writes ended, and the primary's WAL position
+    that round sampled, once known. A session holds the same two fields itself otherwise."""
+
+    __slots__ = ("ryw_round", "ryw_lsn")
+
+    def __init__(self) -> None:
+        self.ryw_round: int | None = None
+        self.ryw_lsn: int | None = None
+
+
+def scope_of(client: ClientConnection) -> str:
+    """Whose writes a read waits for under read_your_writes = tenant: the registry tenant's,
+    else those of the sessions that named the same database entry."""
+    tenant = client.tenant
+    return f"tenant:{tenant.tenant_id}" if tenant is not None else f"database:{client.database}"
+
 # How long start-up waits for replicas to become eligible (they need a few good samples).
 STARTUP_WAIT = 3.0
 
@@ -63,7 +82,12 @@ class SplitCluster:
             self.topology.node(address.host, address.port).weight = address.weight
         self.configured_primary = self.topology.node(config.primary.host, config.primary.port)
         self.rng = Random()
-        self.read_your_writes = settings.read_your_writes is ReadYourWrites.SESSION
+        self.read_your_writes = settings.read_your_writes is not ReadYourWrites.OFF
+        # read_your_writes = tenant: one token per tenant (or database entry) on this cluster,
+        # shared by its sessions; else each session holds its own (ClientConnection.ryw_*).
+        self.shared_tokens: dict[str, CausalToken] | None = (
+            {} if settings.read_your_writes is ReadYourWrites.TENANT else None
+        )
         # (role, reason) of every routed transaction; fallbacks by reason.
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.fallbacks: Counter[str] = Counter()
@@ -122,12 +146,13 @@ class SplitCluster:
     def replica(self, client: ClientConnection) -> tuple[NodeState | None, RouteReason | None]:
         """An eligible replica for ``client``'s read, or (None, why not)."""
         min_lsn = None
-        if client.ryw_round is not None:
-            if self.monitor.rounds_completed <= client.ryw_round:
+        token = client if self.shared_tokens is None else self.shared_tokens.get(scope_of(client))
+        if token is not None and token.ryw_round is not None:
+            if self.monitor.rounds_completed <= token.ryw_round:
                 return None, RouteReason.READ_YOUR_WRITES
-            if client.ryw_lsn is None:
-                client.ryw_lsn = self.topology.primary_insert_lsn
-            min_lsn = client.ryw_lsn
+            if token.ryw_lsn is None:
+                token.ryw_lsn = self.topology.primary_insert_lsn
+            min_lsn = token.ryw_lsn
         tenant = client.tenant
         if tenant is None:
             max_lag = None
@@ -211,5 +236,10 @@ class SplitCluster:
         """``client``'s transaction that wrote has ended (committed or not)."""
         if not self.read_your_writes:
             return
-        client.ryw_round = self.monitor.rounds_started
-        client.ryw_lsn = None
+        token = client
+        if self.shared_tokens is not None:
+            token = self.shared_tokens.get(scope := scope_of(client))
+            if token is None:
+                token = self.shared_tokens[scope] = CausalToken()
+        token.ryw_round = self.monitor.rounds_started
+        token.ryw_lsn = None

@@ -44,7 +44,7 @@ def make_router(split_cluster: Cluster) -> Iterator:
 
     def make(**cluster_settings: Any) -> RouterThread:
         settings: dict[str, Any] = {}
-        for key in ("read_your_writes", "transaction_routing"):
+        for key in ("read_your_writes", "transaction_routing", "databases"):
             if key in cluster_settings:
                 settings[key] = cluster_settings.pop(key)
         config = router_config(split_cluster, split=True, lag_check_interval=INTERVAL, **settings)
@@ -266,6 +266,72 @@ def test_without_read_your_writes_the_lagging_replica_serves_stale_reads(
                 conn.execute("INSERT INTO rows (id) VALUES (%s)", (i,))
                 stale += not conn.execute("SELECT EXISTS (SELECT FROM rows WHERE id = %s)", (i,)).fetchone()[0]
             print(f"read_your_writes = off: {stale} of 200 reads missed the session's own row")
+            assert stale > 0
+    finally:
+        replay(split_cluster, 0, paused=False)
+
+
+SEEN = "SELECT EXISTS (SELECT FROM rows WHERE id = %s), pg_is_in_recovery(), inet_server_port()"
+
+
+def _two_entries(router_databases: dict) -> dict:
+    """`app` and `other`: two [databases] entries on the split cluster, one real database."""
+    app = router_databases["app"]
+    return {"app": app, "other": {**app, "dbname": "app"}}
+
+
+def test_read_your_writes_tenant(make_router, split_cluster: Cluster) -> None:
+    """read_your_writes = tenant: a row one session of a database entry inserts is seen at
+    once by another session of that entry (an application's connection pool), 300 times,
+    with one replica lagging. Sessions of another entry are not held back by those writes,
+    and once the monitor has sampled the primary the entry's reads go to replicas again."""
+    databases = _two_entries(router_config(split_cluster)["databases"])
+    router = make_router(max_replica_lag=3600, read_your_writes="tenant", databases=databases)
+    lagging = split_cluster.replicas[0]
+    replay(split_cluster, 0, paused=True)
+    try:
+        with (
+            psycopg.connect(router.dsn("carol"), autocommit=True) as writer,
+            psycopg.connect(router.dsn("carol"), autocommit=True) as reader,
+            psycopg.connect(router.dsn("carol", dbname="other"), autocommit=True) as elsewhere,
+        ):
+            other_on_replica = 0
+            for i in range(3000, 3300):
+                writer.execute("INSERT INTO rows (id) VALUES (%s)", (i,))
+                seen, _, port = reader.execute(SEEN, (i,)).fetchone()
+                assert seen, f"row {i} not visible to another session of the entry (port {port})"
+                assert port != lagging.port
+                other_on_replica += elsewhere.execute(SEEN, (i,)).fetchone()[1]
+            assert other_on_replica == 300, "another entry's reads waited for these writes"
+            on_replica = 0
+            for i in range(3300, 3320):
+                writer.execute("INSERT INTO rows (id) VALUES (%s)", (i,))
+                target = router.call(lambda r: r.splits["main"].monitor.rounds_completed) + 2
+                router.wait_for(lambda r, t=target: r.splits["main"].monitor.rounds_completed >= t,
+                                what="two monitor rounds")  # fmt: skip
+                seen, in_recovery, port = reader.execute(SEEN, (i,)).fetchone()
+                assert seen and port != lagging.port
+                on_replica += in_recovery
+            assert on_replica == 20, "reads never went back to the caught-up replica"
+    finally:
+        replay(split_cluster, 0, paused=False)
+
+
+def test_read_your_writes_session_does_not_cover_other_sessions(make_router, split_cluster: Cluster) -> None:
+    """The contrast that proves the test above: with read_your_writes = session, another
+    session of the same entry does read from the lagging replica and misses rows."""
+    router = make_router(max_replica_lag=3600, read_your_writes="session")
+    replay(split_cluster, 0, paused=True)
+    try:
+        with (
+            psycopg.connect(router.dsn("carol"), autocommit=True) as writer,
+            psycopg.connect(router.dsn("carol"), autocommit=True) as reader,
+        ):
+            stale = 0
+            for i in range(3400, 3600):
+                writer.execute("INSERT INTO rows (id) VALUES (%s)", (i,))
+                stale += not reader.execute(SEEN, (i,)).fetchone()[0]
+            print(f"read_your_writes = session: {stale} of 200 reads by another session missed the row")
             assert stale > 0
     finally:
         replay(split_cluster, 0, paused=False)
