@@ -18,7 +18,8 @@ import weakref
 from dataclasses import dataclass, replace
 
 from router.backend.server import ServerConnection
-from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
+from router.causal import WriteTimes
+from router.config import DatabaseConfig, PoolMode, ReadYourWrites, Settings, TransactionRouting
 from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager, asyncpg_tls
@@ -187,9 +188,11 @@ class Router:
         self._unix_path: tuple[str, int] = ("", 0)  # its socket file and inode
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
+        # read_your_writes = tenant: when each tenant last wrote, shared with sibling workers.
+        self.write_times = WriteTimes(worker) if settings.read_your_writes is ReadYourWrites.TENANT else None
         # Read/write splitting for every cluster that has replicas.
         self.splits: dict[str, SplitCluster] = {
-            name: SplitCluster(name, cluster, settings)
+            name: SplitCluster(name, cluster, settings, write_times=self.write_times)
             for name, cluster in settings.clusters.items()
             if cluster.replicas
         }
@@ -547,7 +550,7 @@ class Router:
                 self.spawn(split.stop())
             cluster = settings.clusters[name]
             if cluster.replicas:
-                split = self.splits[name] = SplitCluster(name, cluster, settings)
+                split = self.splits[name] = SplitCluster(name, cluster, settings, write_times=self.write_times)
                 self.spawn(split.start())
         for key in [key for key in self.db_routes if key[0] in clusters]:
             del self.db_routes[key]  # made again at the next login or retarget
@@ -1066,8 +1069,9 @@ class Router:
         starting = self._split_starts.get(name)
         if starting is None:
             split = self.splits[name] = SplitCluster(
-                name, self.tenants.cluster_config(tenant), self.settings, ssl=asyncpg_ssl(tenant)
-            )
+                name, self.tenants.cluster_config(tenant), self.settings, ssl=asyncpg_ssl(tenant),
+                write_times=self.write_times,
+            )  # fmt: skip
             starting = self._split_starts[name] = self.spawn(split.start())
         await asyncio.shield(starting)
 

@@ -300,10 +300,6 @@ class Settings(BaseSettings):
             raise ValueError("server_tls = verify-full needs server_tls_ca")
         if self.min_pool_size > self.pool_size:
             raise ValueError("min_pool_size must not exceed pool_size")
-        if self.read_your_writes is ReadYourWrites.TENANT and self.workers > 1:
-            raise ValueError(
-                "read_your_writes = tenant needs workers = 1: its token is shared within one process"
-            )
         self._check_shared_pools()
         return self
 

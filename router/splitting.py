@@ -16,10 +16,12 @@ added to any transaction, and the token is a plain integer that could be shared 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from random import Random
 from typing import TYPE_CHECKING
 
+from router.causal import WriteTimes, scope_of, slot_of
 from router.config import ClusterConfig, ReadYourWrites, ReplicaAffinity, ReplicaFallback, Settings
 from router.protocol.errors import RouterError, SQLState
 from router.routing.route import RouteReason
@@ -32,30 +34,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgrouter.routing")
 
 
-class CausalToken:
-    """Read-your-writes shared by the sessions of one tenant (read_your_writes = tenant): the
-    monitor round started when the last of their writes ended, and the primary's WAL position
-    that round sampled, once known. A session holds the same two fields itself otherwise."""
-
-    __slots__ = ("ryw_round", "ryw_lsn")
-
-    def __init__(self) -> None:
-        self.ryw_round: int | None = None
-        self.ryw_lsn: int | None = None
-
-
-def scope_of(client: ClientConnection) -> str:
-    """Whose writes a read waits for under read_your_writes = tenant: the registry tenant's,
-    else those of the sessions that named the same database entry."""
-    tenant = client.tenant
-    return f"tenant:{tenant.tenant_id}" if tenant is not None else f"database:{client.database}"
-
 # How long start-up waits for replicas to become eligible (they need a few good samples).
 STARTUP_WAIT = 3.0
 
 
 class SplitCluster:
-    def __init__(self, name: str, config: ClusterConfig, settings: Settings, ssl=False) -> None:
+    def __init__(
+        self, name: str, config: ClusterConfig, settings: Settings, ssl=False, write_times: WriteTimes | None = None
+    ) -> None:
         self.name = name
         self.ssl = ssl  # asyncpg's ssl argument for the monitor and catalog connections
         self.config = config
@@ -83,11 +69,11 @@ class SplitCluster:
         self.configured_primary = self.topology.node(config.primary.host, config.primary.port)
         self.rng = Random()
         self.read_your_writes = settings.read_your_writes is not ReadYourWrites.OFF
-        # read_your_writes = tenant: one token per tenant (or database entry) on this cluster,
-        # shared by its sessions; else each session holds its own (ClientConnection.ryw_*).
-        self.shared_tokens: dict[str, CausalToken] | None = (
-            {} if settings.read_your_writes is ReadYourWrites.TENANT else None
-        )
+        # read_your_writes = tenant: when each tenant last wrote (router/causal.py), and per
+        # slot the write time and primary WAL position its reads last waited for; else each
+        # session holds its own token (ClientConnection.ryw_*).
+        self.write_times = write_times if settings.read_your_writes is ReadYourWrites.TENANT else None
+        self.tenant_targets: dict[int, tuple[float, int | None]] = {}
         # (role, reason) of every routed transaction; fallbacks by reason.
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.fallbacks: Counter[str] = Counter()
@@ -146,13 +132,26 @@ class SplitCluster:
     def replica(self, client: ClientConnection) -> tuple[NodeState | None, RouteReason | None]:
         """An eligible replica for ``client``'s read, or (None, why not)."""
         min_lsn = None
-        token = client if self.shared_tokens is None else self.shared_tokens.get(scope_of(client))
-        if token is not None and token.ryw_round is not None:
-            if self.monitor.rounds_completed <= token.ryw_round:
+        if self.write_times is not None:
+            slot = client.ryw_slot
+            if slot is None:
+                slot = client.ryw_slot = slot_of(scope_of(client))
+            wrote_at = self.write_times.last(slot)
+            if wrote_at:
+                known = self.tenant_targets.get(slot)
+                if known is not None and known[0] == wrote_at:
+                    min_lsn = known[1]
+                elif self.monitor.completed_round_started_at <= wrote_at:
+                    return None, RouteReason.READ_YOUR_WRITES
+                else:
+                    min_lsn = self.topology.primary_insert_lsn
+                    self.tenant_targets[slot] = (wrote_at, min_lsn)
+        elif client.ryw_round is not None:
+            if self.monitor.rounds_completed <= client.ryw_round:
                 return None, RouteReason.READ_YOUR_WRITES
-            if token.ryw_lsn is None:
-                token.ryw_lsn = self.topology.primary_insert_lsn
-            min_lsn = token.ryw_lsn
+            if client.ryw_lsn is None:
+                client.ryw_lsn = self.topology.primary_insert_lsn
+            min_lsn = client.ryw_lsn
         tenant = client.tenant
         if tenant is None:
             max_lag = None
@@ -236,10 +235,11 @@ class SplitCluster:
         """``client``'s transaction that wrote has ended (committed or not)."""
         if not self.read_your_writes:
             return
-        token = client
-        if self.shared_tokens is not None:
-            token = self.shared_tokens.get(scope := scope_of(client))
-            if token is None:
-                token = self.shared_tokens[scope] = CausalToken()
-        token.ryw_round = self.monitor.rounds_started
-        token.ryw_lsn = None
+        if self.write_times is not None:
+            slot = client.ryw_slot
+            if slot is None:
+                slot = client.ryw_slot = slot_of(scope_of(client))
+            self.write_times.note(slot, time.monotonic())
+            return
+        client.ryw_round = self.monitor.rounds_started
+        client.ryw_lsn = None

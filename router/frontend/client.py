@@ -323,6 +323,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.watch_writes = False  # ...or went there for BEGIN, and may still write
         self.ryw_round: int | None = None  # read-your-writes token (router/splitting.py)
         self.ryw_lsn: int | None = None
+        self.ryw_slot: int | None = None  # read_your_writes = tenant: its scope's (router/causal.py)
         self.deferred_begin: bytes | None = None  # a BEGIN answered by the router, not yet sent
         self.deferred_aborted = False  # its transaction failed before reaching a server ('E')
         self.deferred_read_only = False  # ...and it is read-only (default_transaction_read_only)

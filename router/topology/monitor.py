@@ -128,6 +128,9 @@ class TopologyMonitor:
         self._task: asyncio.Task[None] | None = None
         self._rounds_started = 0
         self._rounds_completed = 0
+        # time.monotonic() when the last completed round started: a write that ended before
+        # it is in that round's primary sample (read_your_writes = tenant, router/causal.py).
+        self.completed_round_started_at = 0.0
         self._round_done = asyncio.Event()
         self._last_status: tuple | None = None
 
@@ -193,8 +196,10 @@ class TopologyMonitor:
             next_round = loop.time()
             while True:
                 self._rounds_started += 1
+                started_at = time.monotonic()
                 await self._poll_round()
                 self._rounds_completed += 1
+                self.completed_round_started_at = started_at
                 self._wake_waiters()
                 self._report_changes()
                 # Fixed cadence; after an overrun start at once rather than in a burst to catch up.

@@ -796,3 +796,43 @@ def test_a_tenant_move_waits_for_transactions_on_every_worker(cluster: Cluster, 
         client.close()
     finally:
         workers.proc.stop()
+
+
+def _connection_on_worker(workers: Workers, wanted: int) -> psycopg.Connection:
+    for _ in range(200):
+        conn = psycopg.connect(workers.proc.dsn("carol"), autocommit=True)
+        if workers.worker_of(client_port(conn)) == wanted:
+            return conn
+        conn.close()
+    raise AssertionError(f"200 connections and none on worker {wanted}")
+
+
+def test_read_your_writes_tenant_across_workers(cluster: Cluster, tmp_path: Path) -> None:
+    """read_your_writes = tenant with two workers: a row inserted through one worker is seen
+    at once by a session of the same database entry on the other worker, 200 times, with a
+    replica lagging (its replay paused, the lag limit too high to skip it): the write times
+    are shared between the processes (router/causal.py)."""
+    cluster.psql("CREATE TABLE IF NOT EXISTS ryw_rows (id int PRIMARY KEY)", dbname="app")
+    cluster.psql("TRUNCATE ryw_rows", dbname="app")
+    cluster.wait_replay()
+    clusters = router_config(cluster, split=True)["clusters"]
+    clusters["main"]["max_replica_lag"] = 3600
+    workers = start_workers(cluster, tmp_path, clusters=clusters, read_your_writes="tenant")
+    lagging = cluster.replicas[0]
+    try:
+        writer, reader = _connection_on_worker(workers, 0), _connection_on_worker(workers, 1)
+        deadline = time.monotonic() + 20
+        while reader.execute("SELECT pg_is_in_recovery()").fetchone() != (True,):  # the monitor is up
+            assert time.monotonic() < deadline, "reads never reached a replica"
+        cluster.psql("SELECT pg_wal_replay_pause()", node=lagging)
+        with writer, reader:
+            for i in range(200):
+                writer.execute("INSERT INTO ryw_rows VALUES (%s)", (i,))
+                seen, port = reader.execute(
+                    "SELECT EXISTS (SELECT FROM ryw_rows WHERE id = %s), inet_server_port()", (i,)
+                ).fetchone()
+                assert seen, f"row {i}, written through worker 0, not seen through worker 1 (port {port})"
+                assert port != lagging.port
+    finally:
+        cluster.psql("SELECT pg_wal_replay_resume()", node=lagging)
+        workers.proc.stop()
