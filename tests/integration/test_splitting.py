@@ -22,10 +22,14 @@ WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
 
 
 def wait_replicas_eligible(router: RouterThread, count: int = 2) -> None:
-    router.wait_for(
-        lambda r: sum(n.eligible for split in r.splits.values() for n in split.topology.nodes) == count,
-        what=f"{count} eligible replicas",
-    )
+    try:
+        router.wait_for(
+            lambda r: sum(n.eligible for split in r.splits.values() for n in split.topology.nodes) == count,
+            what=f"{count} eligible replicas",
+        )
+    except AssertionError as exc:  # say why not: a failure here is otherwise hard to read
+        nodes = router.call(lambda r: [n.as_dict() for split in r.splits.values() for n in split.topology.nodes])
+        raise AssertionError(f"{exc}; the monitor sees {nodes}") from None
 
 
 @pytest.fixture
