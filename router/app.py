@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from router.backend.server import ServerConnection
 from router.causal import WriteTimes
-from router.config import DatabaseConfig, PoolMode, ReadYourWrites, Settings, TransactionRouting
+from router.config import DatabaseConfig, PoolMode, Settings, TransactionRouting
 from router.frontend.cancel import CancelOutcome, CancelRelay, issue_pid
 from router.frontend.client import ClientConnection, new_cancel_key
 from router.pools.manager import PoolManager, asyncpg_tls
@@ -189,7 +189,7 @@ class Router:
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
         # read_your_writes = tenant: when each tenant last wrote, shared with sibling workers.
-        self.write_times = WriteTimes(worker) if settings.read_your_writes is ReadYourWrites.TENANT else None
+        self.write_times = WriteTimes(worker)
         # Read/write splitting for every cluster that has replicas.
         self.splits: dict[str, SplitCluster] = {
             name: SplitCluster(name, cluster, settings, write_times=self.write_times)

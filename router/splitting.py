@@ -68,11 +68,13 @@ class SplitCluster:
             self.topology.node(address.host, address.port).weight = address.weight
         self.configured_primary = self.topology.node(config.primary.host, config.primary.port)
         self.rng = Random()
-        self.read_your_writes = settings.read_your_writes is not ReadYourWrites.OFF
-        # read_your_writes = tenant: when each tenant last wrote (router/causal.py), and per
-        # slot the write time and primary WAL position its reads last waited for; else each
-        # session holds its own token (ClientConnection.ryw_*).
-        self.write_times = write_times if settings.read_your_writes is ReadYourWrites.TENANT else None
+        # read_your_writes, unless a registry tenant sets its own (limits.read_your_writes).
+        self.read_your_writes = settings.read_your_writes
+        # Scope tenant: when each tenant last wrote (router/causal.py), and per slot the write
+        # time and primary WAL position its reads last waited for. Scope session: each session
+        # holds its own token (ClientConnection.ryw_*). A write notes both, so that a tenant's
+        # PATCHed scope applies at once.
+        self.write_times = write_times
         self.tenant_targets: dict[int, tuple[float, int | None]] = {}
         # (role, reason) of every routed transaction; fallbacks by reason.
         self.decisions: Counter[tuple[str, str]] = Counter()
@@ -131,8 +133,25 @@ class SplitCluster:
 
     def replica(self, client: ClientConnection) -> tuple[NodeState | None, RouteReason | None]:
         """An eligible replica for ``client``'s read, or (None, why not)."""
+        tenant = client.tenant
+        if tenant is None:
+            max_lag = None
+            affinity = self.config.replica_affinity
+            scope = self.read_your_writes
+        else:  # (tenants with the same nodes share the cluster, not these settings)
+            limits = tenant.limits
+            max_lag = limits.max_replica_lag
+            affinity = limits.replica_affinity
+            scope = limits.read_your_writes or self.read_your_writes
         min_lsn = None
-        if self.write_times is not None:
+        if scope is ReadYourWrites.SESSION:
+            if client.ryw_round is not None:
+                if self.monitor.rounds_completed <= client.ryw_round:
+                    return None, RouteReason.READ_YOUR_WRITES
+                if client.ryw_lsn is None:
+                    client.ryw_lsn = self.topology.primary_insert_lsn
+                min_lsn = client.ryw_lsn
+        elif scope is ReadYourWrites.TENANT and self.write_times is not None:
             slot = client.ryw_slot
             if slot is None:
                 slot = client.ryw_slot = slot_of(scope_of(client))
@@ -146,19 +165,6 @@ class SplitCluster:
                 else:
                     min_lsn = self.topology.primary_insert_lsn
                     self.tenant_targets[slot] = (wrote_at, min_lsn)
-        elif client.ryw_round is not None:
-            if self.monitor.rounds_completed <= client.ryw_round:
-                return None, RouteReason.READ_YOUR_WRITES
-            if client.ryw_lsn is None:
-                client.ryw_lsn = self.topology.primary_insert_lsn
-            min_lsn = client.ryw_lsn
-        tenant = client.tenant
-        if tenant is None:
-            max_lag = None
-            affinity = self.config.replica_affinity
-        else:  # (tenants with the same nodes share the cluster, not these settings)
-            max_lag = tenant.limits.max_replica_lag
-            affinity = tenant.limits.replica_affinity
         if affinity is ReplicaAffinity.SESSION:
             node = self._pick(min_lsn, max_lag, client.last_replica)
             client.last_replica = node
@@ -233,13 +239,16 @@ class SplitCluster:
 
     def note_write(self, client: ClientConnection) -> None:
         """``client``'s transaction that wrote has ended (committed or not)."""
-        if not self.read_your_writes:
+        tenant = client.tenant
+        scope = self.read_your_writes
+        if tenant is not None and tenant.limits.read_your_writes is not None:
+            scope = tenant.limits.read_your_writes
+        if scope is ReadYourWrites.OFF:
             return
         if self.write_times is not None:
             slot = client.ryw_slot
             if slot is None:
                 slot = client.ryw_slot = slot_of(scope_of(client))
             self.write_times.note(slot, time.monotonic())
-            return
         client.ryw_round = self.monitor.rounds_started
         client.ryw_lsn = None

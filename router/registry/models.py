@@ -36,6 +36,7 @@ from router.config import (
     AuthMethod,
     NodeAddress,
     PoolMode,
+    ReadYourWrites,
     ReplicaAffinity,
     ReplicaFallback,
     ServerTLS,
@@ -112,6 +113,8 @@ class TenantLimits(_Strict):
     # or the client's last one while it is among the least busy.
     replica_fallback: ReplicaFallback = ReplicaFallback.PRIMARY
     replica_affinity: ReplicaAffinity = ReplicaAffinity.TRANSACTION
+    # Whose writes the tenant's reads wait for (the global read_your_writes when None).
+    read_your_writes: ReadYourWrites | None = None
     statements_per_second: float | None = Field(None, gt=0)  # None: no rate limit
     # Server connections the tenant's pools (of every server user and pool mode) may hold
     # together on one node, as PgBouncer's max_db_connections; None: the global setting.
@@ -289,7 +292,7 @@ class PoolPatch(_Patch):
 
 
 class LimitsPatch(_Patch):
-    nullable = frozenset({"max_replica_lag_bytes", "statements_per_second", "max_db_connections"})
+    nullable = frozenset({"max_replica_lag_bytes", "read_your_writes", "statements_per_second", "max_db_connections"})
 
     max_client_conn: int | None = Field(None, ge=1)
     query_wait_timeout: float | None = Field(None, gt=0)
@@ -297,6 +300,7 @@ class LimitsPatch(_Patch):
     max_replica_lag_bytes: int | None = Field(None, ge=0)
     replica_fallback: ReplicaFallback | None = None
     replica_affinity: ReplicaAffinity | None = None
+    read_your_writes: ReadYourWrites | None = None
     statements_per_second: float | None = Field(None, gt=0)
     max_db_connections: int | None = Field(None, ge=1)
     allowed_cidrs: list[IPvAnyNetwork] | None = None

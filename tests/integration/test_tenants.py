@@ -586,6 +586,53 @@ def test_a_tenant_s_replica_affinity(start_router, registry, cluster, tenant_dbs
         assert ports(roving) == replicas  # (all 60 on one replica: p = 2^-59)
 
 
+def test_a_tenant_s_read_your_writes(start_router, registry, cluster, tenant_dbs) -> None:
+    """limits.read_your_writes = tenant overrides the global session scope for that tenant: a
+    row one of its sessions inserts is seen at once by another of its sessions, with a replica
+    lagging; PATCHed back to null (the global session scope), the other session does miss
+    rows there, which is what the setting prevented."""
+    from router.registry.models import TenantPatch
+
+    url, key, prefix = registry
+    database = tenant_dbs["acme"]
+    with psycopg.connect(cluster.primary.dsn(database), autocommit=True) as direct:
+        direct.execute("CREATE TABLE IF NOT EXISTS ryw_rows (id int PRIMARY KEY)")
+        direct.execute("ALTER TABLE ryw_rows OWNER TO pgr_scram")
+        direct.execute("TRUNCATE ryw_rows")
+    cluster.wait_replay()
+    nodes = {"primary": {"host": cluster.primary.host, "port": cluster.primary.port},
+             "replicas": [{"host": r.host, "port": r.port} for r in cluster.replicas]}  # fmt: skip
+    body = _on_nodes(nodes, "causal", database, "cas", read_your_writes="tenant", max_replica_lag=3600)
+    store_do(registry, lambda s: s.create(body))
+    router = start_router(redis_url=url, secret_key=key, registry_prefix=prefix)
+    lagging = cluster.replicas[0]
+    seen_sql = "SELECT EXISTS (SELECT FROM ryw_rows WHERE id = %s), inet_server_port()"
+    with (
+        psycopg.connect(dsn(router, "cas", "pw", "causal"), autocommit=True) as writer,
+        psycopg.connect(dsn(router, "cas", "pw", "causal"), autocommit=True) as reader,
+    ):
+        deadline = time.monotonic() + 20
+        while reader.execute("SELECT pg_is_in_recovery()").fetchone() != (True,):  # the monitor is up
+            assert time.monotonic() < deadline, "reads never reached a replica"
+        cluster.psql("SELECT pg_wal_replay_pause()", node=lagging)
+        try:
+            for i in range(200):
+                writer.execute("INSERT INTO ryw_rows VALUES (%s)", (i,))
+                seen, port = reader.execute(seen_sql, (i,)).fetchone()
+                assert seen and port != lagging.port, f"row {i} not seen by the tenant's other session"
+            patch = TenantPatch.model_validate({"limits": {"read_your_writes": None}})
+            store_do(registry, lambda s: s.patch("causal", patch))
+            router.wait_for(lambda r: all(c.tenant.limits.read_your_writes is None for c in r.clients.values()),
+                            what="the PATCH to reach the connected clients")  # fmt: skip
+            stale = 0
+            for i in range(200, 400):
+                writer.execute("INSERT INTO ryw_rows VALUES (%s)", (i,))
+                stale += not reader.execute(seen_sql, (i,)).fetchone()[0]
+            assert stale > 0
+        finally:
+            cluster.psql("SELECT pg_wal_replay_resume()", node=lagging)
+
+
 def test_tenant_limits(start_router, registry, cluster, tenant_dbs) -> None:
     """Per-tenant query_wait_timeout, max_client_conn and statements_per_second."""
     url, key, prefix = registry

@@ -84,6 +84,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("statements_per_second 0", base(limits={"statements_per_second": 0}), "statements_per_second"),
     ("unknown replica_fallback", base(limits={"replica_fallback": "replica"}), "replica_fallback"),
     ("unknown replica_affinity", base(limits={"replica_affinity": "sticky"}), "replica_affinity"),
+    ("unknown read_your_writes", base(limits={"read_your_writes": "always"}), "read_your_writes"),
     ("max_db_connections 0", base(limits={"max_db_connections": 0}), "max_db_connections"),
     ("negative pool.reserve_size", base(pool={"reserve_size": -1}), "reserve_size"),
     ("allowed_cidrs with host bits", base(limits={"allowed_cidrs": ["10.0.0.1/8"]}), "allowed_cidrs"),
@@ -213,6 +214,7 @@ def test_patch_changes_only_what_it_names() -> None:
     assert patched.cluster.replicas == current.cluster.replicas
     assert patched.limits.statements_per_second is None
     assert (patched.limits.replica_fallback, patched.limits.replica_affinity) == ("primary", "transaction")
+    assert patched.limits.read_your_writes is None  # the global setting
     assert patched.limits.max_client_conn == current.limits.max_client_conn
     assert patched.paused is True
     assert patched.users == current.users and patched.server_password == current.server_password
