@@ -35,6 +35,7 @@ from router.protocol.auth import (
     ScramKeysClientExchange,
     md5_hash,
     md5_response,
+    saslprep_fails,
     tls_server_end_point,
 )
 from router.protocol.errors import ProtocolError, RouterError, SQLState
@@ -649,6 +650,21 @@ class ServerConnection(asyncio.Protocol):
                     self.write(m.password_message(password.encode()))
                 elif code == m.AUTH_MD5:
                     self.write(m.password_message(md5_response(md5_hash(user, password), payload)))
+                elif code == m.AUTH_SASL and saslprep_fails(password):
+                    # As libpq does with such a password: its bytes as they are. (Without
+                    # channel binding: SCRAM-SHA-256 from keys, which scramp cannot derive.)
+                    if channel_binding is ChannelBinding.REQUIRE:
+                        raise RouterError(
+                            SQLState.INVALID_AUTHORIZATION,
+                            f"server {self.pool.name}: the server password has characters SASLprep "
+                            "refuses, so the router cannot do SCRAM channel binding with it, "
+                            "but server_channel_binding = require",
+                        )
+                    scram = ScramKeysClientExchange(
+                        m.parse_sasl_mechanisms(payload), b"", b"", raw_password=password.encode()
+                    )
+                    self.channel_bound = False
+                    self.write(m.sasl_initial_response(scram.mechanism, scram.first()))
                 elif code == m.AUTH_SASL:
                     mechanisms = m.parse_sasl_mechanisms(payload)
                     binding = None

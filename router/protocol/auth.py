@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 from dataclasses import dataclass
 
 from scramp import ScramClient, ScramException, ScramMechanism
 from scramp.core import IterationCount
+from scramp.utils import saslprep
 
 from router.protocol.errors import ProtocolError
 
@@ -71,10 +73,36 @@ class ScramVerifier:
         )
 
 
-def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
-    """The SCRAM verifier of ``password``, in PostgreSQL's text format."""
+def saslprep_fails(password: str) -> bool:
+    """SASLprep (RFC 4013) refuses ``password`` (a prohibited character, such as a control
+    character, or a malformed bidirectional string). PostgreSQL, server and libpq alike, then
+    derives the SCRAM keys from the password's bytes as they are; scramp refuses it."""
+    try:
+        saslprep(password)
+    except ScramException:
+        return True
+    return False
+
+
+def raw_password_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """(ClientKey, ServerKey) of RFC 5802 section 3 from a password not SASLprepped:
+    SaltedPassword = Hi(password, salt, i), which is PBKDF2 with HMAC-SHA-256."""
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+    return (
+        hmac.new(salted, b"Client Key", hashlib.sha256).digest(),
+        hmac.new(salted, b"Server Key", hashlib.sha256).digest(),
+    )
+
+
+def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS, salt: bytes | None = None) -> str:
+    """The SCRAM verifier of ``password``, in PostgreSQL's text format: the one PostgreSQL
+    stores for it, SASLprep failing included (see ``saslprep_fails``)."""
+    if saslprep_fails(password):
+        salt = salt if salt is not None else secrets.token_bytes(16)  # PostgreSQL's salt length
+        client_key, server_key = raw_password_keys(password.encode(), salt, iterations)
+        return str(ScramVerifier(iterations, salt, hashlib.sha256(client_key).digest(), server_key))
     salt, stored_key, server_key, iterations = _mechanism.make_auth_info(
-        password, iteration_count=iterations
+        password, iteration_count=iterations, salt=salt
     )
     return str(ScramVerifier(iterations, salt, stored_key, server_key))
 
@@ -207,7 +235,10 @@ class ScramClientExchange:
             offered = [m for m in offered if m == SCRAM_SHA_256]
         if not offered:
             raise ProtocolError(f"server offers no supported SASL mechanism: {mechanisms}")
-        self._client = ScramClient(offered, user or "*", password, channel_binding=channel_binding)
+        try:
+            self._client = ScramClient(offered, user or "*", password, channel_binding=channel_binding)
+        except ScramException as exc:  # (a user name SASLprep refuses, say)
+            raise ProtocolError(f"SCRAM exchange with server failed: {exc}") from exc
         self.mechanism = self._client.mechanism_name
 
     def first(self) -> bytes:
@@ -229,20 +260,24 @@ class ScramClientExchange:
 
 class ScramKeysClientExchange:
     """Client side of SCRAM-SHA-256 from keys instead of a password: the ClientKey learnt from
-    the client's own exchange and the ServerKey of the user's verifier (auth_query). scramp
+    the client's own exchange and the ServerKey of the user's verifier (auth_query), or those
+    derived from a password SASLprep refuses (``raw_password``). scramp
     derives both from a password, which the router never has; the arithmetic of RFC 5802,
     section 3 is all that remains: ClientProof = ClientKey XOR HMAC(H(ClientKey), AuthMessage),
     and the server proves itself with HMAC(ServerKey, AuthMessage). No channel binding."""
 
     mechanism = SCRAM_SHA_256
 
-    def __init__(self, mechanisms: list[str], client_key: bytes, server_key: bytes) -> None:
+    def __init__(
+        self, mechanisms: list[str], client_key: bytes, server_key: bytes, raw_password: bytes | None = None
+    ) -> None:
         if SCRAM_SHA_256 not in mechanisms:
             raise ProtocolError(f"server offers no supported SASL mechanism: {mechanisms}")
-        import secrets
-
         self._client_key = client_key
         self._server_key = server_key
+        # A password SASLprep refuses (saslprep_fails): the keys come from it and the salt
+        # and iteration count of the server's first message.
+        self._raw_password = raw_password
         self._nonce = base64.b64encode(secrets.token_bytes(18)).decode()
         self._first_bare = f"n=,r={self._nonce}"
         self._expected: bytes | None = None
@@ -256,6 +291,14 @@ class ScramKeysClientExchange:
         nonce = fields.get("r", "")
         if not nonce.startswith(self._nonce) or len(nonce) <= len(self._nonce):
             raise ProtocolError("SCRAM exchange with server failed: nonce mismatch")
+        if self._raw_password is not None:
+            try:
+                salt, iterations = base64.b64decode(fields["s"], validate=True), int(fields["i"])
+            except (KeyError, ValueError) as exc:
+                raise ProtocolError(f"SCRAM exchange with server failed: bad server-first message: {exc}") from exc
+            if not 1 <= iterations <= 10_000_000:  # scramp's bounds for the other path
+                raise ProtocolError(f"SCRAM exchange with server failed: iteration count {iterations}")
+            self._client_key, self._server_key = raw_password_keys(self._raw_password, salt, iterations)
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{self._first_bare},{text},{without_proof}".encode()
         stored_key = hashlib.sha256(self._client_key).digest()

@@ -132,6 +132,34 @@ def test_server_auth_wrong_password_reaches_the_client(start_router, server_user
     assert "password authentication failed" in str(exc.value)
 
 
+ODD_PASSWORD = "odd\x1fpw\u0085"  # a control character and a C.2.2 one: SASLprep refuses both
+
+
+def test_passwords_saslprep_refuses_work_as_on_postgresql(start_router, cluster):
+    """A password SASLprep refuses (a control character, say): PostgreSQL and libpq derive
+    the SCRAM keys from its bytes as they are, where scramp refuses it. The router's verifier
+    of it is the one PostgreSQL stores (same salt and iterations), a client logs in with it
+    through libpq, and the router logs into PostgreSQL with it as a server password."""
+    from router.protocol.auth import ScramVerifier, saslprep_fails, scram_verifier
+
+    assert saslprep_fails(ODD_PASSWORD)
+    quoted = ODD_PASSWORD.replace("'", "''")
+    cluster.psql(f"ALTER ROLE pgr_scram PASSWORD '{quoted}'")
+    try:
+        stored = cluster.psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'pgr_scram'")
+        parsed = ScramVerifier.parse(stored)
+        assert scram_verifier(ODD_PASSWORD, parsed.iterations, parsed.salt) == stored
+        users = {**users_config(), "odd": {"auth": "scram-sha-256", "password": scram_verifier(ODD_PASSWORD)}}
+        router = start_router(
+            users=users, databases={"app": {"cluster": "main", "server_user": "pgr_scram", "server_password": ODD_PASSWORD}}
+        )
+        with psycopg.connect(host="127.0.0.1", port=router.port, user="odd", password=ODD_PASSWORD, dbname="app") as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("pgr_scram",)
+        assert login_error(f"postgresql://odd:oddpw@127.0.0.1:{router.port}/app")[0] == "28P01"
+    finally:
+        cluster.psql(f"ALTER ROLE pgr_scram PASSWORD '{SERVER_USERS['pgr_scram']}'")
+
+
 def _tls_server_user_router(start_router, cluster, **tls):
     return start_router(
         databases={"app": {"cluster": "main", "server_user": "pgr_scram_tls", "server_password": SERVER_USERS["pgr_scram_tls"]}},

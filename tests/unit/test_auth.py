@@ -27,12 +27,14 @@ from router.protocol.auth import (
     SCRAM_SHA_256_PLUS,
     AuthFailed,
     ScramClientExchange,
+    ScramKeysClientExchange,
     ScramServerExchange,
     ScramVerifier,
     is_scram_verifier,
     md5_check,
     md5_hash,
     md5_response,
+    saslprep_fails,
     scram_verifier,
     tls_server_end_point,
 )
@@ -535,3 +537,45 @@ def test_scram_with_keys_instead_of_a_password() -> None:
         else:
             with pytest.raises(AuthFailed):
                 server.final(final)
+
+
+# SASLprep (RFC 4013) refuses these; PostgreSQL and libpq then use the password's bytes as they
+# are (the LibpqStyleClient above never SASLpreps, which is what libpq does with them).
+UNPREPPABLE = ["odd\x1fpw", "tab\tpw", "next\u0085line", "\u0627abc"]  # controls, C.2.2, bad bidi
+
+
+@pytest.mark.parametrize("password", UNPREPPABLE)
+def test_a_password_saslprep_refuses_gets_postgresql_s_verifier(password):
+    assert saslprep_fails(password)
+    assert scram_verifier(password, salt=RFC7677_SALT) == pg_verifier(password, RFC7677_SALT)
+    server = ScramServerExchange(ScramVerifier.parse(scram_verifier(password)))
+    client = LibpqStyleClient(password, "fyko+d2lbbFgONRv9qkxdawL")
+    client.verify(server.final(client.final(server.first(client.first()))))
+
+
+@pytest.mark.parametrize("password", UNPREPPABLE)
+def test_the_router_logs_in_with_a_password_saslprep_refuses(password):
+    verifier = ScramVerifier.parse(pg_verifier(password, RFC7677_SALT))
+    server = ScramServerExchange(verifier)
+    client = ScramKeysClientExchange([SCRAM_SHA_256], b"", b"", raw_password=password.encode())
+    client.verify(server.final(client.final(server.first(client.first()))))
+    wrong = ScramKeysClientExchange([SCRAM_SHA_256], b"", b"", raw_password=password.encode() + b"!")
+    server = ScramServerExchange(verifier)
+    with pytest.raises(AuthFailed):
+        server.final(wrong.final(server.first(wrong.first())))
+
+
+def test_a_plain_password_is_saslprepped_as_before():
+    assert not saslprep_fails("pencil")
+    assert not saslprep_fails("I\u00adX")  # B.1, mapped to nothing: prepared, not refused
+    assert scram_verifier("pencil", salt=RFC7677_SALT) == RFC7677_VERIFIER
+
+
+@pytest.mark.parametrize("server_first", ["r={nonce}srv,i=4096", "r={nonce}srv,s=!!,i=4096",
+                                          "r={nonce}srv,s=" + b64(RFC7677_SALT) + ",i=0",
+                                          "r={nonce}srv,s=" + b64(RFC7677_SALT) + ",i=x"])  # fmt: skip
+def test_the_raw_password_client_refuses_a_bad_server_first(server_first):
+    client = ScramKeysClientExchange([SCRAM_SHA_256], b"", b"", raw_password=b"odd\x1fpw")
+    nonce = client.first().decode().split(",r=")[1]
+    with pytest.raises(ProtocolError):
+        client.final(server_first.format(nonce=nonce).encode())
