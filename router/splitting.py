@@ -10,7 +10,8 @@ ends, the session remembers the monitor's round counter. The token becomes an LS
 first round that *started after* the commit has completed: that round's primary sample of
 pg_current_wal_insert_lsn() includes the commit record. Until then the session reads from the
 primary; afterwards only from replicas whose replay LSN has reached the token. No statement is
-added to any transaction, and the token is a plain integer that could be shared through Redis.
+added to any transaction. With read_your_writes = tenant the same rule runs on a token shared
+by the tenant's sessions (and worker processes): when it last wrote (router/causal.py).
 """
 
 from __future__ import annotations
