@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgrouter.routing")
 
 
+# Enum members as module constants: replica() runs for every routed read, and a member
+# looked up on its class costs more than a global.
+_RYW_SESSION = ReadYourWrites.SESSION
+_RYW_TENANT = ReadYourWrites.TENANT
+_AFFINITY_SESSION = ReplicaAffinity.SESSION
+
 # How long start-up waits for replicas to become eligible (they need a few good samples).
 STARTUP_WAIT = 3.0
 
@@ -145,14 +151,14 @@ class SplitCluster:
             affinity = limits.replica_affinity
             scope = limits.read_your_writes or self.read_your_writes
         min_lsn = None
-        if scope is ReadYourWrites.SESSION:
+        if scope is _RYW_SESSION:
             if client.ryw_round is not None:
                 if self.monitor.rounds_completed <= client.ryw_round:
                     return None, RouteReason.READ_YOUR_WRITES
                 if client.ryw_lsn is None:
                     client.ryw_lsn = self.topology.primary_insert_lsn
                 min_lsn = client.ryw_lsn
-        elif scope is ReadYourWrites.TENANT and self.write_times is not None:
+        elif scope is _RYW_TENANT and self.write_times is not None:
             slot = client.ryw_slot
             if slot is None:
                 slot = client.ryw_slot = slot_of(scope_of(client))
@@ -166,7 +172,7 @@ class SplitCluster:
                 else:
                     min_lsn = self.topology.primary_insert_lsn
                     self.tenant_targets[slot] = (wrote_at, min_lsn)
-        if affinity is ReplicaAffinity.SESSION:
+        if affinity is _AFFINITY_SESSION:
             node = self._pick(min_lsn, max_lag, client.last_replica)
             client.last_replica = node
         else:
