@@ -39,6 +39,14 @@ def slot_of(scope: str) -> int:
     return zlib.crc32(scope.encode()) % SLOTS
 
 
+def client_slot(client: ClientConnection) -> int:
+    """``client``'s scope's slot, worked out once per session (its scope never changes)."""
+    slot = client.ryw_slot
+    if slot is None:
+        slot = client.ryw_slot = slot_of(scope_of(client))
+    return slot
+
+
 class WriteTimes:
     def __init__(self, worker: WorkerSlot | None = None) -> None:
         if worker is None:

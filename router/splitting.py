@@ -22,7 +22,7 @@ from collections import Counter
 from random import Random
 from typing import TYPE_CHECKING
 
-from router.causal import WriteTimes, scope_of, slot_of
+from router.causal import WriteTimes, client_slot
 from router.config import ClusterConfig, ReadYourWrites, ReplicaAffinity, ReplicaFallback, Settings
 from router.protocol.errors import RouterError, SQLState
 from router.routing.route import RouteReason
@@ -159,9 +159,7 @@ class SplitCluster:
                     client.ryw_lsn = self.topology.primary_insert_lsn
                 min_lsn = client.ryw_lsn
         elif scope is _RYW_TENANT and self.write_times is not None:
-            slot = client.ryw_slot
-            if slot is None:
-                slot = client.ryw_slot = slot_of(scope_of(client))
+            slot = client_slot(client)
             wrote_at = self.write_times.last(slot)
             if wrote_at:
                 known = self.tenant_targets.get(slot)
@@ -247,15 +245,10 @@ class SplitCluster:
     def note_write(self, client: ClientConnection) -> None:
         """``client``'s transaction that wrote has ended (committed or not)."""
         tenant = client.tenant
-        scope = self.read_your_writes
-        if tenant is not None and tenant.limits.read_your_writes is not None:
-            scope = tenant.limits.read_your_writes
+        scope = self.read_your_writes if tenant is None else tenant.limits.read_your_writes or self.read_your_writes
         if scope is ReadYourWrites.OFF:
             return
         if self.write_times is not None:
-            slot = client.ryw_slot
-            if slot is None:
-                slot = client.ryw_slot = slot_of(scope_of(client))
-            self.write_times.note(slot, time.monotonic())
+            self.write_times.note(client_slot(client), time.monotonic())
         client.ryw_round = self.monitor.rounds_started
         client.ryw_lsn = None
