@@ -205,7 +205,7 @@ class ServerConnection(asyncio.Protocol):
         cuts: list | None = None
         # Replies to the router's own settings prelude are dropped up to their ReadyForQuery.
         swallow_from = 0 if self.swallow_z else -1
-        rest = b""
+        rest = tail = b""
         while pos < n:
             if pos + 5 > n:
                 # A header split across reads: keep it back, forward what precedes it.
@@ -267,6 +267,15 @@ class ServerConnection(asyncio.Protocol):
                         traffic.xact_count += 1
                         traffic.xact_time += duration
                         self.tx_t0 = now if owed else 0.0
+                if pos + 6 < n and st.recv_z == st.sent_z and not self.restoring:
+                    # Nothing more is owed, yet more came in this read: the server sent it
+                    # unasked (the FATAL of pg_terminate_backend or idle_session_timeout, a
+                    # notification, a parameter change). It goes to whoever holds the
+                    # connection once this reply has been dealt with, not necessarily the
+                    # client whose transaction just ended (see below).
+                    tail = data[pos + 6 :]
+                    data = data[: pos + 6]
+                    n = pos + 6
             elif t == _E:
                 if pos + 1 + length > n and length <= MAX_HELD_ERROR:
                     # Only a whole ErrorResponse can be judged (stale plan, duplicate name,
@@ -369,6 +378,11 @@ class ServerConnection(asyncio.Protocol):
             client.transport.write(data)
         if ready and st.recv_z == st.sent_z:
             client.server_ready(self)
+            if tail:
+                if self.client is None:
+                    self._slow_data(tail)  # back in the pool (or closed): the idle path
+                else:
+                    self.data_received(tail)  # still this client's, or the next one's
         elif self.restoring and rest:
             self.data_received(rest)
 

@@ -158,6 +158,51 @@ def test_server_terminated_by_admin_is_not_reused(start_router, cluster):
         assert other.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
 
 
+def test_a_fatal_read_with_the_last_ready_for_query_stays_with_the_server(start_router, cluster):
+    """A server that ends its session right after a transaction (idle_session_timeout here;
+    pg_terminate_backend, a shutdown) sends its FATAL unasked. Read in one chunk with the
+    transaction's last ReadyForQuery, it is not the client's: the client never sees it, and
+    the dying connection is not pooled."""
+    router = start_router(pool_size=1)
+    cluster.psql("CREATE TABLE IF NOT EXISTS fatal_behind_ready (x int)", dbname="app")
+    client = RawClient(router.port)
+    client.login_trust()
+    # Tracked by the router and set on each server connection this client uses.
+    client.send(m.query("SET idle_session_timeout = 50"))
+    assert client.recv_until(b"Z")[-1] == (b"Z", b"I")
+    with psycopg.connect(cluster.primary.dsn("app")) as locker:
+        locker.execute("LOCK TABLE fatal_behind_ready IN ACCESS EXCLUSIVE MODE")
+        client.send(m.query("SELECT count(*) FROM fatal_behind_ready"))
+        pid = None
+        deadline = time.monotonic() + 10
+        while pid is None and time.monotonic() < deadline:
+            pid = locker.execute(
+                "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT count(*) FROM fatal_behind_ready'"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()
+        assert pid is not None, "the query never waited for the lock"
+        # Stall the router's loop; meanwhile the query completes and its backend, idle past
+        # idle_session_timeout, sends FATAL 57P05 and exits. Both wait in one socket buffer.
+        stalled, resume = threading.Event(), threading.Event()
+        router.loop.call_soon_threadsafe(lambda: (stalled.set(), resume.wait(20)))
+        assert stalled.wait(10)
+    try:
+        deadline = time.monotonic() + 10
+        while cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid[0]}").strip() != "0":
+            assert time.monotonic() < deadline, "the backend outlived idle_session_timeout"
+    finally:
+        resume.set()
+    reply = client.recv_until(b"Z")
+    assert [t for t, _ in reply] == [b"T", b"D", b"C", b"Z"], reply
+    assert reply[-1] == (b"Z", b"I")
+    # Nothing of the FATAL follows: the next reply is the next query's own.
+    client.send(m.query("SELECT 2"))
+    reply = client.recv_until(b"Z")
+    assert [t for t, _ in reply] == [b"T", b"D", b"C", b"Z"], reply
+    assert pid[0] not in server_pids(router)
+    client.close()
+
+
 def test_client_disconnecting_mid_transaction(start_router, cluster):
     """The next client on that server connection starts outside any transaction and sees none
     of the dead client's uncommitted work."""
