@@ -198,6 +198,14 @@ class ServerStatements:
             dropped.append(ops.popleft())
         self._undo(dropped)
 
+    def abandon(self) -> None:
+        """The connection is gone with requests unanswered: none of them took effect, for the
+        client either (a read retried elsewhere sends its Parses again, and must not find
+        their names taken)."""
+        dropped = list(self.ops)
+        self.ops.clear()
+        self._undo(dropped)
+
     def _undo(self, dropped: list[tuple]) -> None:
         """Put back what ``dropped`` (the oldest requests) changed, then replay the requests
         still queued over it: the views become the answered ones plus the pending ones."""

@@ -1799,8 +1799,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._after_replies = None  # a replica's read retried elsewhere resends its chunks
         self._call_t0 = 0.0
         reason = server.closing_reason or "server closed the connection unexpectedly"
-        if not server.forwarded and self._retry_read(reason, attached=True):
-            return
+        if not server.forwarded:
+            server.stmts.abandon()
+            if self._retry_read(reason, attached=True):
+                return
         self._unroute()
         log.warning("client %s@%s/%s: server connection lost: %s", self.user, self.peer, self.database, reason)
         self.fail(

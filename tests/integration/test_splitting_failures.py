@@ -337,6 +337,64 @@ def test_read_your_writes_session_does_not_cover_other_sessions(make_router, spl
         replay(split_cluster, 0, paused=False)
 
 
+def test_a_named_parse_retried_on_another_node(make_router, split_cluster: Cluster) -> None:
+    """A replica backend that dies while a client's Parse of a named statement waits there,
+    before any reply: the read runs again elsewhere, and there the Parse prepares the
+    statement (the first attempt's did not take), rather than meeting its own name (42P05)."""
+    router = make_router()
+    split_cluster.psql("CREATE TABLE IF NOT EXISTS held (x int)", dbname="app")
+    split_cluster.wait_replay()
+    query = "SELECT count(*), inet_server_port() FROM held"
+    result: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+                result["first"] = conn.execute(query, prepare=True).fetchone()
+                result["again"] = conn.execute(query, prepare=True).fetchone()
+        except psycopg.Error as exc:
+            result["error"] = exc
+
+    def lock_waiter(nodes) -> tuple[int, str] | None:
+        for node in nodes:
+            pid = split_cluster.psql(
+                f"SELECT pid FROM pg_stat_activity WHERE query = '{query}' AND wait_event_type = 'Lock'",
+                node=node, dbname="app",
+            ).strip()
+            if pid:
+                return node.port, pid
+        return None
+
+    # The primary's ACCESS EXCLUSIVE lock is replayed on the replicas: a read of the table
+    # waits there, with its Parse (parse analysis takes the table's lock) unanswered.
+    with psycopg.connect(split_cluster.primary.dsn("app")) as locker:
+        locker.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        split_cluster.psql("SELECT txid_current()")  # a commit: WAL flushed, the lock record streamed
+        deadline = time.monotonic() + 10
+        for replica in split_cluster.replicas:
+            while split_cluster.psql(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'held'::regclass AND mode = 'AccessExclusiveLock'",
+                node=replica, dbname="app",
+            ).strip() != "1":
+                assert time.monotonic() < deadline, "the lock was not replayed"
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        waiter = None
+        while waiter is None and time.monotonic() < deadline:
+            waiter = lock_waiter(split_cluster.replicas)
+        assert waiter is not None, "the read never waited on a replica"
+        victim = next(r for r in split_cluster.replicas if r.port == waiter[0])
+        split_cluster.psql(f"SELECT pg_terminate_backend({waiter[1]})", node=victim)
+        # Retried: it waits for the lock again, on another node.
+        others = [n for n in split_cluster.nodes if n is not victim]
+        while lock_waiter(others) is None and "error" not in result:
+            assert time.monotonic() < deadline, "the read was not retried"
+    thread.join(10)
+    assert "error" not in result, result["error"]
+    assert result["first"][0] == 0 and result["first"][1] != victim.port
+    assert result["again"][0] == 0
+
+
 def test_replica_stopped_mid_load(make_router, split_cluster: Cluster) -> None:
     router = make_router(max_replica_lag=5)
     victim = split_cluster.replicas[1]
