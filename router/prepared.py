@@ -198,6 +198,17 @@ class ServerStatements:
             dropped.append(ops.popleft())
         self._undo(dropped)
 
+    def unanswer(self, answered: list[tuple]) -> None:
+        """The replies to ``answered`` (the oldest requests, in order) were read but are
+        dropped, never reaching the client: the requests go back to unanswered. A stand-in
+        Parse's success had given the client its statement; as a plain request its undo
+        takes it back."""
+        ops = self.ops
+        for op in reversed(answered):
+            if op[ACTION] == DUPLICATE:
+                op = (*op[:ACTION], FORWARD, *op[ACTION + 1 :])
+            ops.appendleft(op)
+
     def abandon(self) -> None:
         """The connection is gone with requests unanswered: none of them took effect, for the
         client either (a read retried elsewhere sends its Parses again, and must not find

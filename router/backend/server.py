@@ -206,6 +206,7 @@ class ServerConnection(asyncio.Protocol):
         # Replies to the router's own settings prelude are dropped up to their ReadyForQuery.
         swallow_from = 0 if self.swallow_z else -1
         rest = tail = b""
+        answered: list | None = None  # requests answered in this chunk before any byte went on
         while pos < n:
             if pos + 5 > n:
                 # A header split across reads: keep it back, forward what precedes it.
@@ -285,7 +286,7 @@ class ServerConnection(asyncio.Protocol):
                     n = pos
                     break
                 if not self.forwarded and _shutting_down(data, pos, length) and client.replica_node is not None:
-                    self._retry_elsewhere(data, pos, length)
+                    self._retry_elsewhere(data, pos, length, answered)
                     return
                 ops = st.ops
                 end = pos + 1 + length
@@ -325,7 +326,7 @@ class ServerConnection(asyncio.Protocol):
                     if hook is not None:
                         hook()
             elif t == _N and not self.forwarded and client.replica_node is not None and _shutting_down(data, pos, length):
-                self._retry_elsewhere(data, pos, length)
+                self._retry_elsewhere(data, pos, length, answered)
                 return
             elif t == _COMMAND_COMPLETE and not self.swallow_z:
                 # (Not while swallowing: the router's own prelude, such as the set_config()
@@ -356,6 +357,11 @@ class ServerConnection(asyncio.Protocol):
                         undo.failed = True
             elif st.ops and (t == _PARSE_COMPLETE or t == _CLOSE_COMPLETE):
                 op = st.ops.popleft()
+                if not self.forwarded and client.replica_node is not None:
+                    # A replica's read: it may yet be retried elsewhere (_retry_elsewhere).
+                    if answered is None:
+                        answered = []
+                    answered.append(op)
                 action = op[2]
                 if t == _PARSE_COMPLETE and op[3] is not None:
                     st.validated.add(op[3])
@@ -441,9 +447,13 @@ class ServerConnection(asyncio.Protocol):
         tenant = client.tenant.tenant_id if client.tenant is not None else client.database
         stats.record(tenant, sql, now - t0, rows, error, role, self.node)
 
-    def _retry_elsewhere(self, data: bytes, pos: int, length: int) -> None:
+    def _retry_elsewhere(self, data: bytes, pos: int, length: int, answered: list | None) -> None:
         """The server is shutting down and has told this client nothing yet: close without
-        passing the news on, so the client's read is retried on another node."""
+        passing the news on, so the client's read is retried on another node. The replies
+        read before the news (``answered``'s) are dropped with it: their requests count as
+        unanswered, so what they gave the client is taken back (``ClientConnection.server_lost``)."""
+        if answered:
+            self.stmts.unanswer(answered)
         fields = m.parse_error_fields(data[pos + 5 : pos + 1 + length])
         self.close(f"server shutting down: {fields.get('M', '')}")
 

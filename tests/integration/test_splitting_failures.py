@@ -19,11 +19,14 @@ import psycopg
 import pytest
 
 from router.config import Settings
+from router.protocol import messages as m
+from router.protocol.framing import frame
 from router.topology import TopologyMonitor
 from router.topology.lsn import LONG_PAGE_HEADER, parse_lsn
 from tests.cluster import HOST, Cluster
 from tests.conftest import router_config
 from tests.harness import RouterThread
+from tests.rawclient import RawClient
 
 WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
 INTERVAL = 0.25
@@ -44,7 +47,7 @@ def make_router(split_cluster: Cluster) -> Iterator:
 
     def make(**cluster_settings: Any) -> RouterThread:
         settings: dict[str, Any] = {}
-        for key in ("read_your_writes", "transaction_routing", "databases"):
+        for key in ("read_your_writes", "transaction_routing", "databases", "pool_size"):
             if key in cluster_settings:
                 settings[key] = cluster_settings.pop(key)
         config = router_config(split_cluster, split=True, lag_check_interval=INTERVAL, **settings)
@@ -355,44 +358,85 @@ def test_a_named_parse_retried_on_another_node(make_router, split_cluster: Clust
         except psycopg.Error as exc:
             result["error"] = exc
 
-    def lock_waiter(nodes) -> tuple[int, str] | None:
-        for node in nodes:
-            pid = split_cluster.psql(
-                f"SELECT pid FROM pg_stat_activity WHERE query = '{query}' AND wait_event_type = 'Lock'",
-                node=node, dbname="app",
-            ).strip()
-            if pid:
-                return node.port, pid
-        return None
-
     # The primary's ACCESS EXCLUSIVE lock is replayed on the replicas: a read of the table
     # waits there, with its Parse (parse analysis takes the table's lock) unanswered.
     with psycopg.connect(split_cluster.primary.dsn("app")) as locker:
         locker.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
-        split_cluster.psql("SELECT txid_current()")  # a commit: WAL flushed, the lock record streamed
-        deadline = time.monotonic() + 10
-        for replica in split_cluster.replicas:
-            while split_cluster.psql(
-                "SELECT count(*) FROM pg_locks WHERE relation = 'held'::regclass AND mode = 'AccessExclusiveLock'",
-                node=replica, dbname="app",
-            ).strip() != "1":
-                assert time.monotonic() < deadline, "the lock was not replayed"
+        _lock_replayed(split_cluster, "held")
         thread = threading.Thread(target=read, daemon=True)
         thread.start()
-        waiter = None
-        while waiter is None and time.monotonic() < deadline:
-            waiter = lock_waiter(split_cluster.replicas)
-        assert waiter is not None, "the read never waited on a replica"
-        victim = next(r for r in split_cluster.replicas if r.port == waiter[0])
-        split_cluster.psql(f"SELECT pg_terminate_backend({waiter[1]})", node=victim)
+        victim, pid = _lock_waiter(split_cluster, query, split_cluster.replicas)
+        split_cluster.psql(f"SELECT pg_terminate_backend({pid})", node=victim)
         # Retried: it waits for the lock again, on another node.
-        others = [n for n in split_cluster.nodes if n is not victim]
-        while lock_waiter(others) is None and "error" not in result:
-            assert time.monotonic() < deadline, "the read was not retried"
+        _lock_waiter(split_cluster, query, [n for n in split_cluster.nodes if n is not victim])
     thread.join(10)
     assert "error" not in result, result["error"]
     assert result["first"][0] == 0 and result["first"][1] != victim.port
     assert result["again"][0] == 0
+
+
+def test_a_stand_in_parse_reply_read_with_the_fatal_is_taken_back(make_router, split_cluster: Cluster) -> None:
+    """The replica connection already has the client's statement, so the router answers its
+    Parse with a stand-in whose reply waits in the server's output buffer while the Bind
+    behind it waits for a lock; the backend then dies and the reply comes in one read with
+    its FATAL. The read is retried elsewhere, and the client's statement name, which that
+    dropped reply had given it, is free again for the Parse sent there."""
+    router = make_router(pool_size=1)  # one server connection per node
+    split_cluster.psql("CREATE TABLE IF NOT EXISTS held (x int)", dbname="app")
+    split_cluster.wait_replay()
+    query = "SELECT count(*), inet_server_port() FROM held"
+    seen: set[int] = set()
+    deadline = time.monotonic() + 20
+    while seen != {r.port for r in split_cluster.replicas}:  # each replica's connection prepares it
+        assert time.monotonic() < deadline, f"reads reached only {seen}"
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            seen.add(conn.execute(query, prepare=True).fetchone()[1])
+    client = RawClient(router.port)
+    client.login_trust()
+    with psycopg.connect(split_cluster.primary.dsn("app")) as locker:
+        locker.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        _lock_replayed(split_cluster, "held")
+        client.send(
+            frame(b"P", b"s1\0" + query.encode() + b"\0\0\0")
+            + frame(b"B", b"\0s1\0" + b"\0" * 6)
+            + frame(b"E", b"\0\0\0\0\0")
+            + m.sync()
+        )
+        victim, pid = _lock_waiter(split_cluster, query, split_cluster.replicas)
+        split_cluster.psql(f"SELECT pg_terminate_backend({pid})", node=victim)
+        _lock_waiter(split_cluster, query, [n for n in split_cluster.nodes if n is not victim])
+    reply = client.recv_until(b"Z")
+    assert [t for t, _ in reply] == [b"1", b"2", b"D", b"C", b"Z"], reply
+    assert m.parse_data_row(reply[2][1])[1] != str(victim.port).encode()
+    client.close()
+
+
+def _lock_replayed(cluster: Cluster, table: str) -> None:
+    """Until every replica holds the ACCESS EXCLUSIVE lock an open transaction on the primary
+    took on ``table``: reads of it wait there (parse analysis locks the table)."""
+    cluster.psql("SELECT txid_current()")  # a commit: WAL flushed, the lock record streamed
+    deadline = time.monotonic() + 10
+    for replica in cluster.replicas:
+        while cluster.psql(
+            f"SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND mode = 'AccessExclusiveLock'",
+            node=replica, dbname="app",
+        ).strip() != "1":
+            assert time.monotonic() < deadline, "the lock was not replayed"
+
+
+def _lock_waiter(cluster: Cluster, query: str, nodes) -> tuple[Any, str]:
+    """The node and pid of the backend running ``query`` that waits for a lock, among
+    ``nodes`` (polled until one does)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for node in nodes:
+            pid = cluster.psql(
+                f"SELECT pid FROM pg_stat_activity WHERE query = '{query}' AND wait_event_type = 'Lock'",
+                node=node, dbname="app",
+            ).strip()
+            if pid:
+                return node, pid
+    raise AssertionError(f"no backend waits for a lock with {query!r} on {[n.port for n in nodes]}")
 
 
 def test_replica_stopped_mid_load(make_router, split_cluster: Cluster) -> None:

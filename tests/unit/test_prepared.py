@@ -1123,6 +1123,68 @@ def test_parse_of_an_existing_name_reports_the_clients_name():
     assert list(s.server.prepared) == [name]
 
 
+# --- A connection given up with replies unread or dropped (a replica's read retried elsewhere) ---
+
+
+def _sent_and_given_up(s: Session, chunk: bytes, replies_read: int) -> None:
+    """``chunk`` went to the server; the first ``replies_read`` Parse/Close replies were
+    read with the server's FATAL and dropped (ServerConnection._retry_elsewhere), then the
+    connection was lost (ClientConnection.server_lost)."""
+    s.server.sent_z = s.server.recv_z
+    s.rewrite(chunk)
+    answered = []
+    for _ in range(replies_read):
+        op = s.server.ops.popleft()
+        if op[ACTION] == DUPLICATE:
+            s.server.commit_duplicate(op)
+        answered.append(op)
+    s.server.unanswer(answered)
+    s.server.abandon()
+    assert list(s.server.ops) == []
+
+
+@pytest.mark.parametrize("replies_read", [0, 1])
+def test_a_parse_on_a_connection_given_up_leaves_the_name_free(replies_read):
+    s = Session()
+    _sent_and_given_up(s, parse(b"s1", Q1) + FLUSH, replies_read)
+    assert s.client == {}
+    # Sent again elsewhere, it is a first Parse of the name, not a second.
+    s.server = s.new_server()
+    out = s.rewrite(parse(b"s1", Q1) + FLUSH)
+    assert split(out) == split(parse(s.name(Q1), Q1) + FLUSH)
+
+
+@pytest.mark.parametrize("replies_read", [0, 1])
+def test_a_stand_in_noop_close_on_a_connection_given_up_leaves_the_name_free(replies_read):
+    s = Session()
+    s.rewrite(parse(b"other", Q1) + SYNC, client={})
+    s.answered()
+    _sent_and_given_up(s, parse(b"s1", Q1) + FLUSH, replies_read)
+    assert s.client == {}
+
+
+@pytest.mark.parametrize("replies_read", [0, 1])
+def test_a_second_parse_of_a_name_on_a_connection_given_up_leaves_the_first(replies_read):
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + SYNC)
+    s.answered()
+    first = s.client[b"s1"]
+    # The stand-in Parse succeeded (the server no longer had the statement): the client's
+    # name then meant the new text, until the reply was dropped.
+    _sent_and_given_up(s, parse(b"s1", Q2) + FLUSH, replies_read)
+    assert s.client == {b"s1": first}
+
+
+@pytest.mark.parametrize("replies_read", [0, 1])
+def test_a_close_on_a_connection_given_up_leaves_the_name(replies_read):
+    s = Session()
+    s.rewrite(parse(b"s1", Q1) + SYNC)
+    s.answered()
+    first = s.client[b"s1"]
+    _sent_and_given_up(s, close(b"S", b"s1") + FLUSH, replies_read)
+    assert s.client == {b"s1": first}
+
+
 def test_bind_of_a_statement_whose_parse_was_skipped():
     """A named Parse skipped after an error gives the client no name (26000 on its Bind)."""
     run_scripted(bind(b"", b"zz") + parse(b"a", *A) + SYNC, bind(b"", b"a") + execute() + SYNC)
