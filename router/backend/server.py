@@ -152,6 +152,7 @@ class ServerConnection(asyncio.Protocol):
         self._head = b""
         self._reading_paused_by_client = False
         self.forwarded = False
+        self.fatal_forwarded = False
         # The last chunk sent (as rewritten), and the client's own bytes of it while it is a
         # lone exchange that could run again (see ``ClientConnection.reprepare``): nothing
         # else owed, outside a transaction, no reply byte forwarded yet.
@@ -321,6 +322,10 @@ class ServerConnection(asyncio.Protocol):
                     self.call_error = "?????"  # the code lies past this read
                 if not self.swallow_z and client.settings_undo is not None:
                     client.settings_failed()  # its transaction will roll back
+                if not self.swallow_z and (
+                    data.find(b"\0VFATAL\0", pos + 5, end) >= 0 or data.find(b"\0VPANIC\0", pos + 5, end) >= 0
+                ):
+                    self.fatal_forwarded = True  # the session's last word: see ClientConnection.server_lost
                 if data.find(b"C42883\0", pos + 5, pos + 1 + length) >= 0:
                     hook = self.pool.on_undefined_function
                     if hook is not None:

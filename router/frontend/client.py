@@ -1805,6 +1805,12 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 return
         self._unroute()
         log.warning("client %s@%s/%s: server connection lost: %s", self.user, self.peer, self.database, reason)
+        if server.fatal_forwarded:
+            # The server's own FATAL has reached the client: as from PostgreSQL, nothing
+            # follows it but the end of the connection.
+            self.state = _CLOSED
+            self.transport.close()
+            return
         self.fail(
             RouterError(
                 SQLState.CONNECTION_FAILURE,

@@ -158,6 +158,27 @@ def test_server_terminated_by_admin_is_not_reused(start_router, cluster):
         assert other.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
 
 
+def test_a_server_s_fatal_mid_transaction_is_the_client_s_last_message(start_router, cluster):
+    """The server ends the session of a client inside a transaction (pg_terminate_backend):
+    the client reads PostgreSQL's FATAL, then the end of the connection, as it would from
+    PostgreSQL; the router adds no error of its own behind it."""
+    router = start_router(pool_size=1)
+    client = RawClient(router.port)
+    client.login_trust()
+    client.send(m.query("BEGIN") + m.query("SELECT pg_backend_pid()"))
+    client.recv_until(b"Z")
+    reply = client.recv_until(b"Z")
+    pid = int(m.parse_data_row(reply[1][1])[0])
+    cluster.psql(f"SELECT pg_terminate_backend({pid})")
+    msg = client.recv_message()
+    assert msg is not None and msg[0] == b"E"
+    fields = m.parse_error_fields(msg[1])
+    assert (fields["V"], fields["C"]) == ("FATAL", "57P01")
+    assert client.recv_message() is None, "something followed the FATAL"
+    router.wait_for(lambda r: pid not in {s.backend_pid for p in r.pools.pools.values() for s in p.servers},
+                    what="dead server forgotten")
+
+
 def test_a_fatal_read_with_the_last_ready_for_query_stays_with_the_server(start_router, cluster):
     """A server that ends its session right after a transaction (idle_session_timeout here;
     pg_terminate_backend, a shutdown) sends its FATAL unasked. Read in one chunk with the
@@ -167,19 +188,19 @@ def test_a_fatal_read_with_the_last_ready_for_query_stays_with_the_server(start_
     cluster.psql("CREATE TABLE IF NOT EXISTS fatal_behind_ready (x int)", dbname="app")
     client = RawClient(router.port)
     client.login_trust()
-    # Tracked by the router and set on each server connection this client uses.
-    client.send(m.query("SET idle_session_timeout = 50"))
-    assert client.recv_until(b"Z")[-1] == (b"Z", b"I")
     with psycopg.connect(cluster.primary.dsn("app")) as locker:
         locker.execute("LOCK TABLE fatal_behind_ready IN ACCESS EXCLUSIVE MODE")
-        client.send(m.query("SELECT count(*) FROM fatal_behind_ready"))
+        # One Query, so that the server is never idle between the two (it would end its
+        # session there). The setting then stays with the client, as any SET does.
+        sql = "SET idle_session_timeout = 50; SELECT count(*) FROM fatal_behind_ready"
+        client.send(m.query(sql))
         pid = None
         deadline = time.monotonic() + 10
         while pid is None and time.monotonic() < deadline:
-            pid = locker.execute(
-                "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT count(*) FROM fatal_behind_ready'"
-                " AND wait_event_type = 'Lock'"
-            ).fetchone()
+            # (Not in the locker's transaction: pg_stat_activity is read once per transaction.)
+            pid = cluster.psql(
+                f"SELECT pid FROM pg_stat_activity WHERE query = '{sql}' AND wait_event_type = 'Lock'"
+            ).strip() or None
         assert pid is not None, "the query never waited for the lock"
         # Stall the router's loop; meanwhile the query completes and its backend, idle past
         # idle_session_timeout, sends FATAL 57P05 and exits. Both wait in one socket buffer.
@@ -188,18 +209,18 @@ def test_a_fatal_read_with_the_last_ready_for_query_stays_with_the_server(start_
         assert stalled.wait(10)
     try:
         deadline = time.monotonic() + 10
-        while cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid[0]}").strip() != "0":
+        while cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}").strip() != "0":
             assert time.monotonic() < deadline, "the backend outlived idle_session_timeout"
     finally:
         resume.set()
     reply = client.recv_until(b"Z")
-    assert [t for t, _ in reply] == [b"T", b"D", b"C", b"Z"], reply
+    assert [t for t, _ in reply] == [b"C", b"T", b"D", b"C", b"Z"], reply
     assert reply[-1] == (b"Z", b"I")
     # Nothing of the FATAL follows: the next reply is the next query's own.
     client.send(m.query("SELECT 2"))
     reply = client.recv_until(b"Z")
     assert [t for t, _ in reply] == [b"T", b"D", b"C", b"Z"], reply
-    assert pid[0] not in server_pids(router)
+    assert int(pid) not in server_pids(router)
     client.close()
 
 
