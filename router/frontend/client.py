@@ -56,6 +56,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 
 # Frontend message types (PostgreSQL docs, 55.7).
 _Q, _S, _F, _X, _H = ord("Q"), ord("S"), ord("F"), ord("X"), ord("H")
+_FLUSH = b"H\0\0\0\4"
 # Extended-protocol messages: until a Sync follows them the server may still owe replies.
 _EXTENDED = frozenset(b"PBEDCH")
 # Messages that name a prepared statement, rewritten in transaction mode (router/prepared.py).
@@ -1187,6 +1188,11 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if self._dropping_copy or (not start and data and data[0] in _COPY):
             data, start = self._drop_orphan_copy_data(data, start)
         if not data:
+            return
+        if data[0] == _H and not start and not self._held and data == _FLUSH * (len(data) // 5):
+            # Flush alone with nothing owed (psycopg sends one once its pipeline's replies
+            # are in): a server would send nothing, and one taken for it would never be
+            # given back (no ReadyForQuery comes).
             return
         if rewrite & _NEEDS_REWRITE and syncs == 1 and start == 0 and not self._held:
             reply = local_parse_reply(

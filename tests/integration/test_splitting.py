@@ -15,8 +15,10 @@ import asyncpg
 import psycopg
 import pytest
 
+from router.protocol import messages as m
 from tests.cluster import Cluster
 from tests.harness import RouterThread
+from tests.rawclient import RawClient
 
 WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
 
@@ -668,3 +670,28 @@ def test_session_settings_follow_the_client_to_every_node(split_router: RouterTh
             assert (path, tenant) == ("pg_catalog, public", "acme"), (in_recovery, port)
             if in_recovery:
                 replicas.add(port)
+
+
+def test_a_lone_flush_between_transactions_takes_no_server(split_router: RouterThread) -> None:
+    """psycopg can send a Flush by itself once its pipeline's replies are in. Nothing is owed
+    then, so there is nothing to flush: it must not take a server connection, which no
+    ReadyForQuery would ever give back (the client held a replica idle, and a BEGIN sent
+    next waited for that replica to finish, for ever)."""
+    client = RawClient(split_router.port)
+    client.login_trust()
+    client.send(m.query("SELECT 1"))
+    client.recv_until(b"Z")
+
+    def clients(r):
+        return list(r.clients.values())
+
+    split_router.call(lambda r: [setattr(c, "heard", False) for c in clients(r)])
+    client.send(b"H\0\0\0\4")
+    split_router.wait_for(lambda r: all(c.heard for c in clients(r)), what="the Flush read")
+    assert split_router.call(lambda r: [c.server for c in clients(r)]) == [None]
+    client.send(m.query("BEGIN") + m.query("SELECT pg_is_in_recovery()") + m.query("COMMIT"))
+    client.recv_until(b"Z")
+    reply = client.recv_until(b"Z")
+    assert m.parse_data_row(reply[1][1]) == [b"f"]  # a read-write transaction: the primary
+    client.recv_until(b"Z")
+    client.close()
