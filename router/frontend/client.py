@@ -1185,7 +1185,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                 self._watch_for_writes(data, start, rewrite)
             self._send(server, data, start, syncs, rewrite)
             return
-        if self._dropping_copy or (not start and data and data[0] in _COPY):
+        if self._dropping_copy or (not start and data and data[0] in _COPY and not self._held):
+            # (With messages held, a COPY among them waits for a server connection and this
+            # is its data: asyncpg sends it without waiting for CopyInResponse.)
             data, start = self._drop_orphan_copy_data(data, start)
         if not data:
             return

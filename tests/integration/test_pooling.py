@@ -224,6 +224,37 @@ def test_a_fatal_read_with_the_last_ready_for_query_stays_with_the_server(start_
     client.close()
 
 
+def test_copy_data_sent_while_waiting_for_a_server_follows_its_copy(start_router, cluster):
+    """asyncpg sends a COPY FROM STDIN's data right behind the query, without waiting for
+    CopyInResponse. When the query waits for a server connection (pool busy, or one being
+    opened), that data is the COPY's and must follow it there, not be dropped as the
+    leftovers of a failed COPY: the server would wait for it for ever, and so would the
+    client."""
+    router = start_router(pool_size=1)
+    cluster.psql("CREATE TABLE IF NOT EXISTS copy_waiting (x int)", dbname="app")
+    holder = psycopg.connect(router.dsn("carol"), autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")  # holds the only server connection
+    client = RawClient(router.port)
+    client.login_trust()
+
+    def send_and_wait_until_read(data: bytes) -> None:
+        router.call(lambda r: [setattr(c, "heard", False) for c in r.clients.values()])
+        client.send(data)
+        router.wait_for(lambda r: all(c.heard or c.server is not None for c in r.clients.values()),
+                        what="the client's bytes read")
+
+    send_and_wait_until_read(m.query("COPY copy_waiting FROM STDIN"))
+    send_and_wait_until_read(frame(b"d", b"1\n") + frame(b"d", b"2\n") + frame(b"c", b""))
+    holder.execute("COMMIT")
+    reply = client.recv_until(b"Z")
+    assert [t for t, _ in reply] == [b"G", b"C", b"Z"], reply
+    assert reply[1][1] == b"COPY 2\0"
+    assert cluster.psql("SELECT count(*) FROM copy_waiting", dbname="app").strip() == "2"
+    client.close()
+    holder.close()
+
+
 def test_client_disconnecting_mid_transaction(start_router, cluster):
     """The next client on that server connection starts outside any transaction and sees none
     of the dead client's uncommitted work."""
