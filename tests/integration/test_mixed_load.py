@@ -3,10 +3,12 @@ backends are terminated under them: what one client does never shows in another'
 and what the router keeps (statement names, settings, pooled connections) stays right.
 
 The targeted tests pin each behaviour down; this one looks for what only their mix shows.
-It found four bugs: a FATAL read with a transaction's last reply went to the client whose
-transaction had ended; a replica's read retried elsewhere met its own statement name (42P05),
-once through an unanswered Parse and once through a reply dropped with the FATAL; and a lone
-Flush from psycopg took a server connection that nothing gave back.
+It (and the throwaway chaos runs it grew from) found five bugs: a FATAL read with a
+transaction's last reply went to the client whose transaction had ended; a replica's read
+retried elsewhere met its own statement name (42P05), once through an unanswered Parse and
+once through a reply dropped with the FATAL; a lone Flush from psycopg took a server
+connection that nothing gave back; and asyncpg's COPY data, sent while its query waited for
+a server connection, was dropped.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ class Load:
             action = "connect"
             try:
                 if conn is None:
-                    conn = await asyncpg.connect(self.router.dsn("carol"), server_settings={"application_name": f"{APP}{w}"})
+                    # command_timeout: a call left without a reply fails the test instead of hanging it.
+                    conn = await asyncpg.connect(self.router.dsn("carol"), command_timeout=20,
+                                                 server_settings={"application_name": f"{APP}{w}"})
                     await conn.execute(f"SET mixed.w = '{mine}'")
-                action = rnd.choice("settings write write read prepared cancel error abandon timeout".split())
+                action = rnd.choice("settings write write read prepared cancel error abandon timeout copy pin".split())
                 self.actions[action] += 1
                 if action == "settings":
                     got = tuple(await conn.fetchrow(
@@ -113,6 +117,24 @@ class Load:
                     await conn.execute("INSERT INTO mixed (w, n) VALUES ($1, -1)", w)
                     conn.terminate()
                     conn = None
+                elif action == "copy":
+                    # asyncpg sends the data without waiting for CopyInResponse.
+                    records = [(w, -2 - i) for i in range(rnd.randrange(1, 40))]
+                    async with conn.transaction():
+                        await conn.copy_records_to_table("mixed", records=records)
+                        copied = await conn.execute("DELETE FROM mixed WHERE w = $1 AND n <= -2", w)
+                    if copied != f"DELETE {len(records)}":
+                        self.wrong.append(f"client {w}: copied {len(records)} rows, deleted {copied}")
+                elif action == "pin":
+                    # A session advisory lock pins the client to its server connection.
+                    await conn.execute("SELECT pg_advisory_lock($1)", w)
+                    held = await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1"
+                        " AND pid = pg_backend_pid()", w,
+                    )
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                    if held != 1:
+                        self.wrong.append(f"client {w}: its advisory lock is not on its connection")
                 elif action == "timeout":
                     try:
                         async with conn.transaction():
@@ -215,9 +237,9 @@ def test_mixed_clients_while_backends_are_terminated(cluster: Cluster) -> None:
         print(f"actions {dict(load.actions)}; connections lost {dict(load.lost)}")
         assert load.wrong == []
         assert load.actions["terminated"] > 10 and sum(load.lost.values()) > 0, "nothing was terminated"
-        assert all(load.actions[a] > 10 for a in ("settings", "write", "prepared", "cancel", "abandon"))
+        assert all(load.actions[a] > 10 for a in ("settings", "write", "prepared", "cancel", "abandon", "copy", "pin"))
         # A client gone mid-transaction: its row was rolled back, every time.
-        assert cluster.psql("SELECT count(*) FROM mixed WHERE n < 0", dbname="app").strip() == "0"
+        assert cluster.psql("SELECT count(*) FROM mixed WHERE n = -1", dbname="app").strip() == "0"
         # Every client has left: no server connection is still in use or waited for.
         router.wait_for(
             lambda r: all(p.stats()["active"] == 0 and p.stats()["waiting"] == 0 for p in r.pools.pools.values()),
