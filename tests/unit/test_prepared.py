@@ -1163,25 +1163,23 @@ def test_a_stand_in_noop_close_on_a_connection_given_up_leaves_the_name_free(rep
     assert s.client == {}
 
 
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        # The stand-in Parse succeeds when the server no longer has the statement: the
+        # client's name then means the new text, until the reply is dropped.
+        parse(b"s1", Q2) + FLUSH,
+        close(b"S", b"s1") + FLUSH,
+    ],
+    ids=["second parse", "close"],
+)
 @pytest.mark.parametrize("replies_read", [0, 1])
-def test_a_second_parse_of_a_name_on_a_connection_given_up_leaves_the_first(replies_read):
+def test_a_parse_or_close_of_a_name_on_a_connection_given_up_leaves_it(chunk, replies_read):
     s = Session()
     s.rewrite(parse(b"s1", Q1) + SYNC)
     s.answered()
     first = s.client[b"s1"]
-    # The stand-in Parse succeeded (the server no longer had the statement): the client's
-    # name then meant the new text, until the reply was dropped.
-    _sent_and_given_up(s, parse(b"s1", Q2) + FLUSH, replies_read)
-    assert s.client == {b"s1": first}
-
-
-@pytest.mark.parametrize("replies_read", [0, 1])
-def test_a_close_on_a_connection_given_up_leaves_the_name(replies_read):
-    s = Session()
-    s.rewrite(parse(b"s1", Q1) + SYNC)
-    s.answered()
-    first = s.client[b"s1"]
-    _sent_and_given_up(s, close(b"S", b"s1") + FLUSH, replies_read)
+    _sent_and_given_up(s, chunk, replies_read)
     assert s.client == {b"s1": first}
 
 
