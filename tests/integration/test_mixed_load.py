@@ -51,6 +51,13 @@ class Load:
         self.lost = Counter()  # connections lost to terminated backends, by error
         self.actions = Counter()
 
+    def note_error(self, who: str, exc: BaseException) -> None:
+        """A lost connection is counted; any other error is wrong."""
+        if connection_lost(exc):
+            self.lost[type(exc).__name__] += 1
+        else:
+            self.wrong.append(f"{who}: {exc!r}")
+
     async def asyncpg_client(self, w: int) -> None:
         rnd = random.Random(w)
         mine = f"w{w}"
@@ -143,11 +150,8 @@ class Load:
                         self.wrong.append(f"client {w}: statement_timeout did not fire")
                     except asyncpg.QueryCanceledError:
                         pass
-            except Exception as exc:  # noqa: BLE001 - sorted below
-                if connection_lost(exc):
-                    self.lost[type(exc).__name__] += 1
-                else:
-                    self.wrong.append(f"client {w} ({action}): {exc!r}")
+            except Exception as exc:  # noqa: BLE001 - sorted by note_error
+                self.note_error(f"client {w} ({action})", exc)
                 if conn is not None:
                     conn.terminate()
                 conn = None
@@ -180,10 +184,7 @@ class Load:
                     with conn.transaction():
                         conn.execute("SELECT count(*) FROM mixed WHERE w = %s", (w,))
             except psycopg.Error as exc:
-                if connection_lost(exc):
-                    self.lost[type(exc).__name__] += 1
-                else:
-                    self.wrong.append(f"psycopg client {w} ({action}): {exc!r}")
+                self.note_error(f"psycopg client {w} ({action})", exc)
                 if conn is not None:
                     conn.close()
                 conn = None
