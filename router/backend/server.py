@@ -595,6 +595,10 @@ class ServerConnection(asyncio.Protocol):
         """Run a statement on an unlinked connection and read through its ReadyForQuery;
         returns the parameters the server reported meanwhile (ParameterStatus). Raises
         RouterError on an ErrorResponse (the connection is then still usable)."""
+        if self.closed or self.transport.is_closing():
+            # Closed in this loop turn, its connection_lost still to come (a client leaving
+            # as its server drops): lost, as a read would find it.
+            raise RouterError(SQLState.CONNECTION_FAILURE, "server closed the connection")
         self.write(m.query(sql))
         error: RouterError | None = None
         reported: dict[str, str] = {}

@@ -897,3 +897,30 @@ def test_entries_of_one_real_database_in_two_pool_modes_get_a_pool_each(start_ro
         assert session.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
         modes = router.call(lambda r: sorted((p.key.dbname, p.settings.mode.value) for p in r.pools.pools.values()))
         assert modes == [("app", "session"), ("app", "transaction")]
+
+
+
+def test_a_session_client_leaving_as_its_server_dies_logs_no_failure(start_router, caplog):
+    """A departing client's server connection is reset (here: ROLLBACK) before it is pooled
+    again. When both ends drop in the same loop turn, the client's first, the reset finds
+    the server connection closed: a lost connection like any other, not a failure of the
+    router (it used to write to the closed transport and log a traceback)."""
+    caplog.set_level(logging.ERROR)
+    router = start_router(pool_mode="session", pool_size=2)
+    leaving = psycopg.connect(router.dsn("carol"), autocommit=True)
+    leaving.execute("BEGIN")
+    leaving.execute("SELECT 1")
+
+    def both_ends_drop(r) -> None:
+        (client,) = r.clients.values()
+        server = client.server
+        client.transport.abort()  # connection_lost comes later in this turn, in this order
+        server.transport.abort()
+
+    router.call(both_ends_drop)
+    router.wait_for(lambda r: not r.clients and not r._tasks and not any(p.servers for p in r.pools.pools.values()),
+                    what="the client gone, the reset over and its server connection forgotten")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
+        assert other.execute("SELECT 1").fetchone() == (1,)
+    leaving.close()
