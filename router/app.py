@@ -747,26 +747,29 @@ class Router:
         if self.clients.get(client.cancel_pid) is client:
             del self.clients[client.cancel_pid]
 
-    def cancel(self, pid: int, key: int, *, from_sibling: bool = False) -> None:
+    def cancel(self, pid: int, key: int, *, from_sibling: bool = False) -> asyncio.Task | None:
         """A CancelRequest: cancel what that client runs now, if anything. A key another worker
         issued goes to it; one nobody here issued, to the other instances (frontend/cancel.py);
-        else it is ignored, as PostgreSQL does for a key it does not know."""
+        else it is ignored, as PostgreSQL does for a key it does not know. Returns the task
+        that delivers it, if any: done once the server (or the worker, or Redis) has it."""
         client = self.clients.get(pid)
+        done = None
         if client is not None and client.matches_cancel_key(key):
             outcome = CancelOutcome.LOCAL
-            self._cancel_client(client)
+            done = self._cancel_client(client)
         elif not from_sibling and self.worker is not None and self.worker.owner_of(pid) != self.worker.index:
             from router.workers.control import forward_cancel
 
             outcome = CancelOutcome.FORWARDED
-            self.spawn(forward_cancel(self.worker, self.worker.owner_of(pid), pid, key))
+            done = self.spawn(forward_cancel(self.worker, self.worker.owner_of(pid), pid, key))
         elif self.cancel_relay is not None:
             outcome = CancelOutcome.RELAYED
-            self.spawn(self.cancel_relay.publish(pid, key))
+            done = self.spawn(self.cancel_relay.publish(pid, key))
         else:
             outcome = CancelOutcome.UNKNOWN
             log.info("ignoring CancelRequest with unknown key")
         self.cancel_outcomes[outcome] += 1
+        return done
 
     def cancel_relayed(self, pid: int, key: int) -> None:
         """A CancelRequest another instance relayed: cancel it if the key is ours, else
@@ -776,14 +779,14 @@ class Router:
             self.cancel_outcomes[CancelOutcome.LOCAL] += 1
             self._cancel_client(client)
 
-    def _cancel_client(self, client: ClientConnection) -> None:
+    def _cancel_client(self, client: ClientConnection) -> asyncio.Task | None:
         server = client.server
         if server is None:
             client.cancel_waiting()
-            return
+            return None
         if server.pending == 0:
-            return
-        self.cancel_query(server)
+            return None
+        return self.cancel_query(server)
 
     def pause_database(self, name: str) -> None:
         """The admin console's PAUSE: the next transactions of clients of database ``name``
@@ -927,10 +930,10 @@ class Router:
         )
         return 1
 
-    def cancel_query(self, server: ServerConnection) -> None:
+    def cancel_query(self, server: ServerConnection) -> asyncio.Task:
         """Send the server connection's backend a CancelRequest (in the background)."""
         server.cancels_in_flight += 1
-        self.spawn(self._send_cancel(server))
+        return self.spawn(self._send_cancel(server))
 
     def _tick(self, now: float) -> None:
         """Each pool janitor pass (PoolManager.on_tick)."""

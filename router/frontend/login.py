@@ -113,7 +113,12 @@ class LoginMixin:
         while True:
             packet = await self._read_startup_packet()
             if isinstance(packet, CancelRequest):
-                self.router.cancel(packet.process_id, packet.secret_key)
+                delivered = self.router.cancel(packet.process_id, packet.secret_key)
+                if delivered is not None:
+                    # As PostgreSQL, close only once the server has the cancel: libpq and
+                    # asyncpg wait for the close before their next statement, which a late
+                    # cancel would otherwise hit. (Shielded: the cancel outlives this task.)
+                    await asyncio.shield(delivered)
                 self.state = CLOSED
                 self.transport.close()
                 return None

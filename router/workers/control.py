@@ -87,7 +87,10 @@ class ControlServer:
                 request = await reader.read(MAX_REQUEST + 1)
                 while len(request) <= MAX_REQUEST and (more := await reader.read(MAX_REQUEST)):
                     request += more
-                reply = self._answer(request)
+                if request[:1] == CANCEL:
+                    reply = await self._cancel(request[1:])
+                else:
+                    reply = self._answer(request)
                 if reply:
                     writer.write(reply)
                     await writer.drain()
@@ -96,14 +99,19 @@ class ControlServer:
         finally:
             writer.close()
 
+    async def _cancel(self, payload: bytes) -> bytes:
+        """A sibling's CancelRequest; answered (empty) once the server has it, so that the
+        client's cancel connection closes only then, as PostgreSQL's does."""
+        packet = parse_startup_packet(payload)
+        if not isinstance(packet, CancelRequest):
+            raise ProtocolError("control socket: C needs a CancelRequest")
+        delivered = self.router.cancel(packet.process_id, packet.secret_key, from_sibling=True)
+        if delivered is not None:
+            await asyncio.shield(delivered)
+        return b""
+
     def _answer(self, request: bytes) -> bytes:
         command, payload = request[:1], request[1:]
-        if command == CANCEL:
-            packet = parse_startup_packet(payload)
-            if not isinstance(packet, CancelRequest):
-                raise ProtocolError("control socket: C needs a CancelRequest")
-            self.router.cancel(packet.process_id, packet.secret_key, from_sibling=True)
-            return b""
         if command == METRICS and not payload:
             return generate_latest(self.registry)
         if command == RELOAD and not payload:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import socket
 import threading
 import time
 
@@ -109,6 +113,35 @@ def test_cancel_reaches_the_running_query_and_nothing_else(start_router, cluster
     assert victim.execute("SELECT 1").fetchone() == (1,)
     victim.close()
     bystander.close()
+
+
+def test_the_cancel_connection_closes_once_the_server_has_the_cancel(start_router, cluster):
+    """As PostgreSQL does, the router closes a CancelRequest's connection only once the
+    cancel has reached the server (the postmaster has closed the router's own cancel
+    connection). libpq and asyncpg wait for that close before their next statement: closed
+    sooner, a cancel sent as the query ended anyway could still land, late, on the client's
+    next statement on the same backend (session mode, a transaction). Here the primary's
+    postmaster is stopped, so the router's cancel cannot be taken until it goes on."""
+    router = start_router(pool_mode="session", pool_size=1)
+    client = RawClient(router.port)
+    login = client.login_trust()
+    (key_data,) = [body for t, body in login if t == b"K"]
+    client.send(m.query("SELECT pg_sleep(20)"))
+    _wait_running(cluster, "SELECT pg_sleep(20)")
+    postmaster = cluster.primary.pid()
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        canceller = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+        canceller.sendall(build_cancel_request(*m.parse_backend_key_data(key_data)))
+        readable, _, _ = select.select([canceller], [], [], 0.5)  # the close it must not send yet
+        assert not readable, "the cancel connection closed before the server had the cancel"
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    assert canceller.recv(1) == b""  # closed once the postmaster has taken it
+    canceller.close()
+    reply = client.recv_until(b"Z")
+    assert [m.parse_error_fields(body)["C"] for t, body in reply if t == b"E"] == ["57014"], reply
+    client.close()
 
 
 def test_cancel_with_unknown_key_is_ignored(start_router, cluster):

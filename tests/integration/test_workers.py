@@ -212,7 +212,19 @@ def test_a_cancel_through_the_other_worker_cancels_the_query(workers: Workers, c
     wait_for(lambda: sleeping(cluster, "cancel-through-sibling"), 10, "the query to run")
     started = time.monotonic()
     canceller, via = connection_on(workers, avoid=owner)
-    canceller.sendall(build_cancel_request(pid, key))
+    # With the postmasters stopped the cancel cannot reach the server, and the canceller's
+    # connection stays open, as PostgreSQL's would: through both workers.
+    postmasters = [node.pid() for node in cluster.nodes]
+    for pm in postmasters:
+        os.kill(pm, signal.SIGSTOP)
+    try:
+        canceller.sendall(build_cancel_request(pid, key))
+        readable, _, _ = select.select([canceller], [], [], 0.5)  # the close it must not send yet
+        assert not readable, "the cancel connection closed before the server had the cancel"
+    finally:
+        for pm in postmasters:
+            os.kill(pm, signal.SIGCONT)
+    assert canceller.recv(1) == b""  # closed once the postmaster has taken it
     thread.join(10)
     assert outcome == ["57014"], f"{outcome} (cancel sent through worker {via}, query on {owner})"
     assert time.monotonic() - started < 5
