@@ -572,10 +572,14 @@ class Pool:
                 self.connecting -= 1
         except RouterError as exc:
             log.warning("pool %s: cannot open a server connection: %s", self.name, exc.message)
-            # Fail the oldest waiter with the reason rather than letting it time out blindly.
+            # Fail the oldest waiter with the reason rather than letting it time out blindly;
+            # those behind it get an attempt of their own (one that got as far as a socket
+            # starts it from connection_lost: forget).
             if for_waiters and self.waiters:
                 waiter, _ = self.waiters.popleft()
                 waiter.server_failed(exc)
+            if self.waiters and len(self.servers) + self.connecting < self.settings.size and not self.capped():
+                self._start_connect(for_waiters=True)
             for cap in self.caps:
                 cap.slot_freed()
             return

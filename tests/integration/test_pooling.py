@@ -924,3 +924,51 @@ def test_a_session_client_leaving_as_its_server_dies_logs_no_failure(start_route
     with psycopg.connect(router.dsn("carol"), autocommit=True) as other:
         assert other.execute("SELECT 1").fetchone() == (1,)
     leaving.close()
+
+
+
+def test_each_waiter_gets_its_own_connect_attempt(start_router, cluster):
+    """A failed attempt to open a server connection fails the oldest waiter with its reason;
+    the clients queued behind it get attempts of their own, and their own answers, rather
+    than waiting out query_wait_timeout with no attempt under way. (They did when the
+    attempt was refused outright: after a primary went down, its pool's queue timed out with
+    53300 long after the failover.) The router reaches the primary through its Unix socket,
+    which is moved away to refuse connections."""
+    primary = cluster.primary
+    router = start_router(
+        clusters={"main": {"primary": {"host": str(primary.socket_dir), "port": primary.port}}},
+        pool_size=1,
+        query_wait_timeout=8,
+    )
+    clients = [RawClient(router.port) for _ in range(2)]
+    for client in clients:
+        client.login_trust()
+        client.send(m.query("SELECT 1"))
+        client.recv_until(b"Z")
+    (pid,) = server_pids(router)
+    cluster.psql(f"SELECT pg_terminate_backend({pid})")
+    router.wait_for(lambda r: not any(p.servers for p in r.pools.pools.values()), what="the server connection gone")
+    socket_file = primary.socket_dir / f".s.PGSQL.{primary.port}"
+    away = socket_file.with_name(socket_file.name + ".away")
+    socket_file.rename(away)
+    try:
+        # Both queries read in one loop turn: the first starts the only attempt the pool
+        # has room for, the second queues behind it.
+        stalled, resume = threading.Event(), threading.Event()
+        router.loop.call_soon_threadsafe(lambda: (stalled.set(), resume.wait(20)))
+        assert stalled.wait(10)
+        try:
+            for client in clients:
+                client.send(m.query("SELECT 2"))
+        finally:
+            resume.set()
+        # Each its own attempt's answer, as when the server refuses a login: FATAL 08006.
+        for client in clients:
+            fields = client.error_and_close()
+            assert (fields["S"], fields["C"]) == ("FATAL", "08006"), fields
+            assert "could not connect to server" in fields["M"], fields
+            client.close()
+    finally:
+        away.rename(socket_file)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:  # the server is back
+        assert conn.execute("SELECT 3").fetchone() == (3,)
