@@ -8,12 +8,16 @@ transaction's last reply went to the client whose transaction had ended; a repli
 retried elsewhere met its own statement name (42P05), once through an unanswered Parse and
 once through a reply dropped with the FATAL; a lone Flush from psycopg took a server
 connection that nothing gave back; and asyncpg's COPY data, sent while its query waited for
-a server connection, was dropped.
+a server connection, was dropped. Run in session mode too, it found two more: a reset of a
+departing client's server connection wrote to a closed transport (a logged traceback), and
+a cancel's connection closed before the cancel reached the server, so that it could hit
+the client's next statement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -21,6 +25,7 @@ from collections import Counter
 
 import asyncpg
 import psycopg
+import pytest
 
 from router.config import Settings
 from tests.cluster import Cluster
@@ -214,10 +219,17 @@ def terminate_backends(cluster: Cluster, deadline: float, count: Counter) -> Non
         time.sleep(0.1)  # the pace of the terminations, not a synchronisation
 
 
-def test_mixed_clients_while_backends_are_terminated(cluster: Cluster) -> None:
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_mixed_clients_while_backends_are_terminated(cluster: Cluster, pool_mode: str, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="pgrouter")
     cluster.psql("DROP TABLE IF EXISTS mixed; CREATE TABLE mixed (w int, n int)", dbname="app")
     cluster.wait_replay()
-    router = RouterThread(Settings(**router_config(cluster, split=True, pool_size=3, max_prepared_statements=16)))
+    # Session mode: a server connection per client (and one more, for a client that
+    # reconnects while its old one is being reset).
+    pool_size = 3 if pool_mode == "transaction" else WORKERS + PSYCOPG_WORKERS + 2
+    router = RouterThread(Settings(**router_config(
+        cluster, split=True, pool_mode=pool_mode, pool_size=pool_size, max_prepared_statements=16,
+    )))
     router.start()
     try:
         router.wait_for(lambda r: len(r.splits["main"].topology.eligible_replicas()) == 2,
@@ -260,5 +272,7 @@ def test_mixed_clients_while_backends_are_terminated(cluster: Cluster) -> None:
                 node=node,
             ).strip()
             assert busy == "0", f"{busy} backends of the router not idle on {node.port}"
+        # Nothing went wrong inside the router either (a failed background task, say).
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     finally:
         router.stop()
