@@ -153,6 +153,9 @@ class ServerConnection(asyncio.Protocol):
         self._reading_paused_by_client = False
         self.forwarded = False
         self.fatal_forwarded = False
+        # A replica refused the client's read as a write (25006): closed so that it runs on
+        # the primary (ClientConnection.server_lost).
+        self.refused_write = False
         # The last chunk sent (as rewritten), and the client's own bytes of it while it is a
         # lone exchange that could run again (see ``ClientConnection.reprepare``): nothing
         # else owed, outside a transaction, no reply byte forwarded yet.
@@ -288,6 +291,14 @@ class ServerConnection(asyncio.Protocol):
                     break
                 if not self.forwarded and _shutting_down(data, pos, length) and client.replica_node is not None:
                     self._retry_elsewhere(data, pos, length, answered)
+                    return
+                if (
+                    not self.forwarded
+                    and not self.swallow_z
+                    and data.find(b"C25006\0", pos + 5, pos + 1 + length) >= 0
+                    and client.refused_on_replica()
+                ):
+                    self._retry_on_primary(data, pos, length, answered)
                     return
                 ops = st.ops
                 end = pos + 1 + length
@@ -461,6 +472,18 @@ class ServerConnection(asyncio.Protocol):
             self.stmts.unanswer(answered)
         fields = m.parse_error_fields(data[pos + 5 : pos + 1 + length])
         self.close(f"server shutting down: {fields.get('M', '')}")
+
+    def _retry_on_primary(self, data: bytes, pos: int, length: int, answered: list | None) -> None:
+        """The replica refused the client's read as a write (25006: a view over a volatile
+        function, say) before any byte of the reply went on: close without passing the error
+        on, so that the read runs on the primary. The connection is sound, but this is rare
+        (the statement's verdict is learned) and the retry path is the one a failed replica
+        takes. As in ``_retry_elsewhere``, the replies read before the error are taken back."""
+        if answered:
+            self.stmts.unanswer(answered)
+        self.refused_write = True
+        fields = m.parse_error_fields(data[pos + 5 : pos + 1 + length])
+        self.close(f"replica refused a write ({fields.get('M', '')}); running it on the primary")
 
     def _slow_data(self, data: bytes) -> None:
         self._reader.feed(data)

@@ -40,6 +40,7 @@ from router.routing.verdict import (
     Reason,
     StatementKind,
     Target,
+    Verdict,
 )
 from router.session import IDENTITY_SETTINGS, STARTUP_IDENTITY_PIN, SessionSettings, set_config_sql
 from router.stats.traffic import NO_TRAFFIC
@@ -1425,9 +1426,36 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._replay = None
         self._replay_begin = None
 
-    def _retry_read(self, error: str, attached: bool) -> bool:
+    def refused_on_replica(self) -> bool:
+        """The replica refused this read as a write (25006) before any reply byte reached the
+        client: a view over a volatile function, say, which the statement's text does not
+        show. Its statements go to the primary from now on (VerdictCache.refused_by_replica);
+        True when that changed a verdict and the read can run again (``_retry_read``). False
+        otherwise (a hint, a verdict learned before that a read-only session keeps on a
+        replica anyway): the error is the client's, as PostgreSQL would give it."""
+        replay = self._replay
+        if self.replica_node is None or self._retried or replay is None or self.state == _CLOSED:
+            return False
+        verdicts = self.db_route.verdicts
+        learned: list[bytes] = []
+
+        def learn(sql: bytes) -> Verdict:
+            if verdicts.refused_by_replica(sql):
+                learned.append(sql)
+            return verdicts.verdict(sql)
+
+        held_verdict(replay, learn, self.statement_sql, None)
+        if learned:
+            log.info("client %s@%s/%s: a replica refused a read as a write; it runs on the primary, as"
+                     " its statements will from now on: %s", self.user, self.peer, self.database,
+                     "; ".join(sql.decode("utf-8", "replace")[:200] for sql in learned))  # fmt: skip
+        return bool(learned)
+
+    def _retry_read(self, error: str, attached: bool, refused: bool = False) -> bool:
         """The replica under a read failed before any reply byte reached the client: run it
-        once more elsewhere. False when that is not possible (it is then an error as usual)."""
+        once more elsewhere. False when that is not possible (it is then an error as usual).
+        ``refused``: the replica refused it as a write (25006, ``refused_on_replica``); the
+        replica is sound and the read's statements now go to the primary."""
         node = self.replica_node
         if node is None or self._retried or self.state == _CLOSED:
             return False
@@ -1438,9 +1466,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         else:
             replay, begin = self._replay, self._replay_begin
         self._unroute()
-        self.db_route.split.node_failed(node, error)
-        log.info("client %s@%s/%s: replica %s:%d failed (%s); retrying the read elsewhere",
-                 self.user, self.peer, self.database, node.host, node.port, error)
+        if not refused:  # (a refusal was logged by refused_on_replica; the replica is sound)
+            self.db_route.split.node_failed(node, error)
+            log.info("client %s@%s/%s: replica %s:%d failed (%s); retrying the read elsewhere",
+                     self.user, self.peer, self.database, node.host, node.port, error)
         self._retried = True
         self._held = replay + self._held
         self._held_bytes = sum(len(entry[0]) for entry in self._held)
@@ -1809,7 +1838,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         reason = server.closing_reason or "server closed the connection unexpectedly"
         if not server.forwarded:
             server.stmts.abandon()
-            if self._retry_read(reason, attached=True):
+            if self._retry_read(reason, attached=True, refused=server.refused_write):
                 return
         self._unroute()
         log.warning("client %s@%s/%s: server connection lost: %s", self.user, self.peer, self.database, reason)

@@ -74,6 +74,7 @@ _PLAIN_WRITE = re.compile(rb"(?i)\s*(?:insert|update|delete|merge)\s")
 _EXPLAIN = re.compile(rb"(?i)\bexplain\b")
 _READ = PLAIN_READ = Verdict(Target.REPLICA, Reason.READ)  # what a plain SELECT gets, unparsed
 _WRITE = Verdict(Target.PRIMARY, Reason.WRITE)
+_REFUSED = Verdict(Target.PRIMARY, Reason.REFUSED_BY_REPLICA)
 
 
 def _constants_may_matter(sql: bytes, classification: Classification) -> bool:
@@ -92,7 +93,8 @@ class VerdictCache:
     In front of the classifier's own LRU (keyed by decoded text): a hit here skips the decode.
     A ``TextCache`` (router/sqlkey.py): texts that differ only in constants share an entry,
     unless a constant may change the verdict (``_constants_may_matter``).
-    FIFO-bounded; a catalog change (``reset``) starts it afresh.
+    FIFO-bounded; a catalog change (``reset``) starts it afresh, but for the reads replicas
+    refused as writes (``refused_by_replica``).
     """
 
     def __init__(
@@ -104,6 +106,9 @@ class VerdictCache:
     ) -> None:
         self._classify = classify
         self._entries: TextCache[Verdict] = TextCache(maxsize, shapes=True)
+        # Reads a replica refused as writes (refused_by_replica): what no classifier can see,
+        # so kept when a catalog change (reset) forgets the rest.
+        self._refused: TextCache[Verdict] = TextCache(maxsize, shapes=True)
         self.maxsize = maxsize
         self.max_text = max_text
         self.encoding = encoding
@@ -130,9 +135,25 @@ class VerdictCache:
             if verdict == _READ:
                 verdict = _READ  # one object: callers test ``is PLAIN_READ`` for the fast route
             exact = _constants_may_matter(sql, classification)
+        if verdict is _READ and self._refused and self._refused.get(sql) is not None:
+            verdict = _REFUSED
         if len(sql) <= self.max_text:
             entries.put(sql, verdict, exact=exact)
         return verdict
+
+    def refused_by_replica(self, sql: bytes) -> bool:
+        """A replica refused ``sql`` as a write (25006) that its verdict sent there as a read:
+        from now on it (and texts that share its entry) goes to the primary. A hinted text
+        keeps its hint. Returns whether the verdict changed."""
+        if self.verdict(sql) is not _READ:
+            return False
+        refused = self._refused
+        refused.put(sql, _REFUSED, exact=True)
+        refused.put(sql, _REFUSED)
+        # Texts of its shape judged before (under other keys: more digits, say) find the
+        # refusal once they are judged again: start the verdicts afresh. Rare, so cheap.
+        self.reset()
+        return True
 
     def classification(self, sql: bytes) -> Classification | None:
         """The full classification (slow path: interceptions), None if undecodable."""

@@ -77,6 +77,9 @@ class Reason(StrEnum):
     PREPARED_STATEMENT = "prepared_statement"  # EXECUTE: the session may know the statement
     UNPARSABLE = "unparsable"
     UNKNOWN = "unknown"  # parsed, but a statement type the classifier does not know
+    # A replica refused it with 25006 (read_only_sql_transaction): it writes where the text
+    # does not show it (a view over a volatile function, say). Learned, never classified.
+    REFUSED_BY_REPLICA = "refused_by_replica"
     # --- a leading /* pgrouter: ... */ comment decided ---
     HINT = "hint"
 
@@ -95,6 +98,7 @@ SUSPECTED_WRITE_REASONS = frozenset(
         Reason.TRANSACTION_BEGIN_READ_WRITE,
         Reason.UNPARSABLE,
         Reason.UNKNOWN,
+        Reason.REFUSED_BY_REPLICA,
     }
 )
 

@@ -6,6 +6,8 @@ Nothing here pauses, stops or promotes a node; tests that do are in test_splitti
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import threading
 import time
@@ -695,3 +697,54 @@ def test_a_lone_flush_between_transactions_takes_no_server(split_router: RouterT
     assert m.parse_data_row(reply[1][1]) == [b"f"]  # a read-write transaction: the primary
     client.recv_until(b"Z")
     client.close()
+
+
+def test_a_read_a_replica_refuses_as_a_write_runs_on_the_primary(start_router, cluster: Cluster, caplog) -> None:
+    """A SELECT of a view over a volatile function writes where its text does not show it.
+    The replica refuses it (25006) before any byte of a reply reached the client: the router
+    runs it on the primary instead, and sends that statement (and texts like it) there from
+    then on, leaving the replica in service. Where the client asked for a replica (a
+    read-only transaction or session, SET pgrouter.target) the 25006 is its answer, as
+    PostgreSQL would give it."""
+    cluster.psql(
+        "CREATE TABLE IF NOT EXISTS refused_log (x int);"
+        " CREATE OR REPLACE FUNCTION refused_note() RETURNS int LANGUAGE sql VOLATILE"
+        "  AS 'INSERT INTO refused_log VALUES (1) RETURNING x';"
+        " CREATE OR REPLACE VIEW refused_view AS SELECT refused_note() AS x, pg_is_in_recovery() AS standby",
+        dbname="app",
+    )
+    cluster.wait_replay()
+    caplog.set_level(logging.INFO, logger="pgrouter.client")
+    router = start_router(split=True)
+    wait_replicas_eligible(router)
+    sql = "SELECT x, standby FROM refused_view WHERE x > %s"
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        assert conn.execute(sql, (0,), prepare=False).fetchone() == (1, False)
+    # A change of the function catalog starts the verdicts afresh, but for the refusals. (A
+    # new session: this one's write sends its reads to the primary for a while anyway.)
+    router.call(lambda r: [route.verdicts.reset() for route in r.db_routes.values()])
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        for _ in range(2):  # a named statement now
+            assert conn.execute(sql, (0,), prepare=True).fetchone() == (1, False)
+    # The client's own choice of a replica keeps the replica's answer.
+    for choose in ("BEGIN READ ONLY", "SET pgrouter.target = replica"):
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            conn.execute(choose)
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute(sql, (0,))
+
+    async def through_asyncpg() -> tuple:
+        conn = await asyncpg.connect(router.dsn("carol"))
+        try:  # asyncpg sends the same text as psycopg: known by now
+            return tuple(await conn.fetchrow("SELECT x, standby FROM refused_view WHERE x > $1", 0))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(through_asyncpg()) == (1, False)
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as other:  # reads still split
+        assert other.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+    # One refusal, then straight to the primary; no replica was taken out of service.
+    refusals = [r for r in caplog.records if "refused a read as a write" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
+    assert router.call(lambda r: len(r.splits["main"].topology.eligible_replicas())) == 2
+    assert cluster.psql("SELECT count(*) FROM refused_log", dbname="app").strip() == "4"

@@ -224,6 +224,37 @@ def test_verdict_cache_is_bounded_and_resettable() -> None:
     assert len(calls) == 11
 
 
+REFUSED = Verdict(Target.PRIMARY, Reason.REFUSED_BY_REPLICA)
+
+
+@pytest.mark.parametrize(
+    ("refused", "learned", "then", "expected"),
+    [
+        # a plain read (no parse), then the same text and the same shape with other constants
+        (b"SELECT x FROM v WHERE id = 1", True, b"SELECT x FROM v WHERE id = 1", REFUSED),
+        (b"SELECT x FROM v WHERE id = 1", True, b"SELECT x FROM v WHERE id = 27", REFUSED),  # judged before too
+        (b"SELECT x FROM v WHERE name = 'a'", True, b"SELECT x FROM v WHERE name = 'bb'", REFUSED),
+        (b"SELECT x FROM v WHERE id = $1", True, b"SELECT x FROM v WHERE id = $1", REFUSED),
+        # a read the parser judged (a CTE) and a read of another view: unaffected
+        (b"WITH a AS (SELECT 1) SELECT x FROM v, a", True, b"WITH a AS (SELECT 1) SELECT x FROM v, a", REFUSED),
+        (b"SELECT x FROM v WHERE id = 1", True, b"SELECT x FROM w WHERE id = 1", PLAIN_READ),
+        # what the client chose, or what goes to the primary anyway: nothing to learn
+        (b"/* pgrouter: replica */ SELECT x FROM v", False, b"/* pgrouter: replica */ SELECT x FROM v",
+         Verdict(Target.REPLICA, Reason.HINT)),
+        (b"INSERT INTO t VALUES (1)", False, b"INSERT INTO t VALUES (1)", Verdict(Target.PRIMARY, Reason.WRITE)),
+        (b"BEGIN READ ONLY", False, b"BEGIN READ ONLY", None),
+    ],
+)
+def test_a_read_a_replica_refused_goes_to_the_primary(refused: bytes, learned: bool, then: bytes, expected) -> None:
+    cache, _ = _counting_cache()
+    before = cache.verdict(then)
+    assert cache.refused_by_replica(refused) is learned
+    assert cache.verdict(then) == (before if expected is None else expected)
+    # A catalog change forgets the classifier's verdicts, not what a replica refused.
+    cache.reset()
+    assert cache.verdict(then) == (before if expected is None else expected)
+
+
 def test_texts_that_differ_only_in_numbers_share_a_verdict() -> None:
     cache, calls = _counting_cache()
     for i in (1, 5, 9, 3):
