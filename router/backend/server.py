@@ -293,10 +293,10 @@ class ServerConnection(asyncio.Protocol):
                     self._retry_elsewhere(data, pos, length, answered)
                     return
                 if (
-                    not self.forwarded
+                    client.replica_node is not None
                     and not self.swallow_z
                     and data.find(b"C25006\0", pos + 5, pos + 1 + length) >= 0
-                    and client.refused_on_replica()
+                    and client.refused_on_replica(retry=not self.forwarded)
                 ):
                     self._retry_on_primary(data, pos, length, answered)
                     return

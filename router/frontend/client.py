@@ -1426,15 +1426,17 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._replay = None
         self._replay_begin = None
 
-    def refused_on_replica(self) -> bool:
-        """The replica refused this read as a write (25006) before any reply byte reached the
-        client: a view over a volatile function, say, which the statement's text does not
-        show. Its statements go to the primary from now on (VerdictCache.refused_by_replica);
-        True when that changed a verdict and the read can run again (``_retry_read``). False
-        otherwise (a hint, a verdict learned before that a read-only session keeps on a
-        replica anyway): the error is the client's, as PostgreSQL would give it."""
+    def refused_on_replica(self, retry: bool) -> bool:
+        """The replica refused this read as a write (25006): a view over a volatile function,
+        say, which the statement's text does not show. Its statements go to the primary from
+        now on (VerdictCache.refused_by_replica). True when that changed a verdict and the
+        read can run again (``_retry_read``): ``retry``, no reply byte has reached the client
+        (asyncpg's Describe before its Execute has: that error stays the client's, the next
+        run goes to the primary). False otherwise, also for a hint, or a verdict learned
+        before that a read-only session keeps on a replica anyway: the error is the client's,
+        as PostgreSQL would give it."""
         replay = self._replay
-        if self.replica_node is None or self._retried or replay is None or self.state == _CLOSED:
+        if self.replica_node is None or replay is None or self.state == _CLOSED:
             return False
         verdicts = self.db_route.verdicts
         learned: list[bytes] = []
@@ -1445,11 +1447,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             return verdicts.verdict(sql)
 
         held_verdict(replay, learn, self.statement_sql, None)
-        if learned:
-            log.info("client %s@%s/%s: a replica refused a read as a write; it runs on the primary, as"
-                     " its statements will from now on: %s", self.user, self.peer, self.database,
-                     "; ".join(sql.decode("utf-8", "replace")[:200] for sql in learned))  # fmt: skip
-        return bool(learned)
+        if not learned:
+            return False
+        again = retry and not self._retried
+        log.info("client %s@%s/%s: a replica refused a read as a write; %s, as its statements will from now on: %s",
+                 self.user, self.peer, self.database,
+                 "it runs on the primary" if again else "the error is the client's (replies had gone on), the next run goes to the primary",
+                 "; ".join(sql.decode("utf-8", "replace")[:200] for sql in learned))  # fmt: skip
+        return again
 
     def _retry_read(self, error: str, attached: bool, refused: bool = False) -> bool:
         """The replica under a read failed before any reply byte reached the client: run it
