@@ -1428,32 +1428,36 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def refused_on_replica(self, retry: bool) -> bool:
         """The replica refused this read as a write (25006): a view over a volatile function,
-        say, which the statement's text does not show. Its statements go to the primary from
-        now on (VerdictCache.refused_by_replica). True when that changed a verdict and the
-        read can run again (``_retry_read``): ``retry``, no reply byte has reached the client
+        say, which the statement's text does not show. When the read is one text run on its
+        own (no BEGIN: in a transaction the refusal may be another statement's, LISTEN in a
+        read-only one, say), that text goes to the primary from now on
+        (VerdictCache.refused_by_replica). True when that changed its verdict and the read
+        can run again (``_retry_read``): ``retry``, no reply byte has reached the client
         (asyncpg's Describe before its Execute has: that error stays the client's, the next
         run goes to the primary). False otherwise, also for a hint, or a verdict learned
         before that a read-only session keeps on a replica anyway: the error is the client's,
         as PostgreSQL would give it."""
         replay = self._replay
-        if self.replica_node is None or replay is None or self.state == _CLOSED:
+        if self.replica_node is None or replay is None or self._replay_begin is not None or self.state == _CLOSED:
             return False
         verdicts = self.db_route.verdicts
-        learned: list[bytes] = []
+        texts: set[bytes] = set()
 
-        def learn(sql: bytes) -> Verdict:
-            if verdicts.refused_by_replica(sql):
-                learned.append(sql)
+        def note(sql: bytes) -> Verdict:
+            texts.add(sql)
             return verdicts.verdict(sql)
 
-        held_verdict(replay, learn, self.statement_sql, None)
-        if not learned:
+        held_verdict(replay, note, self.statement_sql, None)
+        if len(texts) != 1:
+            return False
+        (sql,) = texts
+        if not verdicts.refused_by_replica(sql):
             return False
         again = retry and not self._retried
-        log.info("client %s@%s/%s: a replica refused a read as a write; %s, as its statements will from now on: %s",
+        log.info("client %s@%s/%s: a replica refused a read as a write; %s, as it will from now on: %s",
                  self.user, self.peer, self.database,
                  "it runs on the primary" if again else "the error is the client's (replies had gone on), the next run goes to the primary",
-                 "; ".join(sql.decode("utf-8", "replace")[:200] for sql in learned))  # fmt: skip
+                 sql.decode("utf-8", "replace")[:200])  # fmt: skip
         return again
 
     def _retry_read(self, error: str, attached: bool, refused: bool = False) -> bool:
