@@ -1434,9 +1434,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         (VerdictCache.refused_by_replica). True when that changed its verdict and the read
         can run again (``_retry_read``): ``retry``, no reply byte has reached the client
         (asyncpg's Describe before its Execute has: that error stays the client's, the next
-        run goes to the primary). False otherwise, also for a hint, or a verdict learned
-        before that a read-only session keeps on a replica anyway: the error is the client's,
-        as PostgreSQL would give it."""
+        run goes to the primary); also when another client's refusal taught it meanwhile.
+        False otherwise, also for a hint, or a verdict learned before that a read-only
+        session keeps on a replica anyway: the error is the client's, as PostgreSQL would
+        give it."""
         replay = self._replay
         if self.replica_node is None or replay is None or self._replay_begin is not None or self.state == _CLOSED:
             return False
@@ -1451,14 +1452,21 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if len(texts) != 1:
             return False
         (sql,) = texts
-        if not verdicts.refused_by_replica(sql):
-            return False
         again = retry and not self._retried
-        log.info("client %s@%s/%s: a replica refused a read as a write; %s, as it will from now on: %s",
-                 self.user, self.peer, self.database,
-                 "it runs on the primary" if again else "the error is the client's (replies had gone on), the next run goes to the primary",
-                 sql.decode("utf-8", "replace")[:200])  # fmt: skip
-        return again
+        if verdicts.refused_by_replica(sql):
+            log.info("client %s@%s/%s: a replica refused a read as a write; %s, as it will from now on: %s",
+                     self.user, self.peer, self.database,
+                     "it runs on the primary" if again else "the error is the client's (replies had gone on), the next run goes to the primary",
+                     sql.decode("utf-8", "replace")[:200])  # fmt: skip
+            return again
+        # Learned by another client meanwhile (this read was routed before): the primary, too,
+        # unless this session keeps such statements on a replica.
+        return (
+            again
+            and verdicts.verdict(sql).reason is Reason.REFUSED_BY_REPLICA
+            and self.session_target is None
+            and not self.read_only_session
+        )
 
     def _retry_read(self, error: str, attached: bool, refused: bool = False) -> bool:
         """The replica under a read failed before any reply byte reached the client: run it

@@ -757,3 +757,51 @@ def test_a_read_a_replica_refuses_as_a_write_runs_on_the_primary(start_router, c
     assert len(refusals) == 2, [r.getMessage() for r in refusals]
     assert router.call(lambda r: len(r.splits["main"].topology.eligible_replicas())) == 2
     assert cluster.psql("SELECT count(*) FROM refused_log", dbname="app").strip() == "5"
+
+
+def test_two_reads_a_replica_refuses_at_once_both_run_on_the_primary(start_router, cluster: Cluster, caplog) -> None:
+    """Two clients run the same new text at once, both on replicas: the first refusal
+    teaches the router, and the second, routed before that, runs on the primary too rather
+    than finding the verdict changed and passing its 25006 on. Both reads wait on the
+    replicas for a lock the primary took on the view, so that both are there together."""
+    from tests.integration.test_splitting_failures import _lock_replayed
+
+    cluster.psql(
+        "CREATE TABLE IF NOT EXISTS refused_log (x int);"
+        " CREATE OR REPLACE FUNCTION refused_note() RETURNS int LANGUAGE sql VOLATILE"
+        "  AS 'INSERT INTO refused_log VALUES (1) RETURNING x';"
+        " CREATE OR REPLACE VIEW refused_twice AS SELECT refused_note() AS x, pg_is_in_recovery() AS standby",
+        dbname="app",
+    )
+    cluster.wait_replay()
+    caplog.set_level(logging.INFO, logger="pgrouter.client")
+    router = start_router(split=True)
+    wait_replicas_eligible(router)
+    sql = "SELECT x, standby FROM refused_twice WHERE x > $1"
+    outcomes: list = []
+
+    def read() -> None:
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            try:
+                outcomes.append(conn.execute(sql.replace("$1", "%s"), (0,)).fetchone())
+            except psycopg.Error as exc:
+                outcomes.append(exc.sqlstate)
+
+    with psycopg.connect(cluster.primary.dsn("app")) as locker:
+        locker.execute("LOCK TABLE refused_twice IN ACCESS EXCLUSIVE MODE")
+        _lock_replayed(cluster, "refused_twice")
+        threads = [threading.Thread(target=read) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while sum(
+            int(cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}' AND wait_event_type = 'Lock'",
+                             node=replica, dbname="app"))
+            for replica in cluster.replicas
+        ) < 2:
+            assert time.monotonic() < deadline, "the reads did not both wait on replicas"
+    for t in threads:
+        t.join(20)
+    assert outcomes == [(1, False), (1, False)]
+    refusals = [r for r in caplog.records if "refused a read as a write" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
