@@ -332,7 +332,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self._replay: list | None = None  # what the replica got, for one retry elsewhere
         self._replay_bytes = 0
         self._replay_begin: bytes | None = None
-        self._retried = False
+        self._retried = self._refusal_retried = False
         self._reroute = False  # chunks held until the replica is done: they need the primary
         self._chunk_unsynced = False
         # client_idle_timeout (Router.end_idle_clients): whether anything came since the
@@ -1452,7 +1452,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         if len(texts) != 1:
             return False
         (sql,) = texts
-        again = retry and not self._retried
+        again = retry and not self._refusal_retried
         if verdicts.refused_by_replica(sql):
             log.info("client %s@%s/%s: a replica refused a read as a write; %s, as it will from now on: %s",
                      self.user, self.peer, self.database,
@@ -1474,7 +1474,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         ``refused``: the replica refused it as a write (25006, ``refused_on_replica``); the
         replica is sound and the read's statements now go to the primary."""
         node = self.replica_node
-        if node is None or self._retried or self.state == _CLOSED:
+        if node is None or (self._refusal_retried if refused else self._retried) or self.state == _CLOSED:
             return False
         if not attached:
             replay, begin = [], self.deferred_begin  # never sent: what it holds is all
@@ -1487,7 +1487,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self.db_route.split.node_failed(node, error)
             log.info("client %s@%s/%s: replica %s:%d failed (%s); retrying the read elsewhere",
                      self.user, self.peer, self.database, node.host, node.port, error)
-        self._retried = True
+        if refused:
+            self._refusal_retried = True  # apart from a failure's retry: it goes to the primary
+        else:
+            self._retried = True
         self._held = replay + self._held
         self._held_bytes = sum(len(entry[0]) for entry in self._held)
         self.deferred_begin = begin
@@ -1829,7 +1832,7 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         self.server = None
         self.watch_writes = False
         self._unroute()
-        self._retried = False
+        self._retried = self._refusal_retried = False
         self._reroute = False
         server.unlink()
         if self._read_paused_by_server:

@@ -805,3 +805,42 @@ def test_two_reads_a_replica_refuses_at_once_both_run_on_the_primary(start_route
     assert outcomes == [(1, False), (1, False)]
     refusals = [r for r in caplog.records if "refused a read as a write" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]
+
+
+def test_a_read_retried_after_a_failure_and_then_refused_runs_on_the_primary(start_router, cluster: Cluster) -> None:
+    """A read whose replica failed under it runs again on the other replica; if that one
+    refuses it as a write, it still runs on the primary: a refusal's retry is apart from a
+    failure's. The read waits on the replicas for a lock the primary took on the view, so
+    that its first replica's backend can be terminated under it."""
+    from tests.integration.test_splitting_failures import _lock_replayed, _lock_waiter
+
+    cluster.psql(
+        "CREATE TABLE IF NOT EXISTS refused_log (x int);"
+        " CREATE OR REPLACE FUNCTION refused_note() RETURNS int LANGUAGE sql VOLATILE"
+        "  AS 'INSERT INTO refused_log VALUES (1) RETURNING x';"
+        " CREATE OR REPLACE VIEW refused_after AS SELECT refused_note() AS x, pg_is_in_recovery() AS standby",
+        dbname="app",
+    )
+    cluster.wait_replay()
+    router = start_router(split=True)
+    wait_replicas_eligible(router)
+    sql = "SELECT x, standby FROM refused_after WHERE x > $1"
+    outcome: list = []
+
+    def read() -> None:
+        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+            try:
+                outcome.append(conn.execute(sql.replace("$1", "%s"), (0,)).fetchone())
+            except psycopg.Error as exc:
+                outcome.append(exc.sqlstate)
+
+    with psycopg.connect(cluster.primary.dsn("app")) as locker:
+        locker.execute("LOCK TABLE refused_after IN ACCESS EXCLUSIVE MODE")
+        _lock_replayed(cluster, "refused_after")
+        thread = threading.Thread(target=read)
+        thread.start()
+        first, pid = _lock_waiter(cluster, sql, cluster.replicas)
+        cluster.psql(f"SELECT pg_terminate_backend({pid})", node=first)
+        _lock_waiter(cluster, sql, [r for r in cluster.replicas if r is not first])
+    thread.join(20)
+    assert outcome == [(1, False)]
