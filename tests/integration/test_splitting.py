@@ -7,11 +7,13 @@ Nothing here pauses, stops or promotes a node; tests that do are in test_splitti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import asyncpg
 import psycopg
@@ -699,6 +701,40 @@ def test_a_lone_flush_between_transactions_takes_no_server(split_router: RouterT
     client.close()
 
 
+def _view_that_writes(cluster: Cluster, name: str) -> None:
+    """A view whose every read inserts a row (refused_log): a write its SELECT does not show."""
+    cluster.psql(
+        "CREATE TABLE IF NOT EXISTS refused_log (x int);"
+        " CREATE OR REPLACE FUNCTION refused_note() RETURNS int LANGUAGE sql VOLATILE"
+        "  AS 'INSERT INTO refused_log VALUES (1) RETURNING x';"
+        f" CREATE OR REPLACE VIEW {name} AS SELECT refused_note() AS x, pg_is_in_recovery() AS standby",
+        dbname="app",
+    )
+    cluster.wait_replay()
+
+
+@contextlib.contextmanager
+def _view_locked(cluster: Cluster, name: str) -> Iterator[None]:
+    """``_view_that_writes``, locked by a transaction on the primary (ACCESS EXCLUSIVE,
+    replayed): reads of it wait on the replicas until the block ends."""
+    from tests.integration.test_splitting_failures import _lock_replayed
+
+    _view_that_writes(cluster, name)
+    with psycopg.connect(cluster.primary.dsn("app")) as locker:
+        locker.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
+        _lock_replayed(cluster, name)
+        yield
+
+
+def _read_view(router: RouterThread, sql: str, outcomes: list) -> None:
+    """Run ``sql`` (with $1 = 0) in a session of its own: its row, or its SQLSTATE."""
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        try:
+            outcomes.append(conn.execute(sql.replace("$1", "%s"), (0,)).fetchone())
+        except psycopg.Error as exc:
+            outcomes.append(exc.sqlstate)
+
+
 def test_a_read_a_replica_refuses_as_a_write_runs_on_the_primary(start_router, cluster: Cluster, caplog) -> None:
     """A SELECT of a view over a volatile function writes where its text does not show it.
     The replica refuses it (25006) before any byte of a reply reached the client: the router
@@ -706,14 +742,7 @@ def test_a_read_a_replica_refuses_as_a_write_runs_on_the_primary(start_router, c
     then on, leaving the replica in service. Where the client asked for a replica (a
     read-only transaction or session, SET pgrouter.target) the 25006 is its answer, as
     PostgreSQL would give it."""
-    cluster.psql(
-        "CREATE TABLE IF NOT EXISTS refused_log (x int);"
-        " CREATE OR REPLACE FUNCTION refused_note() RETURNS int LANGUAGE sql VOLATILE"
-        "  AS 'INSERT INTO refused_log VALUES (1) RETURNING x';"
-        " CREATE OR REPLACE VIEW refused_view AS SELECT refused_note() AS x, pg_is_in_recovery() AS standby",
-        dbname="app",
-    )
-    cluster.wait_replay()
+    _view_that_writes(cluster, "refused_view")
     caplog.set_level(logging.INFO, logger="pgrouter.client")
     router = start_router(split=True)
     wait_replicas_eligible(router)
@@ -764,33 +793,13 @@ def test_two_reads_a_replica_refuses_at_once_both_run_on_the_primary(start_route
     teaches the router, and the second, routed before that, runs on the primary too rather
     than finding the verdict changed and passing its 25006 on. Both reads wait on the
     replicas for a lock the primary took on the view, so that both are there together."""
-    from tests.integration.test_splitting_failures import _lock_replayed
-
-    cluster.psql(
-        "CREATE TABLE IF NOT EXISTS refused_log (x int);"
-        " CREATE OR REPLACE FUNCTION refused_note() RETURNS int LANGUAGE sql VOLATILE"
-        "  AS 'INSERT INTO refused_log VALUES (1) RETURNING x';"
-        " CREATE OR REPLACE VIEW refused_twice AS SELECT refused_note() AS x, pg_is_in_recovery() AS standby",
-        dbname="app",
-    )
-    cluster.wait_replay()
     caplog.set_level(logging.INFO, logger="pgrouter.client")
     router = start_router(split=True)
     wait_replicas_eligible(router)
     sql = "SELECT x, standby FROM refused_twice WHERE x > $1"
     outcomes: list = []
-
-    def read() -> None:
-        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
-            try:
-                outcomes.append(conn.execute(sql.replace("$1", "%s"), (0,)).fetchone())
-            except psycopg.Error as exc:
-                outcomes.append(exc.sqlstate)
-
-    with psycopg.connect(cluster.primary.dsn("app")) as locker:
-        locker.execute("LOCK TABLE refused_twice IN ACCESS EXCLUSIVE MODE")
-        _lock_replayed(cluster, "refused_twice")
-        threads = [threading.Thread(target=read) for _ in range(2)]
+    with _view_locked(cluster, "refused_twice"):
+        threads = [threading.Thread(target=_read_view, args=(router, sql, outcomes)) for _ in range(2)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
@@ -812,32 +821,14 @@ def test_a_read_retried_after_a_failure_and_then_refused_runs_on_the_primary(sta
     refuses it as a write, it still runs on the primary: a refusal's retry is apart from a
     failure's. The read waits on the replicas for a lock the primary took on the view, so
     that its first replica's backend can be terminated under it."""
-    from tests.integration.test_splitting_failures import _lock_replayed, _lock_waiter
+    from tests.integration.test_splitting_failures import _lock_waiter
 
-    cluster.psql(
-        "CREATE TABLE IF NOT EXISTS refused_log (x int);"
-        " CREATE OR REPLACE FUNCTION refused_note() RETURNS int LANGUAGE sql VOLATILE"
-        "  AS 'INSERT INTO refused_log VALUES (1) RETURNING x';"
-        " CREATE OR REPLACE VIEW refused_after AS SELECT refused_note() AS x, pg_is_in_recovery() AS standby",
-        dbname="app",
-    )
-    cluster.wait_replay()
     router = start_router(split=True)
     wait_replicas_eligible(router)
     sql = "SELECT x, standby FROM refused_after WHERE x > $1"
     outcome: list = []
-
-    def read() -> None:
-        with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
-            try:
-                outcome.append(conn.execute(sql.replace("$1", "%s"), (0,)).fetchone())
-            except psycopg.Error as exc:
-                outcome.append(exc.sqlstate)
-
-    with psycopg.connect(cluster.primary.dsn("app")) as locker:
-        locker.execute("LOCK TABLE refused_after IN ACCESS EXCLUSIVE MODE")
-        _lock_replayed(cluster, "refused_after")
-        thread = threading.Thread(target=read)
+    with _view_locked(cluster, "refused_after"):
+        thread = threading.Thread(target=_read_view, args=(router, sql, outcome))
         thread.start()
         first, pid = _lock_waiter(cluster, sql, cluster.replicas)
         cluster.psql(f"SELECT pg_terminate_backend({pid})", node=first)
