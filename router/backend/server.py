@@ -298,7 +298,8 @@ class ServerConnection(asyncio.Protocol):
                     and data.find(b"C25006\0", pos + 5, pos + 1 + length) >= 0
                     and client.refused_on_replica(retry=not self.forwarded)
                 ):
-                    self._retry_on_primary(data, pos, length, answered)
+                    self.refused_write = True
+                    self._retry_elsewhere(data, pos, length, answered)
                     return
                 ops = st.ops
                 end = pos + 1 + length
@@ -464,26 +465,20 @@ class ServerConnection(asyncio.Protocol):
         stats.record(tenant, sql, now - t0, rows, error, role, self.node)
 
     def _retry_elsewhere(self, data: bytes, pos: int, length: int, answered: list | None) -> None:
-        """The server is shutting down and has told this client nothing yet: close without
-        passing the news on, so the client's read is retried on another node. The replies
-        read before the news (``answered``'s) are dropped with it: their requests count as
-        unanswered, so what they gave the client is taken back (``ClientConnection.server_lost``)."""
+        """The server is shutting down, or (``refused_write``) the replica refused the read as
+        a write, and has told this client nothing yet: close without passing the news on, so
+        the client's read runs again on another node (ClientConnection.server_lost); after a
+        refusal, on the primary. That connection is sound, but refusals are rare (the text is
+        learned) and this is the path a failed replica takes. The replies read before the
+        news (``answered``'s) are dropped with it: their requests count as unanswered, so
+        what they gave the client is taken back."""
         if answered:
             self.stmts.unanswer(answered)
         fields = m.parse_error_fields(data[pos + 5 : pos + 1 + length])
-        self.close(f"server shutting down: {fields.get('M', '')}")
-
-    def _retry_on_primary(self, data: bytes, pos: int, length: int, answered: list | None) -> None:
-        """The replica refused the client's read as a write (25006: a view over a volatile
-        function, say) before any byte of the reply went on: close without passing the error
-        on, so that the read runs on the primary. The connection is sound, but this is rare
-        (the statement's verdict is learned) and the retry path is the one a failed replica
-        takes. As in ``_retry_elsewhere``, the replies read before the error are taken back."""
-        if answered:
-            self.stmts.unanswer(answered)
-        self.refused_write = True
-        fields = m.parse_error_fields(data[pos + 5 : pos + 1 + length])
-        self.close(f"replica refused a write ({fields.get('M', '')}); running it on the primary")
+        if self.refused_write:
+            self.close(f"replica refused a write ({fields.get('M', '')}); running it on the primary")
+        else:
+            self.close(f"server shutting down: {fields.get('M', '')}")
 
     def _slow_data(self, data: bytes) -> None:
         self._reader.feed(data)
