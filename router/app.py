@@ -30,12 +30,14 @@ from router.protocol.startup import build_cancel_request
 from router.routing.classify import ClassifierCache
 from router.routing.functions import FunctionCatalog
 from router.routing.route import (
+    FLUSHES,
     PLAIN_READ,
     RouteReason,
     VerdictCache,
     decide,
     held_verdict,
     lone_statement_sql,
+    open_segment,
 )
 from router.routing.verdict import StatementKind
 from router.routing.verdict import Target as NodeKind
@@ -1147,6 +1149,10 @@ class Router:
                 read_only_session=read_only,
                 pinned=bool(client.pins),
             )
+        if target is NodeKind.REPLICA and reason is RouteReason.READ and client.unsynced and open_segment(held) != FLUSHES:
+            # Its Sync has not come (route.open_segment): after a round trip, or past what
+            # waits for the Sync, a write may still join its implicit transaction.
+            target, reason = NodeKind.PRIMARY, RouteReason.WRITE
         if target is NodeKind.REPLICA:
             node, why = split.replica(client)
             if node is not None:

@@ -31,7 +31,15 @@ from router.prepared import (
 from router.protocol import messages as m
 from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import frame
-from router.routing.route import RESTORE_SHIFT, RouteReason, decide, held_verdict
+from router.routing.route import (
+    AFTER_SYNC,
+    FLUSHES,
+    RESTORE_SHIFT,
+    RouteReason,
+    decide,
+    held_verdict,
+    open_segment,
+)
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
 from router.routing.statements import created_session_functions
 from router.routing.verdict import (
@@ -216,6 +224,9 @@ MAX_REPLAY_BYTES = 256 * 1024
 # While a client waits for a server connection its messages are held; past this many bytes we
 # stop reading from it so a waiting client cannot grow the router's memory without bound.
 MAX_HELD_BYTES = 1 << 20
+# A read whose Sync has not come waits for it (ClientConnection._waits_for_sync) up to this
+# many bytes held; then it runs on the primary, where whatever follows may run too.
+MAX_UNSYNCED_HELD = 64 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
@@ -1225,6 +1236,8 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             self._route_and_acquire()
 
     def _route_and_acquire(self) -> None:
+        if self.unsynced and self._waits_for_sync():
+            return
         try:
             pool = self.router.pool_for_transaction(self)
         except TenantPaused as paused:
@@ -1242,6 +1255,24 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             pool.wait_for_server(self)
 
     # --- read/write splitting ----------------------------------------------------------
+
+    def _waits_for_sync(self) -> bool:
+        """Whether the held messages, which end before a Sync, wait for more before they are
+        routed: a pipeline's segment is one implicit transaction, and a read that opens it
+        may be followed by a write (psycopg sends each statement as it comes, the Sync last).
+        No server would answer before the Sync or a Flush anyway. Not when a write already
+        sends it to the primary (a COPY FROM waits for its CopyInResponse, not a Sync), a
+        sync point or Flush among the held messages means the client may wait for replies,
+        or MAX_UNSYNCED_HELD bytes are held (route.open_segment; app.pool_for_transaction
+        then picks the primary)."""
+        route = self.db_route
+        if route is None or self.pool_mode is PoolMode.SESSION or self._held_bytes > MAX_UNSYNCED_HELD:
+            return False
+        held = self._held
+        if open_segment(held) & (AFTER_SYNC | FLUSHES):
+            return False
+        _, combined, _ = held_verdict(held, route.verdicts.verdict, self.statement_sql, self.last_unnamed)
+        return combined is None or combined.target is not Target.PRIMARY
 
     def statement_sql(self, name: bytes) -> bytes | None:
         """The query text of the client's named statement ``name``, if it has one."""
@@ -1382,6 +1413,13 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             # a chunk waits to be rerouted belong to the chunks that wait: server_ready.)
             return False
         if server.tx_status == m.IDLE and not self._chunk_unsynced and start == 0:
+            if self.unsynced:
+                # It opens a segment that its Sync does not close yet, which a write may join:
+                # routed afresh (_waits_for_sync) once the replica's work is done.
+                self._reroute = True
+                self._held.append(entry)
+                self._held_bytes += len(data)
+                return True
             route = self.db_route
             _, combined, _ = held_verdict([entry], route.verdicts.verdict, self.statement_sql, self.last_unnamed)
             if combined is not None and combined.target is Target.PRIMARY:

@@ -16,6 +16,13 @@ The rules, in order (README, "Read/write splitting"):
    where a real write fails anyway.
 3. BEGIN READ ONLY / START TRANSACTION READ ONLY / SET TRANSACTION READ ONLY: a replica.
 4. Everything else that is replica-compatible: a replica.
+
+Extended-protocol messages up to a Sync are one implicit transaction, and a pipeline (psycopg,
+libpq) sends them as they come, the Sync last: a read may open it and a write follow. So a
+segment whose Sync has not come (``open_segment``) is routed once the Sync comes, or a Flush
+asks for replies; a segment that asked for replies of an Execute before its Sync (it may go
+on with a write after that round trip), or follows another segment in the held messages, runs
+on the primary. A Parse and Describe flushed before their Execute (asyncpg) stay readable.
 """
 
 from __future__ import annotations
@@ -42,7 +49,12 @@ _Q, _P, _B, _S = ord("Q"), ord("P"), ord("B"), ord("S")
 # Query or Sync. Its SQL is the router's, not the client's, and decides nothing here.
 RESTORE_SHIFT = 5
 _D, _E = ord("D"), ord("E")
+_F, _H = ord("F"), ord("H")
 _SYNC = b"S\x00\x00\x00\x04"
+# open_segment's flags.
+AFTER_SYNC = 1  # a Sync, Query or FunctionCall comes before the open segment
+EXECUTES = 2  # the open segment has an Execute
+FLUSHES = 4  # the open segment has a Flush: its client may wait for replies before its Sync
 
 
 class RouteReason(StrEnum):
@@ -251,6 +263,25 @@ def held_verdict(
                     combined = verdict
             pos = end
     return first, combined, last_unnamed
+
+
+def open_segment(chunks: list[tuple[bytes, int, int, int]]) -> int:
+    """What held chunks ``(data, start, ...)`` that end before a Sync show of the messages
+    after their last sync point (the open segment, one implicit transaction so far): the
+    flags AFTER_SYNC, EXECUTES and FLUSHES."""
+    flags = 0
+    for data, start, _syncs, _flags in chunks:
+        pos, n = start, len(data)
+        while pos + 5 <= n:
+            t = data[pos]
+            if t == _S or t == _Q or t == _F:
+                flags = AFTER_SYNC
+            elif t == _E:
+                flags |= EXECUTES
+            elif t == _H:
+                flags |= FLUSHES
+            pos += 1 + _unpack_len(data, pos + 1)[0]
+    return flags
 
 
 def decide(

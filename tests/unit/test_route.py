@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 from router.routing.classify import classify
 from router.routing.functions import FunctionCatalog
 from router.routing.route import (
+    AFTER_SYNC,
+    EXECUTES,
+    FLUSHES,
     PLAIN_READ,
     RESTORE_SHIFT,
     RouteReason,
@@ -20,6 +23,7 @@ from router.routing.route import (
     held_verdict,
     is_plain_select,
     lone_statement_sql,
+    open_segment,
 )
 from router.routing.verdict import Reason, StatementKind, Target, Verdict
 from router.sqlkey import cache_key
@@ -421,3 +425,43 @@ def test_lone_statement_sql_agrees_with_the_full_scan(messages: list[bytes], cut
     assert first == combined == verdict(sql.decode())
     assert data.endswith(wire.SYNC) or data[0] == ord("Q")
     assert data.count(b"S\x00\x00\x00\x04") <= 1
+
+
+_READ_RUN = wire.parse(b"", _SQL) + _BIND + wire.describe(b"P", b"") + wire.execute()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([_READ_RUN], EXECUTES),  # psycopg's pipeline, before its Sync
+        ([_READ_RUN, _READ_RUN], EXECUTES),
+        ([wire.parse(b"s", _SQL) + wire.describe(b"S", b"s") + wire.FLUSH], FLUSHES),  # asyncpg's prepare
+        ([_READ_RUN + wire.FLUSH], EXECUTES | FLUSHES),  # psycopg fetching mid-pipeline
+        ([_READ_RUN, wire.FLUSH + _READ_RUN], EXECUTES | FLUSHES),
+        ([_READ_RUN + wire.SYNC + _READ_RUN], AFTER_SYNC | EXECUTES),
+        ([_READ_RUN + wire.FLUSH + wire.SYNC, wire.parse(b"", _SQL)], AFTER_SYNC),  # a Sync clears the rest
+        ([wire.query(b"SELECT 1") + wire.parse(b"", _SQL)], AFTER_SYNC),
+        ([wire.FUNCTION_CALL + _BIND], AFTER_SYNC),
+        ([wire.parse(b"", _SQL)], 0),
+        # A message longer than its chunk: the next chunk starts with the rest of it.
+        ([_READ_RUN[:-3], _READ_RUN[-3:] + wire.FLUSH], EXECUTES | FLUSHES),
+    ],
+)
+def test_open_segment(chunks: list[bytes], expected: int) -> None:
+    held, skip = [], 0
+    for data in chunks:
+        held.append((data, skip, 0, 0))
+        pos = skip
+        while pos + 5 <= len(data):
+            pos += 1 + struct.unpack_from("!I", data, pos + 1)[0]
+        skip = pos - len(data)
+    assert open_segment(held) == expected
+
+
+@given(st.lists(_MESSAGES, max_size=12))
+def test_open_segment_describes_what_follows_the_last_sync_point(messages: list[bytes]) -> None:
+    kinds = [message[0:1] for message in messages]
+    ends = [i for i, kind in enumerate(kinds) if kind in (b"S", b"Q")]
+    rest = kinds[ends[-1] + 1 :] if ends else kinds
+    expected = (AFTER_SYNC if ends else 0) | (EXECUTES if b"E" in rest else 0) | (FLUSHES if b"H" in rest else 0)
+    assert open_segment([(b"".join(messages), 0, 0, 0)]) == expected
