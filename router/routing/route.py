@@ -87,6 +87,9 @@ _EXPLAIN = re.compile(rb"(?i)\bexplain\b")
 _READ = PLAIN_READ = Verdict(Target.REPLICA, Reason.READ)  # what a plain SELECT gets, unparsed
 _WRITE = Verdict(Target.PRIMARY, Reason.WRITE)
 _REFUSED = Verdict(Target.PRIMARY, Reason.REFUSED_BY_REPLICA)
+# A FunctionCall message names its function by OID, unlooked-up: the large-object API
+# (lo_creat, lo_write...) is most of what uses it, and writes.
+_FUNCTION_CALL = Verdict(Target.PRIMARY, Reason.UNKNOWN_FUNCTION)
 
 
 def _constants_may_matter(sql: bytes, classification: Classification) -> bool:
@@ -241,6 +244,9 @@ def held_verdict(
                     verdict = verdict_of(data[pos + 5 : end - 1])
                 synced += 1
             elif t == _S:
+                synced += 1
+            elif t == _F:
+                verdict = _FUNCTION_CALL
                 synced += 1
             elif t == _P:
                 name_end = data.index(b"\0", pos + 5, end)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from tests.harness import RouterThread
 from tests.rawclient import RawClient
 
 WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
+LO_CREAT = 957  # pg_proc oid of lo_creat(integer)
 
 
 def wait_replicas_eligible(router: RouterThread, count: int = 2) -> None:
@@ -571,6 +573,40 @@ def test_first_statement_routing(start_router, cluster: Cluster) -> None:
         with conn.transaction():
             conn.execute("INSERT INTO split_first VALUES (1)")
             assert conn.execute(WHERE).fetchone()[0] is False
+
+
+def _lo_creat() -> bytes:
+    """A FunctionCall of lo_creat(INV_READ | INV_WRITE), as libpq's lo_creat sends it."""
+    body = struct.pack("!IHH", LO_CREAT, 1, 1) + struct.pack("!HIi", 1, 4, 0x60000) + struct.pack("!H", 1)
+    return b"F" + struct.pack("!I", len(body) + 4) + body
+
+
+@pytest.mark.parametrize("routing", ["conservative", "first_statement"])
+def test_a_function_call_message_runs_on_the_primary(start_router, cluster: Cluster, routing: str) -> None:
+    """A FunctionCall names its function by OID, which the router does not look up: the
+    large-object API sends them, and lo_creat writes. Alone, and as the first statement of a
+    transaction that first_statement routing places by it."""
+    router = start_router(split=True, transaction_routing=routing)
+    wait_replicas_eligible(router)
+    client = RawClient(router.port)
+    client.login_trust()
+    created = []
+    for begin in (False, True):
+        if begin:
+            client.send(m.query("BEGIN"))
+            client.recv_until(b"Z")
+        client.send(_lo_creat())
+        replies = client.recv_until(b"Z")
+        assert [kind for kind, _ in replies] == [b"V", b"Z"], replies
+        created.append(struct.unpack("!I", replies[0][1][4:8])[0])
+        if begin:
+            client.send(m.query("COMMIT"))
+            client.recv_until(b"Z")
+    client.close()
+    found = cluster.psql(
+        f"SELECT count(*) FROM pg_largeobject_metadata WHERE oid IN ({created[0]}, {created[1]})", dbname="app"
+    )
+    assert found.strip() == "2"
 
 
 def test_conservative_begin_stays_on_primary(split_router: RouterThread) -> None:

@@ -124,6 +124,16 @@ def test_held_verdict_follows_named_and_unnamed_statements() -> None:
     assert scan([SYNC])[1] is None
 
 
+def test_a_function_call_message_is_a_suspected_write() -> None:
+    """FunctionCall names a function by OID (libpq's large-object API: lo_creat writes)."""
+    first, combined, _ = scan([wire.FUNCTION_CALL])
+    assert first is combined and combined.target is P and combined.reason is Reason.UNKNOWN_FUNCTION
+    assert decide(first, combined) == (P, S.WRITE)
+    assert decide(first, combined, read_only_session=True)[0] is R  # it fails there as it would on PostgreSQL
+    first, combined, _ = scan([query("SELECT 1") + wire.FUNCTION_CALL])
+    assert first.reason is Reason.READ and combined.reason is Reason.UNKNOWN_FUNCTION
+
+
 @pytest.mark.parametrize(
     "chunk, restore_after, expected",
     [
