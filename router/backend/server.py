@@ -133,6 +133,9 @@ class ServerConnection(asyncio.Protocol):
         # SessionSettings.key), and how many prelude ReadyForQuery replies are still to drop.
         self.session_key: frozenset | None = None
         self.swallow_z = 0
+        # ReadyForQuery replies to drop, alone: the router's Sync that ended a replica's open
+        # segment which a write leaves for the primary (ClientConnection._replica_chunk).
+        self.drop_z = 0
         # The router's restore of a client's startup settings after its RESET (client.py
         # ``_restore``): the ReadyForQuery counts (stmts.recv_z) after which one was sent,
         # and whether its replies are coming now (kept back, but for ParameterStatus).
@@ -240,6 +243,13 @@ class ServerConnection(asyncio.Protocol):
                     if not self.swallow_z:
                         cuts = _cut(cuts, swallow_from, b"", pos)
                         swallow_from = -1
+                    continue
+                if self.drop_z:
+                    # (The replies before it are the client's: only the ReadyForQuery goes.)
+                    self.drop_z -= 1
+                    cuts = _cut(cuts, pos, b"", pos + 6)
+                    pos += 6
+                    ready = True
                     continue
                 ready = True
                 if self.calls:

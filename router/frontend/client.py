@@ -33,6 +33,8 @@ from router.protocol.errors import ProtocolError, RouterError, SQLState
 from router.protocol.framing import frame
 from router.routing.route import (
     AFTER_SYNC,
+    BINDS,
+    EXECUTES,
     FLUSHES,
     RESTORE_SHIFT,
     RouteReason,
@@ -66,6 +68,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 # Frontend message types (PostgreSQL docs, 55.7).
 _Q, _S, _F, _X, _H = ord("Q"), ord("S"), ord("F"), ord("X"), ord("H")
 _FLUSH = b"H\0\0\0\4"
+_SYNC = b"S\0\0\0\4"
 # Extended-protocol messages: until a Sync follows them the server may still owe replies.
 _EXTENDED = frozenset(b"PBEDCH")
 # Messages that name a prepared statement, rewritten in transaction mode (router/prepared.py).
@@ -1412,8 +1415,9 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             # the primary fails here as a write to a standby does (25006). (Pins taken once
             # a chunk waits to be rerouted belong to the chunks that wait: server_ready.)
             return False
-        if server.tx_status == m.IDLE and not self._chunk_unsynced and start == 0:
-            if self.unsynced:
+        opens = not self._chunk_unsynced
+        if server.tx_status == m.IDLE and start == 0 and (opens or self._segment_ran_nothing(server)):
+            if opens and self.unsynced:
                 # It opens a segment that its Sync does not close yet, which a write may join:
                 # routed afresh (_waits_for_sync) once the replica's work is done.
                 self._reroute = True
@@ -1431,6 +1435,15 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     pinned=bool(self.pins),
                 )
                 if target is Target.PRIMARY:
+                    if not opens:
+                        # The segment it joins has only parsed and described on the replica
+                        # (asyncpg's prepare: Parse, Describe, Flush), which the client has
+                        # had the replies of: the router's own Sync ends it there, its
+                        # ReadyForQuery is dropped, and the client's segment goes on on the
+                        # primary (named statements are prepared there when bound).
+                        server.write(_SYNC)
+                        server.stmts.sent_z += 1
+                        server.drop_z += 1
                     self._reroute = True
                     self._held.append(entry)
                     self._held_bytes += len(data)
@@ -1443,6 +1456,25 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
             else:
                 replay.append(entry)
         return False
+
+    def _segment_ran_nothing(self, server: ServerConnection) -> bool:
+        """The segment open on the replica has only parsed, described or closed statements,
+        every earlier ReadyForQuery has come and no error is known: it can end there without
+        the client seeing a difference (``_replica_chunk``). (An error still on its way from
+        the replica is not known: a client that sends on without reading the replies its
+        Flush asked for could see a later statement run that PostgreSQL would skip; asyncpg
+        reads them first, and sends a Sync after an error.)"""
+        replay = self._replay
+        st = server.stmts
+        return (
+            replay is not None
+            and self._replay_begin is None
+            and st.sent_z == st.recv_z
+            and not server.swallow_z
+            and self._after_replies is None
+            and st.error_segment != st.recv_z
+            and not open_segment(replay) & (EXECUTES | BINDS)
+        )
 
     def _watch_for_writes(self, data: bytes, start: int, flags: int) -> None:
         """In a BEGIN ... transaction on the primary: does it write? (read-your-writes)"""

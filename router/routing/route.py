@@ -55,6 +55,7 @@ _SYNC = b"S\x00\x00\x00\x04"
 AFTER_SYNC = 1  # a Sync, Query or FunctionCall comes before the open segment
 EXECUTES = 2  # the open segment has an Execute
 FLUSHES = 4  # the open segment has a Flush: its client may wait for replies before its Sync
+BINDS = 8  # the open segment has a Bind: a portal lives on its server connection
 
 
 class RouteReason(StrEnum):
@@ -274,7 +275,7 @@ def held_verdict(
 def open_segment(chunks: list[tuple[bytes, int, int, int]]) -> int:
     """What held chunks ``(data, start, ...)`` that end before a Sync show of the messages
     after their last sync point (the open segment, one implicit transaction so far): the
-    flags AFTER_SYNC, EXECUTES and FLUSHES."""
+    flags AFTER_SYNC, EXECUTES, BINDS and FLUSHES."""
     flags = 0
     for data, start, _syncs, _flags in chunks:
         pos, n = start, len(data)
@@ -284,6 +285,8 @@ def open_segment(chunks: list[tuple[bytes, int, int, int]]) -> int:
                 flags = AFTER_SYNC
             elif t == _E:
                 flags |= EXECUTES
+            elif t == _B:
+                flags |= BINDS
             elif t == _H:
                 flags |= FLUSHES
             pos += 1 + _unpack_len(data, pos + 1)[0]

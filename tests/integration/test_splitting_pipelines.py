@@ -5,6 +5,7 @@ meet a replica (README "Read/write splitting": pipelines)."""
 
 from __future__ import annotations
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -174,3 +175,37 @@ def test_a_long_pipeline_without_a_sync_runs_on_the_primary(split_router: Router
     rows, errors = _rows_and_errors(client.recv_until(b"Z"))
     assert errors == [] and rows == [[b"f", str(100 * 1024).encode()], [b"6"]]
     client.close()
+
+
+def test_a_write_after_a_prepare_on_a_replica_runs_on_the_primary(split_router: RouterThread, cluster: Cluster) -> None:
+    """asyncpg's prepare (Parse, Describe, Flush) leaves its implicit transaction open until
+    the client's next Sync or Query: a write sent next joins it. The replica had only parsed
+    and described: the router ends its segment there (the client never sees that
+    ReadyForQuery) and the write runs on the primary, as on PostgreSQL."""
+    primary = str(cluster.primary.port).encode()
+    client = _login(split_router)
+    client.send(parse(b"s1", WHERE) + describe(b"S", b"s1") + FLUSH)
+    client.recv_until(b"T")
+    assert split_router.call(lambda r: [c.replica_node is not None for c in r.clients.values()]) == [True]
+    client.send(m.query("INSERT INTO split_pipeline VALUES (7) RETURNING pg_is_in_recovery(), inet_server_port()"))
+    rows, errors = _rows_and_errors(client.recv_until(b"Z"))
+    assert errors == [] and rows == [[b"f", primary]]
+    # One ReadyForQuery: the next reply is the next query's.
+    client.send(bind(b"", b"s1") + execute() + SYNC)
+    replies = client.recv_until(b"Z")
+    assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"], replies
+    client.close()
+
+
+async def test_asyncpg_writes_after_a_prepare(split_router: RouterThread, cluster: Cluster) -> None:
+    conn = await asyncpg.connect(split_router.dsn("carol", "app"))
+    try:
+        for i in range(3):
+            # A new text each time: asyncpg prepares it (Parse, Describe, Flush) on a replica.
+            statement = await conn.prepare(f"SELECT pg_is_in_recovery(), {i}")
+            await conn.execute("INSERT INTO split_pipeline VALUES (8)")  # a Query
+            statement = await conn.prepare(f"SELECT pg_is_in_recovery(), {i} + 10")
+            await conn.execute("INSERT INTO split_pipeline VALUES ($1)", 9)  # Parse, Describe, Flush...
+            assert (await statement.fetchrow())[1] == i + 10
+    finally:
+        await conn.close()

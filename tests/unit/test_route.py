@@ -13,6 +13,7 @@ from router.routing.classify import classify
 from router.routing.functions import FunctionCatalog
 from router.routing.route import (
     AFTER_SYNC,
+    BINDS,
     EXECUTES,
     FLUSHES,
     PLAIN_READ,
@@ -443,18 +444,19 @@ _READ_RUN = wire.parse(b"", _SQL) + _BIND + wire.describe(b"P", b"") + wire.exec
 @pytest.mark.parametrize(
     ("chunks", "expected"),
     [
-        ([_READ_RUN], EXECUTES),  # psycopg's pipeline, before its Sync
-        ([_READ_RUN, _READ_RUN], EXECUTES),
+        ([_READ_RUN], BINDS | EXECUTES),  # psycopg's pipeline, before its Sync
+        ([_READ_RUN, _READ_RUN], BINDS | EXECUTES),
         ([wire.parse(b"s", _SQL) + wire.describe(b"S", b"s") + wire.FLUSH], FLUSHES),  # asyncpg's prepare
-        ([_READ_RUN + wire.FLUSH], EXECUTES | FLUSHES),  # psycopg fetching mid-pipeline
-        ([_READ_RUN, wire.FLUSH + _READ_RUN], EXECUTES | FLUSHES),
-        ([_READ_RUN + wire.SYNC + _READ_RUN], AFTER_SYNC | EXECUTES),
+        ([_READ_RUN + wire.FLUSH], BINDS | EXECUTES | FLUSHES),  # psycopg fetching mid-pipeline
+        ([_READ_RUN, wire.FLUSH + _READ_RUN], BINDS | EXECUTES | FLUSHES),
+        ([_READ_RUN + wire.SYNC + _READ_RUN], AFTER_SYNC | BINDS | EXECUTES),
         ([_READ_RUN + wire.FLUSH + wire.SYNC, wire.parse(b"", _SQL)], AFTER_SYNC),  # a Sync clears the rest
         ([wire.query(b"SELECT 1") + wire.parse(b"", _SQL)], AFTER_SYNC),
-        ([wire.FUNCTION_CALL + _BIND], AFTER_SYNC),
+        ([wire.FUNCTION_CALL + _BIND], AFTER_SYNC | BINDS),
         ([wire.parse(b"", _SQL)], 0),
+        ([wire.parse(b"", _SQL) + _BIND], BINDS),
         # A message longer than its chunk: the next chunk starts with the rest of it.
-        ([_READ_RUN[:-3], _READ_RUN[-3:] + wire.FLUSH], EXECUTES | FLUSHES),
+        ([_READ_RUN[:-3], _READ_RUN[-3:] + wire.FLUSH], BINDS | EXECUTES | FLUSHES),
     ],
 )
 def test_open_segment(chunks: list[bytes], expected: int) -> None:
@@ -473,5 +475,10 @@ def test_open_segment_describes_what_follows_the_last_sync_point(messages: list[
     kinds = [message[0:1] for message in messages]
     ends = [i for i, kind in enumerate(kinds) if kind in (b"S", b"Q")]
     rest = kinds[ends[-1] + 1 :] if ends else kinds
-    expected = (AFTER_SYNC if ends else 0) | (EXECUTES if b"E" in rest else 0) | (FLUSHES if b"H" in rest else 0)
+    expected = (
+        (AFTER_SYNC if ends else 0)
+        | (EXECUTES if b"E" in rest else 0)
+        | (BINDS if b"B" in rest else 0)
+        | (FLUSHES if b"H" in rest else 0)
+    )
     assert open_segment([(b"".join(messages), 0, 0, 0)]) == expected
