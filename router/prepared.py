@@ -89,11 +89,18 @@ NOOP_CLOSE = frame(b"C", b"S" + NOOP_NAME + b"\0")
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 
 DEFAULT_MAX_PREPARED = 250
+# Distinct Parse bodies the registry remembers, the least recently prepared forgotten first:
+# without a bound, clients that prepare ever new texts (constants written into the SQL)
+# would grow the router for as long as it runs. A forgotten text prepared again gets a new
+# name; a server may then hold both, until its own LRU (max_prepared_statements) lets the
+# old one go. A client's statements keep the name they were given.
+MAX_REGISTERED = 50_000
 
 
 class StatementRegistry:
-    """Router-wide: one server name per distinct Parse body (query text + parameter types).
-    Names are never reused, so a name means the same statement on every server.
+    """Router-wide: one server name per distinct Parse body (query text + parameter types),
+    for the last ``maxsize`` bodies prepared. Names are never reused, so a name means the same
+    statement on every server.
 
     ``validated`` holds the server names some server has parsed successfully: a client's
     Parse+Sync of one of those is answered by the router itself, without taking a server
@@ -102,18 +109,25 @@ class StatementRegistry:
     clients that hold every connection, until query_wait_timeout.
     """
 
-    __slots__ = ("_names", "_next", "validated")
+    __slots__ = ("_names", "_next", "validated", "maxsize")
 
-    def __init__(self) -> None:
-        self._names: dict[bytes, bytes] = {}
+    def __init__(self, maxsize: int = MAX_REGISTERED) -> None:
+        self._names: OrderedDict[bytes, bytes] = OrderedDict()
         self._next = 0
         self.validated: set[bytes] = set()
+        self.maxsize = maxsize
 
     def name_for(self, key: bytes) -> bytes:
-        name = self._names.get(key)
+        names = self._names
+        name = names.get(key)
         if name is None:
-            name = self._names[key] = b"pgr_%x" % self._next
+            name = names[key] = b"pgr_%x" % self._next
             self._next += 1
+            if len(names) > self.maxsize:
+                _, forgotten = names.popitem(last=False)
+                self.validated.discard(forgotten)
+        else:
+            names.move_to_end(key)
         return name
 
     def retire(self, name: bytes) -> None:

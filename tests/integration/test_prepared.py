@@ -511,6 +511,26 @@ def test_eviction_beyond_max_prepared_statements(start_router):
     assert_settled(router)
 
 
+def test_texts_the_registry_forgot_still_run(start_router):
+    """The router remembers a bounded number of texts (prepared.MAX_REGISTERED; 2 here): a
+    forgotten one prepared again by another client gets a new name, the first client's
+    statement keeps its own, and both run on whichever server connection, which may hold
+    the text under both names."""
+    router = start_router(pool_size=1)
+    router.call(lambda r: setattr(r.statements, "maxsize", 2))
+    first, second = connect(router), connect(router)
+    texts = [b"SELECT $1::int * %d" % (i + 1) for i in range(4)]
+    for raw in (first, second):
+        for i, text in enumerate(texts):
+            assert kinds(exchange(raw, parse(b"s%d" % i, text) + SYNC)) == "1Z"
+    assert router.call(lambda r: len(r.statements)) == 2
+    for _ in range(2):
+        for raw in (first, second):
+            for i in range(len(texts)):
+                assert rows(run(raw, b"s%d" % i, b"3")) == [(str(3 * (i + 1)),)]
+    assert_settled(router)
+
+
 # --- Errors mid-pipeline: skipped Parses and Closes never count -----------------------------------
 
 

@@ -1447,3 +1447,19 @@ def test_a_name_parsed_behind_the_discard_all_outlives_its_tag():
     assert list(s.client) == [b"s1"]
     s.server.on_error()  # s1's Close and Parse are skipped
     assert s.client == {}
+
+
+def test_the_registry_forgets_the_least_recently_prepared_text() -> None:
+    """Bounded: clients that prepare ever new texts do not grow the router without end. A
+    forgotten text gets a new name when prepared again (names are never reused), and stops
+    being answered without a server."""
+    registry = StatementRegistry(maxsize=2)
+    a, b = registry.name_for(b"SELECT 1\0\0\0"), registry.name_for(b"SELECT 2\0\0\0")
+    registry.validated.update({a, b})
+    assert registry.name_for(b"SELECT 1\0\0\0") == a  # recently used again: b is the oldest
+    c = registry.name_for(b"SELECT 3\0\0\0")
+    assert len(registry) == 2 and b not in registry.validated and a in registry.validated
+    assert registry.name_for(b"SELECT 1\0\0\0") == a
+    b2 = registry.name_for(b"SELECT 2\0\0\0")
+    assert b2 not in {a, b, c}
+    assert local_parse_reply(parse(b"s1", b"SELECT 2") + SYNC, 0, {}, registry, b"I") is None
