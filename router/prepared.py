@@ -93,13 +93,15 @@ DEFAULT_MAX_PREPARED = 250
 # without a bound, clients that prepare ever new texts (constants written into the SQL)
 # would grow the router for as long as it runs. A forgotten text prepared again gets a new
 # name; a server may then hold both, until its own LRU (max_prepared_statements) lets the
-# old one go. A client's statements keep the name they were given.
-MAX_REGISTERED = 50_000
+# old one go. A client's statements keep the name they were given. Bounded in entries and
+# in bytes of text (ORM statements run to kilobytes).
+MAX_REGISTERED = 20_000
+MAX_REGISTERED_BYTES = 16 << 20
 
 
 class StatementRegistry:
     """Router-wide: one server name per distinct Parse body (query text + parameter types),
-    for the last ``maxsize`` bodies prepared. Names are never reused, so a name means the same
+    for the last ``maxsize`` bodies prepared (``max_bytes`` of them at most). Names are never reused, so a name means the same
     statement on every server.
 
     ``validated`` holds the server names some server has parsed successfully: a client's
@@ -109,13 +111,15 @@ class StatementRegistry:
     clients that hold every connection, until query_wait_timeout.
     """
 
-    __slots__ = ("_names", "_next", "validated", "maxsize")
+    __slots__ = ("_names", "_next", "_bytes", "validated", "maxsize", "max_bytes")
 
-    def __init__(self, maxsize: int = MAX_REGISTERED) -> None:
+    def __init__(self, maxsize: int = MAX_REGISTERED, max_bytes: int = MAX_REGISTERED_BYTES) -> None:
         self._names: OrderedDict[bytes, bytes] = OrderedDict()
         self._next = 0
+        self._bytes = 0  # of the bodies remembered
         self.validated: set[bytes] = set()
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
 
     def name_for(self, key: bytes) -> bytes:
         names = self._names
@@ -123,8 +127,10 @@ class StatementRegistry:
         if name is None:
             name = names[key] = b"pgr_%x" % self._next
             self._next += 1
-            if len(names) > self.maxsize:
-                _, forgotten = names.popitem(last=False)
+            self._bytes += len(key)
+            while len(names) > 1 and (len(names) > self.maxsize or self._bytes > self.max_bytes):
+                old, forgotten = names.popitem(last=False)
+                self._bytes -= len(old)
                 self.validated.discard(forgotten)
         else:
             names.move_to_end(key)

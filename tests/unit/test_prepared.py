@@ -1463,3 +1463,13 @@ def test_the_registry_forgets_the_least_recently_prepared_text() -> None:
     b2 = registry.name_for(b"SELECT 2\0\0\0")
     assert b2 not in {a, b, c}
     assert local_parse_reply(parse(b"s1", b"SELECT 2") + SYNC, 0, {}, registry, b"I") is None
+    # And in bytes of text: here 20, two of these texts.
+    registry = StatementRegistry(maxsize=100, max_bytes=20)
+    first = registry.name_for(b"SELECT 10\0")
+    registry.name_for(b"SELECT 20\0")
+    assert len(registry) == 2
+    registry.name_for(b"SELECT 30\0")
+    assert len(registry) == 2 and registry.name_for(b"SELECT 10\0") != first
+    # A text longer than the whole budget is named all the same, and is the one remembered.
+    long = registry.name_for(b"x" * 50)
+    assert len(registry) == 1 and registry.name_for(b"x" * 50) == long
