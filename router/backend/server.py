@@ -136,6 +136,9 @@ class ServerConnection(asyncio.Protocol):
         # ReadyForQuery replies to drop, alone: the router's Sync that ended a replica's open
         # segment which a write leaves for the primary (ClientConnection._replica_chunk).
         self.drop_z = 0
+        # An error had reached the client in the segment that Sync ended (it was on its way
+        # when the write came): the write must not run (ClientConnection.server_ready).
+        self.dropped_after_error = False
         # The router's restore of a client's startup settings after its RESET (client.py
         # ``_restore``): the ReadyForQuery counts (stmts.recv_z) after which one was sent,
         # and whether its replies are coming now (kept back, but for ParameterStatus).
@@ -249,6 +252,8 @@ class ServerConnection(asyncio.Protocol):
                     self.drop_z -= 1
                     cuts = _cut(cuts, pos, b"", pos + 6)
                     pos += 6
+                    if st.error_segment == st.recv_z - 1:
+                        self.dropped_after_error = True
                     ready = True
                     continue
                 ready = True

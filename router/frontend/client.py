@@ -1461,9 +1461,10 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
         """The segment open on the replica has only parsed, described or closed statements,
         every earlier ReadyForQuery has come and no error is known: it can end there without
         the client seeing a difference (``_replica_chunk``). (An error still on its way from
-        the replica is not known: a client that sends on without reading the replies its
-        Flush asked for could see a later statement run that PostgreSQL would skip; asyncpg
-        reads them first, and sends a Sync after an error.)"""
+        the replica is not known: it can come before the router's Sync's ReadyForQuery, for
+        a client that sends on without reading the replies its Flush asked for, and the
+        client is then disconnected (server_ready) rather than have its write run where
+        PostgreSQL would skip it; asyncpg reads them first, and sends a Sync after an error.)"""
         replay = self._replay
         st = server.stmts
         return (
@@ -1873,6 +1874,19 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
 
     def server_ready(self, server: ServerConnection) -> None:
         """Called by the linked server after a ReadyForQuery with nothing else outstanding."""
+        if server.dropped_after_error:
+            # PostgreSQL would skip what the client sent after the error up to its Sync;
+            # moved to the primary, it would run (_replica_chunk). Nothing of it has run.
+            server.dropped_after_error = False
+            self.fail(
+                RouterError(
+                    SQLState.FEATURE_NOT_SUPPORTED,
+                    "a write joined a pipeline whose statement had failed on a replica; "
+                    "the router cannot skip it as PostgreSQL would",
+                    hint="Read the replies to a Flush before sending more, or end the pipeline with a Sync.",
+                )
+            )
+            return
         if self._after_replies is not None:
             self._send_after_replies(server)
             return

@@ -209,3 +209,33 @@ async def test_asyncpg_writes_after_a_prepare(split_router: RouterThread, cluste
             assert (await statement.fetchrow())[1] == i + 10
     finally:
         await conn.close()
+
+
+def test_a_write_behind_a_prepare_that_fails_late_on_the_replica_never_runs(
+    split_router: RouterThread, cluster: Cluster
+) -> None:
+    """The write came while the replica's Parse was still running; it then failed. PostgreSQL
+    would skip the write (everything up to the Sync after an error), which the router cannot
+    do on the primary: the client is told so and disconnected, and the write never runs. The
+    Parse waits on the replica for a lock the primary holds, whose transaction then drops the
+    table."""
+    from tests.integration.test_splitting_failures import _lock_replayed, _lock_waiter
+
+    cluster.psql("DROP TABLE IF EXISTS split_pipeline_gone; CREATE TABLE split_pipeline_gone (v int)", dbname="app")
+    cluster.wait_replay()
+    sql = "SELECT pg_is_in_recovery() FROM split_pipeline_gone"
+    client = _login(split_router)
+    with psycopg.connect(cluster.primary.dsn("app")) as locker:
+        locker.execute("LOCK TABLE split_pipeline_gone IN ACCESS EXCLUSIVE MODE")
+        _lock_replayed(cluster, "split_pipeline_gone")
+        client.send(parse(b"s1", sql.encode()) + describe(b"S", b"s1") + FLUSH)
+        _lock_waiter(cluster, sql, cluster.replicas)
+        _send_and_read(split_router, client, m.query("INSERT INTO split_pipeline VALUES (77)"))
+        assert split_router.call(lambda r: [c._reroute and c.server.drop_z for c in r.clients.values()]) == [1]
+        locker.execute("DROP TABLE split_pipeline_gone")
+    kind, body = client.recv_message()
+    assert kind == b"E" and m.parse_error_fields(body)["C"] == "42P01"
+    fields = client.error_and_close()
+    assert fields["S"] == "FATAL" and fields["C"] == "0A000"
+    assert cluster.psql("SELECT count(*) FROM split_pipeline WHERE v = 77", dbname="app").strip() == "0"
+    split_router.wait_for(lambda r: not r.clients, what="the client gone")
