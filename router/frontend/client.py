@@ -68,7 +68,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 # Frontend message types (PostgreSQL docs, 55.7).
 _Q, _S, _F, _X, _H = ord("Q"), ord("S"), ord("F"), ord("X"), ord("H")
 _FLUSH = b"H\0\0\0\4"
-_SYNC = b"S\0\0\0\4"
+_SYNC = m.sync()  # the router's own, ending a replica's segment (_replica_chunk)
 # Extended-protocol messages: until a Sync follows them the server may still owe replies.
 _EXTENDED = frozenset(b"PBEDCH")
 # Messages that name a prepared statement, rewritten in transaction mode (router/prepared.py).
