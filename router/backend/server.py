@@ -59,6 +59,8 @@ _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
 _DATA_ROW = ord("D")
 _PARAMETER_STATUS = ord("S")
+# What ends the reply to a Describe of a statement: RowDescription or NoData.
+_DESCRIBED = frozenset((ord("T"), ord("n")))
 # The replies data_received looks at; every branch of its scan is one of these.
 _WATCHED = frozenset((_Z, _E, _N, _COMMAND_COMPLETE, _PARSE_COMPLETE, _CLOSE_COMPLETE))
 # Command tags after which a session has no prepared statements left.
@@ -159,6 +161,8 @@ class ServerConnection(asyncio.Protocol):
         self._reading_paused_by_client = False
         self.forwarded = False
         self.fatal_forwarded = False
+        # The type of the last reply message forwarded when it ended its read (0: it did not).
+        self.last_type = 0
         # A replica refused the client's read as a write (25006): closed so that it runs on
         # the primary (ClientConnection.server_lost).
         self.refused_write = False
@@ -186,6 +190,12 @@ class ServerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
         sockopts.apply(transport, self.pool.settings.socket_options)
+
+    def described(self) -> bool:
+        """Every reply owed to a Parse, Describe (of a statement), Flush has reached the
+        client: its ParseComplete has come, and the last message forwarded, whole, ended a
+        Describe's reply (ClientConnection._replica_chunk)."""
+        return not self.stmts.ops and self.last_type in _DESCRIBED and not self._skip and not self._head
 
     @property
     def pending(self) -> int:
@@ -217,6 +227,7 @@ class ServerConnection(asyncio.Protocol):
         swallow_from = 0 if self.swallow_z else -1
         rest = tail = b""
         answered: list | None = None  # requests answered in this chunk before any byte went on
+        t = 0
         while pos < n:
             if pos + 5 > n:
                 # A header split across reads: keep it back, forward what precedes it.
@@ -411,6 +422,7 @@ class ServerConnection(asyncio.Protocol):
             data = _apply_cuts(data, cuts)
         if data:
             self.forwarded = True
+            self.last_type = t if pos == n else 0
             self.retry_data = None
             self.traffic.sent += len(data)
             client.transport.write(data)
@@ -552,6 +564,7 @@ class ServerConnection(asyncio.Protocol):
         self.traffic = client.traffic
         self.retry_data = None
         self.forwarded = False  # whether any reply byte has reached this client yet
+        self.last_type = 0
         if self.calls:
             self.calls.clear()
         self.call_rows = 0

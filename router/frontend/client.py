@@ -40,6 +40,7 @@ from router.routing.route import (
     RouteReason,
     decide,
     held_verdict,
+    named_prepare,
     open_segment,
 )
 from router.routing.session_statements import RouterTargetsOnServer, router_targets_for_server
@@ -1448,6 +1449,14 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                     self._held.append(entry)
                     self._held_bytes += len(data)
                     return True
+            if not opens and server.described() and named_prepare(self._replay):
+                # A read after asyncpg's prepare, whose replies the client has had: this
+                # chunk's replies are all it will see of the rest, and the statement is
+                # prepared again wherever a Bind of it runs. So the read may still run again
+                # elsewhere (a failed replica, or a refusal as a write) with this chunk alone.
+                self._replay = []
+                self._replay_bytes = 0
+                server.forwarded = False
         replay = self._replay
         if replay is not None:
             self._replay_bytes += len(data)

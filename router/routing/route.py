@@ -51,6 +51,7 @@ RESTORE_SHIFT = 5
 _D, _E = ord("D"), ord("E")
 _F, _H = ord("F"), ord("H")
 _SYNC = b"S\x00\x00\x00\x04"
+_FLUSH = b"H\x00\x00\x00\x04"
 # open_segment's flags.
 AFTER_SYNC = 1  # a Sync, Query or FunctionCall comes before the open segment
 EXECUTES = 2  # the open segment has an Execute
@@ -291,6 +292,27 @@ def open_segment(chunks: list[tuple[bytes, int, int, int]]) -> int:
                 flags |= FLUSHES
             pos += 1 + _unpack_len(data, pos + 1)[0]
     return flags
+
+
+def named_prepare(chunks: list[tuple[bytes, int, int, int]]) -> bool:
+    """Whether held chunks ``(data, start, ...)`` are exactly one statement prepared and
+    described, then flushed: Parse of a named statement, Describe of it, Flush (asyncpg's
+    prepare). Such a segment changes nothing but that statement, which the router prepares
+    on any server connection a Bind of it meets, so what follows it may run elsewhere."""
+    if len(chunks) != 1:
+        return False
+    data, start, _syncs, _flags = chunks[0]
+    try:
+        end = 1 + _unpack_len(data, 1)[0]
+        if start != 0 or data[0] != _P or data[5] == 0:
+            return False
+        name = data[5 : data.index(b"\0", 5, end) + 1]
+        if data[end] != _D or data[end + 5] != _S or data[end + 6 : end + 6 + len(name)] != name:
+            return False
+        pos = end + 1 + _unpack_len(data, end + 1)[0]
+        return pos == end + 6 + len(name) and data[pos:] == _FLUSH
+    except (IndexError, ValueError, struct.error):  # truncated: not this shape
+        return False
 
 
 def decide(

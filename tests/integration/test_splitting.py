@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import asyncpg
 import psycopg
@@ -750,16 +750,17 @@ def _view_that_writes(cluster: Cluster, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _view_locked(cluster: Cluster, name: str) -> Iterator[None]:
+def _view_locked(cluster: Cluster, name: str) -> Iterator[Callable[[], None]]:
     """``_view_that_writes``, locked by a transaction on the primary (ACCESS EXCLUSIVE,
-    replayed): reads of it wait on the replicas until the block ends."""
+    replayed): reads of it wait on the replicas until the block ends, or until the function
+    it gives (the commit) is called."""
     from tests.integration.test_splitting_failures import _lock_replayed
 
     _view_that_writes(cluster, name)
     with psycopg.connect(cluster.primary.dsn("app")) as locker:
         locker.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
         _lock_replayed(cluster, name)
-        yield
+        yield locker.commit
 
 
 def _read_view(router: RouterThread, sql: str, outcomes: list) -> None:
@@ -800,10 +801,10 @@ def test_a_read_a_replica_refuses_as_a_write_runs_on_the_primary(start_router, c
 
     async def through_asyncpg() -> list:
         got = []
-        # The same text as psycopg's, known by now; then a new one. asyncpg reads the
-        # Describe's reply before it sends the Execute, so the refusal finds a reply on its
-        # way already, and stays the client's; once. (A session each: one that wrote reads
-        # from the primary for a while.)
+        # The same text as psycopg's, known by now; then a new one, twice. asyncpg prepares
+        # (Parse, Describe, Flush) and reads the replies before its Bind/Execute/Sync: the
+        # refusal of that chunk still runs it again on the primary. (A session each: one that
+        # wrote reads from the primary for a while.)
         for sql in ["SELECT x, standby FROM refused_view WHERE x > $1"] + ["SELECT standby, x FROM refused_view WHERE x > $1"] * 2:
             conn = await asyncpg.connect(router.dsn("carol"))
             try:
@@ -814,14 +815,14 @@ def test_a_read_a_replica_refuses_as_a_write_runs_on_the_primary(start_router, c
                 await conn.close()
         return got
 
-    assert asyncio.run(through_asyncpg()) == [(1, False), "25006", (False, 1)]
+    assert asyncio.run(through_asyncpg()) == [(1, False), (False, 1), (False, 1)]
     with psycopg.connect(router.dsn("carol"), autocommit=True) as other:  # reads still split
         assert other.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
     # One refusal per text, then straight to the primary; no replica was taken out of service.
     refusals = [r for r in caplog.records if "refused a read as a write" in r.getMessage()]
     assert len(refusals) == 2, [r.getMessage() for r in refusals]
     assert router.call(lambda r: len(r.splits["main"].topology.eligible_replicas())) == 2
-    assert cluster.psql("SELECT count(*) FROM refused_log", dbname="app").strip() == "5"
+    assert cluster.psql("SELECT count(*) FROM refused_log", dbname="app").strip() == "6"
 
 
 def test_two_reads_a_replica_refuses_at_once_both_run_on_the_primary(start_router, cluster: Cluster, caplog) -> None:
@@ -871,3 +872,92 @@ def test_a_read_retried_after_a_failure_and_then_refused_runs_on_the_primary(sta
         _lock_waiter(cluster, sql, [r for r in cluster.replicas if r is not first])
     thread.join(20)
     assert outcome == [(1, False)]
+
+
+def test_a_read_after_a_prepare_that_a_replica_refuses_runs_on_the_primary(start_router, cluster: Cluster) -> None:
+    """asyncpg's way: Parse, Describe, Flush; the replies read; then Bind, Execute, Sync. The
+    replica refuses the Execute as a write. The client has had the prepare's replies, and
+    they hold for the primary too, so only the Bind/Execute/Sync runs again there: the
+    client reads each reply once."""
+    from tests.unit.test_prepared import FLUSH, SYNC, bind, describe, execute, parse
+
+    _view_that_writes(cluster, "refused_prepared")
+    router = start_router(split=True)
+    wait_replicas_eligible(router)
+    client = RawClient(router.port)
+    client.login_trust()
+    client.send(parse(b"s1", b"SELECT standby, x FROM refused_prepared") + describe(b"S", b"s1") + FLUSH)
+    assert [kind for kind, _ in client.recv_until(b"T")] == [b"1", b"t", b"T"]
+    assert router.call(lambda r: [c.replica_node is not None for c in r.clients.values()]) == [True]
+    client.send(bind(b"", b"s1") + execute() + SYNC)
+    replies = client.recv_until(b"Z")
+    assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"], replies
+    assert m.parse_data_row(replies[1][1]) == [b"f", b"1"]
+    client.close()
+
+
+def test_a_read_sent_before_its_prepare_was_answered_runs_whole_on_the_primary(
+    start_router, cluster: Cluster
+) -> None:
+    """The same, but the client sends the Bind/Execute/Sync before the prepare's replies
+    have come, and the replica's answer to both comes at once: nothing has reached the
+    client, so all of it (Parse, Describe, Flush and Bind, Execute, Sync) runs again on the
+    primary, and the client reads each reply once. (Running the Bind/Execute/Sync alone
+    there would leave it without the prepare's replies.) The replica's Parse waits for a
+    lock the primary took on the view; the router's loop is held while the replica answers,
+    so that it reads all of the answer at once."""
+    from tests.integration.test_splitting_failures import _lock_waiter
+    from tests.unit.test_prepared import FLUSH, SYNC, bind, describe, execute, parse
+
+    router = start_router(split=True)
+    wait_replicas_eligible(router)
+    sql = "SELECT standby, x FROM refused_pipelined"
+    client = RawClient(router.port)
+    client.login_trust()
+    with _view_locked(cluster, "refused_pipelined") as release:
+        client.send(parse(b"s1", sql.encode()) + describe(b"S", b"s1") + FLUSH)
+        replica, pid = _lock_waiter(cluster, sql, cluster.replicas)
+        router.call(lambda r: [setattr(c, "heard", False) for c in r.clients.values()])
+        client.send(bind(b"", b"s1") + execute() + SYNC)
+        router.wait_for(lambda r: all(c.heard for c in r.clients.values()), what="the Bind/Execute/Sync read")
+        stalled, resume = threading.Event(), threading.Event()
+        router.loop.call_soon_threadsafe(lambda: (stalled.set(), resume.wait(20)))
+        assert stalled.wait(10)
+        try:
+            release()
+            deadline = time.monotonic() + 10
+            while cluster.psql(f"SELECT state FROM pg_stat_activity WHERE pid = {pid}", node=replica, dbname="app").strip() != "idle":
+                assert time.monotonic() < deadline, "the replica did not answer"
+        finally:
+            resume.set()
+    replies = client.recv_until(b"Z")
+    assert [kind for kind, _ in replies] == [b"1", b"t", b"T", b"2", b"D", b"C", b"Z"], replies
+    assert m.parse_data_row(replies[4][1]) == [b"f", b"1"]
+    client.close()
+
+
+def test_a_read_after_a_prepare_whose_replica_fails_runs_elsewhere(start_router, cluster: Cluster) -> None:
+    """asyncpg's way again (Parse, Describe, Flush; Bind, Execute, Sync), and the replica's
+    backend is terminated while it executes: the Bind/Execute/Sync runs again on another
+    node, as a read that had sent nothing back would. (The statement sleeps only on the
+    replica that prepared it.)"""
+    from tests.unit.test_prepared import FLUSH, SYNC, bind, describe, execute, parse
+
+    router = start_router(split=True)
+    wait_replicas_eligible(router)
+    sql = b"SELECT inet_server_port(), pg_sleep(CASE WHEN inet_server_port() = $1 THEN 60 ELSE 0 END)"
+    client = RawClient(router.port)
+    client.login_trust()
+    client.send(parse(b"s1", sql, [23]) + describe(b"S", b"s1") + FLUSH)
+    assert [kind for kind, _ in client.recv_until(b"T")] == [b"1", b"t", b"T"]
+    (port,) = router.call(lambda r: [c.replica_node.port for c in r.clients.values()])
+    client.send(bind(b"", b"s1", [str(port).encode()]) + execute() + SYNC)
+    replica = next(r for r in cluster.replicas if r.port == port)
+    deadline = time.monotonic() + 10
+    while not (pid := cluster.psql("SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'", node=replica).strip()):
+        assert time.monotonic() < deadline, "the statement did not start on the replica"
+    cluster.psql(f"SELECT pg_terminate_backend({pid})", node=replica)
+    replies = client.recv_until(b"Z")
+    assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"], replies
+    assert m.parse_data_row(replies[1][1])[0] != str(port).encode()
+    client.close()

@@ -24,6 +24,7 @@ from router.routing.route import (
     held_verdict,
     is_plain_select,
     lone_statement_sql,
+    named_prepare,
     open_segment,
 )
 from router.routing.verdict import Reason, StatementKind, Target, Verdict
@@ -482,3 +483,37 @@ def test_open_segment_describes_what_follows_the_last_sync_point(messages: list[
         | (FLUSHES if b"H" in rest else 0)
     )
     assert open_segment([(b"".join(messages), 0, 0, 0)]) == expected
+
+
+_PREPARE = wire.parse(b"s", _SQL) + wire.describe(b"S", b"s") + wire.FLUSH
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([(_PREPARE, 0)], True),  # asyncpg's prepare
+        ([(wire.parse(b"stmt_1", _SQL, [23]) + wire.describe(b"S", b"stmt_1") + wire.FLUSH, 0)], True),
+        ([(_PREPARE, 0), (_PREPARE, 0)], False),  # two chunks: replies of the first only may be in
+        ([(wire.parse(b"", _SQL) + wire.describe(b"S", b"") + wire.FLUSH, 0)], False),  # unnamed: dies with its connection
+        ([(wire.parse(b"s", _SQL) + wire.describe(b"S", b"t") + wire.FLUSH, 0)], False),  # another statement
+        ([(wire.parse(b"s", _SQL) + wire.describe(b"S", b"ss") + wire.FLUSH, 0)], False),
+        ([(wire.parse(b"s", _SQL) + wire.describe(b"P", b"s") + wire.FLUSH, 0)], False),  # a portal
+        ([(wire.parse(b"s", _SQL) + wire.FLUSH, 0)], False),  # no Describe: its reply is not the last
+        ([(_PREPARE + wire.FLUSH, 0)], False),
+        ([(wire.parse(b"s", _SQL) + wire.describe(b"S", b"s") + wire.SYNC, 0)], False),
+        ([(_PREPARE[:-5], 0)], False),  # no Flush yet
+        ([(_PREPARE[:-1], 0)], False),  # truncated
+        ([(_READ_RUN + _PREPARE, len(_READ_RUN))], False),  # behind the rest of a message
+        ([], False),
+    ],
+)
+def test_named_prepare(chunks: list[tuple[bytes, int]], expected: bool) -> None:
+    assert named_prepare([(data, start, 0, 0) for data, start in chunks]) is expected
+
+
+@given(st.lists(_MESSAGES, max_size=5), st.integers(min_value=0, max_value=60))
+def test_named_prepare_is_only_a_named_parse_its_describe_and_a_flush(messages: list[bytes], cut: int) -> None:
+    data = b"".join(messages)
+    data = data[: len(data) - cut] if cut < len(data) else data
+    found = named_prepare([(data, 0, 0, 0)])
+    assert found == (data == wire.parse(b"s", _SQL) + wire.describe(b"S", b"s") + wire.FLUSH)
