@@ -107,11 +107,13 @@ def _refusal_sql(errcode: str, message: str, hint: str | None = None) -> str:
     return f"DO $pgrouter$BEGIN RAISE EXCEPTION USING ERRCODE = '{errcode}', {quoted}; END$pgrouter$"
 
 
-_REFUSE_SQL_PREPARED = _refusal(
+_REFUSE_SQL_PREPARED_TEXT = _refusal_sql(
     "feature_not_supported",
     "SQL-level PREPARE/EXECUTE/DEALLOCATE is not supported in transaction pool mode",
     "Use your driver's prepared statements (protocol level), or pool_mode = session.",
 )
+_REFUSE_SQL_PREPARED = m.query(_REFUSE_SQL_PREPARED_TEXT)
+_REFUSE_SQL_PREPARED_SQL = _REFUSE_SQL_PREPARED_TEXT.encode()
 # Session state that outlives a transaction (PostgreSQL keeps it per backend): the client is
 # pinned to its server connection until it is gone (see _track_pins). Transaction-scoped
 # advisory locks (pg_advisory_xact_lock) do not pin.
@@ -581,6 +583,16 @@ class ClientConnection(LoginMixin, asyncio.Protocol):
                                 return
                         query_start = data.find(b"\0", pos + 5, end) + 1
                         special_parse = _SPECIAL_START.match(data, query_start, end)
+                        if special_parse and _SQL_PREPARED.match(data, query_start, end):
+                            # Refused as in a Query (above): the Parse of the refusal takes its
+                            # place, with its name and parameter types, and its Execute fails.
+                            query_end = data.index(b"\0", query_start, end)
+                            sub = frame(b"P", data[pos + 5 : query_start] + _REFUSE_SQL_PREPARED_SQL + data[query_end:end])
+                            data = data[:pos] + sub + data[end:]
+                            n = len(data)
+                            length = len(sub) - 1
+                            end = pos + 1 + length
+                            special_parse = None
                         low = data[query_start:end].lower()
                         functions = self.function_catalog
                         session_calls = functions.catalog.session_calls if functions is not None else None

@@ -4,6 +4,7 @@ router must notice and prepare again for the other clients that use them."""
 
 from __future__ import annotations
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -66,6 +67,33 @@ def test_sql_level_prepare_is_refused_in_transaction_mode(router, sql):
         with pytest.raises(psycopg.errors.InFailedSqlTransaction):
             conn.execute("SELECT 1")
         conn.execute("ROLLBACK")
+
+
+async def test_sql_level_prepare_sent_with_the_extended_protocol_is_refused(router):
+    """The same statements in a Parse (asyncpg's fetch, named or unnamed; psycopg's
+    prepare=True): refused there too, at their Execute, rather than left on a server
+    connection that other clients then use."""
+    with psycopg.connect(router.dsn("carol"), autocommit=True) as conn:
+        for sql in ("PREPARE q AS SELECT 1", "EXECUTE q", "DEALLOCATE q"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="not supported in transaction pool mode"):
+                conn.execute(sql, prepare=True)
+        assert conn.execute("SELECT %s::int", (1,), prepare=True).fetchone() == (1,)
+    for cache in (100, 0):  # a named statement from asyncpg's cache, or the unnamed one
+        conn = await asyncpg.connect(router.dsn("carol"), statement_cache_size=cache)
+        try:
+            for sql in ("PREPARE q(int) AS SELECT $1", "  execute q(1)", "DEALLOCATE PREPARE q"):
+                with pytest.raises(asyncpg.FeatureNotSupportedError) as exc:
+                    await conn.fetch(sql)
+                assert exc.value.hint.startswith("Use your driver's prepared statements")
+            assert await conn.fetchval("SELECT 2") == 2
+            await conn.execute("BEGIN")
+            with pytest.raises(asyncpg.FeatureNotSupportedError):
+                await conn.fetch("PREPARE q AS SELECT 1")
+            with pytest.raises(asyncpg.InFailedSQLTransactionError):  # failed like any error
+                await conn.fetch("SELECT 1")
+            await conn.execute("ROLLBACK")
+        finally:
+            await conn.close()
 
 
 def test_sql_level_prepare_works_in_session_mode(start_router):
